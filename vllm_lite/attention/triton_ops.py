@@ -1,0 +1,429 @@
+"""Triton kernels for the paged KV cache: store, split-K decode, chunked prefill.
+
+Every kernel reads keys through the block table one token at a time (physical block of token
+``n`` is ``block_tables[seq, n // block_size]``), so any block size works, 1 and 256 included.
+Nothing here reads a tensor value on the host, so the decode path can be captured in a CUDA
+graph. Softmax runs online in fp32 in the log2 domain (``exp2`` is the cheap instruction).
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import os
+
+import numpy as np
+import torch
+import triton
+import triton.language as tl
+
+from vllm_lite.attention.metadata import AttentionBackend, AttentionMetadata
+
+try:
+    from torch.nn.attention.varlen import varlen_attn
+except ImportError:  # older torch
+    varlen_attn = None
+
+
+
+def _fix_interpreter_scalar_index() -> None:
+    """triton 3.6's CPU interpreter holds scalars as 1-element arrays and calls ``int()`` on them
+    for a data-dependent ``range``; numpy >= 2.4 refuses that. Index through ``.item()``."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
+
+    interpreter._patch_lang_tensor = patched
+
+
+if os.environ.get("TRITON_INTERPRET") == "1":
+    try:
+        int(np.ones(1))
+    except TypeError:
+        _fix_interpreter_scalar_index()
+
+_LOG2E = 1.4426950408889634
+# a decode split keeps at least this many keys, so partial results stay a small share of traffic
+_MIN_SPLIT_TOKENS = 128
+_MAX_SPLITS = 64
+
+
+def _pow2(n: int, at_least: int = 1) -> int:
+    return max(at_least, triton.next_power_of_2(n))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 inputs get exact fp32 dots (tf32 would miss fp32 tolerances); 16-bit use tensor cores."""
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _check_layout(*tensors: torch.Tensor) -> None:
+    for t in tensors:
+        assert t.stride(-1) == 1, "head_dim must be contiguous"
+
+
+# ----------------------------------------------------------------------------- store
+
+
+@triton.jit
+def _store_kvcache_kernel(
+    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
+    stride_kt, stride_kh, stride_vt, stride_vh,
+    stride_cb, stride_cs, stride_ch,
+    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """One program copies all heads of one token into its slot."""
+    t = tl.program_id(0)
+    slot = tl.load(slot_ptr + t)
+    offs_h = tl.arange(0, BLOCK_H)[:, None]
+    offs_d = tl.arange(0, BLOCK_D)[None, :]
+    mask = (offs_h < NUM_KV_HEADS) & (offs_d < HEAD_DIM) & (slot >= 0)
+    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + offs_h * stride_ch + offs_d
+    k = tl.load(k_ptr + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
+    v = tl.load(v_ptr + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+
+
+def store_kvcache(
+    k: torch.Tensor,  # [T, Hkv, D]
+    v: torch.Tensor,
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,  # [T] int64, -1 = skip
+) -> None:
+    """Write token ``t``'s K/V at flat slot ``slot_mapping[t]``; slots of -1 are left alone."""
+    num_tokens = slot_mapping.shape[0]
+    if num_tokens == 0:
+        return
+    _check_layout(k, v, k_cache, v_cache)
+    assert k_cache.stride() == v_cache.stride()
+    _, block_size, num_kv_heads, head_dim = k_cache.shape
+    _store_kvcache_kernel[(num_tokens,)](
+        k, v, k_cache, v_cache, slot_mapping,
+        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_H=_pow2(num_kv_heads), BLOCK_D=_pow2(head_dim),
+    )
+
+
+# ----------------------------------------------------------------------------- decode
+
+
+@triton.jit
+def _decode_split_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    out_ptr, part_o_ptr, part_lse_ptr,
+    scale_log2,
+    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
+    stride_cb, stride_cs, stride_ch,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program (seq, kv head, split): all GROUP query heads of one KV head attend to one slice
+    of the context, so each K/V byte is read once. With one split it writes the final output;
+    otherwise it writes the slice's normalized output and log2-sum-exp for the reduce kernel."""
+    b = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    seq_len = tl.load(seq_lens_ptr + b)
+    # slices are whole key tiles; sized per sequence so short sequences leave late splits empty
+    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, seq_len)
+
+    offs_g = tl.arange(0, BLOCK_G)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    heads = kv_head * GROUP + offs_g
+    gd_mask = (offs_g[:, None] < GROUP) & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gd_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_G], tl.float32)
+    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + offs_n
+        n_mask = n < hi
+        block = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=n_mask, other=0)
+        kv_off = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        nd_mask = n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # an empty slice (or a padded sequence of length 0) has l = 0: write zeros, lse = -inf
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    acc = acc / l_safe[:, None]
+    if NUM_SPLITS == 1:
+        o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
+        tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=gd_mask)
+    else:
+        row = (b * NUM_HEADS + heads) * NUM_SPLITS + split  # part_o is [B, Hq, splits, BLOCK_D]
+        tl.store(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=gd_mask)
+        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(part_lse_ptr + row, lse, mask=offs_g < GROUP)
+
+
+@triton.jit
+def _decode_reduce_kernel(
+    part_o_ptr, part_lse_ptr, out_ptr,
+    stride_ob, stride_oh,
+    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    """Program (seq, query head): weight each split's output by its share of the softmax mass."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    offs_s = tl.arange(0, BLOCK_S)
+    offs_d = tl.arange(0, BLOCK_D)
+    row = (b * NUM_HEADS + h) * NUM_SPLITS + offs_s
+    s_mask = offs_s < NUM_SPLITS
+    lse = tl.load(part_lse_ptr + row, mask=s_mask, other=float("-inf"))
+    lse_max = tl.max(lse, 0)
+    lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all empty: weights become 0
+    w = tl.exp2(lse - lse_max)
+    o = tl.load(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    w_sum = tl.sum(w, 0)
+    o = tl.sum(o * w[:, None], 0) / tl.where(w_sum > 0, w_sum, 1.0)
+    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
+             mask=offs_d < HEAD_DIM)
+
+
+@functools.lru_cache(maxsize=None)
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 1  # the CPU interpreter runs programs one by one: fewer is faster
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def choose_num_splits(num_programs: int, max_seq_len: int, device: torch.device) -> int:
+    """Enough (seq, kv head, split) programs to fill every SM about twice, but no split shorter
+    than _MIN_SPLIT_TOKENS keys: large batches get 1 split, small batches with long contexts many."""
+    wanted = triton.cdiv(2 * _num_sms(device), num_programs)
+    useful = triton.cdiv(max_seq_len, _MIN_SPLIT_TOKENS)
+    return max(1, min(wanted, useful, _MAX_SPLITS))
+
+
+def paged_decode_attention(
+    q: torch.Tensor,  # [B, Hq, D], one query per sequence, at its last position
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [B, max_blocks] int32
+    seq_lens: torch.Tensor,  # [B] int32
+    scale: float,
+    out: torch.Tensor | None = None,
+    num_splits: int | None = None,
+    max_seq_len: int | None = None,
+) -> torch.Tensor:
+    """Flash-decoding over the paged cache. The split count depends only on shapes (or on the
+    ``max_seq_len`` hint), never on tensor values, so the call can be graph-captured."""
+    if out is None:
+        out = torch.empty_like(q)
+    batch, num_heads, head_dim = q.shape
+    if batch == 0:
+        return out
+    _check_layout(q, out, k_cache, v_cache)
+    assert k_cache.stride() == v_cache.stride()
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    group = num_heads // num_kv_heads
+    if num_splits is None:
+        if max_seq_len is None:
+            max_seq_len = block_tables.shape[1] * block_size
+        num_splits = choose_num_splits(batch * num_kv_heads, max_seq_len, q.device)
+    block_d = _pow2(head_dim, 16)
+    if num_splits > 1:
+        part_o = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    else:
+        part_o = part_lse = out  # unused: the kernel writes the output directly
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
+        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
+        BLOCK_G=_pow2(group, 16), BLOCK_N=64 if head_dim <= 128 else 32, BLOCK_D=block_d,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4,
+    )
+    if num_splits > 1:
+        _decode_reduce_kernel[(batch, num_heads)](
+            part_o, part_lse, out, out.stride(0), out.stride(1),
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+            BLOCK_S=_pow2(num_splits), BLOCK_D=block_d,
+        )
+    return out
+
+
+# ----------------------------------------------------------------------------- prefill
+
+
+@triton.jit
+def _prefill_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
+    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    scale_log2,
+    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
+    stride_cb, stride_cs, stride_ch,
+    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Program (query tile, query head, seq): the tile's queries sit at the end of the context
+    and attend causally to every key up to their position, cached prefix included."""
+    tile = tl.program_id(0)
+    head = tl.program_id(1)
+    seq = tl.program_id(2)
+    kv_head = head // GROUP
+
+    q_start = tl.load(query_start_loc_ptr + seq)
+    q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
+    seq_len = tl.load(seq_lens_ptr + seq)
+    offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_pos = seq_len - q_len + offs_m
+    md_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
+    rows = q_start + offs_m
+    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=md_mask, other=0.0)
+
+    # keys past the tile's last query are masked for every row; a tile past the chunk reads none
+    hi = tl.minimum(seq_len, seq_len - q_len + (tile + 1) * BLOCK_M)
+    hi = tl.where(tile * BLOCK_M < q_len, hi, 0)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(0, hi, BLOCK_N):
+        n = start + offs_n
+        n_mask = n < hi
+        block = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_mask, other=0)
+        kv_off = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        nd_mask = n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
+        # key 0 is visible to every row, so m_i is finite after the first tile
+        s = tl.where(n_mask[None, :] , s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
+    o_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
+    tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=md_mask)
+
+
+def paged_prefill_attention(
+    q: torch.Tensor,  # [T, Hq, D] packed queries
+    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D], this chunk already stored
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,  # [num_seqs, max_blocks] int32
+    query_start_loc: torch.Tensor,  # [num_seqs + 1] int32, rows of q (need not start at 0)
+    seq_lens: torch.Tensor,  # [num_seqs] int32, context length including the chunk
+    max_query_len: int,
+    scale: float,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of packed query chunks over all their keys in the paged cache; serves
+    chunked prefill and prefix caching. Only the rows named by query_start_loc are written."""
+    if out is None:
+        out = torch.empty_like(q)
+    num_seqs = seq_lens.shape[0]
+    num_heads, head_dim = q.shape[1], q.shape[2]
+    if num_seqs == 0 or max_query_len == 0:
+        return out
+    _check_layout(q, out, k_cache, v_cache)
+    assert k_cache.stride() == v_cache.stride()
+    _, block_size, num_kv_heads, _ = k_cache.shape
+    block_m = 64
+    grid = (triton.cdiv(max_query_len, block_m), num_heads, num_seqs)
+    _prefill_kernel[grid](
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        scale * _LOG2E,
+        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+        BLOCK_M=block_m, BLOCK_N=64 if head_dim <= 128 else 32, BLOCK_D=_pow2(head_dim, 16),
+        DOT_PRECISION=_dot_precision(q.dtype),
+        num_warps=4,
+    )
+    return out
+
+
+# ----------------------------------------------------------------------------- backend
+
+# torch 2.13 wants enable_gqa=True when Hq != Hkv; versions without the flag do GQA implicitly
+_VARLEN_GQA_KW = (
+    {"enable_gqa": True}
+    if varlen_attn is not None and "enable_gqa" in inspect.signature(varlen_attn).parameters
+    else {}
+)
+
+
+class TritonBackend(AttentionBackend):
+    """Triton store + split-K decode + paged prefill. A fresh prefill (no cached context) on
+    CUDA goes to torch's varlen FlashAttention over the step's own K/V instead."""
+
+    name = "triton"
+
+    def forward(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        meta: AttentionMetadata,
+        scale: float,
+    ) -> torch.Tensor:
+        store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        out = torch.empty_like(q)
+        nd = meta.num_decodes
+        if nd > 0:
+            paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
+                                   meta.seq_lens[:nd], scale, out=out[:nd])
+        if meta.num_seqs == nd:
+            return out
+        if self._use_varlen(q, meta):
+            # decodes own rows 0..nd-1, so the prefill part starts at row nd
+            cu_seqlens = meta.query_start_loc[nd:] - nd
+            out[nd:] = varlen_attn(
+                q[nd:], k[nd:], v[nd:], cu_seqlens, cu_seqlens,
+                meta.max_query_len, meta.max_query_len,
+                scale=scale, window_size=(-1, 0), **_VARLEN_GQA_KW,
+            )
+        else:
+            paged_prefill_attention(q, k_cache, v_cache, meta.block_tables[nd:],
+                                    meta.query_start_loc[nd:], meta.seq_lens[nd:],
+                                    meta.max_query_len, scale, out=out)
+        return out
+
+    @staticmethod
+    def _use_varlen(q: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """FlashAttention needs CUDA and 16-bit inputs, and only sees the step's own keys."""
+        return (
+            varlen_attn is not None
+            and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and meta.prefill_is_fresh
+        )

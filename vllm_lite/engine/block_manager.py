@@ -1,0 +1,45 @@
+"""PagedAttention's allocator: one preallocated pool of physical KV blocks, a free list, and a
+block table per sequence mapping its logical blocks to physical ones."""
+from __future__ import annotations
+
+from collections import deque
+
+from vllm_lite.engine.sequence import Sequence
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int) -> None:
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.free_blocks: deque[int] = deque(range(num_blocks))
+
+    @property
+    def num_free_blocks(self) -> int:
+        return len(self.free_blocks)
+
+    def blocks_needed(self, num_tokens: int) -> int:
+        return (num_tokens + self.block_size - 1) // self.block_size
+
+    def num_new_blocks(self, seq: Sequence, num_tokens: int) -> int:
+        """Blocks ``seq`` must gain so that its first ``num_tokens`` tokens have a slot."""
+        return max(0, self.blocks_needed(num_tokens) - len(seq.block_table))
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.num_new_blocks(seq, num_tokens) <= self.num_free_blocks
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Grow ``seq``'s block table to hold ``num_tokens`` tokens: on prefill, and by one block
+        whenever decoding crosses a block boundary."""
+        needed = self.num_new_blocks(seq, num_tokens)
+        if needed > self.num_free_blocks:
+            raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
+        seq.block_table.extend(self.free_blocks.popleft() for _ in range(needed))
+
+    def free(self, seq: Sequence) -> None:
+        """Return every block of ``seq`` to the pool, the moment it finishes or is preempted."""
+        self.free_blocks.extend(reversed(seq.block_table))
+        seq.block_table = []
+
+    def slot(self, seq: Sequence, position: int) -> int:
+        """Flat slot (physical block * block_size + offset) of token ``position`` of ``seq``."""
+        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size

@@ -1,0 +1,215 @@
+"""The engine's brain (the seed's executor): the request queue, one scheduling + model step at a
+time, sampling, stop checks, incremental detokenization, and reclaiming finished sequences."""
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+from vllm_lite.config import EngineConfig
+from vllm_lite.engine.block_manager import BlockManager
+from vllm_lite.engine.detokenizer import IncrementalDetokenizer
+from vllm_lite.engine.scheduler import Scheduler
+from vllm_lite.engine.sequence import Sequence
+from vllm_lite.sampler import Sampler, SamplingBatch
+from vllm_lite.sampling_params import SamplingParams
+
+
+@dataclass
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+
+
+@dataclass
+class RequestOutput:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    finished: bool = False
+
+
+def resolve_model_path(config: EngineConfig) -> str:
+    if config.model_path is None:
+        from vllm_lite.default_model import default_model_path
+        return default_model_path()
+    path = os.path.expanduser(config.model_path)
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"model path {config.model_path!r} is not a directory (no hub downloads)")
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        raise FileNotFoundError(f"model path {config.model_path!r} has no config.json")
+    return path
+
+
+class LLMEngine:
+    def __init__(self, config: EngineConfig) -> None:
+        from vllm_lite.models import get_model_class
+
+        self.model_path = resolve_model_path(config)
+        self.hf_config = AutoConfig.from_pretrained(self.model_path)
+        get_model_class(self.hf_config)  # unsupported architecture: fail before anything heavy
+        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path or self.model_path)
+        model_max = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        if config.max_model_len is not None and config.max_model_len > model_max:
+            raise ValueError(f"config key 'max_model_len' ({config.max_model_len}) exceeds the model's "
+                             f"max_position_embeddings ({model_max})")
+        self.config = config = dataclasses.replace(config, max_model_len=config.max_model_len or model_max)
+        self.eos_token_ids = self._eos_token_ids()
+
+        if config.tensor_parallel_size > 1:
+            from vllm_lite.engine.tp_executor import TPExecutor
+            self.runner = TPExecutor(config, self.hf_config, self.model_path)
+        else:
+            from vllm_lite.model_runner import ModelRunner
+            self.runner = ModelRunner(config, self.hf_config, self.model_path)
+            self.runner.allocate_kv_cache(config.num_blocks or self.runner.default_num_blocks())
+        self.device = self.runner.device
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.sampler = Sampler()
+        self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
+        self.sequences: dict[str, Sequence] = {}
+
+    def _eos_token_ids(self) -> set[int]:
+        ids: set[int] = set()
+        try:
+            gen = GenerationConfig.from_pretrained(self.model_path).eos_token_id
+            ids.update(gen if isinstance(gen, list) else [gen] if gen is not None else [])
+        except OSError:
+            pass
+        if self.tokenizer.eos_token_id is not None:
+            ids.add(self.tokenizer.eos_token_id)
+        return ids
+
+    # ---- requests ------------------------------------------------------------------------
+    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
+                    request_id: str | None = None) -> Sequence:
+        """Validate and queue one request. Bad input raises ValueError and changes nothing."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text, token_ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, token_ids = None, list(prompt)
+        self.check_request(token_ids, params)
+        if request_id is not None and request_id in self.sequences:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        seq = Sequence(token_ids, params, request_id, text)
+        if params.seed is not None:
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        seq.detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+        self.sequences[seq.request_id] = seq
+        self.scheduler.add(seq)
+        return seq
+
+    def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
+        params.validate()
+        if not token_ids:
+            raise ValueError("empty prompt: it must contain at least one token")
+        vocab = self.hf_config.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
+        max_len = self.config.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens, it must be shorter than "
+                             f"max_model_len ({max_len})")
+        needed = min(max_len, len(token_ids) + (params.max_tokens or max_len))
+        capacity = self.block_manager.num_blocks * self.block_manager.block_size
+        if needed > capacity:
+            raise ValueError(f"request needs up to {needed} KV slots (prompt {len(token_ids)} + max_tokens "
+                             f"{params.max_tokens}) but the KV pool holds only {capacity} "
+                             f"(num_blocks {self.block_manager.num_blocks} x block_size {self.block_manager.block_size})")
+
+    def abort_request(self, request_id: str) -> None:
+        seq = self.sequences.pop(request_id, None)
+        if seq is not None and not seq.is_finished:
+            self.scheduler.finish(seq, "abort")
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished()
+
+    # ---- the loop ------------------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, run the model, sample, and return the requests that advanced."""
+        batch = self.scheduler.schedule()
+        if not batch:
+            return []
+        step = self.runner.prepare(batch)
+        logits = self.runner.execute(step)
+        sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+        token_ids = []
+        if sampling_seqs:
+            token_ids = self.sampler(logits, self._sampling_batch(sampling_seqs), self.generator).tolist()
+        for seq, n in zip(batch.seqs, batch.num_new_tokens):
+            seq.num_computed_tokens += n
+        outputs = []
+        for seq, token_id in zip(sampling_seqs, token_ids):
+            self._append_token(seq, token_id)
+            outputs.append(self._output(seq))
+        return outputs
+
+    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+        ps = [s.params for s in seqs]
+
+        def tensor(values, dtype):
+            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+
+        banned = []
+        for row, s in enumerate(seqs):
+            if s.num_output_tokens < s.params.min_tokens:
+                stop_ids = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_token_ids)
+                banned.append((row, sorted(stop_ids)))
+        return SamplingBatch(
+            temperature=tensor([p.temperature for p in ps], torch.float32),
+            top_k=tensor([max(p.top_k, 0) for p in ps], torch.int64),
+            top_p=tensor([p.top_p for p in ps], torch.float32),
+            min_p=tensor([p.min_p for p in ps], torch.float32),
+            generators=[s.generator for s in seqs],
+            banned=banned,
+            all_greedy=all(p.greedy for p in ps),
+            any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in ps),
+            any_min_p=any(p.min_p > 0 for p in ps),
+        )
+
+    def _append_token(self, seq: Sequence, token_id: int) -> None:
+        seq.token_ids.append(token_id)
+        p = seq.params
+        can_stop = seq.num_output_tokens >= p.min_tokens
+        if can_stop and token_id in p.stop_token_ids:
+            return self._finish(seq, "stop", token_id)
+        if can_stop and not p.ignore_eos and token_id in self.eos_token_ids:
+            return self._finish(seq, "stop", token_id)
+        delta = seq.detok.add(token_id)
+        if delta and p.stop_strings and can_stop:
+            text = seq.detok.text
+            window = len(delta) + max(len(s) for s in p.stop_strings)
+            for stop in p.stop_strings:
+                at = text.find(stop, max(0, len(text) - window))
+                if at >= 0:
+                    seq.detok.text = text[:at + len(stop)] if p.include_stop_str_in_output else text[:at]
+                    return self._finish(seq, "stop", stop)
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return self._finish(seq, "length")
+        if len(seq) >= self.config.max_model_len:
+            return self._finish(seq, "length")
+
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        seq.stop_reason = stop_reason
+        self.scheduler.finish(seq, reason)
+
+    def _output(self, seq: Sequence) -> RequestOutput:
+        completion = CompletionOutput(0, seq.detok.text, seq.output_token_ids, seq.finish_reason, seq.stop_reason)
+        if seq.is_finished:
+            self.sequences.pop(seq.request_id, None)
+        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.is_finished)
+
+    def close(self) -> None:
+        close = getattr(self.runner, "close", None)
+        if close is not None:
+            close()

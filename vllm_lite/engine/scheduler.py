@@ -1,0 +1,102 @@
+"""Continuous batching. Every step is one decision ``{sequence: number of new tokens}`` under a
+token budget: running sequences first (a decode token, or the next chunk of a long prompt),
+then waiting prompts, chunked to fit. When the KV pool runs dry the most recently admitted
+running sequence is preempted: its blocks are freed and it is recomputed later."""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from vllm_lite.engine.block_manager import BlockManager
+from vllm_lite.engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    """The step's work, decodes (one new token) first, then prefill chunks."""
+    seqs: list[Sequence]
+    num_new_tokens: list[int]
+
+    @property
+    def num_decodes(self) -> int:
+        return sum(1 for n in self.num_new_tokens if n == 1)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    def __bool__(self) -> bool:
+        return bool(self.seqs)
+
+
+class Scheduler:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order
+        self.num_preemptions = 0
+
+    def add(self, seq: Sequence) -> None:
+        self.waiting.append(seq)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> ScheduledBatch:
+        budget = self.max_num_batched_tokens
+        work: list[tuple[Sequence, int]] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if self._make_room(seq, seq.num_computed_tokens + n):
+                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+                work.append((seq, n))
+                budget -= n
+                i += 1
+
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            n = min(seq.num_uncomputed_tokens, budget)
+            if not self.block_manager.can_allocate(seq, n):
+                break
+            self.block_manager.allocate(seq, n)
+            self.waiting.popleft()
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            work.append((seq, n))
+            budget -= n
+
+        work.sort(key=lambda item: item[1] != 1)  # decodes first; stable otherwise
+        return ScheduledBatch([s for s, _ in work], [n for _, n in work])
+
+    def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
+        """Preempt from the back of ``running`` until ``seq`` can hold ``num_tokens`` tokens.
+        Returns False if ``seq`` itself had to be preempted."""
+        while not self.block_manager.can_allocate(seq, num_tokens):
+            victim = self.running.pop()
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        return True
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.num_computed_tokens = 0
+        seq.status = SequenceStatus.WAITING
+        seq.num_preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take ``seq`` out of the queues and give its blocks back at once."""
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        if seq in self.running:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        self.block_manager.free(seq)

@@ -1,0 +1,185 @@
+"""The model runner: owns the model and its slice of the paged KV pool on one device, turns a
+scheduled batch into step tensors (token ids, positions, slot mapping, block tables), runs the
+model and returns logits. In tensor-parallel runs every rank has one; rank 0 prepares the
+step and samples."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from vllm_lite.attention import AttentionMetadata, forward_context, get_backend
+from vllm_lite.attention.layer import Attention
+from vllm_lite.config import EngineConfig
+from vllm_lite.engine.scheduler import ScheduledBatch
+from vllm_lite.models import get_model_class
+from vllm_lite.models.loader import init_dummy_weights, load_weights
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class StepInput:
+    """Everything a rank needs to run one step; plain numpy so it pickles cheaply."""
+    input_ids: np.ndarray  # [T] int64
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64
+    query_start_loc: np.ndarray  # [B+1] int32
+    seq_lens: np.ndarray  # [B] int32
+    block_tables: np.ndarray  # [B, max_blocks] int32
+    logits_indices: np.ndarray  # rows of the step whose next token is sampled
+    num_decodes: int
+    max_query_len: int
+    max_seq_len: int
+    prefill_is_fresh: bool
+
+
+def resolve_device(config: EngineConfig) -> torch.device:
+    if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise ValueError("config key 'device': 'cuda' requested but no CUDA device is available")
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def resolve_dtype(config: EngineConfig, hf_config, device: torch.device) -> torch.dtype:
+    if config.dtype != "auto":
+        return DTYPES[config.dtype]
+    if device.type == "cpu":
+        return torch.float32
+    ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
+    ckpt = DTYPES.get(str(ckpt).replace("torch.", ""), torch.float32) if ckpt is not None else torch.float32
+    return ckpt if ckpt != torch.float32 else torch.bfloat16
+
+
+class ModelRunner:
+    def __init__(self, config: EngineConfig, hf_config, model_path: str | None, device: torch.device | None = None):
+        self.config = config
+        self.hf_config = hf_config
+        self.device = device or resolve_device(config)
+        self.dtype = resolve_dtype(config, hf_config, self.device)
+        self.block_size = config.block_size
+        self.max_model_len = config.max_model_len
+        torch.manual_seed(config.seed)
+
+        model_cls = get_model_class(hf_config)
+        with torch.device(self.device):
+            self.model = model_cls(hf_config, dtype=self.dtype)
+        if config.load_format == "dummy":
+            init_dummy_weights(self.model, config.seed)
+        else:
+            load_weights(self.model, model_path)
+        self.model.eval()
+        self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
+        self.backend = get_backend(config.attention_backend, self.device)
+        self.num_blocks = 0
+        self.kv_cache: torch.Tensor | None = None
+
+    # ---- KV pool -------------------------------------------------------------------------
+    def kv_bytes_per_block(self) -> int:
+        a = self.attn_layers[0]
+        return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+
+    def default_num_blocks(self) -> int:
+        """On CUDA: what ``gpu_memory_utilization`` leaves after weights and a warm-up step.
+        On CPU: room for ``max_num_seqs`` sequences of up to 1,024 tokens, at least one of
+        ``max_model_len``."""
+        if self.device.type == "cuda":
+            self.warm_up()
+            free, total = torch.cuda.mem_get_info(self.device)
+            used_by_others = total - free - torch.cuda.memory_reserved(self.device)
+            budget = total * self.config.gpu_memory_utilization - used_by_others
+            budget -= torch.cuda.max_memory_allocated(self.device)
+            num = int(budget // self.kv_bytes_per_block())
+            if num < 1:
+                raise RuntimeError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
+            return num
+        tokens = max(self.max_model_len, min(self.config.max_num_seqs, 64) * 1024)
+        return (tokens + self.block_size - 1) // self.block_size
+
+    def allocate_kv_cache(self, num_blocks: int) -> None:
+        a = self.attn_layers[0]
+        shape = (2, len(self.attn_layers), num_blocks, self.block_size, a.num_kv_heads, a.head_dim)
+        self.kv_cache = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        for i, layer in enumerate(self.attn_layers):
+            layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
+            layer.backend = self.backend
+        self.num_blocks = num_blocks
+
+    def warm_up(self) -> None:
+        """One forward pass over a full token budget without a KV pool, to measure peak
+        activation memory (slot -1: nothing is written)."""
+        num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
+        seq_len = min(num_tokens, self.max_model_len)
+        num_seqs = max(1, num_tokens // seq_len)
+        a = self.attn_layers[0]
+        empty = torch.zeros((1, self.block_size, a.num_kv_heads, a.head_dim), dtype=self.dtype, device=self.device)
+        for layer in self.attn_layers:
+            layer.k_cache, layer.v_cache, layer.backend = empty, empty, self.backend
+        step = StepInput(
+            input_ids=np.zeros(num_seqs * seq_len, np.int64),
+            positions=np.tile(np.arange(seq_len), num_seqs),
+            slot_mapping=np.full(num_seqs * seq_len, -1, np.int64),
+            query_start_loc=np.arange(num_seqs + 1, dtype=np.int32) * seq_len,
+            seq_lens=np.full(num_seqs, seq_len, np.int32),
+            block_tables=np.zeros((num_seqs, 1), np.int32),
+            logits_indices=np.arange(num_seqs) * seq_len + seq_len - 1,
+            num_decodes=0, max_query_len=seq_len, max_seq_len=seq_len, prefill_is_fresh=True,
+        )
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.execute(step)
+        torch.cuda.synchronize(self.device)
+
+    # ---- one step ------------------------------------------------------------------------
+    def prepare(self, batch: ScheduledBatch) -> StepInput:
+        bs = self.block_size
+        input_ids, positions, qsl, seq_lens, logits_indices, tables = [], [], [0], [], [], []
+        fresh = True
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
+            input_ids.extend(seq.token_ids[start:end])
+            positions.append(np.arange(start, end))
+            qsl.append(qsl[-1] + n)
+            seq_lens.append(end)
+            tables.append(seq.block_table)
+            if end == len(seq):
+                logits_indices.append(qsl[-1] - 1)
+            if i >= batch.num_decodes and start > 0:
+                fresh = False
+        max_blocks = max(len(t) for t in tables)
+        block_tables = np.zeros((len(tables), max_blocks), np.int32)
+        for i, t in enumerate(tables):
+            block_tables[i, :len(t)] = t
+        pos = np.concatenate(positions)
+        seq_index = np.repeat(np.arange(len(tables)), np.diff(qsl))
+        slot_mapping = block_tables[seq_index, pos // bs].astype(np.int64) * bs + pos % bs
+        return StepInput(
+            input_ids=np.asarray(input_ids, np.int64), positions=pos.astype(np.int64), slot_mapping=slot_mapping,
+            query_start_loc=np.asarray(qsl, np.int32), seq_lens=np.asarray(seq_lens, np.int32),
+            block_tables=block_tables, logits_indices=np.asarray(logits_indices, np.int64),
+            num_decodes=batch.num_decodes, max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens),
+            prefill_is_fresh=fresh,
+        )
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    @torch.inference_mode()
+    def execute(self, step: StepInput) -> torch.Tensor:
+        """Run the model on one step; returns the logits of the rows in ``logits_indices``."""
+        meta = AttentionMetadata(
+            slot_mapping=self._to_device(step.slot_mapping),
+            query_start_loc=self._to_device(step.query_start_loc),
+            seq_lens=self._to_device(step.seq_lens),
+            block_tables=self._to_device(step.block_tables),
+            num_decodes=step.num_decodes, max_query_len=step.max_query_len, max_seq_len=step.max_seq_len,
+            prefill_is_fresh=step.prefill_is_fresh,
+            query_start_loc_cpu=step.query_start_loc.tolist(), seq_lens_cpu=step.seq_lens.tolist(),
+        )
+        with forward_context(meta):
+            hidden = self.model(self._to_device(step.input_ids), self._to_device(step.positions))
+        return self.model.compute_logits(hidden[self._to_device(step.logits_indices)])

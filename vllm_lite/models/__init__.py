@@ -1,0 +1,21 @@
+"""Model registry: HF ``architectures`` name -> our implementation."""
+from __future__ import annotations
+
+from vllm_lite.models.llama import LlamaForCausalLM
+
+MODEL_REGISTRY = {
+    "LlamaForCausalLM": LlamaForCausalLM,
+    "MistralForCausalLM": LlamaForCausalLM,
+    "Qwen2ForCausalLM": LlamaForCausalLM,
+    "Qwen3ForCausalLM": LlamaForCausalLM,
+}
+
+
+def get_model_class(hf_config):
+    archs = getattr(hf_config, "architectures", None) or []
+    for arch in archs:
+        if arch in MODEL_REGISTRY:
+            return MODEL_REGISTRY[arch]
+    raise ValueError(
+        f"unsupported architecture {archs or hf_config.model_type!r}; supported: {sorted(MODEL_REGISTRY)}"
+    )
