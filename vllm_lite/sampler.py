@@ -22,6 +22,7 @@ class SamplingBatch:
 
 
 class Sampler:
+    @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, default_generator=None) -> torch.Tensor:
         logits = logits.float()
         for row, token_ids in batch.banned:

@@ -18,6 +18,14 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
+    def flush(self) -> str:
+        """At the end of a sequence: emit whatever was held back, complete or not."""
+        prefix = self._decode(self.window[self.prefix_offset:self.read_offset])
+        delta = self._decode(self.window[self.prefix_offset:])[len(prefix):]
+        self.prefix_offset = self.read_offset = len(self.window)
+        self.text += delta
+        return delta
+
     def add(self, token_id: int) -> str:
         """Append one token; return the text it completes (may be empty)."""
         self.window.append(token_id)

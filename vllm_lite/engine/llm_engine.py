@@ -200,6 +200,8 @@ class LLMEngine:
             return self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+        if not isinstance(stop_reason, str):  # a stop string already cut the text
+            seq.detok.flush()
         seq.stop_reason = stop_reason
         self.scheduler.finish(seq, reason)
 

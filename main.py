@@ -1,0 +1,8 @@
+"""The seed's entry point: ``python main.py`` reads config.yaml (flags override any key) and
+answers a few built-in prompts, or ``--prompt``, with timing."""
+import sys
+
+from vllm_lite.cli import generate_main
+
+if __name__ == "__main__":
+    sys.exit(generate_main(sys.argv[1:]))

@@ -1,0 +1,111 @@
+import pytest
+import torch
+
+from tiny_models import make_tiny_model, prompts_of_lengths
+from vllm_lite import LLM, SamplingParams
+from vllm_lite.sampler import Sampler, SamplingBatch
+
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM(make_tiny_model(str(tmp_path_factory.mktemp("m")), "llama"), num_blocks=256)
+
+
+def batch_of(n, temperature=1.0, top_k=0, top_p=1.0, min_p=0.0, generators=None):
+    def t(v, dt):
+        return torch.full((n,), v, dtype=dt)
+    return SamplingBatch(t(temperature, torch.float32), t(top_k, torch.int64), t(top_p, torch.float32),
+                         t(min_p, torch.float32), generators or [None] * n, [], temperature == 0,
+                         top_k > 0 or top_p < 1, min_p > 0)
+
+
+def draws(logits, batch, n=400):
+    gen = torch.Generator().manual_seed(0)
+    return torch.stack([Sampler()(logits, batch, gen) for _ in range(n)])
+
+
+LOGITS = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+
+
+def test_temperature_zero_is_argmax():
+    assert Sampler()(LOGITS.repeat(3, 1), batch_of(3, temperature=0.0)).tolist() == [0, 0, 0]
+
+
+def test_top_k_keeps_only_the_k_most_likely_tokens():
+    assert set(draws(LOGITS, batch_of(1, top_k=2)).flatten().tolist()) == {0, 1}
+
+
+def test_top_p_keeps_the_smallest_set_reaching_p():
+    assert set(draws(LOGITS, batch_of(1, top_p=0.7)).flatten().tolist()) == {0, 1}
+
+
+def test_min_p_drops_tokens_below_the_fraction_of_the_top_probability():
+    assert set(draws(LOGITS, batch_of(1, min_p=0.25)).flatten().tolist()) == {0, 1, 2}
+
+
+def test_sampling_follows_the_distribution():
+    counts = torch.bincount(draws(LOGITS, batch_of(1), n=2000).flatten(), minlength=4).float() / 2000
+    assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04)
+
+
+def test_seeded_output_does_not_depend_on_the_rest_of_the_batch(llm):
+    prompt = prompts_of_lengths([9], 400, seed=3)[0]
+    seeded = SamplingParams(temperature=1.0, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = llm.generate([prompt], seeded, use_tqdm=False)[0].outputs[0].token_ids
+    others = prompts_of_lengths([5, 30, 12], 400, seed=4)
+    mixed = llm.generate(others + [prompt], [SamplingParams(temperature=1.0, max_tokens=40, ignore_eos=True)] * 3
+                         + [seeded], use_tqdm=False)[3].outputs[0].token_ids
+    assert alone == mixed
+
+
+def test_greedy_output_does_not_depend_on_the_rest_of_the_batch(llm):
+    prompt = prompts_of_lengths([21], 400, seed=5)[0]
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    alone = llm.generate([prompt], greedy, use_tqdm=False)[0].outputs[0].token_ids
+    mixed = llm.generate(prompts_of_lengths([3, 50, 7], 400, seed=6) + [prompt], greedy, use_tqdm=False)
+    assert mixed[3].outputs[0].token_ids == alone
+
+
+def test_max_tokens_ends_with_finish_reason_length(llm):
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
+    assert len(out.outputs[0].token_ids) == 5 and out.outputs[0].finish_reason == "length"
+
+
+def test_stop_token_ids_end_generation_with_reason_stop(llm):
+    free = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    stop_at = free[0].outputs[0].token_ids[3]
+    first = free[0].outputs[0].token_ids.index(stop_at)
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True,
+                                                   stop_token_ids=[stop_at]), use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop_at
+    assert out.token_ids == free[0].outputs[0].token_ids[:first + 1]
+
+
+def test_stop_string_ends_generation_and_is_not_in_the_text(llm):
+    greedy = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    full = llm.generate([[5, 6, 7]], greedy, use_tqdm=False)[0].outputs[0].text
+    stop = full[len(full) // 2:len(full) // 2 + 2]
+    assert stop.strip(), "the model's text should give a usable stop string"
+    out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=30, ignore_eos=True, stop=stop),
+                       use_tqdm=False)[0].outputs[0]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[:full.find(stop)]
+
+
+def test_eos_ends_generation_unless_ignore_eos(llm):
+    eos = llm.tokenizer.eos_token_id
+    sp = SamplingParams(temperature=0, max_tokens=20)
+    free = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True), use_tqdm=False)
+    first = free[0].outputs[0].token_ids[0]
+    llm.engine.eos_token_ids = {first}
+    try:
+        stopped = llm.generate([[5, 6, 7]], sp, use_tqdm=False)[0].outputs[0]
+        ignored = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=20, ignore_eos=True),
+                               use_tqdm=False)[0].outputs[0]
+        held = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=20, min_tokens=4),
+                            use_tqdm=False)[0].outputs[0]
+    finally:
+        llm.engine.eos_token_ids = {eos}
+    assert stopped.token_ids == [first] and stopped.finish_reason == "stop"
+    assert len(ignored.token_ids) == 20
+    assert len(held.token_ids) >= 4 and first not in held.token_ids[:4]
