@@ -88,6 +88,7 @@ def default_model_path() -> str:
         raise RuntimeError(f"Package `gguf` is not installed.\n{_INSTALL_HINT}")
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temp_dirs(target.parent)
     print(f"vllm-lite: converting {GGUF_FILE} to {target} (one time)...", end="", file=sys.stderr, flush=True)
     start = time.perf_counter()
     # The temp dir sits next to the target so that the final rename stays on
@@ -112,6 +113,17 @@ def default_model_path() -> str:
     return str(target)
 
 
+def _remove_stale_temp_dirs(root: Path, max_age_s: float = 3600.0) -> None:
+    """Drop temp folders left by a killed conversion (a live one is minutes old at most)."""
+    now = time.time()
+    for stale in root.glob(f".{MODEL_NAME}.tmp-*"):
+        try:
+            if now - stale.stat().st_mtime > max_age_s:
+                shutil.rmtree(stale, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _check_folder(folder: Path) -> None:
     missing = [name for name in _REQUIRED_FILES if not (folder / name).is_file()]
     if missing:
@@ -122,12 +134,10 @@ def _check_folder(folder: Path) -> None:
 
 
 def _make_readable(folder: Path) -> None:
-    """mkdtemp makes a 0700 folder (and safetensors a 0600 file): use umask modes."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(folder, 0o777 & ~umask)
+    """mkdtemp makes a 0700 folder (and safetensors a 0600 file): make it 755/644."""
+    os.chmod(folder, 0o755)
     for path in folder.iterdir():
-        os.chmod(path, 0o666 & ~umask)
+        os.chmod(path, 0o644)
 
 
 def _convert(source: str, out_dir: Path) -> None:
@@ -197,6 +207,8 @@ def _convert_unquiet(source: str, out_dir: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=gguf_name)
     _fix_tokenizer(tokenizer, meta)
     tokenizer.model_max_length = config.max_position_embeddings
+    for key in ("is_local", "local_files_only"):  # facts about this load, not the folder
+        tokenizer.init_kwargs.pop(key, None)
     tokenizer.save_pretrained(out_dir)
 
 

@@ -83,8 +83,7 @@ class ModelRunner:
 
     def default_num_blocks(self) -> int:
         """On CUDA: what ``gpu_memory_utilization`` leaves after weights and a warm-up step.
-        On CPU: room for ``max_num_seqs`` sequences of up to 1,024 tokens, at least one of
-        ``max_model_len``."""
+        On CPU: room for 8,192 tokens, or two sequences of ``max_model_len``."""
         if self.device.type == "cuda":
             self.warm_up()
             free, total = torch.cuda.mem_get_info(self.device)
@@ -95,7 +94,7 @@ class ModelRunner:
             if num < 1:
                 raise RuntimeError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
             return num
-        tokens = max(self.max_model_len, min(self.config.max_num_seqs, 64) * 1024)
+        tokens = max(2 * self.max_model_len, 8192)
         return (tokens + self.block_size - 1) // self.block_size
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -106,6 +105,8 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
             layer.backend = self.backend
         self.num_blocks = num_blocks
+        if self.device.type == "cuda" and not self.config.enforce_eager:
+            self.capture_cuda_graphs()
 
     def warm_up(self) -> None:
         """One forward pass over a full token budget without a KV pool, to measure peak
@@ -171,6 +172,9 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
         """Run the model on one step; returns the logits of the rows in ``logits_indices``."""
+        num_tokens = len(step.input_ids)
+        if self.graphs and step.num_decodes == num_tokens and num_tokens <= self.graph_sizes[-1]:
+            return self._replay(step)
         meta = AttentionMetadata(
             slot_mapping=self._to_device(step.slot_mapping),
             query_start_loc=self._to_device(step.query_start_loc),
@@ -183,3 +187,55 @@ class ModelRunner:
         with forward_context(meta):
             hidden = self.model(self._to_device(step.input_ids), self._to_device(step.positions))
         return self.model.compute_logits(hidden[self._to_device(step.logits_indices)])
+
+    # ---- CUDA graphs for decode steps ----------------------------------------------------
+    graphs: dict = {}
+    graph_sizes: list[int] = []
+
+    @torch.inference_mode()
+    def capture_cuda_graphs(self) -> None:
+        """Capture one graph of a whole decode step (model + LM head) per batch size; a step is
+        padded up to the next captured size. Padding rows write nowhere (slot -1)."""
+        max_bs = min(self.config.max_num_seqs, 512)
+        self.graph_sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
+        max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
+        dev = self.device
+        self.static = {
+            "input_ids": torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(max_bs, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int64, device=dev),
+            "seq_lens": torch.ones(max_bs, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=dev),
+        }
+        query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
+        self.graphs, pool = {}, None
+        for bs in reversed(self.graph_sizes):
+            st = {k: v[:bs] for k, v in self.static.items()}
+            meta = AttentionMetadata(st["slot_mapping"], query_start_loc[:bs + 1], st["seq_lens"], st["block_tables"],
+                                     num_decodes=bs, max_query_len=1, max_seq_len=self.max_model_len)
+            with forward_context(meta):
+                self.model.compute_logits(self.model(st["input_ids"], st["positions"]))  # warm-up
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool):
+                    logits = self.model.compute_logits(self.model(st["input_ids"], st["positions"]))
+            pool = graph.pool()
+            self.graphs[bs] = (graph, logits)
+        torch.cuda.synchronize(dev)
+
+    def _replay(self, step: StepInput) -> torch.Tensor:
+        n = len(step.input_ids)
+        bs = next(b for b in self.graph_sizes if b >= n)
+        st = self.static
+        width = step.block_tables.shape[1]
+        st["input_ids"][:n].copy_(self._to_device(step.input_ids), non_blocking=True)
+        st["positions"][:n].copy_(self._to_device(step.positions), non_blocking=True)
+        st["slot_mapping"][:n].copy_(self._to_device(step.slot_mapping), non_blocking=True)
+        st["slot_mapping"][n:bs].fill_(-1)
+        st["seq_lens"][:n].copy_(self._to_device(step.seq_lens), non_blocking=True)
+        st["seq_lens"][n:bs].fill_(1)
+        st["block_tables"][:n, :width].copy_(self._to_device(step.block_tables), non_blocking=True)
+        graph, logits = self.graphs[bs]
+        graph.replay()
+        if len(step.logits_indices) == n:
+            return logits[:n]
+        return logits[self._to_device(step.logits_indices)]

@@ -18,6 +18,7 @@ class SamplingParams:
     ignore_eos: bool = False
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
+    detokenize: bool = True  # False: token ids only (text stays empty; stop strings unavailable)
     _stop: list[str] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -55,5 +56,7 @@ class SamplingParams:
             bad("seed", "must be an int or None")
         if any(not isinstance(s, str) or not s for s in self._stop):
             bad("stop", "must be non-empty strings")
+        if self._stop and not self.detokenize:
+            bad("stop", "needs detokenize=True")
         if any(not isinstance(t, int) or t < 0 for t in self.stop_token_ids):
             bad("stop_token_ids", "must be non-negative ints")

@@ -24,10 +24,15 @@ except ImportError:  # older torch
     varlen_attn = None
 
 
+_LOG2E = 1.4426950408889634
+# a decode split keeps at least this many keys, so partial results stay a small share of traffic
+_MIN_SPLIT_TOKENS = 128
+_MAX_SPLITS = 64
+
 
 def _fix_interpreter_scalar_index() -> None:
     """triton 3.6's CPU interpreter holds scalars as 1-element arrays and calls ``int()`` on them
-    for a data-dependent ``range``; numpy >= 2.4 refuses that. Index through ``.item()``."""
+    for a data-dependent ``range``; recent numpy refuses that. Index through ``.item()``."""
     from triton.runtime import interpreter
 
     patch_tensor = interpreter._patch_lang_tensor
@@ -44,11 +49,6 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         int(np.ones(1))
     except TypeError:
         _fix_interpreter_scalar_index()
-
-_LOG2E = 1.4426950408889634
-# a decode split keeps at least this many keys, so partial results stay a small share of traffic
-_MIN_SPLIT_TOKENS = 128
-_MAX_SPLITS = 64
 
 
 def _pow2(n: int, at_least: int = 1) -> int:
@@ -302,7 +302,8 @@ def _prefill_kernel(
     q_pos = seq_len - q_len + offs_m
     md_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
     rows = q_start + offs_m
-    q = tl.load(q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :], mask=md_mask, other=0.0)
+    q_ptrs = q_ptr + rows[:, None] * stride_qt + head * stride_qh + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=md_mask, other=0.0)
 
     # keys past the tile's last query are masked for every row; a tile past the chunk reads none
     hi = tl.minimum(seq_len, seq_len - q_len + (tile + 1) * BLOCK_M)
@@ -319,7 +320,7 @@ def _prefill_kernel(
         k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
         s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
         # key 0 is visible to every row, so m_i is finite after the first tile
-        s = tl.where(n_mask[None, :] , s, float("-inf"))
+        s = tl.where(n_mask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])

@@ -55,7 +55,7 @@ class LLMEngine:
         self.model_path = resolve_model_path(config)
         self.hf_config = AutoConfig.from_pretrained(self.model_path)
         get_model_class(self.hf_config)  # unsupported architecture: fail before anything heavy
-        self.tokenizer = AutoTokenizer.from_pretrained(config.tokenizer_path or self.model_path)
+        self.tokenizer = self._load_tokenizer(config)
         model_max = getattr(self.hf_config, "max_position_embeddings", None) or 2048
         if config.max_model_len is not None and config.max_model_len > model_max:
             raise ValueError(f"config key 'max_model_len' ({config.max_model_len}) exceeds the model's "
@@ -77,6 +77,15 @@ class LLMEngine:
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sequences: dict[str, Sequence] = {}
 
+    def _load_tokenizer(self, config: EngineConfig):
+        """The folder's tokenizer. A dummy-weight benchmark folder may have none: token ids only."""
+        try:
+            return AutoTokenizer.from_pretrained(config.tokenizer_path or self.model_path)
+        except (OSError, ValueError, TypeError):
+            if config.load_format == "dummy":
+                return None
+            raise
+
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
         try:
@@ -84,7 +93,7 @@ class LLMEngine:
             ids.update(gen if isinstance(gen, list) else [gen] if gen is not None else [])
         except OSError:
             pass
-        if self.tokenizer.eos_token_id is not None:
+        if self.tokenizer is not None and self.tokenizer.eos_token_id is not None:
             ids.add(self.tokenizer.eos_token_id)
         return ids
 
@@ -94,6 +103,8 @@ class LLMEngine:
         """Validate and queue one request. Bad input raises ValueError and changes nothing."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("this model folder has no tokenizer: pass prompts as token ids")
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, token_ids = None, list(prompt)
@@ -103,6 +114,8 @@ class LLMEngine:
         seq = Sequence(token_ids, params, request_id, text)
         if params.seed is not None:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
+        if self.tokenizer is None and (params.detokenize and params.stop_strings):
+            raise ValueError("stop strings need a tokenizer; this model folder has none")
         seq.detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
         self.sequences[seq.request_id] = seq
         self.scheduler.add(seq)
@@ -185,7 +198,8 @@ class LLMEngine:
             return self._finish(seq, "stop", token_id)
         if can_stop and not p.ignore_eos and token_id in self.eos_token_ids:
             return self._finish(seq, "stop", token_id)
-        delta = seq.detok.add(token_id)
+        detokenize = p.detokenize and self.tokenizer is not None
+        delta = seq.detok.add(token_id) if detokenize else ""
         if delta and p.stop_strings and can_stop:
             text = seq.detok.text
             window = len(delta) + max(len(s) for s in p.stop_strings)
@@ -200,7 +214,8 @@ class LLMEngine:
             return self._finish(seq, "length")
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
-        if not isinstance(stop_reason, str):  # a stop string already cut the text
+        p = seq.params
+        if p.detokenize and self.tokenizer is not None and not isinstance(stop_reason, str):  # a stop string already cut the text
             seq.detok.flush()
         seq.stop_reason = stop_reason
         self.scheduler.finish(seq, reason)

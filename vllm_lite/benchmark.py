@@ -1,0 +1,211 @@
+"""``vllm-lite bench throughput``: the common offline workload (256 requests, input and output
+lengths uniform in 100..1024, random token ids, seed 0, ignore_eos) on real or dummy weights,
+with its memory-traffic floor and, with ``--peer hf``, HF transformers' continuous batching on
+the same requests in the same call."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+
+import torch
+
+from vllm_lite.config import EngineConfig, add_config_flags
+
+CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
+
+
+@dataclass
+class Workload:
+    prompts: list[list[int]]
+    output_lens: list[int]
+
+    @classmethod
+    def random(cls, num: int, input_range: tuple[int, int], output_range: tuple[int, int], vocab: int, seed: int):
+        rng = random.Random(seed)
+        input_lens = [rng.randint(*input_range) for _ in range(num)]
+        output_lens = [rng.randint(*output_range) for _ in range(num)]
+        prompts = [[rng.randrange(vocab) for _ in range(n)] for n in input_lens]
+        return cls(prompts, output_lens)
+
+
+def model_folder(model_config: str) -> str:
+    """A folder holding ``config.json`` for a named shape (``qwen3-0.6b``) or a JSON path."""
+    path = model_config if os.path.exists(model_config) else os.path.join(CONFIG_DIR, f"{model_config}.json")
+    if not os.path.exists(path):
+        names = sorted(f[:-5] for f in os.listdir(CONFIG_DIR))
+        raise SystemExit(f"unknown model config {model_config!r}; known: {names}")
+    if os.path.isdir(path):
+        return path
+    folder = tempfile.mkdtemp(prefix="vllm-lite-shape-")
+    with open(path) as src, open(os.path.join(folder, "config.json"), "w") as dst:
+        dst.write(src.read())
+    return folder
+
+
+def weight_and_kv_bytes(hf_config, dtype_bytes: int = 2) -> tuple[int, int]:
+    """Bytes of all weights, and KV bytes per token (all layers, K and V)."""
+    h, v, n = hf_config.hidden_size, hf_config.vocab_size, hf_config.num_hidden_layers
+    hd = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
+    q, kv = hf_config.num_attention_heads * hd, hf_config.num_key_value_heads * hd
+    per_layer = h * (q + 2 * kv) + q * h + 3 * h * hf_config.intermediate_size
+    embeddings = v * h * (1 if getattr(hf_config, "tie_word_embeddings", False) else 2)
+    return (n * per_layer + embeddings) * dtype_bytes, 2 * n * kv * dtype_bytes
+
+
+def decode_floor_seconds(work: Workload, weight_bytes: int, kv_per_token: int, bandwidth: float) -> float:
+    """Every decode step reads all weights once and every live sequence's KV once."""
+    total, steps = 0, max(work.output_lens)
+    for step in range(steps):
+        live_kv = sum(len(p) + step for p, o in zip(work.prompts, work.output_lens) if o > step)
+        total += weight_bytes + live_kv * kv_per_token
+    return total / bandwidth
+
+
+def copy_bandwidth() -> float:
+    """Device-to-device copy, bytes read + written per second."""
+    x = torch.empty(1 << 28, dtype=torch.float32, device="cuda")
+    y = torch.empty_like(x)
+    for _ in range(3):
+        y.copy_(x)
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        y.copy_(x)
+    end.record()
+    torch.cuda.synchronize()
+    return 10 * 2 * x.numel() * 4 / (start.elapsed_time(end) / 1e3)
+
+
+def run_ours(config: EngineConfig, work: Workload, temperature: float) -> dict:
+    from vllm_lite import LLM, SamplingParams
+
+    llm = LLM(config=config)
+    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, detokenize=False)
+              for n in work.output_lens]
+    llm.generate(work.prompts[:4], params[:4], use_tqdm=False)  # warm-up (Triton compiles)
+    engine = llm.engine
+    step_log: list[tuple[int, int, int, float]] = []  # (decodes, tokens, sum seq_lens, seconds)
+    original = engine.step
+
+    def timed_step():
+        t0 = time.perf_counter()
+        out = original()
+        step_log.append((*last_batch[0], time.perf_counter() - t0))
+        return out
+
+    last_batch = [(0, 0, 0)]
+
+    def spy_schedule(schedule=engine.scheduler.schedule):
+        b = schedule()
+        ctx = sum(s.num_computed_tokens + n for s, n in zip(b.seqs, b.num_new_tokens))
+        last_batch[0] = (b.num_decodes, b.num_tokens, ctx)
+        return b
+
+    engine.scheduler.schedule = spy_schedule
+    engine.step = timed_step
+    t0 = time.perf_counter()
+    outputs = llm.generate(work.prompts, params)
+    elapsed = time.perf_counter() - t0
+    assert [len(o.outputs[0].token_ids) for o in outputs] == work.output_lens
+    llm.close()
+    return {"elapsed": elapsed, "steps": step_log, "num_blocks": engine.block_manager.num_blocks,
+            "preemptions": engine.scheduler.num_preemptions, "dtype": str(engine.runner.dtype)}
+
+
+def run_hf_peer(folder: str, work: Workload, dtype: torch.dtype) -> float:
+    """HF transformers continuous batching (``paged|sdpa``), each request with its own length."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    hf_config = AutoConfig.from_pretrained(folder)
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="paged|sdpa").cuda().eval()
+    gen = GenerationConfig(max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=-1, pad_token_id=0)
+    t0 = time.perf_counter()
+    with model.continuous_batching_context_manager(generation_config=gen, block=True) as manager:
+        ids = [manager.add_request(p, max_new_tokens=n, eos_token_id=-1) for p, n in zip(work.prompts, work.output_lens)]
+        done = 0
+        while done < len(ids):
+            result = manager.get_result(timeout=1)
+            if result is not None and result.is_finished():
+                done += 1
+    return time.perf_counter() - t0
+
+
+def bench_main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="vllm-lite bench", description=__doc__)
+    parser.add_argument("mode", choices=["throughput"])
+    parser.add_argument("--model-config", default="qwen3-0.6b",
+                        help="a shape in vllm_lite/model_configs (qwen3-0.6b, qwen2.5-1.5b, llama-3.2-1b, "
+                             "qwen2.5-7b) or a config.json path; weights are random (load_format dummy)")
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--input-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
+    parser.add_argument("--output-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
+    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--peer", choices=["none", "hf"], default="none")
+    parser.add_argument("--json", help="write the results here")
+    add_config_flags(parser)
+    args = vars(parser.parse_args(argv))
+    mode, json_path, peer = args.pop("mode"), args.pop("json"), args.pop("peer")
+    num, in_range, out_range = args.pop("num_prompts"), tuple(args.pop("input_len")), tuple(args.pop("output_len"))
+    temperature, model_config = args.pop("temperature"), args.pop("model_config")
+    if "model_path" not in args:
+        args["model_path"] = model_folder(model_config)
+        args.setdefault("load_format", "dummy")
+    folder = args["model_path"]
+    args.setdefault("max_model_len", in_range[1] + out_range[1])
+    config = EngineConfig(**args)
+
+    from transformers import AutoConfig
+    hf_config = AutoConfig.from_pretrained(folder)
+    work = Workload.random(num, in_range, out_range, hf_config.vocab_size, config.seed)
+    total_in, total_out = sum(map(len, work.prompts)), sum(work.output_lens)
+
+    ours = run_ours(config, work, temperature)
+    weight_bytes, kv_per_token = weight_and_kv_bytes(hf_config)
+    result = {"mode": mode, "model_config": model_config, "num_prompts": num, "input_tokens": total_in,
+              "output_tokens": total_out, "elapsed_s": ours["elapsed"],
+              "requests_per_s": num / ours["elapsed"], "output_tokens_per_s": total_out / ours["elapsed"],
+              "total_tokens_per_s": (total_in + total_out) / ours["elapsed"], "num_blocks": ours["num_blocks"],
+              "preemptions": ours["preemptions"], "dtype": ours["dtype"], "steps": len(ours["steps"])}
+    print(f"\nvllm-lite  {model_config}: {num} requests, {total_in} input + {total_out} output tokens "
+          f"in {ours['elapsed']:.2f} s")
+    print(f"  {result['requests_per_s']:.2f} requests/s, {result['output_tokens_per_s']:.0f} output tokens/s, "
+          f"{result['total_tokens_per_s']:.0f} total tokens/s  ({len(ours['steps'])} steps, "
+          f"{ours['preemptions']} preemptions, {ours['num_blocks']} KV blocks)")
+    if torch.cuda.is_available():
+        bw = copy_bandwidth()
+        floor = decode_floor_seconds(work, weight_bytes, kv_per_token, bw)
+        decode_steps = [s for s in ours["steps"] if s[0] == s[1] and s[0] > 0]
+        full = sorted(s for s in decode_steps if s[0] == max(d[0] for d in decode_steps))
+        step_bw = [(weight_bytes + ctx * kv_per_token) / sec / bw for _, _, ctx, sec in full]
+        step_bw.sort()
+        result.update({"copy_bandwidth_TBps": bw / 1e12, "decode_floor_s": floor,
+                       "floor_output_tokens_per_s": total_out / floor,
+                       "fraction_of_floor": floor / ours["elapsed"],
+                       "decode_step_bw_fraction_median": step_bw[len(step_bw) // 2] if step_bw else None,
+                       "decode_time_s": sum(s[3] for s in decode_steps),
+                       "prefill_or_mixed_time_s": sum(s[3] for s in ours["steps"] if s not in decode_steps)})
+        print(f"  memory-traffic floor {floor:.2f} s ({total_out / floor:.0f} output tokens/s at "
+              f"{bw / 1e12:.2f} TB/s copy bandwidth): this run is at {100 * floor / ours['elapsed']:.0f}% of it")
+        if step_bw:
+            print(f"  decode steps at the largest batch ({full[0][0]} seqs): median "
+                  f"{100 * result['decode_step_bw_fraction_median']:.0f}% of copy bandwidth "
+                  f"(weights + live KV bytes / step time, host time included)")
+        print(f"  time in pure decode steps {result['decode_time_s']:.2f} s, "
+              f"in prefill/mixed steps {result['prefill_or_mixed_time_s']:.2f} s")
+    if peer == "hf":
+        from vllm_lite.model_runner import DTYPES
+        peer_s = run_hf_peer(folder, work, DTYPES.get(ours["dtype"].replace("torch.", ""), torch.bfloat16))
+        result.update({"hf_elapsed_s": peer_s, "hf_output_tokens_per_s": total_out / peer_s,
+                       "speedup_vs_hf": peer_s / ours["elapsed"]})
+        print(f"HF transformers continuous batching (paged|sdpa): {peer_s:.1f} s, "
+              f"{total_out / peer_s:.0f} output tokens/s -> vllm-lite is {peer_s / ours['elapsed']:.1f}x")
+    if json_path:
+        with open(json_path, "w") as fh:
+            json.dump(result, fh, indent=2)
+    return 0
