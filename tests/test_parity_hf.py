@@ -30,13 +30,13 @@ def run_and_check(llm, hf, prompts, refs):
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_greedy_matches_transformers(tiny, block_size):
     path, hf, prompts, refs = tiny
-    run_and_check(LLM(path, block_size=block_size, num_blocks=4096 // block_size), hf, prompts, refs)
+    run_and_check(LLM(path, dtype="float32", block_size=block_size, num_blocks=4096 // block_size), hf, prompts, refs)
 
 
 def test_greedy_matches_transformers_with_preemption_and_chunked_prefill(tiny):
     path, hf, prompts, refs = tiny
     # 20 blocks of 8 tokens cannot hold all 8 sequences at once; 48 tokens a step chunks prompts.
-    llm = LLM(path, block_size=8, num_blocks=20, max_num_batched_tokens=48)
+    llm = LLM(path, dtype="float32", block_size=8, num_blocks=20, max_num_batched_tokens=48)
     chunked = []
     original = llm.engine.scheduler.schedule
 
@@ -61,7 +61,7 @@ def test_smollm2_greedy_matches_transformers(smollm2_path):
                for q in questions]
     prompts = [tok.encode(p, add_special_tokens=False) for p in prompts]
     refs = [hf.greedy(p, 32) for p in prompts]
-    llm = LLM(smollm2_path, block_size=16, num_blocks=256)
+    llm = LLM(smollm2_path, dtype="float32", block_size=16, num_blocks=256)
     run_and_check(llm, hf, prompts, refs)
     assert "Paris" in llm.tokenizer.decode(refs[0])
 
