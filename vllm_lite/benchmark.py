@@ -5,8 +5,10 @@ the same requests in the same call."""
 from __future__ import annotations
 
 import argparse
+import cProfile
 import json
 import os
+import pstats
 import random
 import tempfile
 import time
@@ -82,7 +84,7 @@ def copy_bandwidth() -> float:
     return 10 * 2 * x.numel() * 4 / (start.elapsed_time(end) / 1e3)
 
 
-def run_ours(config: EngineConfig, work: Workload, temperature: float) -> dict:
+def run_ours(config: EngineConfig, work: Workload, temperature: float, profile_path: str | None = None) -> dict:
     from vllm_lite import LLM, SamplingParams
 
     llm = LLM(config=config)
@@ -109,9 +111,16 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float) -> dict:
 
     engine.scheduler.schedule = spy_schedule
     engine.step = timed_step
+    profiler = cProfile.Profile() if profile_path else None
     t0 = time.perf_counter()
+    if profiler:
+        profiler.enable()
     outputs = llm.generate(work.prompts, params)
     elapsed = time.perf_counter() - t0
+    if profiler:
+        profiler.disable()
+        with open(profile_path, "w") as fh:
+            pstats.Stats(profiler, stream=fh).sort_stats("tottime").print_stats(40)
     assert [len(o.outputs[0].token_ids) for o in outputs] == work.output_lens
     llm.close()
     return {"elapsed": elapsed, "steps": step_log, "num_blocks": engine.block_manager.num_blocks,
@@ -148,9 +157,10 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--peer", choices=["none", "hf"], default="none")
     parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--profile", help="write a cProfile of the timed run (host view) here")
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
-    mode, json_path, peer = args.pop("mode"), args.pop("json"), args.pop("peer")
+    mode, json_path, peer, profile_path = args.pop("mode"), args.pop("json"), args.pop("peer"), args.pop("profile")
     num, in_range, out_range = args.pop("num_prompts"), tuple(args.pop("input_len")), tuple(args.pop("output_len"))
     temperature, model_config = args.pop("temperature"), args.pop("model_config")
     if "model_path" not in args:
@@ -165,13 +175,15 @@ def bench_main(argv: list[str]) -> int:
     work = Workload.random(num, in_range, out_range, hf_config.vocab_size, config.seed)
     total_in, total_out = sum(map(len, work.prompts)), sum(work.output_lens)
 
-    ours = run_ours(config, work, temperature)
+    ours = run_ours(config, work, temperature, profile_path)
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf_config)
     result = {"mode": mode, "model_config": model_config, "num_prompts": num, "input_tokens": total_in,
               "output_tokens": total_out, "elapsed_s": ours["elapsed"],
               "requests_per_s": num / ours["elapsed"], "output_tokens_per_s": total_out / ours["elapsed"],
               "total_tokens_per_s": (total_in + total_out) / ours["elapsed"], "num_blocks": ours["num_blocks"],
-              "preemptions": ours["preemptions"], "dtype": ours["dtype"], "steps": len(ours["steps"])}
+              "preemptions": ours["preemptions"], "dtype": ours["dtype"], "steps": len(ours["steps"]),
+              "first_steps(decodes,tokens,context,s)": ours["steps"][:30],
+              "slowest_steps": sorted(ours["steps"], key=lambda s: -s[3])[:10]}
     print(f"\nvllm-lite  {model_config}: {num} requests, {total_in} input + {total_out} output tokens "
           f"in {ours['elapsed']:.2f} s")
     print(f"  {result['requests_per_s']:.2f} requests/s, {result['output_tokens_per_s']:.0f} output tokens/s, "

@@ -62,13 +62,13 @@ class LLM:
     def _run(self, index_of: dict[str, int], show_progress: bool) -> list[RequestOutput]:
         results: list[RequestOutput | None] = [None] * len(index_of)
         bar = tqdm(total=len(index_of), desc="Generating", unit="req", disable=not show_progress)
-        start, generated = time.perf_counter(), 0
+        start, generated_before = time.perf_counter(), self.engine.num_generated_tokens
         while self.engine.has_unfinished_requests():
             for out in self.engine.step():
-                generated += 1
-                if out.finished and out.request_id in index_of:
+                if out.request_id in index_of:
                     results[index_of[out.request_id]] = out
                     bar.update(1)
+            generated = self.engine.num_generated_tokens - generated_before
             bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.0f} tok/s out", refresh=False)
         bar.close()
         return results

@@ -75,6 +75,7 @@ class ModelRunner:
         self.backend = get_backend(config.attention_backend, self.device)
         self.num_blocks = 0
         self.kv_cache: torch.Tensor | None = None
+        self._staging: torch.Tensor | None = None  # pinned host buffer for step inputs
 
     # ---- KV pool -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -136,7 +137,7 @@ class ModelRunner:
     def prepare(self, batch: ScheduledBatch) -> StepInput:
         bs = self.block_size
         input_ids, positions, qsl, seq_lens, logits_indices, tables = [], [], [0], [], [], []
-        fresh = True
+        fresh, num_decodes = True, batch.num_decodes
         for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
             start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
             input_ids.extend(seq.token_ids[start:end])
@@ -146,7 +147,7 @@ class ModelRunner:
             tables.append(seq.block_table)
             if end == len(seq):
                 logits_indices.append(qsl[-1] - 1)
-            if i >= batch.num_decodes and start > 0:
+            if i >= num_decodes and start > 0:
                 fresh = False
         max_blocks = max(len(t) for t in tables)
         block_tables = np.zeros((len(tables), max_blocks), np.int32)
@@ -159,34 +160,49 @@ class ModelRunner:
             input_ids=np.asarray(input_ids, np.int64), positions=pos.astype(np.int64), slot_mapping=slot_mapping,
             query_start_loc=np.asarray(qsl, np.int32), seq_lens=np.asarray(seq_lens, np.int32),
             block_tables=block_tables, logits_indices=np.asarray(logits_indices, np.int64),
-            num_decodes=batch.num_decodes, max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens),
+            num_decodes=num_decodes, max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens),
             prefill_is_fresh=fresh,
         )
 
-    def _to_device(self, array: np.ndarray) -> torch.Tensor:
-        tensor = torch.from_numpy(array)
-        if self.device.type == "cuda":
-            return tensor.pin_memory().to(self.device, non_blocking=True)
-        return tensor
+    def _upload(self, step: StepInput) -> dict[str, torch.Tensor]:
+        """The step's arrays on the device. On CUDA they are packed into one pinned buffer and
+        sent with a single host-to-device copy."""
+        names = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
+                 "logits_indices")
+        arrays = [getattr(step, n) for n in names]
+        if self.device.type != "cuda":
+            return {n: torch.from_numpy(a) for n, a in zip(names, arrays)}
+        total = sum(a.size for a in arrays)
+        if self._staging is None or self._staging.numel() < total:
+            self._staging = torch.empty(2 * total, dtype=torch.int64, pin_memory=True)
+        host, offset = self._staging.numpy(), 0
+        for a in arrays:
+            host[offset:offset + a.size] = a.ravel()
+            offset += a.size
+        packed = self._staging[:total].to(self.device, non_blocking=True)
+        out, offset = {}, 0
+        for n, a in zip(names, arrays):
+            t = packed[offset:offset + a.size].view(a.shape)
+            out[n] = t if a.dtype == np.int64 else t.to(torch.int32)
+            offset += a.size
+        return out
 
     @torch.inference_mode()
     def execute(self, step: StepInput) -> torch.Tensor:
         """Run the model on one step; returns the logits of the rows in ``logits_indices``."""
+        dev = self._upload(step)
         num_tokens = len(step.input_ids)
         if self.graphs and step.num_decodes == num_tokens and num_tokens <= self.graph_sizes[-1]:
-            return self._replay(step)
+            return self._replay(step, dev)
         meta = AttentionMetadata(
-            slot_mapping=self._to_device(step.slot_mapping),
-            query_start_loc=self._to_device(step.query_start_loc),
-            seq_lens=self._to_device(step.seq_lens),
-            block_tables=self._to_device(step.block_tables),
-            num_decodes=step.num_decodes, max_query_len=step.max_query_len, max_seq_len=step.max_seq_len,
-            prefill_is_fresh=step.prefill_is_fresh,
+            slot_mapping=dev["slot_mapping"], query_start_loc=dev["query_start_loc"], seq_lens=dev["seq_lens"],
+            block_tables=dev["block_tables"], num_decodes=step.num_decodes, max_query_len=step.max_query_len,
+            max_seq_len=step.max_seq_len, prefill_is_fresh=step.prefill_is_fresh,
             query_start_loc_cpu=step.query_start_loc.tolist(), seq_lens_cpu=step.seq_lens.tolist(),
         )
         with forward_context(meta):
-            hidden = self.model(self._to_device(step.input_ids), self._to_device(step.positions))
-        return self.model.compute_logits(hidden[self._to_device(step.logits_indices)])
+            hidden = self.model(dev["input_ids"], dev["positions"])
+        return self.model.compute_logits(hidden[dev["logits_indices"]])
 
     # ---- CUDA graphs for decode steps ----------------------------------------------------
     graphs: dict = {}
@@ -222,20 +238,15 @@ class ModelRunner:
             self.graphs[bs] = (graph, logits)
         torch.cuda.synchronize(dev)
 
-    def _replay(self, step: StepInput) -> torch.Tensor:
+    def _replay(self, step: StepInput, dev: dict[str, torch.Tensor]) -> torch.Tensor:
         n = len(step.input_ids)
         bs = next(b for b in self.graph_sizes if b >= n)
         st = self.static
-        width = step.block_tables.shape[1]
-        st["input_ids"][:n].copy_(self._to_device(step.input_ids), non_blocking=True)
-        st["positions"][:n].copy_(self._to_device(step.positions), non_blocking=True)
-        st["slot_mapping"][:n].copy_(self._to_device(step.slot_mapping), non_blocking=True)
+        for name in ("input_ids", "positions", "slot_mapping", "seq_lens"):
+            st[name][:n].copy_(dev[name])
         st["slot_mapping"][n:bs].fill_(-1)
-        st["seq_lens"][:n].copy_(self._to_device(step.seq_lens), non_blocking=True)
         st["seq_lens"][n:bs].fill_(1)
-        st["block_tables"][:n, :width].copy_(self._to_device(step.block_tables), non_blocking=True)
+        st["block_tables"][:n, :step.block_tables.shape[1]].copy_(dev["block_tables"])
         graph, logits = self.graphs[bs]
         graph.replay()
-        if len(step.logits_indices) == n:
-            return logits[:n]
-        return logits[self._to_device(step.logits_indices)]
+        return logits[:n] if len(step.logits_indices) == n else logits[dev["logits_indices"]]

@@ -76,6 +76,7 @@ class LLMEngine:
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sequences: dict[str, Sequence] = {}
+        self.num_generated_tokens = 0
 
     def _load_tokenizer(self, config: EngineConfig):
         """The folder's tokenizer. A dummy-weight benchmark folder may have none: token ids only."""
@@ -149,7 +150,8 @@ class LLMEngine:
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample, and return the requests that advanced."""
+        """Schedule, run the model, sample; return the requests that finished in this step.
+        (Building outputs for every live request each step costs O(tokens) host time.)"""
         batch = self.scheduler.schedule()
         if not batch:
             return []
@@ -162,9 +164,11 @@ class LLMEngine:
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
         outputs = []
+        self.num_generated_tokens += len(token_ids)
         for seq, token_id in zip(sampling_seqs, token_ids):
             self._append_token(seq, token_id)
-            outputs.append(self._output(seq))
+            if seq.is_finished:
+                outputs.append(self._output(seq))
         return outputs
 
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
@@ -222,8 +226,7 @@ class LLMEngine:
 
     def _output(self, seq: Sequence) -> RequestOutput:
         completion = CompletionOutput(0, seq.detok.text, seq.output_token_ids, seq.finish_reason, seq.stop_reason)
-        if seq.is_finished:
-            self.sequences.pop(seq.request_id, None)
+        self.sequences.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.is_finished)
 
     def close(self) -> None:

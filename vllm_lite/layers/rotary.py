@@ -16,13 +16,16 @@ class RotaryEmbedding(nn.Module):
     def __init__(self, config, head_dim: int, max_positions: int) -> None:
         super().__init__()
         rope_type = (config.rope_parameters or {}).get("rope_type", "default")
-        if rope_type == "default":
-            inv_freq, scaling = _default_inv_freq(config, head_dim), 1.0
-        elif rope_type == "dynamic":
+        if rope_type == "dynamic":
             raise ValueError("rope_type 'dynamic' depends on the sequence length and is not supported")
-        else:
-            inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float), inv_freq.float())
+        with torch.device("cpu"):  # HF's helpers mix explicit and default devices
+            if rope_type == "default":
+                inv_freq, scaling = _default_inv_freq(config, head_dim), 1.0
+            else:
+                inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
+        device = torch.get_default_device()
+        inv_freq = inv_freq.to(device)
+        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float, device=device), inv_freq.float())
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
