@@ -217,7 +217,8 @@ def choose_num_splits(num_programs: int, max_seq_len: int, device: torch.device)
     than _MIN_SPLIT_TOKENS keys: large batches get 1 split, small batches with long contexts many."""
     wanted = triton.cdiv(2 * _num_sms(device), num_programs)
     useful = triton.cdiv(max_seq_len, _MIN_SPLIT_TOKENS)
-    return max(1, min(wanted, useful, _MAX_SPLITS))
+    splits = max(1, min(wanted, useful, _MAX_SPLITS))
+    return 1 << (splits.bit_length() - 1)  # a power of two: few kernel variants to compile
 
 
 def paged_decode_attention(
@@ -401,8 +402,9 @@ class TritonBackend(AttentionBackend):
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd > 0:
-            paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd],
-                                   meta.seq_lens[:nd], scale, out=out[:nd])
+            # next to prefill work the GPU is busy anyway: one split, one compiled variant
+            paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
+                                   out=out[:nd], num_splits=1 if meta.num_seqs > nd else None)
         if meta.num_seqs == nd:
             return out
         if self._use_varlen(q, meta):

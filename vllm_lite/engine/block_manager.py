@@ -31,6 +31,8 @@ class BlockManager:
         """Grow ``seq``'s block table to hold ``num_tokens`` tokens: on prefill, and by one block
         whenever decoding crosses a block boundary."""
         needed = self.num_new_blocks(seq, num_tokens)
+        if needed == 0:
+            return
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
         seq.block_table.extend(self.free_blocks.popleft() for _ in range(needed))

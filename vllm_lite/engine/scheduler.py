@@ -48,12 +48,13 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         work: list[tuple[Sequence, int]] = []
 
-        i = 0
+        i, block_size = 0, self.block_manager.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_uncomputed_tokens, budget)
-            if self._make_room(seq, seq.num_computed_tokens + n):
-                self.block_manager.allocate(seq, seq.num_computed_tokens + n)
+            needed = seq.num_computed_tokens + n
+            if needed <= len(seq.block_table) * block_size or self._make_room(seq, needed):
+                self.block_manager.allocate(seq, needed)
                 work.append((seq, n))
                 budget -= n
                 i += 1

@@ -1,0 +1,77 @@
+"""Where the time of one decode step goes (GPU only): host work vs. GPU work, and the top GPU
+kernels of one step, at the throughput workload's full batch (256 sequences, dummy weights).
+
+    python -m benchmarks.profile_decode --model-config qwen3-0.6b
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+
+from vllm_lite import LLM, SamplingParams
+from vllm_lite.benchmark import Workload, model_folder, weight_and_kv_bytes
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-config", default="qwen3-0.6b")
+    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--steps", type=int, default=30)
+    parser.add_argument("--enforce-eager", action="store_true")
+    args = parser.parse_args()
+
+    folder = model_folder(args.model_config)
+    llm = LLM(folder, load_format="dummy", max_model_len=2048, enforce_eager=args.enforce_eager)
+    engine, runner = llm.engine, llm.engine.runner
+    work = Workload.random(args.num_seqs, (100, 1024), (100, 1024), engine.hf_config.vocab_size, 0)
+    for prompt in work.prompts:
+        engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=1024, ignore_eos=True, detokenize=False))
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+        engine.step()
+
+    rows = []
+    for _ in range(args.steps):
+        start, after_exec, after_sample = (torch.cuda.Event(enable_timing=True) for _ in range(3))
+        t0 = time.perf_counter()
+        batch = engine.scheduler.schedule()
+        step = runner.prepare(batch)
+        t1 = time.perf_counter()
+        start.record()
+        logits = runner.execute(step)
+        after_exec.record()
+        sampling = engine._sampling_batch(batch.seqs)
+        tokens = engine.sampler(logits, sampling, engine.generator)
+        after_sample.record()
+        t2 = time.perf_counter()
+        token_ids = tokens.tolist()
+        t3 = time.perf_counter()
+        for seq, n, token in zip(batch.seqs, batch.num_new_tokens, token_ids):
+            seq.num_computed_tokens += n
+            engine._append_token(seq, token)
+        t4 = time.perf_counter()
+        rows.append((1e3 * (t1 - t0), 1e3 * (t2 - t1), 1e3 * (t3 - t2), 1e3 * (t4 - t3),
+                     start.elapsed_time(after_exec), after_exec.elapsed_time(after_sample),
+                     sum(s.num_computed_tokens for s in batch.seqs)))
+    med = [statistics.median(c) for c in zip(*rows)]
+    weight_bytes, kv_per_token = weight_and_kv_bytes(engine.hf_config)
+    floor_ms = (weight_bytes + med[6] * kv_per_token) / 3.0e12 * 1e3
+    print(f"\ndecode step, {len(batch.seqs)} seqs, {med[6]:.0f} context tokens (median of {args.steps} steps)")
+    print(f"  host: schedule+prepare {med[0]:.2f} ms | launch model+sampler {med[1]:.2f} ms | "
+          f"wait for GPU {med[2]:.2f} ms | append/stop checks {med[3]:.2f} ms")
+    print(f"  GPU:  model (graph) {med[4]:.2f} ms | sampler {med[5]:.2f} ms | "
+          f"bytes floor at 3.0 TB/s {floor_ms:.2f} ms")
+    print(f"  wall per step {sum(med[:4]):.2f} ms")
+
+    batch = engine.scheduler.schedule()
+    step = runner.prepare(batch)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        logits = runner.execute(step)
+        engine.sampler(logits, engine._sampling_batch(batch.seqs), engine.generator).tolist()
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+
+
+if __name__ == "__main__":
+    main()
