@@ -20,6 +20,13 @@ class RMSNorm(nn.Module):
         return self.weight * x.to(dtype)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        if x.is_cuda:  # one fused Triton kernel; never modifies x or residual
+            from vllm_lite.layers.fused_ops import rms_norm
+            return rms_norm(x, self.weight, self.eps, residual)
+        return self.forward_native(x, residual)
+
+    def forward_native(self, x: torch.Tensor, residual: torch.Tensor | None = None):
+        """The plain PyTorch version (the reference for the fused kernel, and the CPU path)."""
         if residual is None:
             return self._norm(x)
         x = x + residual

@@ -32,6 +32,13 @@ class RotaryEmbedding(nn.Module):
 
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """q, k: [num_tokens, heads, head_dim]; rotated in fp32 (HF's rotate_half convention)."""
+        if q.is_cuda:  # one fused Triton kernel for q and k; returns new tensors
+            from vllm_lite.layers.fused_ops import rotary
+            return rotary(positions, q, k, self.cos, self.sin)
+        return self.forward_native(positions, q, k)
+
+    def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
+        """The plain PyTorch version (the reference for the fused kernel, and the CPU path)."""
         cos = self.cos[positions].unsqueeze(1)
         sin = self.sin[positions].unsqueeze(1)
         return _rotate(q, cos, sin), _rotate(k, cos, sin)

@@ -1,0 +1,143 @@
+"""Fused Triton RMSNorm / RoPE / SiLU-and-mul against the layers' plain PyTorch code.
+
+Without a GPU the kernels run under the Triton interpreter (set before triton is imported) on
+small shapes in fp32 and fp16; on a GPU the same tests run compiled, add bf16, and check that
+the layers dispatch to the fused kernels.
+"""
+import os
+from types import SimpleNamespace
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from vllm_lite.layers.activation import SiluAndMul  # noqa: E402
+from vllm_lite.layers.fused_ops import rms_norm, rotary, silu_and_mul  # noqa: E402
+from vllm_lite.layers.norm import RMSNorm  # noqa: E402
+from vllm_lite.layers.rotary import RotaryEmbedding  # noqa: E402
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 checks need a GPU")
+# fp16 runs under the interpreter too and checks the 16-bit rounding order; bf16 only on a GPU,
+# as triton 3.6's interpreter truncates fp32 -> bf16 casts instead of rounding them to nearest
+DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=CUDA_ONLY)]
+TOKENS = [1, 37]  # 37: not a power of two, several row blocks
+MAX_POS = 64
+
+
+def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
+    assert out.shape == ref.shape and out.dtype == ref.dtype
+    if out.dtype == torch.float32:
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    else:
+        out, ref = out.float(), ref.float()
+        assert ((out - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def qkv_views(num_tokens, num_q_heads, num_kv_heads, head_dim, dtype):
+    """q, k as the model makes them: strided views of a split of one [T, (Hq + 2 Hkv) D] tensor."""
+    q_size, kv_size = num_q_heads * head_dim, num_kv_heads * head_dim
+    qkv = torch.randn(num_tokens, q_size + 2 * kv_size, dtype=dtype, device=DEVICE)
+    q, k, _ = qkv.split([q_size, kv_size, kv_size], dim=-1)
+    return q.view(-1, num_q_heads, head_dim), k.view(-1, num_kv_heads, head_dim)
+
+
+def make_norm(hidden: int, dtype) -> RMSNorm:
+    norm = RMSNorm(hidden, eps=1e-6, dtype=dtype).to(DEVICE)
+    norm.weight.data.uniform_(0.5, 1.5)
+    return norm
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("hidden", [64, 96])  # 96: a row that does not fill its power-of-two block
+def test_rms_norm(num_tokens, hidden, dtype):
+    norm = make_norm(hidden, dtype)
+    x = torch.randn(num_tokens, hidden, dtype=dtype, device=DEVICE)
+    assert_close(rms_norm(x, norm.weight, norm.eps), norm.forward_native(x))
+
+    residual = torch.randn_like(x)
+    x_before, res_before = x.clone(), residual.clone()
+    out, new_res = rms_norm(x, norm.weight, norm.eps, residual)
+    ref_out, ref_res = norm.forward_native(x, residual)
+    assert_close(out, ref_out)
+    assert torch.equal(new_res, ref_res)  # the sum is rounded once, exactly as torch rounds it
+    assert torch.equal(x, x_before) and torch.equal(residual, res_before)  # inputs untouched
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_rms_norm_per_head_on_strided_views(num_tokens, head_dim, dtype):
+    """Qwen3's q_norm / k_norm: over head_dim, on q and k straight from the qkv split."""
+    q, k = qkv_views(num_tokens, 4, 2, head_dim, dtype)
+    assert num_tokens == 1 or not q.is_contiguous()
+    norm = make_norm(head_dim, dtype)
+    for x in (q, k):
+        out = rms_norm(x, norm.weight, norm.eps)
+        assert out.is_contiguous()
+        assert_close(out, norm.forward_native(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_rotary_on_strided_views(num_tokens, head_dim, dtype):
+    config = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
+    rope = RotaryEmbedding(config, head_dim, MAX_POS).to(DEVICE)
+    q, k = qkv_views(num_tokens, 4, 2, head_dim, dtype)
+    q_before, k_before = q.clone(), k.clone()
+    positions = torch.randint(0, MAX_POS, (num_tokens,), device=DEVICE)
+    q_out, k_out = rotary(positions, q, k, rope.cos, rope.sin)
+    q_ref, k_ref = rope.forward_native(positions, q, k)
+    assert_close(q_out, q_ref)
+    assert_close(k_out, k_ref)
+    assert torch.equal(q, q_before) and torch.equal(k, k_before)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("n", [32, 1500])  # 1500: more than one block per row, a ragged last one
+def test_silu_and_mul(num_tokens, n, dtype):
+    x = torch.randn(num_tokens, 2 * n, dtype=dtype, device=DEVICE) * 3
+    assert_close(silu_and_mul(x), SiluAndMul().forward_native(x))
+
+
+def test_empty_inputs():
+    x = torch.randn(0, 32, device=DEVICE)
+    w = torch.ones(32, device=DEVICE)
+    assert rms_norm(x, w, 1e-6).shape == (0, 32)
+    assert silu_and_mul(x).shape == (0, 16)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the layers use the fused kernels on CUDA only")
+def test_layers_dispatch_to_fused_on_cuda():
+    dtype = torch.bfloat16
+    norm = make_norm(128, dtype)
+    x, res = torch.randn(7, 128, dtype=dtype, device=DEVICE), torch.randn(7, 128, dtype=dtype, device=DEVICE)
+    for got, want in zip(norm(x, res), rms_norm(x, norm.weight, norm.eps, res)):
+        assert torch.equal(got, want)
+    config = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    rope = RotaryEmbedding(config, 128, MAX_POS).to(DEVICE)
+    q, k = qkv_views(7, 16, 8, 128, dtype)
+    positions = torch.arange(7, device=DEVICE)
+    for got, want in zip(rope(positions, q, k), rotary(positions, q, k, rope.cos, rope.sin)):
+        assert torch.equal(got, want)
+    gu = torch.randn(7, 2 * 384, dtype=dtype, device=DEVICE)
+    assert torch.equal(SiluAndMul()(gu), silu_and_mul(gu))
+
+
+def test_layers_keep_plain_torch_on_cpu():
+    """On CPU the layers' forward is exactly their plain PyTorch code."""
+    norm = RMSNorm(32, dtype=torch.bfloat16)
+    norm.weight.data.uniform_(0.5, 1.5)
+    x, res = torch.randn(3, 32, dtype=torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
+    ref = (x + res).float()
+    ref = norm.weight * (ref * torch.rsqrt(ref.pow(2).mean(-1, keepdim=True) + norm.eps)).to(torch.bfloat16)
+    out, new_res = norm(x, res)
+    assert torch.equal(out, ref) and torch.equal(new_res, x + res)
+    gu = torch.randn(3, 64, dtype=torch.bfloat16)
+    assert torch.equal(SiluAndMul()(gu), torch.nn.functional.silu(gu[:, :32]) * gu[:, 32:])
