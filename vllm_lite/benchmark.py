@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import cProfile
+import gc
 import json
 import os
 import pstats
@@ -123,8 +124,13 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float, profile_p
             pstats.Stats(profiler, stream=fh).sort_stats("tottime").print_stats(40)
     assert [len(o.outputs[0].token_ids) for o in outputs] == work.output_lens
     llm.close()
-    return {"elapsed": elapsed, "steps": step_log, "num_blocks": engine.block_manager.num_blocks,
+    result = {"elapsed": elapsed, "steps": step_log, "num_blocks": engine.block_manager.num_blocks,
             "preemptions": engine.scheduler.num_preemptions, "dtype": str(engine.runner.dtype)}
+    del llm, engine, original
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return result
 
 
 def run_hf_peer(folder: str, work: Workload, dtype: torch.dtype) -> float:
@@ -212,7 +218,13 @@ def bench_main(argv: list[str]) -> int:
               f"in prefill/mixed steps {result['prefill_or_mixed_time_s']:.2f} s")
     if peer == "hf":
         from vllm_lite.model_runner import DTYPES
-        peer_s = run_hf_peer(folder, work, DTYPES.get(ours["dtype"].replace("torch.", ""), torch.bfloat16))
+        try:
+            peer_s = run_hf_peer(folder, work, DTYPES.get(ours["dtype"].replace("torch.", ""), torch.bfloat16))
+        except Exception as exc:  # report ours even if the peer breaks
+            import traceback
+            traceback.print_exc()
+            print(f"HF peer failed: {exc!r}")
+            peer_s = float("nan")
         result.update({"hf_elapsed_s": peer_s, "hf_output_tokens_per_s": total_out / peer_s,
                        "speedup_vs_hf": peer_s / ours["elapsed"]})
         print(f"HF transformers continuous batching (paged|sdpa): {peer_s:.1f} s, "

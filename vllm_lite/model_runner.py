@@ -204,6 +204,15 @@ class ModelRunner:
             hidden = self.model(dev["input_ids"], dev["positions"])
         return self.model.compute_logits(hidden[dev["logits_indices"]])
 
+    def close(self) -> None:
+        """Drop the graphs, the KV pool and the weights so their device memory can be reused."""
+        self.graphs, self.static, self.kv_cache = {}, {}, None
+        for layer in self.attn_layers:
+            layer.k_cache = layer.v_cache = None
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
     # ---- CUDA graphs for decode steps ----------------------------------------------------
     graphs: dict = {}
     graph_sizes: list[int] = []

@@ -384,7 +384,8 @@ class TPExecutor:
         else:
             num_blocks = config.num_blocks
         workers.send_all("allocate", num_blocks)
-        self.runner.allocate_kv_cache(num_blocks)
+        with _as_rank(0, tp):  # on CUDA this captures graphs of decode steps: collectives again
+            self.runner.allocate_kv_cache(num_blocks)
         workers.recv_all("ok")
         self.num_blocks = num_blocks
 
