@@ -428,10 +428,14 @@ class TPExecutor:
         return RuntimeError(self.failure)
 
     def close(self, graceful: bool = True) -> None:
+        """Stop the workers, tear down the process group and free rank 0's weights and KV pool."""
         self._closed = True
         if self._finalizer.alive:
             self._finalizer.detach()
             self._workers.shutdown(graceful)
+        runner = getattr(self, "runner", None)
+        if runner is not None and getattr(runner, "close", None) is not None:
+            runner.close()
 
     @property
     def alive(self) -> bool:
