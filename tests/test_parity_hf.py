@@ -69,3 +69,17 @@ def test_smollm2_greedy_matches_transformers(smollm2_path):
 def hf_tokenizer(path):
     from transformers import AutoTokenizer
     return AutoTokenizer.from_pretrained(path)
+
+
+def test_overlapped_steps_give_the_same_output_as_sequential_steps(tiny):
+    path, hf, prompts, refs = tiny
+    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (1, 2, 32, 5, 17, 32, 3, 9)]
+    results = []
+    for overlap in (True, False):
+        llm = LLM(path, dtype="float32", block_size=8, num_blocks=20, max_num_batched_tokens=48)
+        llm.engine.overlap = overlap
+        results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        bm = llm.engine.block_manager
+        assert bm.num_free_blocks == bm.num_blocks
+    assert results[0] == results[1]
+    assert [len(r) for r in results[0]] == [1, 2, 32, 5, 17, 32, 3, 9]

@@ -33,6 +33,9 @@ class StepInput:
     max_query_len: int
     max_seq_len: int
     prefill_is_fresh: bool
+    # per token: index into the previous step's sampled tokens where the token id is still a
+    # placeholder (overlapped steps), else -1; None when there is no placeholder
+    prev_index: np.ndarray | None = None
 
 
 def resolve_device(config: EngineConfig) -> torch.device:
@@ -75,7 +78,10 @@ class ModelRunner:
         self.backend = get_backend(config.attention_backend, self.device)
         self.num_blocks = 0
         self.kv_cache: torch.Tensor | None = None
-        self._staging: torch.Tensor | None = None  # pinned host buffer for step inputs
+        self.supports_overlap = True  # the engine may launch a step before reading the last one
+        self._staging: list[torch.Tensor | None] = [None, None]  # pinned host buffers for step inputs
+        self._copied = [torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda" else []
+        self._turn = 0
 
     # ---- KV pool -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -156,8 +162,14 @@ class ModelRunner:
         pos = np.concatenate(positions)
         seq_index = np.repeat(np.arange(len(tables)), np.diff(qsl))
         slot_mapping = block_tables[seq_index, pos // bs].astype(np.int64) * bs + pos % bs
+        ids = np.asarray(input_ids, np.int64)
+        prev_index = None
+        holes = np.flatnonzero(ids < 0)
+        if holes.size:
+            prev_index = np.full(ids.shape, -1, np.int64)
+            prev_index[holes] = [batch.seqs[i].inflight_index for i in seq_index[holes]]
         return StepInput(
-            input_ids=np.asarray(input_ids, np.int64), positions=pos.astype(np.int64), slot_mapping=slot_mapping,
+            input_ids=ids, positions=pos.astype(np.int64), slot_mapping=slot_mapping, prev_index=prev_index,
             query_start_loc=np.asarray(qsl, np.int32), seq_lens=np.asarray(seq_lens, np.int32),
             block_tables=block_tables, logits_indices=np.asarray(logits_indices, np.int64),
             num_decodes=num_decodes, max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens),
@@ -165,21 +177,26 @@ class ModelRunner:
         )
 
     def _upload(self, step: StepInput) -> dict[str, torch.Tensor]:
-        """The step's arrays on the device. On CUDA they are packed into one pinned buffer and
-        sent with a single host-to-device copy."""
-        names = ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
-                 "logits_indices")
+        """The step's arrays on the device. On CUDA they are packed into a pinned buffer and
+        sent with one host-to-device copy; two buffers alternate, so the host can fill one
+        while the copy from the other may still be queued behind a running step."""
+        names = ["input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
+                 "logits_indices"] + (["prev_index"] if step.prev_index is not None else [])
         arrays = [getattr(step, n) for n in names]
         if self.device.type != "cuda":
             return {n: torch.from_numpy(a) for n, a in zip(names, arrays)}
         total = sum(a.size for a in arrays)
-        if self._staging is None or self._staging.numel() < total:
-            self._staging = torch.empty(2 * total, dtype=torch.int64, pin_memory=True)
-        host, offset = self._staging.numpy(), 0
+        self._turn ^= 1
+        staging, copied = self._staging[self._turn], self._copied[self._turn]
+        if staging is None or staging.numel() < total:
+            staging = self._staging[self._turn] = torch.empty(2 * total, dtype=torch.int64, pin_memory=True)
+        copied.synchronize()
+        host, offset = staging.numpy(), 0
         for a in arrays:
             host[offset:offset + a.size] = a.ravel()
             offset += a.size
-        packed = self._staging[:total].to(self.device, non_blocking=True)
+        packed = staging[:total].to(self.device, non_blocking=True)
+        copied.record()
         out, offset = {}, 0
         for n, a in zip(names, arrays):
             t = packed[offset:offset + a.size].view(a.shape)
@@ -188,9 +205,13 @@ class ModelRunner:
         return out
 
     @torch.inference_mode()
-    def execute(self, step: StepInput) -> torch.Tensor:
-        """Run the model on one step; returns the logits of the rows in ``logits_indices``."""
+    def execute(self, step: StepInput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model on one step; returns the logits of the rows in ``logits_indices``.
+        ``prev_tokens``: the previous step's sampled tokens, for placeholder token ids."""
         dev = self._upload(step)
+        if step.prev_index is not None:
+            prev = dev["prev_index"]
+            dev["input_ids"] = torch.where(prev >= 0, prev_tokens[prev.clamp(min=0)], dev["input_ids"])
         num_tokens = len(step.input_ids)
         if self.graphs and step.num_decodes == num_tokens and num_tokens <= self.graph_sizes[-1]:
             return self._replay(step, dev)

@@ -18,6 +18,28 @@ from vllm_lite.sampler import Sampler, SamplingBatch
 from vllm_lite.sampling_params import SamplingParams
 
 
+PLACEHOLDER = -1  # a sampled token not yet read back from the device
+
+
+class _InFlight:
+    """A launched step: which sequences sample, where their token goes, the device tokens."""
+
+    def __init__(self, seqs: list[Sequence], positions: list[int], tokens: torch.Tensor) -> None:
+        self.seqs, self.positions, self.tokens = seqs, positions, tokens
+        if tokens.is_cuda:  # start the copy back now; host_tokens() waits only for it
+            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
+            self._host.copy_(tokens, non_blocking=True)
+            self._ready = torch.cuda.Event()
+            self._ready.record()
+        else:
+            self._host, self._ready = tokens, None
+
+    def host_tokens(self) -> list[int]:
+        if self._ready is not None:
+            self._ready.synchronize()
+        return self._host.tolist()
+
+
 @dataclass
 class CompletionOutput:
     index: int
@@ -72,11 +94,14 @@ class LLMEngine:
             self.runner.allocate_kv_cache(config.num_blocks or self.runner.default_num_blocks())
         self.device = self.runner.device
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens)
+        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
+                                   config.max_model_len)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sequences: dict[str, Sequence] = {}
         self.num_generated_tokens = 0
+        self.inflight: _InFlight | None = None
+        self.overlap = getattr(self.runner, "supports_overlap", False)
 
     def _load_tokenizer(self, config: EngineConfig):
         """The folder's tokenizer. A dummy-weight benchmark folder may have none: token ids only."""
@@ -145,37 +170,71 @@ class LLMEngine:
         if seq is not None and not seq.is_finished:
             self.scheduler.finish(seq, "abort")
 
-    def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished()
-
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, run the model, sample; return the requests that finished in this step.
-        (Building outputs for every live request each step costs O(tokens) host time.)"""
+        """One engine step; returns the requests that finished.
+
+        With overlap (one device, the default) the step is pipelined: the next batch is
+        scheduled and launched *before* the previous batch's sampled tokens are read back, so
+        the host's bookkeeping runs while the GPU computes. A sampled token is a placeholder
+        (-1) in ``seq.token_ids`` until it is read back; the model runner feeds it to the next
+        step straight from the device. A sequence that turns out to have stopped costs one
+        wasted token of compute, which is discarded."""
         batch = self.scheduler.schedule()
-        if not batch:
-            return []
+        previous, self.inflight = self.inflight, None
+        if batch:
+            self.inflight = self._launch(batch, previous)
+        outputs = self._process(previous) if previous else []
+        if self.inflight is not None and not self.overlap:
+            outputs += self._process(self.inflight)
+            self.inflight = None
+        return outputs
+
+    def _launch(self, batch, previous: _InFlight | None) -> _InFlight | None:
         step = self.runner.prepare(batch)
-        logits = self.runner.execute(step)
+        if previous is not None:
+            logits = self.runner.execute(step, previous.tokens)
+        else:
+            logits = self.runner.execute(step)
         sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
-        token_ids = []
-        if sampling_seqs:
-            token_ids = self.sampler(logits, self._sampling_batch(sampling_seqs), self.generator).tolist()
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+        if not sampling_seqs:
+            return None
+        tokens = self.sampler(logits, self._sampling_batch(sampling_seqs), self.generator)
+        positions = []
+        for i, seq in enumerate(sampling_seqs):
+            positions.append(len(seq.token_ids))
+            seq.token_ids.append(PLACEHOLDER)
+            seq.inflight_index = i
+        return _InFlight(sampling_seqs, positions, tokens)
+
+    def _process(self, inflight: _InFlight) -> list[RequestOutput]:
+        """Read back one launched step's tokens, fill its placeholders, run the stop checks."""
         outputs = []
+        token_ids = inflight.host_tokens()
         self.num_generated_tokens += len(token_ids)
-        for seq, token_id in zip(sampling_seqs, token_ids):
-            self._append_token(seq, token_id)
+        for seq, pos, token_id in zip(inflight.seqs, inflight.positions, token_ids):
+            if seq.is_finished:  # stopped on an earlier token, or aborted: this one is void
+                continue
+            seq.token_ids[pos] = token_id
+            self._accept_token(seq, pos, token_id)
             if seq.is_finished:
                 outputs.append(self._output(seq))
         return outputs
 
+    def has_unfinished_requests(self) -> bool:
+        pending = self.inflight is not None and not all(s.is_finished for s in self.inflight.seqs)
+        return self.scheduler.has_unfinished() or pending
+
     def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
         ps = [s.params for s in seqs]
 
-        def tensor(values, dtype):
-            return torch.tensor(values, dtype=dtype).to(self.device, non_blocking=True)
+        def tensor(values, dtype):  # pinned: the copy must not wait for the step in flight
+            host = torch.tensor(values, dtype=dtype)
+            if self.device.type == "cuda":
+                host = host.pin_memory()
+            return host.to(self.device, non_blocking=True)
 
         banned = []
         for row, s in enumerate(seqs):
@@ -194,14 +253,15 @@ class LLMEngine:
             any_min_p=any(p.min_p > 0 for p in ps),
         )
 
-    def _append_token(self, seq: Sequence, token_id: int) -> None:
-        seq.token_ids.append(token_id)
+    def _accept_token(self, seq: Sequence, pos: int, token_id: int) -> None:
+        """Stop checks for the token at ``pos`` (later positions may hold placeholders)."""
         p = seq.params
-        can_stop = seq.num_output_tokens >= p.min_tokens
+        num_output = pos + 1 - seq.num_prompt_tokens
+        can_stop = num_output >= p.min_tokens
         if can_stop and token_id in p.stop_token_ids:
-            return self._finish(seq, "stop", token_id)
+            return self._finish(seq, "stop", token_id, pos)
         if can_stop and not p.ignore_eos and token_id in self.eos_token_ids:
-            return self._finish(seq, "stop", token_id)
+            return self._finish(seq, "stop", token_id, pos)
         detokenize = p.detokenize and self.tokenizer is not None
         delta = seq.detok.add(token_id) if detokenize else ""
         if delta and p.stop_strings and can_stop:
@@ -211,13 +271,16 @@ class LLMEngine:
                 at = text.find(stop, max(0, len(text) - window))
                 if at >= 0:
                     seq.detok.text = text[:at + len(stop)] if p.include_stop_str_in_output else text[:at]
-                    return self._finish(seq, "stop", stop)
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            return self._finish(seq, "length")
-        if len(seq) >= self.config.max_model_len:
-            return self._finish(seq, "length")
+                    return self._finish(seq, "stop", stop, pos)
+        if p.max_tokens is not None and num_output >= p.max_tokens:
+            return self._finish(seq, "length", None, pos)
+        if pos + 1 >= self.config.max_model_len:
+            return self._finish(seq, "length", None, pos)
 
-    def _finish(self, seq: Sequence, reason: str, stop_reason=None) -> None:
+    def _finish(self, seq: Sequence, reason: str, stop_reason=None, pos: int | None = None) -> None:
+        """End ``seq``: tokens after ``pos`` (placeholders of a step already launched) are dropped."""
+        if pos is not None:
+            del seq.token_ids[pos + 1:]
         p = seq.params
         if p.detokenize and self.tokenizer is not None and not isinstance(stop_reason, str):  # a stop string already cut the text
             seq.detok.flush()

@@ -30,8 +30,10 @@ class ScheduledBatch:
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int) -> None:
+    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
+                 max_model_len: int | None = None) -> None:
         self.block_manager = block_manager
+        self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
         self.max_num_batched_tokens = max_num_batched_tokens
         self.waiting: deque[Sequence] = deque()
@@ -51,6 +53,9 @@ class Scheduler:
         i, block_size = 0, self.block_manager.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
+            if self._at_length_limit(seq):  # its last token, still in flight, ends it
+                i += 1
+                continue
             n = min(seq.num_uncomputed_tokens, budget)
             needed = seq.num_computed_tokens + n
             if needed <= len(seq.block_table) * block_size or self._make_room(seq, needed):
@@ -73,6 +78,11 @@ class Scheduler:
 
         work.sort(key=lambda item: item[1] != 1)  # decodes first; stable otherwise
         return ScheduledBatch([s for s, _ in work], [n for _, n in work])
+
+    def _at_length_limit(self, seq: Sequence) -> bool:
+        max_tokens = seq.params.max_tokens
+        return ((max_tokens is not None and seq.num_output_tokens >= max_tokens)
+                or (self.max_model_len is not None and len(seq) >= self.max_model_len))
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt from the back of ``running`` until ``seq`` can hold ``num_tokens`` tokens.

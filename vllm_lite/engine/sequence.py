@@ -33,6 +33,7 @@ class Sequence:
         self.generator = None  # per-request torch.Generator for seeded sampling
         self.detok = None  # incremental detokenizer state (engine-owned)
         self.num_preemptions = 0
+        self.inflight_index = -1  # row of its token in the step in flight (overlapped steps)
 
     def __len__(self) -> int:
         return len(self.token_ids)
