@@ -9,7 +9,7 @@ LENGTHS = [5, 17, 33, 2, 64, 9, 12, 100]
 GREEDY = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
 
 
-@pytest.fixture(scope="module", params=["llama", "llama3_rope", "qwen2", "qwen3"])
+@pytest.fixture(scope="module", params=["llama", "llama3_rope", "mistral", "qwen2", "qwen3"])
 def tiny(request, tmp_path_factory):
     path = make_tiny_model(str(tmp_path_factory.mktemp(request.param)), request.param)
     hf = HFReference(path)

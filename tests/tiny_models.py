@@ -6,8 +6,8 @@ import os
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
+                          PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -38,6 +38,8 @@ ARCHS = {
         num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False, max_position_embeddings=1024,
         rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
                          "high_freq_factor": 4.0, "original_max_position_embeddings": 64})),
+    "mistral": (MistralConfig, MistralForCausalLM, dict(num_attention_heads=4, num_key_value_heads=2,
+                                                        tie_word_embeddings=False, sliding_window=None)),
     "qwen2": (Qwen2Config, Qwen2ForCausalLM, dict(num_attention_heads=4, num_key_value_heads=2,
                                                   tie_word_embeddings=True)),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
@@ -45,7 +47,8 @@ ARCHS = {
 }
 
 
-def make_tiny_model(path: str, arch: str = "llama", dtype=torch.float32, seed: int = 0, **overrides) -> str:
+def make_tiny_model(path: str, arch: str = "llama", dtype=torch.float32, seed: int = 0,
+                    max_shard_size: str | None = None, **overrides) -> str:
     """Save a 2-layer random model of ``arch`` with the tiny tokenizer into ``path``."""
     config_cls, model_cls, arch_kwargs = ARCHS[arch]
     tok = make_tokenizer(path)
@@ -57,7 +60,7 @@ def make_tiny_model(path: str, arch: str = "llama", dtype=torch.float32, seed: i
     config = config_cls(**kwargs)
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype)
-    model.save_pretrained(path)
+    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return path
 
 
