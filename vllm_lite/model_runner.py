@@ -75,7 +75,7 @@ class ModelRunner:
             load_weights(self.model, model_path)
         self.model.eval()
         self.attn_layers = [m for m in self.model.modules() if isinstance(m, Attention)]
-        self.backend = get_backend(config.attention_backend, self.device)
+        self.backend = get_backend(config.attention_backend, self.device, config.block_size)
         self.num_blocks = 0
         self.kv_cache: torch.Tensor | None = None
         self.supports_overlap = True  # the engine may launch a step before reading the last one

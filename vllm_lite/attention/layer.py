@@ -6,16 +6,21 @@ from torch import nn
 from vllm_lite.attention.metadata import AttentionBackend, get_forward_context
 
 
-def get_backend(name: str, device: torch.device) -> AttentionBackend:
-    """``auto``: flash-attn where installed (CUDA), else Triton on CUDA, else the torch reference."""
+def get_backend(name: str, device: torch.device, block_size: int | None = None) -> AttentionBackend:
+    """``auto``: flash-attn on CUDA where it loads and supports ``block_size`` (a multiple of 256),
+    else Triton on CUDA, else the torch reference. ``block_size`` None means unknown: ``auto``
+    then skips flash-attn, and an explicit ``flash_attn`` checks the KV pool at each step."""
     if name == "auto":
-        name = "triton" if device.type == "cuda" else "torch"
-        if device.type == "cuda":
-            try:
-                import flash_attn  # noqa: F401
-                name = "flash_attn"
-            except ImportError:
-                pass
+        if device.type != "cuda":
+            name = "torch"
+        else:
+            name = "triton"
+            if block_size is not None:
+                from vllm_lite.attention.flash_attn_backend import FlashAttnBackend
+                try:
+                    return FlashAttnBackend(block_size)
+                except (ImportError, ValueError):  # not installed, too old, or block_size unsupported
+                    pass
     if name == "torch":
         from vllm_lite.attention.torch_ref import TorchRefBackend
         return TorchRefBackend()
@@ -24,7 +29,7 @@ def get_backend(name: str, device: torch.device) -> AttentionBackend:
         return TritonBackend()
     if name == "flash_attn":
         from vllm_lite.attention.flash_attn_backend import FlashAttnBackend
-        return FlashAttnBackend()
+        return FlashAttnBackend(block_size)
     raise ValueError(f"unknown attention backend {name!r}")
 
 
