@@ -10,6 +10,7 @@ if not torch.cuda.is_available():
     pytest.skip("flash-attn needs a CUDA GPU", allow_module_level=True)
 
 from vllm_lite.attention.flash_attn_backend import FlashAttnBackend  # noqa: E402
+from tiny_models import random_block_tables  # noqa: E402
 from vllm_lite.attention.metadata import AttentionMetadata  # noqa: E402
 from vllm_lite.attention.torch_ref import TorchRefBackend  # noqa: E402
 
@@ -22,13 +23,7 @@ def make_step(cached, new, num_decodes, num_heads, num_kv_heads, head_dim, dtype
     and this step brings ``new[i]`` more. Returns q, k, v, k_cache, v_cache, meta."""
     seq_lens = [c + n for c, n in zip(cached, new)]
     blocks = [-(-s // BLOCK_SIZE) for s in seq_lens]
-    num_blocks = sum(blocks) + 3
-    perm = torch.randperm(num_blocks, dtype=torch.int32)
-    block_tables = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(blocks):
-        block_tables[i, :n] = perm[used:used + n]
-        used += n
+    block_tables, num_blocks = random_block_tables(blocks, spare=3)
     slots, qsl = [], [0]
     for i, (c, n) in enumerate(zip(cached, new)):
         for pos in range(c, c + n):

@@ -2,7 +2,7 @@
 architecture we claim."""
 import pytest
 
-from tiny_models import HFReference, assert_same_greedy, make_tiny_model, prompts_of_lengths
+from tiny_models import HFReference, assert_same_greedy, make_tiny_model, prompts_of_lengths, record_chunked_prefills
 from vllm_lite import LLM, SamplingParams
 
 LENGTHS = [5, 17, 33, 2, 64, 9, 12, 100]
@@ -37,15 +37,7 @@ def test_greedy_matches_transformers_with_preemption_and_chunked_prefill(tiny):
     path, hf, prompts, refs = tiny
     # 20 blocks of 8 tokens cannot hold all 8 sequences at once; 48 tokens a step chunks prompts.
     llm = LLM(path, dtype="float32", block_size=8, num_blocks=20, max_num_batched_tokens=48)
-    chunked = []
-    original = llm.engine.scheduler.schedule
-
-    def spy():
-        batch = original()
-        chunked.extend(s for s, n in zip(batch.seqs, batch.num_new_tokens) if 1 < n < len(s) - s.num_computed_tokens)
-        return batch
-
-    llm.engine.scheduler.schedule = spy
+    chunked = record_chunked_prefills(llm.engine)
     run_and_check(llm, hf, prompts, refs)
     assert llm.engine.scheduler.num_preemptions > 0
     assert chunked, "no prompt was prefilled in chunks"

@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tiny_models import make_tiny_model, prompts_of_lengths
+from tiny_models import make_tiny_model, prompts_of_lengths, record_chunked_prefills
 from vllm_lite import LLM, SamplingParams
 
 LENGTHS = [5, 17, 33, 2, 64, 9, 12, 40]
@@ -96,15 +96,7 @@ def test_greedy_matches_single_device_with_preemption_and_chunked_prefill(tiny_m
     runner = llm.engine.runner
     pids = list(runner.worker_pids)
     assert len(pids) == tp - 1 and all(alive(p) for p in pids)
-    chunked = []
-    original = llm.engine.scheduler.schedule
-
-    def spy():
-        batch = original()
-        chunked.extend(s for s, n in zip(batch.seqs, batch.num_new_tokens) if 1 < n < len(s) - s.num_computed_tokens)
-        return batch
-
-    llm.engine.scheduler.schedule = spy
+    chunked = record_chunked_prefills(llm.engine)
     outputs = llm.generate(prompts, GREEDY, use_tqdm=False)
     assert [o.outputs[0].token_ids for o in outputs] == ref
     assert llm.engine.scheduler.num_preemptions > 0

@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from tiny_models import random_block_tables  # noqa: E402
 from vllm_lite.attention.metadata import AttentionMetadata  # noqa: E402
 from vllm_lite.attention.torch_ref import (  # noqa: E402
     TorchRefBackend,
@@ -42,14 +43,7 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
 def make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype):
     """Random K/V pools and block tables whose blocks are a random permutation of the pool, so
     every sequence is scattered."""
-    blocks = [-(-n // block_size) for n in seq_lens]
-    num_blocks = sum(blocks) + 2
-    perm = torch.randperm(num_blocks, dtype=torch.int32)
-    block_tables = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
-    used = 0
-    for i, n in enumerate(blocks):
-        block_tables[i, :n] = perm[used:used + n]
-        used += n
+    block_tables, num_blocks = random_block_tables([-(-n // block_size) for n in seq_lens])
     shape = (num_blocks, block_size, num_kv_heads, head_dim)
     k_cache = torch.randn(shape, dtype=dtype, device=DEVICE)
     v_cache = torch.randn(shape, dtype=dtype, device=DEVICE)

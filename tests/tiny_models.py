@@ -98,3 +98,30 @@ def assert_same_greedy(ours: list[int], ref: list[int], prompt: list[int], hf: H
     gap = abs(logits[ours[first]] - logits[ref[first]]).item()
     assert gap < 1e-4, (f"diverged at output position {first}: ours {ours[first]} vs reference {ref[first]}, "
                         f"logit gap {gap:.3g} is no near-tie\n ours={ours}\n ref={ref}")
+
+
+def record_chunked_prefills(engine) -> list:
+    """Wrap the engine's scheduler so that every prompt chunk shorter than the rest of its
+    prompt is recorded; returns the (growing) list of such sequences."""
+    chunked, schedule = [], engine.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        chunked.extend(s for s, n in zip(batch.seqs, batch.num_new_tokens) if 1 < n < len(s) - s.num_computed_tokens)
+        return batch
+
+    engine.scheduler.schedule = spy
+    return chunked
+
+
+def random_block_tables(blocks_per_seq: list[int], spare: int = 2):
+    """Block tables drawn from a random permutation of a pool with ``spare`` unused blocks, so
+    every sequence is scattered. Returns (block_tables [num_seqs, max_blocks] int32, num_blocks)."""
+    num_blocks = sum(blocks_per_seq) + spare
+    perm = torch.randperm(num_blocks, dtype=torch.int32)
+    block_tables = torch.zeros(len(blocks_per_seq), max(blocks_per_seq), dtype=torch.int32)
+    used = 0
+    for i, n in enumerate(blocks_per_seq):
+        block_tables[i, :n] = perm[used:used + n]
+        used += n
+    return block_tables, num_blocks
