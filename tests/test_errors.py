@@ -83,3 +83,10 @@ def test_abort_returns_the_blocks(llm):
     engine.abort_request("to-abort")
     assert seq.finish_reason == "abort" and not engine.has_unfinished_requests()
     assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+
+
+def test_sliding_window_models_are_capped_at_their_window(tmp_path):
+    path = make_tiny_model(str(tmp_path), "mistral", sliding_window=64)
+    with pytest.raises(ValueError, match="max_model_len"):
+        LLM(path, max_model_len=100)
+    assert LLM(path).engine.config.max_model_len == 64

@@ -79,9 +79,12 @@ class LLMEngine:
         get_model_class(self.hf_config)  # unsupported architecture: fail before anything heavy
         self.tokenizer = self._load_tokenizer(config)
         model_max = getattr(self.hf_config, "max_position_embeddings", None) or 2048
+        window = getattr(self.hf_config, "sliding_window", None)
+        if window and (self.hf_config.model_type == "mistral" or getattr(self.hf_config, "use_sliding_window", False)):
+            model_max = min(model_max, window)  # no sliding-window attention here: stay inside the window
         if config.max_model_len is not None and config.max_model_len > model_max:
-            raise ValueError(f"config key 'max_model_len' ({config.max_model_len}) exceeds the model's "
-                             f"max_position_embeddings ({model_max})")
+            raise ValueError(f"config key 'max_model_len' ({config.max_model_len}) exceeds the model's limit "
+                             f"({model_max}: max_position_embeddings, or its sliding window)")
         self.config = config = dataclasses.replace(config, max_model_len=config.max_model_len or model_max)
         self.eos_token_ids = self._eos_token_ids()
 
