@@ -94,10 +94,10 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float, profile_p
     engine = llm.engine
     # warm-up: compile every kernel variant outside the timed run (fresh prefill, decode, and
     # with a tiny token budget chunked prefill next to decodes)
-    warm = [SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True, detokenize=False)] * 16
+    warm = SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True, detokenize=False)
     llm.generate(work.prompts[:16], warm, use_tqdm=False)  # full-budget steps, as the run starts
     budget, engine.scheduler.max_num_batched_tokens = engine.scheduler.max_num_batched_tokens, 64
-    llm.generate(work.prompts[16:20], warm[:4], use_tqdm=False)
+    llm.generate(work.prompts[:4], warm, use_tqdm=False)
     engine.scheduler.max_num_batched_tokens = budget
     step_log: list[tuple[int, int, int, float]] = []  # (decodes, tokens, sum seq_lens, seconds)
     original = engine.step
