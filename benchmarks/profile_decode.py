@@ -21,10 +21,12 @@ def main() -> None:
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--enforce-eager", action="store_true")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1, help="profiles rank 0's kernels")
     args = parser.parse_args()
 
     folder = model_folder(args.model_config)
-    llm = LLM(folder, load_format="dummy", max_model_len=2048, enforce_eager=args.enforce_eager)
+    llm = LLM(folder, load_format="dummy", max_model_len=2048, enforce_eager=args.enforce_eager,
+              tensor_parallel_size=args.tensor_parallel_size)
     engine, runner = llm.engine, llm.engine.runner
     work = Workload.random(args.num_seqs, (100, 1024), (100, 1024), engine.hf_config.vocab_size, 0)
     for prompt in work.prompts:
@@ -74,7 +76,14 @@ def main() -> None:
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
         logits = runner.execute(step)
         engine.sampler(logits, engine._sampling_batch(batch.seqs), engine.generator).tolist()
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    events = prof.key_averages()
+    print(events.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60))
+    total = sum(e.self_device_time_total for e in events)
+    nccl = sum(e.self_device_time_total for e in events if "nccl" in e.key.lower())
+    if total:
+        print(f"all-reduce/all-gather (NCCL) kernels: {nccl / 1e3:.2f} ms of {total / 1e3:.2f} ms GPU time "
+              f"on rank 0 ({100 * nccl / total:.1f}%)")
+    llm.close()
 
 
 if __name__ == "__main__":
