@@ -145,7 +145,8 @@ class LLMEngine:
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if self.tokenizer is None and (params.detokenize and params.stop_strings):
             raise ValueError("stop strings need a tokenizer; this model folder has none")
-        seq.detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+        if params.detokenize and self.tokenizer is not None:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
         self.sequences[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -265,8 +266,7 @@ class LLMEngine:
             return self._finish(seq, "stop", token_id, pos)
         if can_stop and not p.ignore_eos and token_id in self.eos_token_ids:
             return self._finish(seq, "stop", token_id, pos)
-        detokenize = p.detokenize and self.tokenizer is not None
-        delta = seq.detok.add(token_id) if detokenize else ""
+        delta = seq.detok.add(token_id) if seq.detok is not None else ""
         if delta and p.stop_strings and can_stop:
             text = seq.detok.text
             window = len(delta) + max(len(s) for s in p.stop_strings)
@@ -284,14 +284,14 @@ class LLMEngine:
         """End ``seq``: tokens after ``pos`` (placeholders of a step already launched) are dropped."""
         if pos is not None:
             del seq.token_ids[pos + 1:]
-        p = seq.params
-        if p.detokenize and self.tokenizer is not None and not isinstance(stop_reason, str):  # a stop string already cut the text
+        if seq.detok is not None and not isinstance(stop_reason, str):  # a stop string already cut the text
             seq.detok.flush()
         seq.stop_reason = stop_reason
         self.scheduler.finish(seq, reason)
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        completion = CompletionOutput(0, seq.detok.text, seq.output_token_ids, seq.finish_reason, seq.stop_reason)
+        text = seq.detok.text if seq.detok is not None else ""
+        completion = CompletionOutput(0, text, seq.output_token_ids, seq.finish_reason, seq.stop_reason)
         self.sequences.pop(seq.request_id, None)
         return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.is_finished)
 

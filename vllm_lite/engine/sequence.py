@@ -31,7 +31,7 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.generator = None  # per-request torch.Generator for seeded sampling
-        self.detok = None  # incremental detokenizer state (engine-owned)
+        self.detok = None  # incremental detokenizer; None when the request wants token ids only
         self.num_preemptions = 0
         self.inflight_index = -1  # row of its token in the step in flight (overlapped steps)
 
