@@ -78,6 +78,9 @@ class ModelRunner:
         self.backend = get_backend(config.attention_backend, self.device, config.block_size)
         self.num_blocks = 0
         self.kv_cache: torch.Tensor | None = None
+        self.graphs: dict[int, tuple] = {}  # batch size -> (CUDA graph, its logits); filled on CUDA
+        self.graph_sizes: list[int] = []
+        self.static: dict[str, torch.Tensor] = {}  # the graphs' input buffers
         self.supports_overlap = True  # the engine may launch a step before reading the last one
         self._staging: list[torch.Tensor | None] = [None, None]  # pinned host buffers for step inputs
         self._copied = [torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda" else []
@@ -235,9 +238,6 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     # ---- CUDA graphs for decode steps ----------------------------------------------------
-    graphs: dict = {}
-    graph_sizes: list[int] = []
-
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
         """Capture one graph of a whole decode step (model + LM head) per batch size; a step is
