@@ -275,9 +275,7 @@ class LLMEngine:
                 if at >= 0:
                     seq.detok.text = text[:at + len(stop)] if p.include_stop_str_in_output else text[:at]
                     return self._finish(seq, "stop", stop, pos)
-        if p.max_tokens is not None and num_output >= p.max_tokens:
-            return self._finish(seq, "length", None, pos)
-        if pos + 1 >= self.config.max_model_len:
+        if seq.at_length_limit(pos + 1, self.config.max_model_len):
             return self._finish(seq, "length", None, pos)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None, pos: int | None = None) -> None:

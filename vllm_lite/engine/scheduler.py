@@ -53,7 +53,7 @@ class Scheduler:
         i, block_size = 0, self.block_manager.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if self._at_length_limit(seq):  # its last token, still in flight, ends it
+            if seq.at_length_limit(len(seq), self.max_model_len):  # its last token, in flight, ends it
                 i += 1
                 continue
             n = min(seq.num_uncomputed_tokens, budget)
@@ -78,11 +78,6 @@ class Scheduler:
 
         work.sort(key=lambda item: item[1] != 1)  # decodes first; stable otherwise
         return ScheduledBatch([s for s, _ in work], [n for _, n in work])
-
-    def _at_length_limit(self, seq: Sequence) -> bool:
-        max_tokens = seq.params.max_tokens
-        return ((max_tokens is not None and seq.num_output_tokens >= max_tokens)
-                or (self.max_model_len is not None and len(seq) >= self.max_model_len))
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt from the back of ``running`` until ``seq`` can hold ``num_tokens`` tokens.

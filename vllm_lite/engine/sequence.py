@@ -54,6 +54,12 @@ class Sequence:
     def num_uncomputed_tokens(self) -> int:
         return len(self.token_ids) - self.num_computed_tokens
 
+    def at_length_limit(self, num_tokens: int, max_model_len: int | None) -> bool:
+        """Whether its first ``num_tokens`` tokens reach ``max_tokens`` or ``max_model_len``."""
+        max_tokens = self.params.max_tokens
+        return ((max_tokens is not None and num_tokens - self.num_prompt_tokens >= max_tokens)
+                or (max_model_len is not None and num_tokens >= max_model_len))
+
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
