@@ -64,7 +64,7 @@ def grid_cases(seed: int = 0) -> list[dict]:
         arch, head_dim, group, block_size = archs[i], head_dims[i], groups[i], block_sizes[i]
         kv_heads, vocab, max_pos, dtype = kv[i], vocabs[i], max_poss[i], dtypes[i]
         heads = group * kv_heads
-        hidden = heads * head_dim if arch == "qwen2" else 128
+        hidden = heads * head_dim if arch == "qwen2" else heads * max(16, 64 // heads)  # HF: heads divide it
         long_prompt = min(max_pos - 64, max(300, 3 * block_size + 5))
         lengths = {1, 2, block_size, block_size + 1, 100, long_prompt, rng.randint(3, 60)}
         if max_pos <= 4096:  # one prompt that fills the context up to its last position

@@ -34,6 +34,8 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(prompts)} prompts but {len(params)} sampling params")
+        if self.tokenizer is None and any(isinstance(p, str) for p in prompts):
+            raise ValueError("this model folder has no usable tokenizer: pass prompts as token ids")
         encoded = [self.tokenizer.encode(p) if isinstance(p, str) else list(p) for p in prompts]
         for i, (ids, p) in enumerate(zip(encoded, params)):
             try:
@@ -50,6 +52,8 @@ class LLM:
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
         """One conversation (a list of {"role", "content"}) or several, through the chat template."""
+        if self.tokenizer is None:
+            raise ValueError("chat needs a tokenizer with a chat template; this model folder has none")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
         prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
                    for c in conversations]

@@ -115,26 +115,28 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
             layer.backend = self.backend
         self.num_blocks = num_blocks
-        if self.device.type == "cuda" and not self.config.enforce_eager:
+        if self.device.type == "cuda" and not self.config.enforce_eager and self.backend.supports_cuda_graphs:
             self.capture_cuda_graphs()
 
     def warm_up(self) -> None:
         """One forward pass over a full token budget without a KV pool, to measure peak
-        activation memory (slot -1: nothing is written)."""
+        activation memory. Nothing is written (slot -1); every logical block maps to the one
+        scratch block, so a backend that reads keys through the block table (fp32 prefill)
+        reads real memory: a table narrower than the sequence would send it past the pool."""
         num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         seq_len = min(num_tokens, self.max_model_len)
         num_seqs = max(1, num_tokens // seq_len)
         a = self.attn_layers[0]
-        empty = torch.zeros((1, self.block_size, a.num_kv_heads, a.head_dim), dtype=self.dtype, device=self.device)
+        scratch = torch.zeros((1, self.block_size, a.num_kv_heads, a.head_dim), dtype=self.dtype, device=self.device)
         for layer in self.attn_layers:
-            layer.k_cache, layer.v_cache, layer.backend = empty, empty, self.backend
+            layer.k_cache, layer.v_cache, layer.backend = scratch, scratch, self.backend
         step = StepInput(
             input_ids=np.zeros(num_seqs * seq_len, np.int64),
             positions=np.tile(np.arange(seq_len), num_seqs),
             slot_mapping=np.full(num_seqs * seq_len, -1, np.int64),
             query_start_loc=np.arange(num_seqs + 1, dtype=np.int32) * seq_len,
             seq_lens=np.full(num_seqs, seq_len, np.int32),
-            block_tables=np.zeros((num_seqs, 1), np.int32),
+            block_tables=np.zeros((num_seqs, -(-seq_len // self.block_size)), np.int32),
             logits_indices=np.arange(num_seqs) * seq_len + seq_len - 1,
             num_decodes=0, max_query_len=seq_len, max_seq_len=seq_len, prefill_is_fresh=True,
         )

@@ -48,6 +48,8 @@ class AttentionBackend:
     then attends every query to its sequence's cached keys."""
 
     name = "base"
+    # decode steps read no tensor value on the host, so the model runner may capture them
+    supports_cuda_graphs = True
 
     def forward(
         self,

@@ -55,6 +55,7 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_
 
 class TorchRefBackend(AttentionBackend):
     name = "torch"
+    supports_cuda_graphs = False  # loops over sequences with host-side lengths
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         store_kvcache_ref(k, v, k_cache, v_cache, meta.slot_mapping)

@@ -398,6 +398,11 @@ class TritonBackend(AttentionBackend):
         meta: AttentionMetadata,
         scale: float,
     ) -> torch.Tensor:
+        if meta.block_tables.shape[1] * k_cache.shape[1] < meta.max_seq_len:
+            # the kernels read block ids up to the longest context: a narrower table would
+            # send them past its row into unrelated memory
+            raise ValueError(f"block table of {meta.block_tables.shape[1]} blocks cannot hold "
+                             f"max_seq_len {meta.max_seq_len} at block_size {k_cache.shape[1]}")
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         out = torch.empty_like(q)
         nd = meta.num_decodes

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -107,13 +108,27 @@ class LLMEngine:
         self.overlap = getattr(self.runner, "supports_overlap", False)
 
     def _load_tokenizer(self, config: EngineConfig):
-        """The folder's tokenizer. A dummy-weight benchmark folder may have none: token ids only."""
+        """The folder's tokenizer if it fits the model. A folder without one (a dummy-weight
+        benchmark folder, say), or one far smaller than the model's vocabulary (transformers
+        makes a 1-token tokenizer for a folder holding only a Qwen ``config.json``), gives
+        token ids only, with one warning. An explicit ``tokenizer_path`` must work."""
+        source = config.tokenizer_path or self.model_path
         try:
-            return AutoTokenizer.from_pretrained(config.tokenizer_path or self.model_path)
-        except (OSError, ValueError, TypeError):
-            if config.load_format == "dummy":
-                return None
-            raise
+            tokenizer = AutoTokenizer.from_pretrained(source)
+        except (OSError, ValueError, TypeError) as e:
+            if config.tokenizer_path is not None:
+                raise
+            reason = f"no usable tokenizer in {source!r} ({type(e).__name__})"
+        else:
+            vocab = self.hf_config.vocab_size
+            if len(tokenizer) >= vocab // 2:
+                return tokenizer
+            reason = f"the tokenizer in {source!r} has {len(tokenizer)} tokens for a model vocabulary of {vocab}"
+            if config.tokenizer_path is not None:
+                raise ValueError(f"config key 'tokenizer_path': {reason}")
+        warnings.warn(f"{reason}: it is not used; prompts must be token ids and outputs carry no text",
+                      stacklevel=3)
+        return None
 
     def _eos_token_ids(self) -> set[int]:
         ids: set[int] = set()
