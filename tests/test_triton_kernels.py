@@ -203,3 +203,46 @@ def test_triton_backend_mixed_batch(block_size, fresh, dtype):
     real = meta.query_start_loc_cpu[-1]  # the padding row's output is unspecified
     assert out.dtype == dtype
     assert_close(out[:real], ref[:real])
+
+
+# Head sizes and GQA ratios of real models and odd ones, each with its own block size; the GPU
+# runs the whole grid in three dtypes, the CPU interpreter a few of the shapes.
+SHAPE_GRID = [(d, g, 1 if g in (3, 5) else 2, (1, 16, 32, 256)[i % 4])
+              for i, (d, g) in enumerate((d, g) for d in (32, 48, 64, 80, 96, 128, 256) for g in (1, 3, 5, 8))]
+GRID = SHAPE_GRID if torch.cuda.is_available() else [s for s in SHAPE_GRID if s[:2] in ((48, 5), (80, 8), (256, 3))]
+GRID_DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if torch.cuda.is_available() else [])
+GRID_IDS = [f"d{d}-g{g}-kv{kv}-b{b}" for d, g, kv, b in GRID]
+
+
+@pytest.mark.parametrize("dtype", GRID_DTYPES)
+@pytest.mark.parametrize("head_dim,group,num_kv_heads,block_size", GRID, ids=GRID_IDS)
+def test_paged_decode_over_the_shape_grid(head_dim, group, num_kv_heads, block_size, dtype):
+    seq_lens = [1, 70, 300]
+    k_cache, v_cache, block_tables = make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype)
+    q = torch.randn(len(seq_lens), group * num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    for num_splits in (None, 1):
+        out = torch.full_like(q, float("nan"))
+        paged_decode_attention(q, k_cache, v_cache, block_tables, int32(seq_lens), head_dim ** -0.5,
+                               out=out, num_splits=num_splits)
+        assert_close(out, reference(q, k_cache, v_cache, block_tables, [0, 1, 2, 3], seq_lens, head_dim ** -0.5).to(dtype))
+
+
+@pytest.mark.parametrize("dtype", GRID_DTYPES)
+@pytest.mark.parametrize("head_dim,group,num_kv_heads,block_size", GRID, ids=GRID_IDS)
+def test_paged_prefill_over_the_shape_grid(head_dim, group, num_kv_heads, block_size, dtype):
+    query_lens, cached = [1, 70], [0, 33]
+    seq_lens = [c + n for c, n in zip(cached, query_lens)]
+    k_cache, v_cache, block_tables = make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype)
+    qsl = cumsum0(query_lens)
+    q = torch.randn(qsl[-1], group * num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
+    out = torch.full_like(q, float("nan"))
+    paged_prefill_attention(q, k_cache, v_cache, block_tables, int32(qsl), int32(seq_lens), max(query_lens),
+                            head_dim ** -0.5, out=out)
+    assert_close(out, reference(q, k_cache, v_cache, block_tables, qsl, seq_lens, head_dim ** -0.5).to(dtype))
+
+
+def test_triton_backend_refuses_a_block_table_narrower_than_the_context():
+    q, k, v, k_cache, v_cache, meta = mixed_batch(16, 4, 2, 32, torch.float32, fresh=False)
+    meta.block_tables = meta.block_tables[:, :1]  # 16 keys per sequence, contexts of up to 131
+    with pytest.raises(ValueError, match="block table"):
+        TritonBackend().forward(q, k, v, k_cache, v_cache, meta, 0.2)

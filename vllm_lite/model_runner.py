@@ -120,9 +120,15 @@ class ModelRunner:
 
     def warm_up(self) -> None:
         """One forward pass over a full token budget without a KV pool, to measure peak
-        activation memory. Nothing is written (slot -1); every logical block maps to the one
-        scratch block, so a backend that reads keys through the block table (fp32 prefill)
-        reads real memory: a table narrower than the sequence would send it past the pool."""
+        activation memory."""
+        torch.cuda.reset_peak_memory_stats(self.device)
+        self.execute(self.warm_up_step())
+        torch.cuda.synchronize(self.device)
+
+    def warm_up_step(self) -> StepInput:
+        """A full-budget prefill that needs no KV pool: nothing is written (slot -1) and every
+        logical block maps to one scratch block. The table must cover the whole sequence: a
+        backend that reads keys through it (fp32 prefill) would otherwise read past its row."""
         num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         seq_len = min(num_tokens, self.max_model_len)
         num_seqs = max(1, num_tokens // seq_len)
@@ -130,7 +136,7 @@ class ModelRunner:
         scratch = torch.zeros((1, self.block_size, a.num_kv_heads, a.head_dim), dtype=self.dtype, device=self.device)
         for layer in self.attn_layers:
             layer.k_cache, layer.v_cache, layer.backend = scratch, scratch, self.backend
-        step = StepInput(
+        return StepInput(
             input_ids=np.zeros(num_seqs * seq_len, np.int64),
             positions=np.tile(np.arange(seq_len), num_seqs),
             slot_mapping=np.full(num_seqs * seq_len, -1, np.int64),
@@ -140,9 +146,6 @@ class ModelRunner:
             logits_indices=np.arange(num_seqs) * seq_len + seq_len - 1,
             num_decodes=0, max_query_len=seq_len, max_seq_len=seq_len, prefill_is_fresh=True,
         )
-        torch.cuda.reset_peak_memory_stats(self.device)
-        self.execute(step)
-        torch.cuda.synchronize(self.device)
 
     # ---- one step ------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> StepInput:
