@@ -1,0 +1,191 @@
+import random
+
+import pytest
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from tiny_models import make_tiny_model, make_tokenizer
+from vllm_lite import LLM, SamplingParams
+from vllm_lite.engine.detokenizer import IncrementalDetokenizer, rust_decode_is_exact
+
+TEXTS = [
+    "The quick brown fox jumps over the lazy dog.",
+    "naïve café 東京 Ελληνικά",  # multi-byte characters, some split across byte-level tokens
+    "emoji 🙂🚀👩‍👩‍👧 and 𝔘𝔫𝔦𝔠𝔬𝔡𝔢",  # 4-byte characters and a ZWJ sequence
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer(smollm2_path):
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def tiny_tokenizer(tmp_path_factory):
+    return make_tokenizer(str(tmp_path_factory.mktemp("tok")))
+
+
+@pytest.fixture(params=["smollm2", "tiny"])
+def tokenizer(request):
+    return request.getfixturevalue(f"{request.param}_tokenizer")
+
+
+def detokenize(tokenizer, prompt_ids, output_ids, skip_special_tokens, use_stream=None):
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens, use_stream=use_stream)
+    pieces = [detok.add(t) for t in output_ids] + [detok.flush()]
+    assert "".join(pieces) == detok.text
+    return detok.text
+
+
+def with_special_tokens(tokenizer, text):
+    """``text``'s ids with the EOS and BOS tokens in the middle and at the end."""
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    half = len(ids) // 2
+    return ids[:half] + [tokenizer.eos_token_id, tokenizer.bos_token_id] + ids[half:] + [tokenizer.eos_token_id]
+
+
+def test_fast_tokenizers_take_the_decode_stream_path(tokenizer):
+    assert rust_decode_is_exact(tokenizer)
+    assert IncrementalDetokenizer(tokenizer, [], True)._stream is not None
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+@pytest.mark.parametrize("use_stream", [True, False])
+@pytest.mark.parametrize("text", TEXTS)
+def test_text_equals_decode_of_the_output_ids(tokenizer, text, skip_special_tokens, use_stream):
+    prompt = tokenizer.encode("Say something:", add_special_tokens=False)
+    out = with_special_tokens(tokenizer, text)
+    expected = tokenizer.decode(out, skip_special_tokens=skip_special_tokens)
+    assert detokenize(tokenizer, prompt, out, skip_special_tokens, use_stream) == expected
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_random_token_streams_decode_exactly(tokenizer, skip_special_tokens):
+    """Arbitrary ids: lone UTF-8 continuation bytes, truncated characters, special tokens."""
+    rng = random.Random(0)
+    vocab = len(tokenizer)
+    for _ in range(20):
+        prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
+        out = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
+        expected = tokenizer.decode(out, skip_special_tokens=skip_special_tokens)
+        assert detokenize(tokenizer, prompt, out, skip_special_tokens) == expected, (prompt, out)
+
+
+def test_output_that_completes_a_character_begun_in_the_prompt_is_decoded_alone(tokenizer):
+    ids = tokenizer.encode(" 東京🙂", add_special_tokens=False)
+    for cut in range(1, len(ids)):
+        prompt, out = ids[:cut], ids[cut:]
+        assert detokenize(tokenizer, prompt, out, True) == tokenizer.decode(out), cut
+
+
+def test_text_ending_mid_character_is_flushed_as_decode_gives_it(tokenizer):
+    ids = tokenizer.encode("ok 東京🙂", add_special_tokens=False)
+    out = next(ids[:k] for k in range(len(ids), 0, -1) if tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    detok = IncrementalDetokenizer(tokenizer, [], True)
+    pieces = [detok.add(t) for t in out]
+    assert "\ufffd" not in "".join(pieces)
+    assert detok.flush().endswith("\ufffd")
+    assert detok.text == tokenizer.decode(out)
+
+
+def test_prompt_context_keeps_a_metaspace_tokenizers_leading_space():
+    tok = Tokenizer(models.WordLevel({"▁hello": 0, "▁world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Metaspace()
+    tok.decoder = decoders.Metaspace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok)
+    assert fast.decode([1]) == "world"  # alone, the first word loses its space
+    assert detokenize(fast, [0], [1], True) == " world"  # after the prompt "hello" it keeps it
+
+
+def test_clean_up_tokenization_spaces_takes_the_decode_path():
+    vocab = {"[UNK]": 0, "hello": 1, ",": 2, "world": 3}
+    tok = Tokenizer(models.WordPiece(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.decoder = decoders.WordPiece(cleanup=False)  # transformers' clean-up pass only
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, clean_up_tokenization_spaces=True)
+    out = [1, 2, 3]
+    assert fast.decode(out) == "hello, world" != fast._tokenizer.decode(out)
+    assert not rust_decode_is_exact(fast)
+    assert detokenize(fast, [], out, True) == "hello, world"
+
+
+# ---- through the engine: stop strings and stop tokens end the text where vLLM's would ----------
+
+@pytest.fixture(scope="module")
+def llm(tmp_path_factory):
+    return LLM(make_tiny_model(str(tmp_path_factory.mktemp("m")), "qwen2"), num_blocks=128)
+
+
+def seeded_run(llm, **kw):
+    """Seeded sampling: the same tokens on every run until a stop ends it (varied text, where
+    greedy decoding of the random tiny model repeats one token)."""
+    params = SamplingParams(temperature=1.0, seed=0, max_tokens=40, ignore_eos=True, **kw)
+    return llm.generate([[5, 6, 7]], params, use_tqdm=False)[0].outputs[0]
+
+
+def clean_substring(text, start, length):
+    """The first substring of ``length`` characters from ``start`` on without U+FFFD or spaces."""
+    at = next(i for i in range(start, len(text) - length)
+              if not any(c.isspace() or c == "\ufffd" for c in text[i:i + length]))
+    return text[at:at + length]
+
+
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_sampled_output_text_equals_decode_of_its_ids(llm, skip_special_tokens):
+    params = [SamplingParams(temperature=1.5, max_tokens=24, ignore_eos=True, seed=s,
+                             skip_special_tokens=skip_special_tokens) for s in range(3)]
+    outs = llm.generate([[5, 6, 7], [300, 301, 302], [0, 1, 2]], params, use_tqdm=False)
+    for o in outs:
+        ids = o.outputs[0].token_ids
+        assert o.outputs[0].text == llm.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_stop_string_is_cut_from_the_text(llm):
+    full = seeded_run(llm).text
+    stop = clean_substring(full, len(full) // 3, 2)
+    out = seeded_run(llm, stop=stop)
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[:full.find(stop)]
+
+
+def test_include_stop_str_in_output_ends_the_text_after_the_stop_string(llm):
+    full = seeded_run(llm).text
+    stop = clean_substring(full, len(full) // 3, 2)
+    out = seeded_run(llm, stop=stop, include_stop_str_in_output=True)
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+    assert out.text == full[:full.find(stop) + len(stop)]
+
+
+def test_the_stop_string_found_first_in_the_text_stops_it_whatever_the_list_order(llm):
+    full = seeded_run(llm).text
+    early, late = clean_substring(full, len(full) // 3, 1), clean_substring(full, 2 * len(full) // 3, 2)
+    assert full.find(early) < full.find(late)
+    out = seeded_run(llm, stop=[late, early])
+    assert out.stop_reason == early and out.text == full[:full.find(early)]
+
+
+def test_stop_string_inside_the_first_min_tokens_tokens_does_not_stop(llm):
+    free = seeded_run(llm)
+    ids, full = free.token_ids, free.text
+
+    def usable(m):  # a stop character in the text of token m (the last held by min_tokens) seen again later
+        before, upto = llm.tokenizer.decode(ids[:m - 1]), llm.tokenizer.decode(ids[:m])
+        if not (upto.startswith(before) and full.startswith(upto)):
+            return None
+        return next((c for c in upto[len(before):] if not c.isspace() and c != "\ufffd"
+                     and full.find(c, len(upto)) >= 0), None)
+
+    m = next(m for m in range(5, 30) if usable(m))
+    stop, first = usable(m), llm.tokenizer.decode(ids[:m])
+    out = seeded_run(llm, stop=stop, min_tokens=m)
+    assert out.stop_reason == stop
+    assert out.text == full[:full.find(stop, len(first))]
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_stop_token_text_is_in_the_output_only_with_include_stop_str_in_output(llm, include):
+    ids = seeded_run(llm).token_ids
+    k = ids.index(ids[5])
+    out = seeded_run(llm, stop_token_ids=[ids[k]], include_stop_str_in_output=include, skip_special_tokens=False)
+    assert out.token_ids == ids[:k + 1]
+    assert out.text == llm.tokenizer.decode(ids[:k + 1] if include else ids[:k], skip_special_tokens=False)
