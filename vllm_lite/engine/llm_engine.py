@@ -277,16 +277,17 @@ class LLMEngine:
         p = seq.params
         num_output = pos + 1 - seq.num_prompt_tokens
         can_stop = num_output >= p.min_tokens
-        if can_stop and token_id in p.stop_token_ids:
-            return self._finish(seq, "stop", token_id, pos)
-        if can_stop and not p.ignore_eos and token_id in self.eos_token_ids:
+        if can_stop and (token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids)):
+            if seq.detok is not None and p.include_stop_str_in_output:  # vLLM: the stop token's text too
+                seq.detok.add(token_id)
             return self._finish(seq, "stop", token_id, pos)
         delta = seq.detok.add(token_id) if seq.detok is not None else ""
-        if delta and p.stop_strings and can_stop:
+        if delta and p.stop_strings and num_output > p.min_tokens:
+            # vLLM's rule: the first stop string (in the given order) that ends inside this
+            # token's text; text of the first min_tokens tokens never ends one
             text = seq.detok.text
-            window = len(delta) + max(len(s) for s in p.stop_strings)
             for stop in p.stop_strings:
-                at = text.find(stop, max(0, len(text) - window))
+                at = text.find(stop, max(0, len(text) - len(delta) - len(stop) + 1))
                 if at >= 0:
                     seq.detok.text = text[:at + len(stop)] if p.include_stop_str_in_output else text[:at]
                     return self._finish(seq, "stop", stop, pos)
