@@ -1,19 +1,67 @@
 import json
+import random
+
+import pytest
+
+from transformers import AutoConfig
 
 from tiny_models import make_tiny_model
-from vllm_lite.benchmark import Workload, bench_main, decode_floor_seconds
+from vllm_lite.benchmark import (Workload, bench_main, decode_floor_seconds, model_folder,
+                                 text_tokenizer_for_shape)
+from vllm_lite.default_model import default_model_path
 
 
 def test_throughput_benchmark_generates_every_requested_token(tmp_path):
     folder = make_tiny_model(str(tmp_path / "m"), "qwen3")
     out = tmp_path / "result.json"
     bench_main(["throughput", "--model-config", folder, "--num-prompts", "6", "--input-len", "5", "40",
-                "--output-len", "2", "12", "--json", str(out)])
+                "--output-len", "2", "12", "--runs", "1", "--json", str(out)])
     result = json.loads(out.read_text())
     work = Workload.random(6, (5, 40), (2, 12), 400, 0)
     assert result["output_tokens"] == sum(work.output_lens)
     assert result["input_tokens"] == sum(map(len, work.prompts))
     assert result["output_tokens_per_s"] > 0
+
+
+def test_nano_vllm_dataset_runs_end_to_end_with_text_and_reports_every_run(tmp_path, capsys):
+    folder = make_tiny_model(str(tmp_path / "m"), "llama")
+    out = tmp_path / "result.json"
+    bench_main(["throughput", "--model-config", folder, "--dataset", "nano-vllm", "--num-prompts", "5",
+                "--input-len", "4", "30", "--output-len", "2", "10", "--runs", "2", "--json", str(out)])
+    result = json.loads(out.read_text())
+    # nano-vllm's bench.py draws, scaled down (ids capped below the tiny vocabulary of 400)
+    random.seed(0)
+    prompts = [[random.randint(0, 399) for _ in range(random.randint(4, 30))] for _ in range(5)]
+    max_tokens = [random.randint(2, 10) for _ in range(5)]
+    assert result["input_tokens"] == sum(map(len, prompts)) and result["output_tokens"] == sum(max_tokens)
+    assert result["temperature"] == 0.6 and result["text"] is True
+    assert len(result["elapsed_s_runs"]) == 2
+    assert result["output_tokens_per_s_min"] <= result["output_tokens_per_s"] <= result["output_tokens_per_s_max"]
+    assert "text on" in capsys.readouterr().out
+
+
+def test_nano_vllm_workload_is_nano_vllms_draws():
+    work = Workload.nano_vllm(8)
+    random.seed(0)
+    prompts = [[random.randint(0, 10000) for _ in range(random.randint(100, 1024))] for _ in range(8)]
+    max_tokens = [random.randint(100, 1024) for _ in range(8)]
+    assert work.prompts == prompts and work.output_lens == max_tokens
+
+
+def test_shapes_get_smollm2s_tokenizer_only_for_a_llama_of_its_vocabulary():
+    assert text_tokenizer_for_shape(AutoConfig.from_pretrained(model_folder("smollm2-135m"))) == default_model_path()
+    assert text_tokenizer_for_shape(AutoConfig.from_pretrained(model_folder("llama-3.2-1b"))) is None
+    assert text_tokenizer_for_shape(AutoConfig.from_pretrained(model_folder("qwen3-0.6b"))) is None
+
+
+def test_benchmark_says_text_is_off_for_a_folder_without_a_tokenizer(tmp_path, capsys):
+    folder = make_tiny_model(str(tmp_path / "m"), "qwen3")
+    config_only = tmp_path / "config.json"
+    config_only.write_text((tmp_path / "m" / "config.json").read_text())
+    with pytest.warns(UserWarning, match="it is not used"):
+        bench_main(["throughput", "--model-config", str(config_only), "--num-prompts", "3", "--input-len", "4",
+                    "12", "--output-len", "2", "4", "--runs", "1"])
+    assert "text OFF: token ids only" in capsys.readouterr().out
 
 
 def test_decode_floor_counts_weights_every_step_and_live_kv():

@@ -1,7 +1,9 @@
 """``vllm-lite bench throughput``: the common offline workload (256 requests, input and output
 lengths uniform in 100..1024, random token ids, seed 0, ignore_eos) on real or dummy weights,
-with its memory-traffic floor and, with ``--peer hf``, HF transformers' continuous batching on
-the same requests in the same call."""
+or ``--dataset nano-vllm`` (nano-vllm's bench.py requests, draw for draw), timed ``--runs``
+times on the user's path (default SamplingParams, so text is detokenized wherever a tokenizer
+fits the model), with its memory-traffic floor and, with ``--peer hf``, HF transformers'
+continuous batching on the same requests in the same call."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +13,7 @@ import json
 import os
 import pstats
 import random
+import statistics
 import tempfile
 import time
 from dataclasses import dataclass
@@ -20,6 +23,8 @@ import torch
 from vllm_lite.config import EngineConfig, add_config_flags
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
+SMOLLM2_VOCAB = 49152  # a Llama shape with this vocabulary can use SmolLM2's tokenizer
+DEFAULT_TEMPERATURE = {"random": 1.0, "nano-vllm": 0.6}
 
 
 @dataclass
@@ -34,6 +39,26 @@ class Workload:
         output_lens = [rng.randint(*output_range) for _ in range(num)]
         prompts = [[rng.randrange(vocab) for _ in range(n)] for n in input_lens]
         return cls(prompts, output_lens)
+
+    @classmethod
+    def nano_vllm(cls, num: int = 256, input_range: tuple[int, int] = (100, 1024),
+                  output_range: tuple[int, int] = (100, 1024), vocab: int = 10001):
+        """nano-vllm's bench.py draws: ``random.seed(0)``; each prompt's length, then its ids in
+        0..10000 (capped below ``vocab`` for smaller models); then each request's max_tokens."""
+        rng = random.Random(0)
+        top = min(10000, vocab - 1)
+        prompts = [[rng.randint(0, top) for _ in range(rng.randint(*input_range))] for _ in range(num)]
+        output_lens = [rng.randint(*output_range) for _ in range(num)]
+        return cls(prompts, output_lens)
+
+
+def text_tokenizer_for_shape(hf_config) -> str | None:
+    """A tokenizer folder for a weights-free shape: SmolLM2's for a Llama of its vocabulary,
+    else None (no tokenizer fits: token ids only)."""
+    if hf_config.model_type == "llama" and hf_config.vocab_size == SMOLLM2_VOCAB:
+        from vllm_lite.default_model import default_model_path
+        return default_model_path()
+    return None
 
 
 def model_folder(model_config: str) -> str:
@@ -85,20 +110,27 @@ def copy_bandwidth() -> float:
     return 10 * 2 * x.numel() * 4 / (start.elapsed_time(end) / 1e3)
 
 
-def run_ours(config: EngineConfig, work: Workload, temperature: float, profile_path: str | None = None) -> dict:
+def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int = 1,
+             dataset: str = "random", profile_path: str | None = None) -> dict:
+    """Build the engine, warm it up, then time ``llm.generate`` on the workload ``runs`` times
+    with default SamplingParams (detokenized when the engine has a tokenizer)."""
     from vllm_lite import LLM, SamplingParams
 
     llm = LLM(config=config)
-    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, detokenize=False)
-              for n in work.output_lens]
+    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for n in work.output_lens]
     engine = llm.engine
-    # warm-up: compile every kernel variant outside the timed run (fresh prefill, decode, and
-    # with a tiny token budget chunked prefill next to decodes)
-    warm = SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True, detokenize=False)
-    llm.generate(work.prompts[:16], warm, use_tqdm=False)  # full-budget steps, as the run starts
-    budget, engine.scheduler.max_num_batched_tokens = engine.scheduler.max_num_batched_tokens, 64
-    llm.generate(work.prompts[:4], warm, use_tqdm=False)
-    engine.scheduler.max_num_batched_tokens = budget
+    if dataset == "nano-vllm":
+        # nano-vllm's warm-up: one short generate with its default SamplingParams (64 tokens)
+        llm.generate(["Benchmark: "] if engine.tokenizer is not None else [work.prompts[0][:3]],
+                     SamplingParams(max_tokens=64), use_tqdm=False)
+    else:
+        # compile every kernel variant outside the timed runs (fresh prefill, decode, and with
+        # a tiny token budget chunked prefill next to decodes)
+        warm = SamplingParams(temperature=temperature, max_tokens=8, ignore_eos=True)
+        llm.generate(work.prompts[:16], warm, use_tqdm=False)  # full-budget steps, as a run starts
+        budget, engine.scheduler.max_num_batched_tokens = engine.scheduler.max_num_batched_tokens, 64
+        llm.generate(work.prompts[:4], warm, use_tqdm=False)
+        engine.scheduler.max_num_batched_tokens = budget
     step_log: list[tuple[int, int, int, float]] = []  # (decodes, tokens, sum seq_lens, seconds)
     original = engine.step
 
@@ -118,20 +150,30 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float, profile_p
 
     engine.scheduler.schedule = spy_schedule
     engine.step = timed_step
-    profiler = cProfile.Profile() if profile_path else None
-    t0 = time.perf_counter()
-    if profiler:
-        profiler.enable()
-    outputs = llm.generate(work.prompts, params)
-    elapsed = time.perf_counter() - t0
-    if profiler:
-        profiler.disable()
-        with open(profile_path, "w") as fh:
-            pstats.Stats(profiler, stream=fh).sort_stats("tottime").print_stats(40)
-    assert [len(o.outputs[0].token_ids) for o in outputs] == work.output_lens
+    elapsed, steps, preemptions = [], [], []
+    for run in range(runs):
+        step_log.clear()
+        before = engine.scheduler.num_preemptions
+        profiler = cProfile.Profile() if profile_path and run == 0 else None
+        t0 = time.perf_counter()
+        if profiler:
+            profiler.enable()
+        outputs = llm.generate(work.prompts, params, use_tqdm=False)
+        elapsed.append(time.perf_counter() - t0)
+        if profiler:
+            profiler.disable()
+            with open(profile_path, "w") as fh:
+                pstats.Stats(profiler, stream=fh).sort_stats("tottime").print_stats(40)
+        assert [len(o.outputs[0].token_ids) for o in outputs] == work.output_lens
+        steps.append(list(step_log))
+        preemptions.append(engine.scheduler.num_preemptions - before)
+    median_run = sorted(range(runs), key=elapsed.__getitem__)[runs // 2]
     llm.close()
-    result = {"elapsed": elapsed, "steps": step_log, "num_blocks": engine.block_manager.num_blocks,
-            "preemptions": engine.scheduler.num_preemptions, "dtype": str(engine.runner.dtype)}
+    text = engine.tokenizer is not None
+    result = {"elapsed": elapsed, "median_elapsed": statistics.median(elapsed), "steps": steps[median_run],
+              "num_blocks": engine.block_manager.num_blocks, "preemptions": preemptions[median_run],
+              "dtype": str(engine.runner.dtype), "text": text,
+              "tokenizer": (config.tokenizer_path or engine.model_path) if text else None}
     del llm, engine, original
     gc.collect()
     if torch.cuda.is_available():
@@ -161,44 +203,69 @@ def bench_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vllm-lite bench", description=__doc__)
     parser.add_argument("mode", choices=["throughput"])
     parser.add_argument("--model-config", default="qwen3-0.6b",
-                        help="a shape in vllm_lite/model_configs (qwen3-0.6b, qwen2.5-1.5b, llama-3.2-1b, "
+                        help="a shape in vllm_lite/model_configs (qwen3-0.6b, qwen2.5-1.5b, llama-3.2-1b, smollm2-135m, "
                              "qwen2.5-7b) or a config.json path; weights are random (load_format dummy)")
+    parser.add_argument("--dataset", choices=["random", "nano-vllm"], default="random",
+                        help="random: ids uniform over the vocabulary, lengths uniform in --input-len/--output-len, "
+                             "seed --seed; nano-vllm: nano-vllm's bench.py requests (random.seed(0), ids 0..10000, "
+                             "temperature 0.6), scaled by --num-prompts/--input-len/--output-len")
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--input-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
     parser.add_argument("--output-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
-    parser.add_argument("--temperature", type=float, default=1.0)
+    parser.add_argument("--temperature", type=float, help="default: 1.0 (random), 0.6 (nano-vllm)")
+    parser.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up; median and spread")
     parser.add_argument("--peer", choices=["none", "hf"], default="none")
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--profile", help="write a cProfile of the timed run (host view) here")
+    parser.add_argument("--profile", help="write a cProfile of the first timed run (host view) here")
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
     mode, json_path, peer, profile_path = args.pop("mode"), args.pop("json"), args.pop("peer"), args.pop("profile")
     num, in_range, out_range = args.pop("num_prompts"), tuple(args.pop("input_len")), tuple(args.pop("output_len"))
-    temperature, model_config = args.pop("temperature"), args.pop("model_config")
+    dataset, runs, model_config = args.pop("dataset"), args.pop("runs"), args.pop("model_config")
+    temperature = args.pop("temperature")
+    temperature = DEFAULT_TEMPERATURE[dataset] if temperature is None else temperature
+    if runs < 1:
+        raise SystemExit("--runs must be >= 1")
+
+    from transformers import AutoConfig
     if "model_path" not in args:
         args["model_path"] = model_folder(model_config)
         args.setdefault("load_format", "dummy")
+        if "tokenizer_path" not in args:  # a shape folder holds only config.json
+            tokenizer_path = text_tokenizer_for_shape(AutoConfig.from_pretrained(args["model_path"]))
+            if tokenizer_path is not None:
+                args["tokenizer_path"] = tokenizer_path
     folder = args["model_path"]
     args.setdefault("max_model_len", in_range[1] + out_range[1])
     config = EngineConfig(**args)
 
-    from transformers import AutoConfig
     hf_config = AutoConfig.from_pretrained(folder)
-    work = Workload.random(num, in_range, out_range, hf_config.vocab_size, config.seed)
+    if dataset == "nano-vllm":
+        work = Workload.nano_vllm(num, in_range, out_range, hf_config.vocab_size)
+    else:
+        work = Workload.random(num, in_range, out_range, hf_config.vocab_size, config.seed)
     total_in, total_out = sum(map(len, work.prompts)), sum(work.output_lens)
 
-    ours = run_ours(config, work, temperature, profile_path)
+    ours = run_ours(config, work, temperature, runs, dataset, profile_path)
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf_config)
-    result = {"mode": mode, "model_config": model_config, "num_prompts": num, "input_tokens": total_in,
-              "output_tokens": total_out, "elapsed_s": ours["elapsed"],
-              "requests_per_s": num / ours["elapsed"], "output_tokens_per_s": total_out / ours["elapsed"],
-              "total_tokens_per_s": (total_in + total_out) / ours["elapsed"], "num_blocks": ours["num_blocks"],
+    elapsed = ours["median_elapsed"]
+    per_run = sorted(total_out / e for e in ours["elapsed"])
+    result = {"mode": mode, "dataset": dataset, "model_config": model_config, "num_prompts": num,
+              "temperature": temperature, "text": ours["text"], "tokenizer": ours["tokenizer"],
+              "input_tokens": total_in, "output_tokens": total_out, "runs": runs,
+              "elapsed_s": elapsed, "elapsed_s_runs": ours["elapsed"],
+              "requests_per_s": num / elapsed, "output_tokens_per_s": total_out / elapsed,
+              "output_tokens_per_s_min": per_run[0], "output_tokens_per_s_max": per_run[-1],
+              "total_tokens_per_s": (total_in + total_out) / elapsed, "num_blocks": ours["num_blocks"],
               "preemptions": ours["preemptions"], "dtype": ours["dtype"], "steps": len(ours["steps"]),
               "first_steps(decodes,tokens,context,s)": ours["steps"][:30],
               "slowest_steps": sorted(ours["steps"], key=lambda s: -s[3])[:10]}
-    print(f"\nvllm-lite  {model_config}: {num} requests, {total_in} input + {total_out} output tokens "
-          f"in {ours['elapsed']:.2f} s")
-    print(f"  {result['requests_per_s']:.2f} requests/s, {result['output_tokens_per_s']:.0f} output tokens/s, "
+    text = (f"text on (detokenized, tokenizer {ours['tokenizer']})" if ours["text"] else
+            "text OFF: token ids only, no tokenizer fits this model shape (detokenization not measured)")
+    print(f"\nvllm-lite  {model_config}, dataset {dataset}: {num} requests, {total_in} input + {total_out} output "
+          f"tokens, temperature {temperature}, {text}")
+    print(f"  median of {runs} run(s): {elapsed:.2f} s, {result['output_tokens_per_s']:.0f} output tokens/s "
+          f"(runs {per_run[0]:.0f}..{per_run[-1]:.0f}), {result['requests_per_s']:.2f} requests/s, "
           f"{result['total_tokens_per_s']:.0f} total tokens/s  ({len(ours['steps'])} steps, "
           f"{ours['preemptions']} preemptions, {ours['num_blocks']} KV blocks)")
     if torch.cuda.is_available():
@@ -210,12 +277,12 @@ def bench_main(argv: list[str]) -> int:
         step_bw.sort()
         result.update({"copy_bandwidth_TBps": bw / 1e12, "decode_floor_s": floor,
                        "floor_output_tokens_per_s": total_out / floor,
-                       "fraction_of_floor": floor / ours["elapsed"],
+                       "fraction_of_floor": floor / elapsed,
                        "decode_step_bw_fraction_median": step_bw[len(step_bw) // 2] if step_bw else None,
                        "decode_time_s": sum(s[3] for s in decode_steps),
                        "prefill_or_mixed_time_s": sum(s[3] for s in ours["steps"] if s not in decode_steps)})
         print(f"  memory-traffic floor {floor:.2f} s ({total_out / floor:.0f} output tokens/s at "
-              f"{bw / 1e12:.2f} TB/s copy bandwidth): this run is at {100 * floor / ours['elapsed']:.0f}% of it")
+              f"{bw / 1e12:.2f} TB/s copy bandwidth): the median run is at {100 * floor / elapsed:.0f}% of it")
         if step_bw:
             print(f"  decode steps at the largest batch ({full[0][0]} seqs): median "
                   f"{100 * result['decode_step_bw_fraction_median']:.0f}% of copy bandwidth "
@@ -232,9 +299,9 @@ def bench_main(argv: list[str]) -> int:
             print(f"HF peer failed: {exc!r}")
             peer_s = float("nan")
         result.update({"hf_elapsed_s": peer_s, "hf_output_tokens_per_s": total_out / peer_s,
-                       "speedup_vs_hf": peer_s / ours["elapsed"]})
+                       "speedup_vs_hf": peer_s / elapsed})
         print(f"HF transformers continuous batching (paged|sdpa): {peer_s:.1f} s, "
-              f"{total_out / peer_s:.0f} output tokens/s -> vllm-lite is {peer_s / ours['elapsed']:.1f}x")
+              f"{total_out / peer_s:.0f} output tokens/s -> vllm-lite is {peer_s / elapsed:.1f}x")
     if json_path:
         with open(json_path, "w") as fh:
             json.dump(result, fh, indent=2)
