@@ -102,6 +102,19 @@ def _describe_exit(code: int | None) -> str:
     return f"exit code {code}"
 
 
+def leave_process_group() -> None:
+    """Tear down this rank's process group without waiting for the others. NCCL's destroy can
+    block on ranks that have already gone (seen on H100s: rank 0 hung at exit in
+    destroy_process_group after its workers had stopped), so NCCL communicators are aborted,
+    which is local; gloo's destroy is local already."""
+    if not dist.is_initialized():
+        return
+    if dist.get_backend() == "nccl":
+        dist.distributed_c10d._abort_process_group()
+    else:
+        dist.destroy_process_group()
+
+
 # ---- worker side (top-level: spawn imports this module in the child) ---------------------------
 def _parent_watchdog(parent_pid: int) -> None:
     """Exit as soon as the engine process is gone (we get re-parented)."""
@@ -142,7 +155,7 @@ def _worker_main(rank: int, tp: int, store_port: int, backend: str, timeout_s: f
                 break
             else:
                 raise ValueError(f"unknown command {cmd!r}")
-        dist.destroy_process_group()
+        leave_process_group()
     except BaseException:
         res_q.put(("error", time.time(), traceback.format_exc()))
         res_q.close()
@@ -304,7 +317,7 @@ class _Workers:
                 q.close()
             if self.owns_process_group and dist.is_initialized():
                 with contextlib.suppress(Exception):
-                    dist.destroy_process_group()
+                    leave_process_group()
             self.owns_process_group = False
 
     def shutdown(self, graceful: bool = True) -> None:
