@@ -13,6 +13,7 @@ Exit: the engine process and its workers are gone within a bound, no GPU process
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import select
 import os
@@ -31,6 +32,51 @@ MODELS = {  # name -> (arch, kv heads, tied, vocab)
     "llama-kv2-oddvocab": ("llama", 2, False, 50001),
     "mistral-kv4": ("mistral", 4, False, 49152),
 }
+
+
+_CHILDREN: list[subprocess.Popen] = []
+_DUMP_DIR = tempfile.mkdtemp(prefix="tp_stacks_")
+_SITE = """import faulthandler, os
+if os.environ.get("TPCHECK_DUMP_DIR"):
+    _f = open(os.path.join(os.environ["TPCHECK_DUMP_DIR"], f"{os.getpid()}.txt"), "w")
+    faulthandler.dump_traceback_later(float(os.environ.get("TPCHECK_DUMP_AFTER", "30")), repeat=True, file=_f)
+"""
+
+
+def start(cmd: list[str], **kw) -> subprocess.Popen:
+    """A child in its own session whose every process (spawned workers too) writes its Python
+    stacks to _DUMP_DIR every 30 s, so that a hang says where it hangs."""
+    site = os.path.join(_DUMP_DIR, "site")
+    os.makedirs(site, exist_ok=True)
+    with open(os.path.join(site, "sitecustomize.py"), "w") as f:
+        f.write(_SITE)
+    env = dict(os.environ, TPCHECK_DUMP_DIR=_DUMP_DIR,
+               PYTHONPATH=os.pathsep.join([site, os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=env, **kw)
+    _CHILDREN.append(proc)
+    return proc
+
+
+def kill_children(*_) -> None:
+    """Also on SIGTERM (an outer `timeout`): no engine may outlive the check holding GPUs."""
+    for proc in _CHILDREN:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    if _:
+        sys.exit(124)
+
+
+def stacks() -> str:
+    """The last stack dump of every child process (the frames that matter for a hang)."""
+    out = []
+    for name in sorted(os.listdir(_DUMP_DIR)):
+        if name.endswith(".txt"):
+            text = open(os.path.join(_DUMP_DIR, name)).read()
+            last = text[text.rfind("Timeout ("):] if "Timeout (" in text else ""
+            if last:
+                out.append(f"--- pid {name[:-4]}\n{last.strip()}")
+    return "\n".join(out)
 
 
 def build(name: str, path: str) -> None:
@@ -115,14 +161,14 @@ def run_parity(path: str, tps: list[int], dtype: str = "float32") -> dict[int, s
     for tp in tps:
         out = os.path.join(tempfile.mkdtemp(), "out.json")
         t0 = time.time()
-        proc = subprocess.Popen([sys.executable, "-m", "benchmarks.gpu_tp_check", "_child", path, str(tp), out, dtype],
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        proc = start([sys.executable, "-m", "benchmarks.gpu_tp_check", "_child", path, str(tp), out, dtype])
         try:
-            proc.stdout_text, proc.stderr = proc.communicate(timeout=240)
+            proc.stdout_text, proc.stderr = proc.communicate(timeout=180)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_children()
             proc.communicate()
-            verdict[tp] = f"HANG: no exit within 240 s (output {'written' if os.path.exists(out) else 'missing'})"
+            verdict[tp] = (f"HANG: no exit within 180 s (output {'written' if os.path.exists(out) else 'missing'})\n"
+                           + stacks())
             continue
         wall = time.time() - t0
         leaks = "leaked semaphore" in proc.stderr
@@ -152,9 +198,11 @@ if __name__ == "__main__":
     llm = LLM(sys.argv[1], dtype="bfloat16" if torch.cuda.is_available() else "float32",
               tensor_parallel_size=int(sys.argv[2]))
     print("PIDS", *llm.engine.runner.worker_pids, flush=True)
-    n = int(sys.argv[3])
+    n, batch = int(sys.argv[3]), 64
+    if not torch.cuda.is_available():  # gloo on a CPU: a smaller run of the same shape
+        n, batch = min(n, 400 if n > 200 else 10), 4
     try:
-        llm.generate([[5] * 100] * 64, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
+        llm.generate([[5] * 100] * batch, SamplingParams(temperature=0, max_tokens=n, ignore_eos=True), use_tqdm=False)
     except RuntimeError as e:
         print("ENGINE ERROR:", str(e).splitlines()[0], flush=True)
         sys.exit(3)
@@ -170,17 +218,15 @@ def running(pid: int) -> bool:
         return False
 
 
-def run_exit_checks(path: str, tp: int) -> list[str]:
+def run_exit_checks(path: str, tp: int) -> None:
     """A normal run, Ctrl-C mid-generate, and a worker killed mid-generate."""
     script = os.path.join(tempfile.mkdtemp(), "exit_child.py")
     with open(script, "w") as f:
         f.write(EXIT_SCRIPT)
-    lines = []
     for case in ("normal", "ctrl-c", "kill-worker"):
         n = 200 if case == "normal" else 3000
-        proc = subprocess.Popen([sys.executable, script, path, str(tp), str(n)], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, start_new_session=True)
-        pids, deadline = [], time.time() + 150
+        proc = start([sys.executable, script, path, str(tp), str(n)])
+        pids, deadline = [], time.time() + 120
         while time.time() < deadline and proc.poll() is None:
             if select.select([proc.stdout], [], [], 1.0)[0]:
                 line = proc.stdout.readline()
@@ -197,19 +243,18 @@ def run_exit_checks(path: str, tp: int) -> list[str]:
             out, err = proc.communicate(timeout=60)
             status = f"exit {proc.returncode} after {time.time() - t0:.1f}s"
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+            kill_children()
             out, err = proc.communicate()
-            status = "HANG (killed after 60 s)"
+            status = "HANG (killed after 60 s)\n" + stacks()
         time.sleep(1)
         alive = [p for p in pids if running(p)]
         leaks = "leaked semaphore" in err
         gpu = gpu_processes()
         note = (out.strip().splitlines() or [""])[-1][:160]
-        lines.append(f"{case:<12} {status}; workers left {alive}; GPU processes {gpu}; "
-                     f"{'LEAKED SEMAPHORES; ' if leaks else ''}last line: {note}")
+        print(f"{case:<12} {status}; workers left {alive}; GPU processes {gpu}; "
+              f"{'LEAKED SEMAPHORES; ' if leaks else ''}last line: {note}", flush=True)
         if "Traceback" in err and case == "normal":
-            lines.append("   stderr: " + " | ".join(err.strip().splitlines()[-5:]))
-    return lines
+            print("   stderr: " + " | ".join(err.strip().splitlines()[-5:]), flush=True)
 
 
 def main() -> None:
@@ -220,6 +265,7 @@ def main() -> None:
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--dtype", default="float32")
     args = ap.parse_args()
+    signal.signal(signal.SIGTERM, kill_children)
     if args.what == "smollm2":
         from vllm_lite.default_model import default_model_path
         try:
@@ -233,9 +279,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         if args.what == "exit":
             build("llama-kv2-oddvocab", tmp)
-            for line in run_exit_checks(tmp, args.tp[-1]):
-                print(line, flush=True)
-            return
+            return run_exit_checks(tmp, args.tp[-1])
         for name in MODELS:
             path = os.path.join(tmp, name)
             build(name, path)
