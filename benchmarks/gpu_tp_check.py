@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import select
 import os
 import shutil
 import signal
@@ -52,10 +51,20 @@ def start(cmd: list[str], **kw) -> subprocess.Popen:
         f.write(_SITE)
     env = dict(os.environ, TPCHECK_DUMP_DIR=_DUMP_DIR,
                PYTHONPATH=os.pathsep.join([site, os.getcwd(), os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True, env=env, **kw)
+    # output goes to files, not pipes: a child blocked on a full stderr pipe that nobody reads
+    # (NCCL and torch warnings from every rank) looks exactly like a hang
+    n = len(_CHILDREN)
+    out, err = (open(os.path.join(_DUMP_DIR, f"child{n}.{k}"), "w+") for k in ("out", "err"))
+    proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True, env=env, **kw)
+    proc.out_file, proc.err_file = out, err
     _CHILDREN.append(proc)
     return proc
+
+
+def output(proc: subprocess.Popen) -> tuple[str, str]:
+    """What the child wrote so far to stdout and stderr."""
+    proc.out_file.flush()
+    return tuple(open(f.name).read() for f in (proc.out_file, proc.err_file))
 
 
 def kill_children(*_) -> None:
@@ -163,17 +172,17 @@ def run_parity(path: str, tps: list[int], dtype: str = "float32") -> dict[int, s
         t0 = time.time()
         proc = start([sys.executable, "-m", "benchmarks.gpu_tp_check", "_child", path, str(tp), out, dtype])
         try:
-            proc.stdout_text, proc.stderr = proc.communicate(timeout=180)
+            proc.wait(timeout=180)
         except subprocess.TimeoutExpired:
             kill_children()
-            proc.communicate()
             verdict[tp] = (f"HANG: no exit within 180 s (output {'written' if os.path.exists(out) else 'missing'})\n"
                            + stacks())
             continue
         wall = time.time() - t0
-        leaks = "leaked semaphore" in proc.stderr
+        stderr = output(proc)[1]
+        leaks = "leaked semaphore" in stderr
         if proc.returncode != 0 or not os.path.exists(out):
-            verdict[tp] = f"CRASH exit {proc.returncode}: " + " | ".join(proc.stderr.strip().splitlines()[-4:])
+            verdict[tp] = f"CRASH exit {proc.returncode}: " + " | ".join(stderr.strip().splitlines()[-4:])
             continue
         results[tp] = json.load(open(out))["tokens"]
         verdict[tp] = f"process {wall:.0f}s" + (" LEAKED SEMAPHORES" if leaks else "")
@@ -227,12 +236,12 @@ def run_exit_checks(path: str, tp: int) -> None:
         n = 200 if case == "normal" else 3000
         proc = start([sys.executable, script, path, str(tp), str(n)])
         pids, deadline = [], time.time() + 120
-        while time.time() < deadline and proc.poll() is None:
-            if select.select([proc.stdout], [], [], 1.0)[0]:
-                line = proc.stdout.readline()
-                if line.startswith("PIDS"):
-                    pids = [int(x) for x in line.split()[1:]]
-                    break
+        while not pids and time.time() < deadline and proc.poll() is None:
+            time.sleep(0.5)
+            pids = [int(x) for line in output(proc)[0].splitlines() if line.startswith("PIDS")
+                    for x in line.split()[1:]]
+        if not pids:
+            print(f"{case:<12} no engine after 120 s (exit {proc.poll()})\n{stacks()}", flush=True)
         time.sleep(3)  # mid-generate
         t0 = time.time()
         if case == "ctrl-c":
@@ -240,12 +249,12 @@ def run_exit_checks(path: str, tp: int) -> None:
         elif case == "kill-worker" and pids:
             os.kill(pids[-1], signal.SIGKILL)
         try:
-            out, err = proc.communicate(timeout=60)
+            proc.wait(timeout=60)
             status = f"exit {proc.returncode} after {time.time() - t0:.1f}s"
         except subprocess.TimeoutExpired:
             kill_children()
-            out, err = proc.communicate()
             status = "HANG (killed after 60 s)\n" + stacks()
+        out, err = output(proc)
         time.sleep(1)
         alive = [p for p in pids if running(p)]
         leaks = "leaked semaphore" in err
