@@ -1,0 +1,212 @@
+"""Request bodies of the OpenAI-compatible server (pydantic), and their translation into the
+engine's ``SamplingParams``.
+
+Models are strict (a string where a number belongs is a 400, not coerced) and forbid unknown
+fields: a field this server does not implement (``tools``, ``response_format``, ...) is a 400
+naming it, never silently ignored. Sampling fields use OpenAI's names where OpenAI has one and
+vLLM's extra names otherwise. Whether the engine supports a sampling field is decided per
+request from ``dataclasses.fields(SamplingParams)``: a field the engine lacks is a 400 naming it
+unless its value is the neutral one (``presence_penalty: 0`` asks for nothing).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vllm_lite.sampling_params import SamplingParams
+
+
+class RequestError(ValueError):
+    """A bad request: HTTP ``status``, OpenAI error ``param`` and ``code``."""
+
+    def __init__(self, message: str, param: str | None = None, status: int = 400,
+                 code: str | None = None, type: str = "invalid_request_error") -> None:
+        super().__init__(message)
+        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+
+class StreamOptions(_Strict):
+    include_usage: bool | None = False
+    continuous_usage_stats: bool | None = False  # vLLM: usage on every chunk
+
+
+class _SamplingRequest(_Strict):
+    """Fields shared by /v1/completions and /v1/chat/completions."""
+    model: str | None = None
+    # OpenAI
+    frequency_penalty: float | None = None
+    presence_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    max_tokens: int | None = None
+    n: int | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None  # accepted; identifies the end user, changes nothing here
+    # vLLM's extra sampling fields
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
+    stop_token_ids: list[int] | None = None
+    skip_special_tokens: bool | None = None
+    include_stop_str_in_output: bool | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = None
+
+
+class CompletionRequest(_SamplingRequest):
+    prompt: str | list[str] | list[int] | list[list[int]]
+    echo: bool | None = False
+    logprobs: int | None = None
+    best_of: int | None = None
+    suffix: str | None = None
+
+
+class ContentPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(_Strict):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    messages: list[ChatMessage] = Field(min_length=1)
+    max_completion_tokens: int | None = None
+    logprobs: bool | None = False
+    top_logprobs: int | None = None
+    add_generation_prompt: bool | None = True  # vLLM's extra
+    # accepted OpenAI fields that change nothing in generation
+    metadata: dict[str, str] | None = None
+    store: bool | None = None
+
+
+class TokenizeRequest(_Strict):
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessage] | None = None
+    add_special_tokens: bool | None = True
+    add_generation_prompt: bool | None = True
+
+
+class DetokenizeRequest(_Strict):
+    model: str | None = None
+    tokens: list[int]
+
+
+# (request field, SamplingParams field, neutral value: asking for it needs no support)
+_NO_NEUTRAL = object()
+SAMPLING_FIELDS = [
+    ("n", "n", 1),
+    ("temperature", "temperature", _NO_NEUTRAL),
+    ("top_p", "top_p", 1.0),
+    ("top_k", "top_k", -1),
+    ("min_p", "min_p", 0.0),
+    ("seed", "seed", _NO_NEUTRAL),
+    ("stop", "stop", _NO_NEUTRAL),
+    ("stop_token_ids", "stop_token_ids", []),
+    ("ignore_eos", "ignore_eos", False),
+    ("min_tokens", "min_tokens", 0),
+    ("presence_penalty", "presence_penalty", 0.0),
+    ("frequency_penalty", "frequency_penalty", 0.0),
+    ("repetition_penalty", "repetition_penalty", 1.0),
+    ("logit_bias", "logit_bias", {}),
+    ("skip_special_tokens", "skip_special_tokens", True),
+    ("include_stop_str_in_output", "include_stop_str_in_output", False),
+    ("allowed_token_ids", "allowed_token_ids", _NO_NEUTRAL),
+    ("prompt_logprobs", "prompt_logprobs", _NO_NEUTRAL),
+]
+
+
+def supported_sampling_fields() -> set[str]:
+    """The engine's SamplingParams fields, read at request time (they grow as features land)."""
+    return {f.name for f in dataclasses.fields(SamplingParams) if f.init}
+
+
+def _neutral(value, neutral) -> bool:
+    if neutral is _NO_NEUTRAL:
+        return False
+    if neutral == -1 and value == 0:  # top_k 0 also means all tokens
+        return True
+    return value == neutral
+
+
+def to_sampling_params(req: _SamplingRequest) -> SamplingParams:
+    """SamplingParams of a completion or chat request; RequestError (400) naming the field for
+    anything unsupported or invalid."""
+    supported = supported_sampling_fields()
+    kwargs: dict = {}
+    names: dict[str, str] = {}  # SamplingParams field -> request field (for error messages)
+
+    def put(api_name: str, sp_name: str, value, neutral=_NO_NEUTRAL) -> None:
+        if value is None:
+            return
+        if sp_name not in supported:
+            if _neutral(value, neutral):
+                return
+            raise RequestError(f"'{api_name}' is not supported by this engine yet (SamplingParams has no "
+                               f"'{sp_name}')", param=api_name)
+        kwargs[sp_name], names[sp_name] = value, api_name
+
+    for api_name, sp_name, neutral in SAMPLING_FIELDS:
+        put(api_name, sp_name, getattr(req, api_name), neutral)
+
+    if isinstance(req, ChatCompletionRequest):
+        max_tokens_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        if req.top_logprobs is not None and not req.logprobs:
+            raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
+        if req.top_logprobs is not None and req.top_logprobs < 0:
+            raise RequestError(f"'top_logprobs' must be >= 0, got {req.top_logprobs}", param="top_logprobs")
+        if req.logprobs:
+            put("top_logprobs" if req.top_logprobs is not None else "logprobs", "logprobs", req.top_logprobs or 0)
+    else:
+        max_tokens_name = "max_tokens"
+        max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for completions
+        if req.suffix is not None:
+            raise RequestError("'suffix' is not supported", param="suffix")
+        if req.best_of is not None and req.best_of != (req.n or 1):
+            raise RequestError("'best_of' is not supported (only best_of == n)", param="best_of")
+        put("logprobs", "logprobs", req.logprobs)
+        if req.echo and req.logprobs is not None and req.prompt_logprobs is None:
+            put("logprobs", "prompt_logprobs", req.logprobs)  # echo's prompt tokens get logprobs too
+    if max_tokens is None:
+        kwargs["max_tokens"] = None  # chat's default: up to max_model_len
+    else:
+        put(max_tokens_name, "max_tokens", max_tokens)
+    if req.stream_options is not None and not req.stream:
+        raise RequestError("'stream_options' is only allowed with 'stream': true", param="stream_options")
+
+    try:
+        return SamplingParams(**kwargs)
+    except (ValueError, TypeError) as exc:
+        message = str(exc)
+        param = None
+        for sp_name, api_name in names.items():
+            if message.startswith(f"SamplingParams.{sp_name} "):
+                param = api_name
+                message = api_name + message[len(f"SamplingParams.{sp_name}"):]
+                break
+        raise RequestError(message, param=param) from None
+
+
+def message_text(message: ChatMessage) -> str:
+    if message.content is None:
+        return ""
+    if isinstance(message.content, str):
+        return message.content
+    return "".join(part.text for part in message.content)
