@@ -4,6 +4,7 @@ model and returns logits. In tensor-parallel runs every rank has one; rank 0 pre
 step and samples."""
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -149,39 +150,39 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> StepInput:
-        bs = self.block_size
-        input_ids, positions, qsl, seq_lens, logits_indices, tables = [], [], [0], [], [], []
-        fresh, num_decodes = True, batch.num_decodes
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
-            start, end = seq.num_computed_tokens, seq.num_computed_tokens + n
-            input_ids.extend(seq.token_ids[start:end])
-            positions.append(np.arange(start, end))
-            qsl.append(qsl[-1] + n)
-            seq_lens.append(end)
-            tables.append(seq.block_table)
-            if end == len(seq):
-                logits_indices.append(qsl[-1] - 1)
-            if i >= num_decodes and start > 0:
-                fresh = False
-        max_blocks = max(len(t) for t in tables)
-        block_tables = np.zeros((len(tables), max_blocks), np.int32)
-        for i, t in enumerate(tables):
-            block_tables[i, :len(t)] = t
-        pos = np.concatenate(positions)
-        seq_index = np.repeat(np.arange(len(tables)), np.diff(qsl))
+        """The step's arrays. One Python pass gathers per-sequence scalars and token ids; the
+        rest is vectorized (this runs every step for up to 256 sequences on the host)."""
+        bs, seqs, counts = self.block_size, batch.seqs, batch.num_new_tokens
+        num_seqs, num_decodes = len(seqs), batch.num_decodes
+        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, num_seqs)
+        lengths = np.fromiter((len(s.token_ids) for s in seqs), np.int64, num_seqs)
+        table_lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, num_seqs)
+        input_ids: list[int] = []
+        for seq, start, n in zip(seqs, starts.tolist(), counts):
+            input_ids.extend(seq.token_ids[start:start + n])
+        n_new = np.asarray(counts, np.int64)
+        ends = starts + n_new
+        qsl = np.zeros(num_seqs + 1, np.int64)
+        np.cumsum(n_new, out=qsl[1:])
+        seq_index = np.repeat(np.arange(num_seqs), n_new)
+        pos = np.arange(qsl[-1]) - qsl[seq_index] + starts[seq_index]
+        # row i holds sequence i's table, zero-padded (rows fill in order, as the mask does)
+        block_tables = np.zeros((num_seqs, int(table_lens.max())), np.int32)
+        block_tables[np.arange(block_tables.shape[1]) < table_lens[:, None]] = np.fromiter(
+            itertools.chain.from_iterable(s.block_table for s in seqs), np.int32, int(table_lens.sum()))
         slot_mapping = block_tables[seq_index, pos // bs].astype(np.int64) * bs + pos % bs
         ids = np.asarray(input_ids, np.int64)
         prev_index = None
         holes = np.flatnonzero(ids < 0)
         if holes.size:
             prev_index = np.full(ids.shape, -1, np.int64)
-            prev_index[holes] = [batch.seqs[i].inflight_index for i in seq_index[holes]]
+            prev_index[holes] = [seqs[i].inflight_index for i in seq_index[holes]]
         return StepInput(
-            input_ids=ids, positions=pos.astype(np.int64), slot_mapping=slot_mapping, prev_index=prev_index,
-            query_start_loc=np.asarray(qsl, np.int32), seq_lens=np.asarray(seq_lens, np.int32),
-            block_tables=block_tables, logits_indices=np.asarray(logits_indices, np.int64),
-            num_decodes=num_decodes, max_query_len=max(batch.num_new_tokens), max_seq_len=max(seq_lens),
-            prefill_is_fresh=fresh,
+            input_ids=ids, positions=pos, slot_mapping=slot_mapping, prev_index=prev_index,
+            query_start_loc=qsl.astype(np.int32), seq_lens=ends.astype(np.int32), block_tables=block_tables,
+            logits_indices=(qsl[1:] - 1)[ends == lengths], num_decodes=num_decodes,
+            max_query_len=int(n_new.max()), max_seq_len=int(ends.max()),
+            prefill_is_fresh=not bool((starts[num_decodes:] > 0).any()),
         )
 
     def _upload(self, step: StepInput) -> dict[str, torch.Tensor]:
