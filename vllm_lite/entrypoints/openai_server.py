@@ -64,6 +64,8 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return f"unknown or unsupported field '{where}'", param
     if kind == "missing":
         return f"missing required field '{where}'", param
+    if not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
+        return "the request body must be a JSON object (sent as Content-Type: application/json)", None
     if not loc:
         return f"request body: {err.get('msg')}", None
     same_field = [e for e in errors if e.get("loc", ())[1:2] == err.get("loc", ())[1:2]]
@@ -87,6 +89,8 @@ _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "model_attr
 def _engine_error_param(message: str, prompt_param: str) -> str | None:
     if message.startswith("SamplingParams."):
         return message.split()[0].split(".", 1)[1]
+    if message.startswith("request needs up to"):  # prompt + max_tokens exceed the KV pool
+        return "max_tokens"
     if "prompt" in message:
         return prompt_param
     if "max_tokens" in message:
@@ -185,10 +189,13 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
     async def _http_error(request: Request, exc: StarletteHTTPException):
         return error_response(exc.status_code, str(exc.detail), code=exc.status_code)
 
+    @app.exception_handler(EngineDeadError)
+    @app.exception_handler(EngineStoppedError)
+    async def _engine_gone(request: Request, exc: Exception):
+        return error_response(503, str(exc), type="server_error")
+
     @app.exception_handler(Exception)
     async def _internal(request: Request, exc: Exception):
-        if isinstance(exc, (EngineDeadError, EngineStoppedError)):
-            return error_response(503, str(exc), type="server_error")
         logger.exception("request failed")
         return error_response(500, f"internal error: {exc!r}", type="server_error")
 

@@ -18,6 +18,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from vllm_lite.sampling_params import SamplingParams
 
 
+MAX_LOGPROBS = 20  # vLLM's default max_logprobs: top-k logprobs cost a sort over the vocabulary
+
+
 class RequestError(ValueError):
     """A bad request: HTTP ``status``, OpenAI error ``param`` and ``code``."""
 
@@ -191,6 +194,10 @@ def to_sampling_params(req: _SamplingRequest) -> SamplingParams:
     if req.stream_options is not None and not req.stream:
         raise RequestError("'stream_options' is only allowed with 'stream': true", param="stream_options")
 
+    for sp_name in ("logprobs", "prompt_logprobs"):
+        k = kwargs.get(sp_name)
+        if isinstance(k, int) and k > MAX_LOGPROBS:
+            raise RequestError(f"'{names[sp_name]}' must be <= {MAX_LOGPROBS}, got {k}", param=names[sp_name])
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError) as exc:
