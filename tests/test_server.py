@@ -233,7 +233,7 @@ def test_new_request_joins_the_running_batch(server):
         assert short.status_code == 200
         rest = [line for line in lines if line.startswith("data: ")]
     finishes = [json.loads(e[6:])["choices"][0]["finish_reason"] for e in rest if e != "data: [DONE]"]
-    assert finishes[-1] == "length" and len(finishes) > 10  # the long one was still running
+    assert finishes[-1] == "length" and len(finishes) >= 2  # the long one was still running
 
 
 def test_more_requests_than_max_num_seqs_wait_and_all_complete(server):
@@ -243,6 +243,29 @@ def test_more_requests_than_max_num_seqs_wait_and_all_complete(server):
         results = list(pool.map(lambda _: post(server, "/v1/completions", body), range(12)))
     assert [r.status_code for r in results] == [200] * 12
     assert len({r.json()["choices"][0]["text"] for r in results}) == 1
+
+
+def test_a_consumer_that_falls_behind_gets_the_queued_deltas_merged(model_path):
+    import asyncio
+
+    async def run():
+        llm = AsyncLLM.from_config(EngineConfig(model_path=model_path, **ENGINE))
+        llm.start()
+        try:
+            stream = llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1))
+            first = await stream.__anext__()
+            while llm.engine.has_unfinished_requests():  # the engine runs ahead of the reader
+                await asyncio.sleep(0.01)
+            rest = [delta async for delta in stream]
+        finally:
+            await llm.shutdown()
+        return [first, *rest]
+
+    deltas = asyncio.run(run())
+    tokens = [t for d in deltas for c in d.outputs for t in c.token_ids]
+    logprobs = [lp for d in deltas for c in d.outputs for lp in c.logprobs]
+    assert len(deltas) == 2 and deltas[-1].finished
+    assert len(tokens) == len(logprobs) == 40 and deltas[-1].outputs[0].finish_reason == "length"
 
 
 # ---- other routes -----------------------------------------------------------------------------

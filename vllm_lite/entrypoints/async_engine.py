@@ -66,6 +66,25 @@ class RequestDelta:
     prompt_logprobs: list | None = None  # once, when the request asked and its prompt is scored
 
 
+def merge_deltas(a: RequestDelta, b: RequestDelta) -> RequestDelta:
+    """``a`` then ``b`` as one delta (per completion: tokens, text and logprobs concatenated)."""
+    outputs = {c.index: CompletionDelta(c.index, list(c.token_ids), c.text,
+                                        list(c.logprobs) if c.logprobs is not None else None,
+                                        c.finish_reason, c.stop_reason) for c in a.outputs}
+    for c in b.outputs:
+        prev = outputs.get(c.index)
+        if prev is None:
+            outputs[c.index] = c
+            continue
+        prev.token_ids += c.token_ids
+        prev.text += c.text
+        if c.logprobs is not None:
+            prev.logprobs = (prev.logprobs or []) + c.logprobs
+        prev.finish_reason, prev.stop_reason = c.finish_reason, c.stop_reason
+    return RequestDelta(a.request_id, [outputs[i] for i in sorted(outputs)], b.finished,
+                        a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs)
+
+
 @dataclass
 class _Live:
     """Engine-thread bookkeeping of one request: what was sent so far."""
@@ -163,6 +182,10 @@ class AsyncLLM:
         try:
             while True:
                 item = await stream.get()
+                # a consumer that fell behind gets what queued up as one delta
+                while not isinstance(item, BaseException) and not item.finished and not stream.empty():
+                    following = stream.get_nowait()
+                    item = following if isinstance(following, BaseException) else merge_deltas(item, following)
                 if isinstance(item, BaseException):
                     finished = True  # the engine has dropped it already
                     raise item
