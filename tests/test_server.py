@@ -374,13 +374,22 @@ def test_client_disconnect_mid_stream_aborts_and_frees_the_blocks(server):
 
 
 def test_client_disconnect_while_waiting_for_a_full_response_aborts(server):
+    import socket
+    from urllib.parse import urlsplit
+
     engine = server.engine
     wait_until_idle(engine)
     aborted = aborted_requests(server)
-    body = {"model": NAME, "prompt": [5, 6, 7], "max_tokens": 240, "temperature": 0, "ignore_eos": True}
-    with pytest.raises(httpx.ReadTimeout):
-        httpx.post(server.url + "/v1/completions", json=body, headers={"Authorization": f"Bearer {KEY}"},
-                   timeout=httpx.Timeout(10, read=0.3))
+    body = json.dumps({"model": NAME, "prompt": [5, 6, 7], "max_tokens": 240, "temperature": 0,
+                       "ignore_eos": True}).encode()
+    url = urlsplit(server.url)
+    with socket.create_connection((url.hostname, url.port)) as sock:
+        sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                     + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.time() + 20
+        while not engine.has_unfinished_requests():  # running: now hang up
+            assert time.time() < deadline
+            time.sleep(0.001)
     wait_until_idle(engine)
     assert aborted_requests(server) == aborted + 1
 
@@ -414,7 +423,7 @@ def test_sigterm_drains_running_requests_then_exits_cleanly(model_path, tmp_path
         line = proc.stdout.readline()
         assert " on http://" in line, line + proc.stderr.read() if proc.poll() is not None else line
         url = line.split(" on ")[1].split()[0]
-        body = {"model": os.path.basename(model_path), "prompt": [5, 6, 7], "max_tokens": 300, "temperature": 0,
+        body = {"model": os.path.basename(model_path), "prompt": [5, 6, 7], "max_tokens": 500, "temperature": 0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
@@ -426,7 +435,7 @@ def test_sigterm_drains_running_requests_then_exits_cleanly(model_path, tmp_path
                 assert status == 200 and time.time() < deadline
             events = [line[6:] for line in lines if line.startswith("data: ")]
         assert events[-1] == "[DONE]"
-        assert json.loads(events[-2])["usage"]["completion_tokens"] == 300  # the running request finished
+        assert json.loads(events[-2])["usage"]["completion_tokens"] == 500  # the running request finished
         assert proc.wait(timeout=30) == 0
         assert "draining" in proc.stderr.read()
     finally:
