@@ -197,6 +197,14 @@ def test_completion_logprobs_have_one_entry_per_token(client):
                for i, top in enumerate(lp.top_logprobs))
 
 
+@needs("prompt_logprobs")
+def test_prompt_logprobs_score_every_prompt_token_but_the_first(client):
+    out = client.completions.create(model=NAME, prompt=[5, 6, 7, 8], max_tokens=1, extra_body={"prompt_logprobs": 2})
+    scored = out.model_extra["prompt_logprobs"]
+    assert len(scored) == 4 and scored[0] is None
+    assert all(str(t) in entry and 2 <= len(entry) <= 3 for t, entry in zip([6, 7, 8], scored[1:]))
+
+
 @needs("logprobs")
 def test_chat_logprobs_give_top_logprobs_in_rank_order(client):
     out = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}], logprobs=True,

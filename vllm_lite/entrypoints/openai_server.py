@@ -239,6 +239,14 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
     def clamp(lp: float) -> float:
         return max(lp, MIN_LOGPROB)
 
+    def prompt_logprobs_json(entries: list | None) -> list | None:
+        """vLLM's layout: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}."""
+        if entries is None:
+            return None
+        return [None if d is None else {str(t): {"logprob": clamp(e.logprob), "rank": e.rank,
+                                                 "decoded_token": e.decoded_token} for t, e in d.items()}
+                for d in entries]
+
     # ---- routes ----------------------------------------------------------------------------
     @app.get("/health")
     async def health():
@@ -370,9 +378,13 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
         for idx in range(len(items) * n):  # completions an abort never started
             choices.setdefault(idx, {"index": idx, "text": "", "logprobs": None, "finish_reason": "abort",
                                      "stop_reason": None})
-        return {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                "choices": [choices[i] for i in sorted(choices)],
-                "usage": _usage(num_prompt_tokens, job.num_output_tokens)}
+        out = {"id": request_id, "object": "text_completion", "created": created, "model": model,
+               "choices": [choices[i] for i in sorted(choices)],
+               "usage": _usage(num_prompt_tokens, job.num_output_tokens)}
+        if req.prompt_logprobs is not None:  # vLLM's field: per prompt (one list for a single prompt)
+            lists = [prompt_logprobs_json(pl) for pl in job.prompt_logprobs]
+            out["prompt_logprobs"] = lists[0] if len(lists) == 1 else lists
+        return out
 
     @app.post("/v1/chat/completions")
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
@@ -441,9 +453,12 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
         for idx in range(n):
             choices.setdefault(idx, {"index": idx, "message": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": "abort", "stop_reason": None})
-        return {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-                "choices": [choices[i] for i in sorted(choices)],
-                "usage": _usage(len(ids), job.num_output_tokens)}
+        out = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
+               "choices": [choices[i] for i in sorted(choices)],
+               "usage": _usage(len(ids), job.num_output_tokens)}
+        if req.prompt_logprobs is not None:
+            out["prompt_logprobs"] = prompt_logprobs_json(job.prompt_logprobs[0])
+        return out
 
     return app
 
