@@ -55,3 +55,17 @@ def test_slot_maps_logical_position_through_the_block_table():
     bm.free_blocks.rotate(3)  # physical blocks are not in logical order
     bm.allocate(s, 6)
     assert [bm.slot(s, p) for p in range(6)] == [s.block_table[p // 4] * 4 + p % 4 for p in range(6)]
+
+
+def test_shared_blocks_return_to_the_pool_when_their_last_holder_frees_them():
+    bm = BlockManager(num_blocks=10, block_size=4)
+    parent, child = seq(10), seq(10)
+    bm.allocate(parent, 10)  # 3 blocks, the last one partial
+    bm.share(parent, child, 2)  # the two full blocks
+    assert child.block_table == parent.block_table[:2] and bm.num_free_blocks == 7
+    bm.allocate(child, 11)  # its own third block
+    assert child.block_table[2] not in parent.block_table and bm.num_free_blocks == 6
+    bm.free(parent)
+    assert bm.num_free_blocks == 7  # only the parent's own block came back
+    bm.free(child)
+    assert bm.num_free_blocks == 10 and sorted(bm.free_blocks) == list(range(10)) and not any(bm.ref_counts)

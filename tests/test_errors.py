@@ -27,6 +27,13 @@ BAD_REQUESTS = {
     "KV pool holds only": ([3] * 60, SamplingParams(temperature=0, max_tokens=39)),
     "temperature": ([1, 2], dict(temperature=-0.5)),
     "top_p": ([1, 2], dict(top_p=1.5)),
+    r"presence_penalty must be in \[-2, 2\]": ([1, 2], dict(presence_penalty=2.5)),
+    r"repetition_penalty must be a finite number > 0": ([1, 2], dict(repetition_penalty=-1.0)),
+    r"logit_bias biases must be numbers in \[-100, 100\]": ([1, 2], dict(logit_bias={3: -101})),
+    r"logit_bias token ids must be in \[0, \d+\)": ([1, 2], SamplingParams(logit_bias={10**6: 1.0})),
+    r"allowed_token_ids token ids must be in \[0, \d+\)": ([1, 2], SamplingParams(allowed_token_ids=[3, 10**6])),
+    r"n must be <= max_num_seqs": ([1, 2], SamplingParams(n=1000)),
+    r"logprobs must be None or an int >= 0": ([1, 2], dict(logprobs=-2)),
 }
 
 

@@ -51,6 +51,15 @@ def test_max_num_seqs_caps_running_sequences():
     assert len(batch.seqs) == 2 and len(sched.waiting) == 1
 
 
+def test_a_request_of_n_completions_is_admitted_only_with_n_free_seats():
+    sched = make(max_seqs=4)
+    a = Sequence(list(range(3)), SamplingParams(n=3))
+    sched.add(a)
+    b, c = add(sched, 3), add(sched, 3)
+    batch = sched.schedule()
+    assert batch.seqs == [a, b] and list(sched.waiting) == [c]  # a keeps 3 seats for its completions
+
+
 def test_pool_exhaustion_preempts_the_most_recently_admitted_sequence():
     sched = make(num_blocks=3, block_size=4, budget=64)
     old, new = add(sched, 4), add(sched, 8)

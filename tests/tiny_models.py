@@ -76,10 +76,11 @@ class HFReference:
         self.model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype).eval()
 
     @torch.no_grad()
-    def greedy(self, prompt: list[int], max_new_tokens: int) -> list[int]:
+    def greedy(self, prompt: list[int], max_new_tokens: int, **generate_kwargs) -> list[int]:
+        """``generate_kwargs``: transformers' logits processors, e.g. ``repetition_penalty=1.3``."""
         ids = torch.tensor([prompt])
         out = self.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                                  do_sample=False, eos_token_id=None, pad_token_id=0)
+                                  do_sample=False, eos_token_id=None, pad_token_id=0, **generate_kwargs)
         return out[0, len(prompt):].tolist()
 
     @torch.no_grad()
@@ -87,14 +88,19 @@ class HFReference:
         return self.model(torch.tensor([tokens])).logits[0, -1].float()
 
 
-def assert_same_greedy(ours: list[int], ref: list[int], prompt: list[int], hf: HFReference) -> None:
-    """Equal token for token, or a true near-tie at the first difference (< 1e-4 in fp32)."""
+def assert_same_greedy(ours: list[int], ref: list[int], prompt: list[int], hf: HFReference,
+                       process=None) -> None:
+    """Equal token for token, or a true near-tie at the first difference (< 1e-4 in fp32).
+    ``process(logits, prompt, output so far)``: the logits processing both sides applied
+    (penalties, bias), so the near-tie is judged on the logits the argmax saw."""
     if ours == ref:
         return
     n = min(len(ours), len(ref))
     first = next((i for i in range(n) if ours[i] != ref[i]), n)
     assert first < n, f"lengths differ: ours {len(ours)} vs reference {len(ref)}"
     logits = hf.next_token_logits(prompt + ref[:first])
+    if process is not None:
+        logits = process(logits, prompt, ref[:first])
     gap = abs(logits[ours[first]] - logits[ref[first]]).item()
     assert gap < 1e-4, (f"diverged at output position {first}: ours {ours[first]} vs reference {ref[first]}, "
                         f"logit gap {gap:.3g} is no near-tie\n ours={ours}\n ref={ref}")

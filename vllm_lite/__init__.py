@@ -1,9 +1,9 @@
 """vllm-lite: a small, readable LLM inference engine (PagedAttention, continuous batching,
 tensor parallelism)."""
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.llm_engine import CompletionOutput, LLMEngine, RequestOutput
+from vllm_lite.engine.llm_engine import CompletionOutput, LLMEngine, Logprob, RequestOutput
 from vllm_lite.llm import LLM
 from vllm_lite.sampling_params import SamplingParams
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "LLMEngine", "RequestOutput", "CompletionOutput"]
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "LLMEngine", "RequestOutput", "CompletionOutput", "Logprob"]
 __version__ = "0.1.0"

@@ -1,10 +1,23 @@
 """Batched sampling with vLLM's parameters, all on the logits' device: one host round trip per
-step (the sampled ids), none per sequence."""
+step (the sampled ids, and the logprobs where asked), none per sequence. Per-row extras
+(penalties, logit bias, allowed tokens, logprobs) arrive as small index tensors built per step;
+a batch that uses none of them pays nothing for them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+
+@dataclass
+class Penalties:
+    """Repetition, frequency and presence penalties of the rows that have any (``rows``)."""
+    rows: torch.Tensor  # [P] rows of the batch
+    repetition: torch.Tensor  # [P] float, 1 = off
+    frequency: torch.Tensor  # [P] float
+    presence: torch.Tensor  # [P] float
+    output_index: tuple[torch.Tensor, torch.Tensor]  # (row in 0..P-1, token id) per output token
+    prompt_index: tuple[torch.Tensor, torch.Tensor] | None  # the same per prompt token (repetition rows)
 
 
 @dataclass
@@ -19,14 +32,68 @@ class SamplingBatch:
     all_greedy: bool
     any_top_k_top_p: bool
     any_min_p: bool
+    # allowed_token_ids: (rows that have a list [A], (index into rows, token id) of each allowed token)
+    allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (row, token, bias)
+    penalties: Penalties | None = None
+    logprob_rows: torch.Tensor | None = None  # rows that want logprobs
+    num_logprobs: int = 0  # the most top logprobs any of those rows wants
+
+
+@dataclass
+class SamplerOutput:
+    tokens: torch.Tensor  # [B] sampled token ids
+    # for the ``logprob_rows``, from the raw logits (``token_logprobs``): the sampled token's
+    # logprob [L] and rank [L], the ``num_logprobs`` most likely tokens' logprobs and ids [L, k]
+    logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
 
 class Sampler:
     @torch.inference_mode()
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch, default_generator=None) -> torch.Tensor:
-        logits = logits.float()
+        return self.sample(logits, batch, default_generator).tokens
+
+    @torch.inference_mode()
+    def sample(self, logits: torch.Tensor, batch: SamplingBatch, default_generator=None) -> SamplerOutput:
+        raw_logprobs = None
+        if batch.logprob_rows is not None:  # vLLM's "raw_logprobs": before any processing
+            raw_logprobs = torch.log_softmax(logits[batch.logprob_rows].float(), dim=-1)
+        logits = self.process_logits(logits.float(), batch)
+        tokens = self._draw(logits, batch, default_generator)
+        if raw_logprobs is None:
+            return SamplerOutput(tokens)
+        return SamplerOutput(tokens, token_logprobs(raw_logprobs, tokens[batch.logprob_rows], batch.num_logprobs))
+
+    @staticmethod
+    def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """vLLM's order: allowed token ids, min_tokens bans, logit bias, then penalties
+        (repetition, frequency, presence). Writes into ``logits``."""
+        if batch.allowed is not None:
+            rows, keep_rows, keep_tokens = batch.allowed
+            mask = torch.ones((len(rows), logits.shape[1]), dtype=torch.bool, device=logits.device)
+            mask[keep_rows, keep_tokens] = False
+            logits[rows] = logits[rows].masked_fill(mask, float("-inf"))
         for row, token_ids in batch.banned:
             logits[row, token_ids] = float("-inf")
+        if batch.logit_bias is not None:
+            rows, tokens, bias = batch.logit_bias
+            logits.index_put_((rows, tokens), bias, accumulate=True)
+        if batch.penalties is not None:
+            p = batch.penalties
+            sub = logits[p.rows]
+            counts = torch.zeros_like(sub)  # output token counts
+            counts.index_put_(p.output_index, torch.ones_like(p.output_index[1], dtype=sub.dtype), accumulate=True)
+            if p.prompt_index is not None:
+                seen = counts > 0
+                seen[p.prompt_index] = True
+                penalty = p.repetition[:, None]
+                sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+            sub = sub - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)
+            logits[p.rows] = sub
+        return logits
+
+    @staticmethod
+    def _draw(logits: torch.Tensor, batch: SamplingBatch, default_generator) -> torch.Tensor:
         greedy = logits.argmax(dim=-1)
         if batch.all_greedy:
             return greedy
@@ -46,6 +113,19 @@ class Sampler:
             noise[i].exponential_(generator=batch.generators[i])
         sampled = (probs / noise).argmax(dim=-1)
         return torch.where(batch.temperature > 0, sampled, greedy)
+
+
+def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, k: int):
+    """For rows of log-probabilities [L, V] and one token per row: the token's logprob [L], its
+    rank [L] (vLLM's: the number of tokens at least as likely, so the top token has rank 1), and
+    the k most likely tokens' logprobs and ids [L, k]."""
+    token_lp = logprobs.gather(1, tokens[:, None].long())
+    rank = (logprobs >= token_lp).sum(dim=-1)
+    if k > 0:
+        top_lp, top_ids = logprobs.topk(k, dim=-1)
+    else:
+        top_lp, top_ids = logprobs[:, :0], torch.empty((len(tokens), 0), dtype=torch.long, device=tokens.device)
+    return token_lp[:, 0], rank, top_lp, top_ids
 
 
 def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -1,5 +1,7 @@
 """PagedAttention's allocator: one preallocated pool of physical KV blocks, a free list, and a
-block table per sequence mapping its logical blocks to physical ones."""
+block table per sequence mapping its logical blocks to physical ones. A block may be held by
+several sequences (the n completions of one prompt share its full prompt blocks); a reference
+count per block says how many, and a block goes back to the free list when the last one lets go."""
 from __future__ import annotations
 
 from collections import deque
@@ -12,6 +14,7 @@ class BlockManager:
         self.num_blocks = num_blocks
         self.block_size = block_size
         self.free_blocks: deque[int] = deque(range(num_blocks))
+        self.ref_counts = [0] * num_blocks  # block tables holding each block
 
     @property
     def num_free_blocks(self) -> int:
@@ -35,11 +38,27 @@ class BlockManager:
             return
         if needed > self.num_free_blocks:
             raise RuntimeError(f"out of KV blocks: need {needed}, {self.num_free_blocks} free")
-        seq.block_table.extend(self.free_blocks.popleft() for _ in range(needed))
+        for _ in range(needed):
+            block = self.free_blocks.popleft()
+            self.ref_counts[block] = 1
+            seq.block_table.append(block)
+
+    def share(self, src: Sequence, dst: Sequence, num_blocks: int) -> None:
+        """Start ``dst``'s (empty) block table with the first ``num_blocks`` blocks of ``src``'s.
+        Only full blocks are shared: no one writes into a full block again, so a shared block
+        is never copied (no copy-on-write)."""
+        assert not dst.block_table and num_blocks <= len(src.block_table)
+        dst.block_table = src.block_table[:num_blocks]
+        for block in dst.block_table:
+            self.ref_counts[block] += 1
 
     def free(self, seq: Sequence) -> None:
-        """Return every block of ``seq`` to the pool, the moment it finishes or is preempted."""
-        self.free_blocks.extend(reversed(seq.block_table))
+        """Let go of every block of ``seq``, the moment it finishes or is preempted; a block no
+        other sequence holds returns to the pool."""
+        for block in reversed(seq.block_table):
+            self.ref_counts[block] -= 1
+            if self.ref_counts[block] == 0:
+                self.free_blocks.append(block)
         seq.block_table = []
 
     def slot(self, seq: Sequence, position: int) -> int:

@@ -1,5 +1,6 @@
 """The engine's brain (the seed's executor): the request queue, one scheduling + model step at a
-time, sampling, stop checks, incremental detokenization, and reclaiming finished sequences."""
+time, sampling (with logprobs, and the fork of a request's n completions), stop checks,
+incremental detokenization, and reclaiming finished sequences."""
 from __future__ import annotations
 
 import dataclasses
@@ -7,6 +8,7 @@ import os
 import warnings
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
@@ -15,7 +17,7 @@ from vllm_lite.engine.block_manager import BlockManager
 from vllm_lite.engine.detokenizer import IncrementalDetokenizer
 from vllm_lite.engine.scheduler import Scheduler
 from vllm_lite.engine.sequence import Sequence
-from vllm_lite.sampler import Sampler, SamplingBatch
+from vllm_lite.sampler import Penalties, Sampler, SamplingBatch, token_logprobs
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -23,29 +25,48 @@ PLACEHOLDER = -1  # a sampled token not yet read back from the device
 
 
 class _InFlight:
-    """A launched step: which sequences sample, where their token goes, the device tokens."""
+    """A launched step: which sequences sample, where their token goes, the device tokens, and
+    the sampled tokens' logprobs for the rows that asked (``logprob_rows[i]``: row of sequence i
+    in those tensors, -1 if none)."""
 
-    def __init__(self, seqs: list[Sequence], positions: list[int], tokens: torch.Tensor) -> None:
-        self.seqs, self.positions, self.tokens = seqs, positions, tokens
-        if tokens.is_cuda:  # start the copy back now; host_tokens() waits only for it
-            self._host = torch.empty(tokens.shape, dtype=tokens.dtype, pin_memory=True)
-            self._host.copy_(tokens, non_blocking=True)
+    def __init__(self, seqs: list[Sequence], positions: list[int], tokens: torch.Tensor,
+                 logprobs: tuple | None = None, logprob_rows: list[int] | None = None) -> None:
+        self.seqs, self.positions, self.tokens, self.logprob_rows = seqs, positions, tokens, logprob_rows
+        tensors = [tokens, *(logprobs or ())]
+        if tokens.is_cuda:  # start the copies back now; host_tokens() waits only for them
+            self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
+            for host, t in zip(self._host, tensors):
+                host.copy_(t, non_blocking=True)
             self._ready = torch.cuda.Event()
             self._ready.record()
         else:
-            self._host, self._ready = tokens, None
+            self._host, self._ready = tensors, None
 
     def host_tokens(self) -> list[int]:
         if self._ready is not None:
             self._ready.synchronize()
-        return self._host.tolist()
+        return self._host[0].tolist()
+
+    def host_logprobs(self) -> list[list] | None:
+        """(token logprob, rank, top logprobs, top ids) as lists; call after host_tokens()."""
+        return [t.tolist() for t in self._host[1:]] if len(self._host) > 1 else None
+
+
+@dataclass
+class Logprob:
+    """vLLM's: a token's log-probability, its rank among all tokens (1 = most likely) and its text."""
+    logprob: float
+    rank: int | None = None
+    decoded_token: str | None = None
 
 
 @dataclass
 class CompletionOutput:
-    index: int
+    index: int  # which of the request's n completions
     text: str
     token_ids: list[int]
+    cumulative_logprob: float | None = None  # sum of the tokens' logprobs, when logprobs were asked
+    logprobs: list[dict[int, Logprob]] | None = None  # per token: the sampled and the top-k tokens
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 
@@ -55,6 +76,7 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
+    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # None for the first prompt token
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
 
@@ -106,6 +128,7 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.inflight: _InFlight | None = None
         self.overlap = getattr(self.runner, "supports_overlap", False)
+        self._token_texts: dict[int, str] = {}  # decoded_token of logprobs, per token id
 
     def _load_tokenizer(self, config: EngineConfig):
         """The folder's tokenizer if it fits the model. A folder without one (a dummy-weight
@@ -155,16 +178,20 @@ class LLMEngine:
         self.check_request(token_ids, params)
         if request_id is not None and request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
-        seq = Sequence(token_ids, params, request_id, text)
-        if params.seed is not None:
-            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed)
         if self.tokenizer is None and (params.detokenize and params.stop_strings):
             raise ValueError("stop strings need a tokenizer; this model folder has none")
-        if params.detokenize and self.tokenizer is not None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, token_ids, params.skip_special_tokens)
+        seq = Sequence(token_ids, params, request_id, text)
+        self._give_generator_and_detokenizer(seq)
         self.sequences[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
+
+    def _give_generator_and_detokenizer(self, seq: Sequence) -> None:
+        params = seq.params
+        if params.seed is not None:  # completion i of a seeded request: seed + i, as vLLM
+            seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + seq.index)
+        if params.detokenize and self.tokenizer is not None:
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
 
     def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
         params.validate()
@@ -173,6 +200,18 @@ class LLMEngine:
         vocab = self.hf_config.vocab_size
         if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
+        if params.n > self.config.max_num_seqs:
+            raise ValueError(f"SamplingParams.n must be <= max_num_seqs ({self.config.max_num_seqs}): "
+                             f"the n completions run together, got {params.n}")
+        for name in ("logit_bias", "allowed_token_ids"):
+            ids = getattr(params, name) or ()
+            if any(t >= vocab for t in ids):
+                raise ValueError(f"SamplingParams.{name} token ids must be in [0, {vocab}) (the vocabulary), "
+                                 f"got {max(ids)}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"SamplingParams.{name} must be <= the vocabulary size ({vocab}), got {k}")
         max_len = self.config.max_model_len
         if len(token_ids) >= max_len:
             raise ValueError(f"prompt is {len(token_ids)} tokens, it must be shorter than "
@@ -186,8 +225,9 @@ class LLMEngine:
 
     def abort_request(self, request_id: str) -> None:
         seq = self.sequences.pop(request_id, None)
-        if seq is not None and not seq.is_finished:
-            self.scheduler.finish(seq, "abort")
+        for s in seq.group if seq is not None else ():
+            if not s.is_finished:
+                self.scheduler.finish(s, "abort")
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
@@ -211,34 +251,131 @@ class LLMEngine:
 
     def _launch(self, batch, previous: _InFlight | None) -> _InFlight | None:
         step = self.runner.prepare(batch)
+        sample_rows, prompt_plan = self._plan_logits(batch, step)
         if previous is not None:
             logits = self.runner.execute(step, previous.tokens)
         else:
             logits = self.runner.execute(step)
+        if prompt_plan:
+            self._record_prompt_logprobs(logits, prompt_plan)
         sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
         if not sampling_seqs:
             return None
-        tokens = self.sampler(logits, self._sampling_batch(sampling_seqs), self.generator)
+        for seq, row in list(zip(sampling_seqs, sample_rows)):
+            while seq.needs_fork:  # its prompt is in the cache: the other completions start here
+                sampling_seqs.append(self._fork(seq))
+                sample_rows.append(row)  # their first token is drawn from the same logits
+        if len(sample_rows) != len(logits):
+            logits = logits[torch.tensor(sample_rows, device=logits.device)]
+        sampling = self._sampling_batch(sampling_seqs, previous.tokens if previous is not None else None)
+        out = self.sampler.sample(logits, sampling, self.generator)
+        logprob_rows = None
+        if out.logprobs is not None:
+            logprob_rows = [-1] * len(sampling_seqs)
+            for j, i in enumerate(i for i, s in enumerate(sampling_seqs) if s.logprobs is not None):
+                logprob_rows[i] = j
         positions = []
         for i, seq in enumerate(sampling_seqs):
             positions.append(len(seq.token_ids))
             seq.token_ids.append(PLACEHOLDER)
             seq.inflight_index = i
-        return _InFlight(sampling_seqs, positions, tokens)
+        return _InFlight(sampling_seqs, positions, out.tokens, out.logprobs, logprob_rows)
+
+    def _fork(self, parent: Sequence) -> Sequence:
+        """The parent's next completion, right after the parent's prompt was computed. It shares
+        the prompt's full KV blocks (reference counted) and recomputes the tokens of the last,
+        partial block into a block of its own in its first step (at most block_size - 1 tokens),
+        so no shared block is ever written and no KV copy is needed (vLLM v1 shares n
+        completions' prompt the same way, through its prefix cache)."""
+        child = parent.fork()
+        num_full = parent.num_prompt_tokens // self.block_manager.block_size
+        self.block_manager.share(parent, child, num_full)
+        child.num_computed_tokens = num_full * self.block_manager.block_size
+        self._give_generator_and_detokenizer(child)
+        self.scheduler.add_forked(child)
+        return child
+
+    def _plan_logits(self, batch, step) -> tuple[list[int], list[tuple[Sequence, int, int]]]:
+        """Which rows of the logits are which. Returns, per sampling sequence (in batch order),
+        its row in the logits the runner will return, and for prompt_logprobs, (sequence, first
+        row, number of rows) whose logits score its next prompt tokens. The runner returns the
+        logits of the step's ``logits_indices`` rows (the sampling ones); the prompt rows are
+        added there, so they are computed only for requests that ask."""
+        if not any(s.prompt_logprobs is not None for s in batch.seqs):
+            return list(range(len(step.logits_indices))), []
+        rows, sample_rows, plan = [], [], []
+        qsl = step.query_start_loc
+        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens)):
+            start = seq.num_computed_tokens
+            if seq.prompt_logprobs is not None:
+                # position p's logits score prompt token p + 1; tokens before len(prompt_logprobs)
+                # are scored already (an earlier chunk, or the run before a preemption)
+                lo = max(start, len(seq.prompt_logprobs) - 1)
+                hi = min(start + n, seq.num_prompt_tokens - 1)
+                if lo < hi:
+                    plan.append((seq, len(rows), hi - lo))
+                    rows.extend(range(qsl[i] + lo - start, qsl[i] + hi - start))
+            if start + n == len(seq):
+                sample_rows.append(len(rows))
+                rows.append(qsl[i] + n - 1)
+        step.logits_indices = np.asarray(rows, np.int64)
+        return sample_rows, plan
+
+    def _record_prompt_logprobs(self, logits: torch.Tensor, plan: list[tuple[Sequence, int, int]]) -> None:
+        """Append the scored prompt tokens' {token id: Logprob} to their sequences. Waits for
+        the step (prompt logprobs are read back at once, only for requests that ask)."""
+        rows = torch.cat([torch.arange(r, r + c) for _, r, c in plan]).to(logits.device)
+        targets = [t for seq, _, c in plan
+                   for t in seq.prompt_token_ids[len(seq.prompt_logprobs):len(seq.prompt_logprobs) + c]]
+        k = max(seq.params.prompt_logprobs for seq, _, _ in plan)
+        target_dev = torch.tensor(targets, device=logits.device)
+        parts = []
+        for a in range(0, len(targets), 1024):  # bounds the [rows, vocab] fp32 temporaries
+            logprobs = torch.log_softmax(logits[rows[a:a + 1024]].float(), dim=-1)
+            parts.append(token_logprobs(logprobs, target_dev[a:a + 1024], k))
+        token_lp, rank, top_lp, top_ids = (torch.cat(p).tolist() for p in zip(*parts))
+        i = 0
+        for seq, _, c in plan:
+            kk = seq.params.prompt_logprobs
+            for _ in range(c):
+                seq.prompt_logprobs.append(
+                    self._logprob_dict(seq, targets[i], token_lp[i], rank[i], top_lp[i][:kk], top_ids[i][:kk]))
+                i += 1
+
+    def _logprob_dict(self, seq: Sequence, token_id: int, logprob: float, rank: int, top_logprobs: list[float],
+                      top_ids: list[int]) -> dict[int, Logprob]:
+        """vLLM's layout: the chosen token first, then the top-k (ranks 1..k)."""
+        text = self._token_text if seq.detok is not None else (lambda t: None)
+        entries = {token_id: Logprob(logprob, rank, text(token_id))}
+        for r, (t, lp) in enumerate(zip(top_ids, top_logprobs), start=1):
+            entries[t] = Logprob(lp, r, text(t))
+        return entries
+
+    def _token_text(self, token_id: int) -> str:
+        text = self._token_texts.get(token_id)
+        if text is None:
+            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
+        return text
 
     def _process(self, inflight: _InFlight) -> list[RequestOutput]:
         """Read back one launched step's tokens, fill its placeholders, run the stop checks."""
         outputs = []
         token_ids = inflight.host_tokens()
+        logprobs = inflight.host_logprobs()
         self.num_generated_tokens += len(token_ids)
-        for seq, pos, token_id in zip(inflight.seqs, inflight.positions, token_ids):
+        for i, (seq, pos, token_id) in enumerate(zip(inflight.seqs, inflight.positions, token_ids)):
             if seq.is_finished:  # stopped on an earlier token, or aborted: this one is void
                 continue
             seq.token_ids[pos] = token_id
+            if seq.logprobs is not None:
+                j, k = inflight.logprob_rows[i], seq.params.logprobs
+                token_lp, rank, top_lp, top_ids = (x[j] for x in logprobs)
+                seq.logprobs.append(self._logprob_dict(seq, token_id, token_lp, rank, top_lp[:k], top_ids[:k]))
+                seq.cumulative_logprob += token_lp
             self._accept_token(seq, pos, token_id)
-            if seq.is_finished:
+            if seq.is_finished and all(s.is_finished for s in seq.group):
                 outputs.append(self._output(seq))
         return outputs
 
@@ -246,21 +383,17 @@ class LLMEngine:
         pending = self.inflight is not None and not all(s.is_finished for s in self.inflight.seqs)
         return self.scheduler.has_unfinished() or pending
 
-    def _sampling_batch(self, seqs: list[Sequence]) -> SamplingBatch:
+    def _sampling_batch(self, seqs: list[Sequence], prev_tokens: torch.Tensor | None = None) -> SamplingBatch:
+        """The step's sampling parameters as device tensors. ``prev_tokens``: the step in
+        flight's sampled tokens, where an output token is still a placeholder (penalties)."""
         ps = [s.params for s in seqs]
-
-        def tensor(values, dtype):  # pinned: the copy must not wait for the step in flight
-            host = torch.tensor(values, dtype=dtype)
-            if self.device.type == "cuda":
-                host = host.pin_memory()
-            return host.to(self.device, non_blocking=True)
-
+        tensor = self._to_device
         banned = []
         for row, s in enumerate(seqs):
             if s.num_output_tokens < s.params.min_tokens:
                 stop_ids = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_token_ids)
                 banned.append((row, sorted(stop_ids)))
-        return SamplingBatch(
+        batch = SamplingBatch(
             temperature=tensor([p.temperature for p in ps], torch.float32),
             top_k=tensor([max(p.top_k, 0) for p in ps], torch.int64),
             top_p=tensor([p.top_p for p in ps], torch.float32),
@@ -271,6 +404,60 @@ class LLMEngine:
             any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in ps),
             any_min_p=any(p.min_p > 0 for p in ps),
         )
+        # the extras, each only when some row uses it
+        allowed = [r for r, p in enumerate(ps) if p.allowed_token_ids is not None]
+        if allowed:
+            keep = self._flat_index([ps[r].allowed_token_ids for r in allowed])
+            batch.allowed = (tensor(allowed, torch.int64), *keep)
+        biased = [r for r, p in enumerate(ps) if p.logit_bias]
+        if biased:
+            local, tokens = self._flat_index([ps[r].logit_bias for r in biased])  # dict keys: token ids
+            bias = tensor([b for r in biased for b in ps[r].logit_bias.values()], torch.float32)
+            batch.logit_bias = (tensor(biased, torch.int64)[local], tokens, bias)
+        penalized = [r for r, p in enumerate(ps) if p.has_penalties]
+        if penalized:
+            batch.penalties = self._penalties([seqs[r] for r in penalized], tensor(penalized, torch.int64),
+                                              prev_tokens)
+        wants_logprobs = [r for r, p in enumerate(ps) if p.logprobs is not None]
+        if wants_logprobs:
+            batch.logprob_rows = tensor(wants_logprobs, torch.int64)
+            batch.num_logprobs = max(ps[r].logprobs for r in wants_logprobs)
+        return batch
+
+    def _penalties(self, seqs: list[Sequence], rows: torch.Tensor, prev_tokens: torch.Tensor | None) -> Penalties:
+        """Index tensors of the penalized sequences' output tokens (and prompt tokens, for
+        repetition penalties). A last output token still in flight (a placeholder here) is read
+        from ``prev_tokens``, the in-flight step's sampled tokens on the device."""
+        tensor, ps = self._to_device, [s.params for s in seqs]
+        outputs = [s.output_token_ids for s in seqs]
+        out_rows, out_tokens = self._flat_index(outputs)
+        holes = [i for i, out in enumerate(outputs) if out and out[-1] == PLACEHOLDER]
+        if holes:
+            ends = np.cumsum([len(out) for out in outputs]) - 1
+            out_tokens[tensor(ends[holes], torch.int64)] = prev_tokens[
+                tensor([seqs[i].inflight_index for i in holes], torch.int64)]
+        repeating = [i for i, p in enumerate(ps) if p.repetition_penalty != 1.0]
+        prompt_index = None
+        if repeating:
+            local, tokens = self._flat_index([seqs[i].prompt_token_ids for i in repeating])
+            prompt_index = (tensor(repeating, torch.int64)[local], tokens)
+        return Penalties(
+            rows=rows,
+            repetition=tensor([p.repetition_penalty for p in ps], torch.float32),
+            frequency=tensor([p.frequency_penalty for p in ps], torch.float32),
+            presence=tensor([p.presence_penalty for p in ps], torch.float32),
+            output_index=(out_rows, out_tokens), prompt_index=prompt_index)
+
+    def _to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
+        host = torch.as_tensor(values, dtype=dtype)
+        if self.device.type == "cuda":  # pinned: the copy must not wait for the step in flight
+            host = host.pin_memory()
+        return host.to(self.device, non_blocking=True)
+
+    def _flat_index(self, lists) -> tuple[torch.Tensor, torch.Tensor]:
+        """(i, x) for every item x of lists[i], as two device tensors: a [rows, vocab] index."""
+        rows = np.repeat(np.arange(len(lists)), [len(items) for items in lists])
+        return self._to_device(rows, torch.int64), self._to_device([x for items in lists for x in items], torch.int64)
 
     def _accept_token(self, seq: Sequence, pos: int, token_id: int) -> None:
         """Stop checks for the token at ``pos`` (later positions may hold placeholders)."""
@@ -304,10 +491,16 @@ class LLMEngine:
         self.scheduler.finish(seq, reason)
 
     def _output(self, seq: Sequence) -> RequestOutput:
-        text = seq.detok.text if seq.detok is not None else ""
-        completion = CompletionOutput(0, text, seq.output_token_ids, seq.finish_reason, seq.stop_reason)
-        self.sequences.pop(seq.request_id, None)
-        return RequestOutput(seq.request_id, seq.prompt, seq.prompt_token_ids, [completion], seq.is_finished)
+        """The request of ``seq`` once all its completions are finished."""
+        completions = [
+            CompletionOutput(s.index, s.detok.text if s.detok is not None else "", s.output_token_ids,
+                             s.cumulative_logprob if s.logprobs is not None else None, s.logprobs,
+                             s.finish_reason, s.stop_reason)
+            for s in seq.group]
+        first = seq.group[0]
+        self.sequences.pop(first.request_id, None)
+        return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, first.prompt_logprobs,
+                             completions, True)
 
     def close(self) -> None:
         close = getattr(self.runner, "close", None)

@@ -1,7 +1,8 @@
 """Continuous batching. Every step is one decision ``{sequence: number of new tokens}`` under a
 token budget: running sequences first (a decode token, or the next chunk of a long prompt),
 then waiting prompts, chunked to fit. When the KV pool runs dry the most recently admitted
-running sequence is preempted: its blocks are freed and it is recomputed later."""
+running sequence is preempted: its blocks are freed and it is recomputed later. The engine adds
+the forked completions of an ``n > 1`` request to ``running`` itself (``add_forked``)."""
 from __future__ import annotations
 
 from collections import deque
@@ -43,6 +44,11 @@ class Scheduler:
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
 
+    def add_forked(self, seq: Sequence) -> None:
+        """A completion forked from a running sequence: it runs at once, its seat was kept."""
+        seq.status = SequenceStatus.RUNNING
+        self.running.append(seq)
+
     def has_unfinished(self) -> bool:
         return bool(self.waiting or self.running)
 
@@ -64,11 +70,15 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+        seats = sum(s.num_seats for s in self.running)  # a request of n completions takes n
+        while self.waiting and budget > 0:
             seq = self.waiting[0]
+            if seats + seq.num_seats > self.max_num_seqs:
+                break
             n = min(seq.num_uncomputed_tokens, budget)
             if not self.block_manager.can_allocate(seq, n):
                 break
+            seats += seq.num_seats
             self.block_manager.allocate(seq, n)
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING

@@ -1,5 +1,6 @@
-"""One request as the engine sees it: its tokens, how many of them are in the KV cache, and the
-physical blocks that hold them."""
+"""One completion as the engine sees it: its tokens, how many of them are in the KV cache, and
+the physical blocks that hold them. A request is one Sequence, or n of them (``params.n``): the
+first is scheduled alone and, once its prompt is computed, forks the others (``fork``)."""
 from __future__ import annotations
 
 import enum
@@ -34,6 +35,13 @@ class Sequence:
         self.detok = None  # incremental detokenizer; None when the request wants token ids only
         self.num_preemptions = 0
         self.inflight_index = -1  # row of its token in the step in flight (overlapped steps)
+        self.index = 0  # which of the request's n completions
+        self.group: list[Sequence] = [self]  # the request's completions, in index order (shared list)
+        # per output token {token id: Logprob}, when params.logprobs is set; per prompt token
+        # (None for the first), when params.prompt_logprobs is set (shared by the group)
+        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        self.cumulative_logprob = 0.0
+        self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None else None
 
     def __len__(self) -> int:
         return len(self.token_ids)
@@ -63,3 +71,23 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
+
+    @property
+    def num_seats(self) -> int:
+        """Places among ``max_num_seqs`` it takes: a request's first sequence keeps a place for
+        each completion it has yet to fork."""
+        return self.params.n - len(self.group) + 1 if self.index == 0 else 1
+
+    @property
+    def needs_fork(self) -> bool:
+        return len(self.group) < self.params.n
+
+    def fork(self) -> Sequence:
+        """The request's next completion: same prompt, no output yet, its own KV blocks to be
+        given by the block manager (``BlockManager.share``)."""
+        child = Sequence(self.prompt_token_ids, self.params, self.request_id, self.prompt)
+        child.index = len(self.group)
+        child.group = self.group
+        child.prompt_logprobs = self.prompt_logprobs
+        self.group.append(child)
+        return child
