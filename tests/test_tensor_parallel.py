@@ -1,6 +1,7 @@
 """Tensor parallelism on CPU with gloo: greedy parity with one device (with preemption and chunked
 prefill), weights split ~1/tp per rank, clean lifecycle (close, garbage collection, Ctrl-C,
 parent death) and a clear, quick error when a worker fails."""
+import contextlib
 import gc
 import json
 import os
@@ -178,7 +179,7 @@ def test_a_worker_exception_reaches_the_user_with_rank_and_traceback(llama_path)
     llm = LLM(llama_path, tensor_parallel_size=2, num_blocks=64, block_size=8)
     pid = llm.engine.runner.worker_pids[0]
     llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)
-    llm.engine.runner._workers.cmd_qs[0].put(("step", None))  # rank 1 now fails inside execute
+    llm.engine.runner._workers.commands[0].send(("step", None))  # rank 1 now fails inside execute
     start = time.monotonic()
     with pytest.raises(RuntimeError, match=r"(?s)rank 1 failed: AttributeError.*Traceback") as info:
         llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)
@@ -227,45 +228,97 @@ def test_close_and_garbage_collection_leave_no_process(llama_path):
 
 
 CHILD_SCRIPT = """
-import json, sys
+import json, os, signal, sys
 from vllm_lite import LLM, SamplingParams
 
+
+def ctrl_c_at_next_call(owner, name):
+    # What a terminal's Ctrl-C does (SIGINT to the whole process group), timed to land here.
+    original = getattr(owner, name)
+
+    def pressed(*args, **kwargs):
+        setattr(owner, name, original)
+        os.killpg(0, signal.SIGINT)
+        return original(*args, **kwargs)
+
+    setattr(owner, name, pressed)
+
+
 if __name__ == "__main__":
-    llm = LLM(sys.argv[1], tensor_parallel_size=2, num_blocks=256, block_size=8)
+    model, then = sys.argv[1:]
+    llm = LLM(model, tensor_parallel_size=2, num_blocks=256, block_size=8)
     print(json.dumps({"workers": llm.engine.runner.worker_pids}), flush=True)
-    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    prompts, params = [[5, 6, 7] * 10] * 4, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    llm.generate(prompts, params, use_tqdm=False)
+    if then == "exit":  # the end of a script that never calls close()
+        sys.exit(0)
+    if then == "ctrl-c-in-a-collective":  # rank 0 leaves mid-step; rank 1 waits in the collective
+        import torch.distributed as dist
+        ctrl_c_at_next_call(dist, "all_reduce")
+    elif then == "ctrl-c-between-steps":  # in the engine's own code: the workers are idle
+        ctrl_c_at_next_call(llm.engine.scheduler, "schedule")
+    print("generating", flush=True)
     while True:
-        llm.generate([[5, 6, 7] * 10] * 4, params, use_tqdm=False)
+        llm.generate(prompts, params, use_tqdm=False)
 """
+LEAK_WARNING = "leaked semaphore"  # multiprocessing's resource tracker, cleaning up after a process
 
 
-def _start_engine_process(tmp_path, model_path):
+@contextlib.contextmanager
+def engine_process(tmp_path, model_path, then: str):
+    """(process, worker pids) of CHILD_SCRIPT run in its own session, as from a terminal; whatever
+    outlives the test is killed."""
     script = tmp_path / "engine_child.py"
     script.write_text(textwrap.dedent(CHILD_SCRIPT))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, str(script), model_path], stdout=subprocess.PIPE,
+    proc = subprocess.Popen([sys.executable, str(script), model_path, then], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
-    line = proc.stdout.readline()
-    assert line, f"engine process failed to start:\n{proc.stderr.read()}"
-    return proc, json.loads(line)["workers"]
-
-
-@pytest.mark.parametrize("how", ["ctrl-c", "sigkill"])
-def test_workers_exit_on_ctrl_c_and_when_the_engine_process_dies(tmp_path, llama_path, how):
-    proc, workers = _start_engine_process(tmp_path, llama_path)
+    workers = []
     try:
-        time.sleep(1.0)  # let it generate
-        if how == "ctrl-c":
-            os.killpg(proc.pid, signal.SIGINT)  # what the terminal sends: the whole process group
-            rc = proc.wait(timeout=20)
-            assert rc != 0 and "KeyboardInterrupt" in proc.stderr.read()
-        else:
-            os.kill(proc.pid, signal.SIGKILL)
-            proc.wait(timeout=10)
-        assert not wait_gone(workers, 10), f"workers {workers} outlived the engine process ({how})"
+        line = proc.stdout.readline()
+        assert line, f"engine process failed to start:\n{proc.stderr.read()}"
+        workers = json.loads(line)["workers"]
+        yield proc, workers
     finally:
         if proc.poll() is None:
             proc.kill()
         for pid in workers:
             if alive(pid):
                 os.kill(pid, signal.SIGKILL)
+        proc.wait()
+
+
+def stderr_once_all_gone(proc, workers) -> str:
+    """The engine process's stderr, read to its end: the workers and its resource tracker share it,
+    so this returns once they have all exited (the tracker reports leaks as it exits)."""
+    assert not wait_gone(workers, 10), f"workers {workers} outlived the engine process"
+    return proc.stderr.read()
+
+
+@pytest.mark.parametrize("where", ["in-a-collective", "between-steps"])
+def test_ctrl_c_stops_the_engine_and_its_workers_promptly_and_cleanly(tmp_path, llama_path, where):
+    with engine_process(tmp_path, llama_path, f"ctrl-c-{where}") as (proc, workers):
+        assert proc.stdout.readline() == "generating\n"
+        start = time.monotonic()
+        rc = proc.wait(timeout=20)
+        print(f"\nexited {time.monotonic() - start:.2f} s after Ctrl-C ({where})")
+        err = stderr_once_all_gone(proc, workers)
+        assert rc != 0 and "KeyboardInterrupt" in err
+        assert LEAK_WARNING not in err, err
+
+
+def test_a_script_that_ends_without_close_exits_promptly_and_cleanly(tmp_path, llama_path):
+    with engine_process(tmp_path, llama_path, "exit") as (proc, workers):
+        rc = proc.wait(timeout=20)
+        err = stderr_once_all_gone(proc, workers)
+        assert rc == 0, err
+        assert LEAK_WARNING not in err, err
+
+
+def test_workers_exit_when_the_engine_process_is_killed(tmp_path, llama_path):
+    with engine_process(tmp_path, llama_path, "generate") as (proc, workers):
+        assert proc.stdout.readline() == "generating\n"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+        # Nothing of ours relies on the engine's own cleanup: no semaphore is left behind.
+        assert LEAK_WARNING not in stderr_once_all_gone(proc, workers)

@@ -3,24 +3,33 @@ prepares each step and samples); ranks 1..tp-1 are worker processes started with
 rank builds its own ModelRunner under ``set_tp(rank, tp)``, so it loads only its slices of the
 weights and holds only its KV heads of the paged pool (the block manager stays on rank 0).
 
-Each step rank 0 puts the ``StepInput`` (numpy arrays) on one queue per worker and runs the
+Each step rank 0 sends the ``StepInput`` (numpy arrays) down one pipe per worker and runs the
 model itself; the collectives inside the layers keep the ranks in lock step, and rank 0 returns
-its logits. Workers answer setup calls and report errors on their own result queue.
+its logits. Workers answer setup calls and report errors on their own result pipe.
 
 Failures: a worker that raises sends its traceback, then exits; a worker that dies closes its
 sockets, so the collective rank 0 waits in fails at once (gloo), or at the latest after
 ``VLLM_LITE_TP_TIMEOUT`` seconds (default 30). A monitor thread also stops the remaining
 workers as soon as one is dead, so no rank waits forever on another. The engine then raises a
 RuntimeError naming the rank and the cause. Workers exit on their own when the engine process
-disappears (a watchdog thread polls the parent pid) and ignore Ctrl-C, which rank 0 handles.
+disappears (their command pipe ends, and a watchdog thread polls the parent pid) and ignore
+Ctrl-C, which rank 0 handles.
+
+Shutdown: rank 0 sends "stop"; each rank leaves the process group on its own (local on both
+backends) and a worker then exits at once. Plain pipes, not multiprocessing queues: a queue has
+a feeder thread that exit may wait on, named semaphores that leak ("leaked semaphore objects")
+when its process ends without its exit handlers, and a lock inside ``put`` that a Ctrl-C
+landing right after its acquisition leaves held, after which closing the queue deadlocks (a hang
+after Ctrl-C). Each pipe here has one writer and one reader, so it needs none of these.
 """
 from __future__ import annotations
 
 import contextlib
 import datetime
+import fcntl
 import os
-import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -37,8 +46,10 @@ from vllm_lite.parallel_state import set_tp, tp_rank, tp_size
 
 TIMEOUT_ENV = "VLLM_LITE_TP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 30.0
-_ERROR_EXIT = 3  # a worker's exit code after it reported an exception on its result queue
+_ERROR_EXIT = 3  # a worker's exit code after it reported an exception on its result pipe
 _POLL_S = 0.1
+_PIPE_BYTES = 1 << 20  # a step's message fits whole: sending it does not wait for the worker to read
+_MAX_TRACEBACK = 32_000  # a worker's traceback fits in a pipe even where it cannot be enlarged
 
 
 def check_tp_split(hf_config, tp: int) -> None:
@@ -76,8 +87,8 @@ def _as_rank(rank: int, size: int):
     """Rank 0 shares its process with the engine (and maybe other, single-device engines):
     the tensor-parallel state is set only while rank 0 builds or runs its model."""
     saved = tp_rank(), tp_size()
-    set_tp(rank, size)
-    try:
+    try:  # set inside the try: a Ctrl-C right after it still restores the state
+        set_tp(rank, size)
         yield
     finally:
         set_tp(*saved)
@@ -89,6 +100,14 @@ def _threads_per_rank(tp: int) -> int:
     except AttributeError:
         cpus = os.cpu_count() or 1
     return max(1, cpus // tp)
+
+
+def _pipe() -> tuple:
+    """(reader, writer) of a one-way pipe, enlarged where Linux allows it."""
+    reader, writer = mp.Pipe(duplex=False)
+    with contextlib.suppress(AttributeError, OSError):  # not Linux, or over the user's pipe quota
+        fcntl.fcntl(writer.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+    return reader, writer
 
 
 def _describe_exit(code: int | None) -> str:
@@ -124,12 +143,22 @@ def _parent_watchdog(parent_pid: int) -> None:
         time.sleep(0.5)
 
 
+def _exit_now(code: int) -> None:
+    """End this worker without the interpreter's teardown: nothing is left to clean up (rank 0's
+    pipes get EOF, the kernel frees the rest), and tearing down torch takes seconds on a busy
+    machine, which rank 0 would wait for before it could exit itself."""
+    with contextlib.suppress(Exception):
+        sys.stdout.flush()
+        sys.stderr.flush()
+    os._exit(code)
+
+
 def _worker_main(rank: int, tp: int, store_port: int, backend: str, timeout_s: float, config: EngineConfig,
-                 hf_config, model_path: str | None, cmd_q, res_q, parent_pid: int) -> None:
+                 hf_config, model_path: str | None, commands, results, parent_pid: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops us
     threading.Thread(target=_parent_watchdog, args=(parent_pid,), daemon=True, name="parent-watchdog").start()
     try:
-        res_q.put(("started", os.getpid()))
+        results.send(("started", os.getpid()))
         if backend == "nccl":
             device = torch.device("cuda", rank)
             torch.cuda.set_device(device)
@@ -141,26 +170,30 @@ def _worker_main(rank: int, tp: int, store_port: int, backend: str, timeout_s: f
         dist.init_process_group(backend, store=store, rank=rank, world_size=tp, timeout=timeout)
         set_tp(rank, tp)
         runner = ModelRunner(config, hf_config, model_path, device)
-        res_q.put(("ready", param_bytes(runner.model)))
+        results.send(("ready", param_bytes(runner.model)))
         while True:
-            cmd, *args = cmd_q.get()
+            try:
+                cmd, *args = commands.recv()
+            except EOFError:  # the engine process is gone
+                _exit_now(1)
             if cmd == "step":
                 runner.execute(*args)
             elif cmd == "measure":
-                res_q.put(("ok", runner.default_num_blocks()))
+                results.send(("ok", runner.default_num_blocks()))
             elif cmd == "allocate":
                 runner.allocate_kv_cache(*args)
-                res_q.put(("ok", None))
+                results.send(("ok", None))
             elif cmd == "stop":
                 break
             else:
                 raise ValueError(f"unknown command {cmd!r}")
         leave_process_group()
     except BaseException:
-        res_q.put(("error", time.time(), traceback.format_exc()))
-        res_q.close()
-        res_q.join_thread()  # the traceback is in the pipe before our sockets close
-        os._exit(_ERROR_EXIT)
+        # send() returns once the traceback is in the pipe, i.e. before our sockets close
+        with contextlib.suppress(OSError):  # the engine process is gone
+            results.send(("error", time.time(), traceback.format_exc()[-_MAX_TRACEBACK:]))
+        _exit_now(_ERROR_EXIT)
+    _exit_now(0)
 
 
 # ---- rank 0 side ---------------------------------------------------------------------------
@@ -169,14 +202,14 @@ class _WorkerDied(Exception):
 
 
 class _Workers:
-    """The worker processes, their queues and rank 0's process group. Holds no reference to
+    """The worker processes, their pipes and rank 0's process group. Holds no reference to
     the executor, so ``weakref.finalize`` can shut it down when the executor is collected."""
 
     def __init__(self, backend: str, timeout_s: float) -> None:
         self.backend, self.timeout_s = backend, timeout_s
         self.procs: list = []  # index i is rank i + 1
-        self.cmd_qs: list = []
-        self.res_qs: list = []
+        self.commands: list = []  # rank 0's ends of the pipes, index i is rank i + 1
+        self.results: list = []
         self.lock = threading.RLock()
         self.stopping = False  # processes are being or have been stopped: deaths are expected
         self.released = False
@@ -220,18 +253,18 @@ class _Workers:
     # -- messages --------------------------------------------------------------------------
     def recv(self, rank: int):
         """The next message from ``rank``; _WorkerDied if it reported an error or died."""
-        q, proc = self.res_qs[rank - 1], self.procs[rank - 1]
-        while True:
-            try:
-                msg = q.get(timeout=_POLL_S)
-            except queue.Empty:
-                if not proc.is_alive() or self.stopping:
-                    raise _WorkerDied(rank) from None
-                continue
-            if msg[0] == "error":
-                self.errors[rank] = (msg[1], msg[2])
+        conn, proc = self.results[rank - 1], self.procs[rank - 1]
+        while not conn.poll(_POLL_S):
+            if not proc.is_alive() or self.stopping:
                 raise _WorkerDied(rank)
-            return msg
+        try:
+            msg = conn.recv()
+        except EOFError:  # it exited
+            raise _WorkerDied(rank) from None
+        if msg[0] == "error":
+            self.errors[rank] = (msg[1], msg[2])
+            raise _WorkerDied(rank)
+        return msg
 
     def recv_all(self, expected: str) -> list:
         values = []
@@ -243,8 +276,11 @@ class _Workers:
         return values
 
     def send_all(self, *msg) -> None:
-        for q in self.cmd_qs:
-            q.put(msg)
+        for rank, conn in enumerate(self.commands, 1):
+            try:
+                conn.send(msg)
+            except OSError:  # EPIPE: it exited
+                raise _WorkerDied(rank) from None
 
     # -- shutdown ------------------------------------------------------------------------------
     def stop_processes(self, graceful: bool, join_s: float = 5.0) -> None:
@@ -254,9 +290,12 @@ class _Workers:
             self.stopping = True
             self.monitor_stop.set()
             if graceful:
-                for q in self.cmd_qs:
-                    with contextlib.suppress(Exception):
-                        q.put(("stop",))
+                for conn in self.commands:
+                    # Never wait on a worker that does not read: a message this small is written
+                    # whole or not at all, and a worker that misses it is terminated below.
+                    with contextlib.suppress(OSError):
+                        os.set_blocking(conn.fileno(), False)
+                        conn.send(("stop",))
                 deadline = time.monotonic() + join_s
                 for p in self.procs:
                     p.join(max(0.0, deadline - time.monotonic()))
@@ -280,16 +319,13 @@ class _Workers:
             for rank, p in enumerate(self.procs, 1):
                 if rank in self.errors or p.exitcode != _ERROR_EXIT:
                     continue
-                # It exited after flushing its traceback: read it (its queue is complete).
-                deadline = time.monotonic() + 2.0
-                while time.monotonic() < deadline:
-                    try:
-                        msg = self.res_qs[rank - 1].get(timeout=_POLL_S)
-                    except queue.Empty:
-                        continue
-                    if msg[0] == "error":
-                        self.errors[rank] = (msg[1], msg[2])
-                        break
+                # It exited after sending its traceback: read it (its pipe holds it).
+                with contextlib.suppress(EOFError, OSError):
+                    while self.results[rank - 1].poll(0):
+                        msg = self.results[rank - 1].recv()
+                        if msg[0] == "error":
+                            self.errors[rank] = (msg[1], msg[2])
+                            break
             died = [(r, p.exitcode) for r, p in enumerate(self.procs, 1)
                     if p.exitcode is not None and r not in self.killed_by_us and r not in self.errors]
         if died:
@@ -312,9 +348,8 @@ class _Workers:
             if self.released:
                 return
             self.released = True
-            for q in self.cmd_qs + self.res_qs:
-                q.cancel_join_thread()  # never block exit on a queue whose reader is gone
-                q.close()
+            for conn in self.commands + self.results:
+                conn.close()
             if self.owns_process_group and dist.is_initialized():
                 with contextlib.suppress(Exception):
                     leave_process_group()
@@ -368,14 +403,20 @@ class TPExecutor:
         store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False, timeout=timeout)
         ctx = mp.get_context("spawn")
         for rank in range(1, tp):
-            cmd_q, res_q = ctx.Queue(), ctx.Queue()
+            (commands_out, commands_in), (results_out, results_in) = _pipe(), _pipe()
             proc = ctx.Process(target=_worker_main, name=f"vllm-lite-tp-rank{rank}", daemon=True,
                                args=(rank, tp, store.port, self.backend, self.timeout_s, config, hf_config,
-                                     model_path, cmd_q, res_q, os.getpid()))
-            proc.start()
+                                     model_path, commands_out, results_in, os.getpid()))
+            workers.commands.append(commands_in)
+            workers.results.append(results_out)
+            try:
+                proc.start()
+            finally:
+                # The worker has its own copies now: with ours closed, a pipe ends (EOF, EPIPE)
+                # exactly when the process at its other end is gone.
+                commands_out.close()
+                results_in.close()
             workers.procs.append(proc)
-            workers.cmd_qs.append(cmd_q)
-            workers.res_qs.append(res_q)
         self.worker_pids = [p.pid for p in workers.procs]
         workers.recv_all("started")  # imports done; a worker that cannot start fails here
         if self.backend == "nccl":
@@ -426,9 +467,9 @@ class TPExecutor:
 
     def _fail(self, exc: BaseException | None, starting: bool = False) -> RuntimeError:
         workers = self._workers
-        if exc is not None and not isinstance(exc, _WorkerDied):
-            # A collective failed: a peer that was killed closes its sockets a moment before it
-            # can be reaped. Give it that moment, so the rank that died is named, not rank 0.
+        if not workers.errors:
+            # A peer that was killed closes its sockets and pipes a moment before it can be
+            # reaped. Give it that moment, so the rank that died is named, not rank 0.
             workers.wait_for_a_death(timeout=2.0)
         workers.stop_processes(graceful=False)
         self.failure = workers.diagnose(exc if not isinstance(exc, _WorkerDied) else None)
