@@ -49,6 +49,8 @@ class SamplingParams:
     logit_bias: dict[int, float] | None = None  # {token id: bias added to its logit}, bias in [-100, 100]
     allowed_token_ids: list[int] | None = None  # only these tokens can be sampled
     _stop: list[str] = field(init=False, repr=False)
+    # set by validate(): any of penalties, bias, allowed ids, logprobs (the sampler's extra work)
+    needs_extras: bool = field(init=False, repr=False, default=False)
 
     def __post_init__(self) -> None:
         self._stop = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -127,3 +129,5 @@ class SamplingParams:
             if (not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
                     or any(not is_int(t) or t < 0 for t in self.allowed_token_ids)):
                 bad("allowed_token_ids", "must be None or a non-empty list of token ids (ints >= 0)")
+        self.needs_extras = (self.has_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
+                             or self.logprobs is not None)

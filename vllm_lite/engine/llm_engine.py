@@ -404,6 +404,8 @@ class LLMEngine:
             any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in ps),
             any_min_p=any(p.min_p > 0 for p in ps),
         )
+        if not any(p.needs_extras for p in ps):
+            return batch
         # the extras, each only when some row uses it
         allowed = [r for r, p in enumerate(ps) if p.allowed_token_ids is not None]
         if allowed:

@@ -70,7 +70,8 @@ class Scheduler:
                 budget -= n
                 i += 1
 
-        seats = sum(s.num_seats for s in self.running)  # a request of n completions takes n
+        # a request of n completions takes n seats of max_num_seqs, forked or not
+        seats = len(self.running) + sum(s.num_seats - 1 for s in self.running if s.params.n > 1)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if seats + seq.num_seats > self.max_num_seqs:
