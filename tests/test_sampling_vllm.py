@@ -216,6 +216,28 @@ def test_prompt_logprobs_match_transformers_log_softmax(llama, chunked):
         assert out.outputs[0].logprobs is None
 
 
+def test_prompt_logprobs_prompts_are_prefilled_in_capped_chunks(llama, monkeypatch):
+    from vllm_lite.engine import llm_engine
+    _, hf = llama
+    monkeypatch.setattr(llm_engine, "PROMPT_LOGPROBS_CHUNK", 6)
+    llm = LLM(hf.model.name_or_path, dtype="float32", block_size=8, num_blocks=64)
+    chunks, schedule = [], llm.engine.scheduler.schedule
+
+    def spy():
+        batch = schedule()
+        chunks.extend(n for s, n in zip(batch.seqs, batch.num_new_tokens) if s.params.prompt_logprobs is not None)
+        return batch
+
+    llm.engine.scheduler.schedule = spy
+    prompts = prompts_of_lengths([20, 9], 400, seed=13)
+    params = [SamplingParams(max_tokens=4, ignore_eos=True, prompt_logprobs=2), SamplingParams(max_tokens=4)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert max(chunks) == 6 and sum(n for n in chunks if n > 1) == 20
+    ref = torch.log_softmax(hf.model(torch.tensor([prompts[0]])).logits[0].float(), -1)
+    for i in range(1, 20):
+        assert_logprob_entry(outputs[0].prompt_logprobs[i], prompts[0][i], ref[i - 1], 2)
+
+
 def test_prompt_logprobs_survive_preemption(llama):
     _, hf = llama
     llm = LLM(hf.model.name_or_path, dtype="float32", block_size=8, num_blocks=10, max_num_batched_tokens=24)

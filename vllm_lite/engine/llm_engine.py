@@ -16,12 +16,15 @@ from vllm_lite.config import EngineConfig
 from vllm_lite.engine.block_manager import BlockManager
 from vllm_lite.engine.detokenizer import IncrementalDetokenizer
 from vllm_lite.engine.scheduler import Scheduler
-from vllm_lite.engine.sequence import Sequence
+from vllm_lite.engine.sequence import MAX_CHUNK, Sequence
 from vllm_lite.sampler import Penalties, Sampler, SamplingBatch, token_logprobs
 from vllm_lite.sampling_params import SamplingParams
 
 
 PLACEHOLDER = -1  # a sampled token not yet read back from the device
+# Prompt chunks of a request that wants prompt_logprobs: the logits of every row are kept, so a
+# chunk is capped (512 rows x a 150k vocabulary is 150 MB in bf16, not 2.5 GB for 8192 rows).
+PROMPT_LOGPROBS_CHUNK = 512
 
 
 class _InFlight:
@@ -182,6 +185,8 @@ class LLMEngine:
             raise ValueError("stop strings need a tokenizer; this model folder has none")
         seq = Sequence(token_ids, params, request_id, text)
         self._give_generator_and_detokenizer(seq)
+        if params.prompt_logprobs is not None and len(token_ids) > 1:
+            seq.max_chunk_tokens = PROMPT_LOGPROBS_CHUNK
         self.sequences[seq.request_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -343,6 +348,8 @@ class LLMEngine:
                 seq.prompt_logprobs.append(
                     self._logprob_dict(seq, targets[i], token_lp[i], rank[i], top_lp[i][:kk], top_ids[i][:kk]))
                 i += 1
+            if len(seq.prompt_logprobs) == seq.num_prompt_tokens:  # all scored: chunks as usual again
+                seq.max_chunk_tokens = MAX_CHUNK
 
     def _logprob_dict(self, seq: Sequence, token_id: int, logprob: float, rank: int, top_logprobs: list[float],
                       top_ids: list[int]) -> dict[int, Logprob]:

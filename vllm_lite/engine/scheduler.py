@@ -62,7 +62,7 @@ class Scheduler:
             if seq.at_length_limit(len(seq), self.max_model_len):  # its last token, in flight, ends it
                 i += 1
                 continue
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, seq.max_chunk_tokens)
             needed = seq.num_computed_tokens + n
             if needed <= len(seq.block_table) * block_size or self._make_room(seq, needed):
                 self.block_manager.allocate(seq, needed)
@@ -76,7 +76,7 @@ class Scheduler:
             seq = self.waiting[0]
             if seats + seq.num_seats > self.max_num_seqs:
                 break
-            n = min(seq.num_uncomputed_tokens, budget)
+            n = min(seq.num_uncomputed_tokens, budget, seq.max_chunk_tokens)
             if not self.block_manager.can_allocate(seq, n):
                 break
             seats += seq.num_seats

@@ -9,6 +9,7 @@ import itertools
 from vllm_lite.sampling_params import SamplingParams
 
 _ids = itertools.count()
+MAX_CHUNK = 1 << 62
 
 
 class SequenceStatus(enum.Enum):
@@ -35,6 +36,7 @@ class Sequence:
         self.detok = None  # incremental detokenizer; None when the request wants token ids only
         self.num_preemptions = 0
         self.inflight_index = -1  # row of its token in the step in flight (overlapped steps)
+        self.max_chunk_tokens = MAX_CHUNK  # tokens one step may compute for it (prompt_logprobs: fewer)
         self.index = 0  # which of the request's n completions
         self.group: list[Sequence] = [self]  # the request's completions, in index order (shared list)
         # per output token {token id: Logprob}, when params.logprobs is set; per prompt token
