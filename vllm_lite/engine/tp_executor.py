@@ -33,6 +33,7 @@ import sys
 import threading
 import time
 import traceback
+import warnings
 import weakref
 from multiprocessing import connection as mp_connection
 
@@ -49,6 +50,7 @@ DEFAULT_TIMEOUT_S = 30.0
 _ERROR_EXIT = 3  # a worker's exit code after it reported an exception on its result pipe
 _POLL_S = 0.1
 _PIPE_BYTES = 1 << 20  # a step's message fits whole: sending it does not wait for the worker to read
+_TEARDOWN_S = 15.0  # the longest rank 0 waits for its process group's teardown
 _MAX_TRACEBACK = 32_000  # a worker's traceback fits in a pipe even where it cannot be enlarged
 
 
@@ -122,10 +124,12 @@ def _describe_exit(code: int | None) -> str:
 
 
 def leave_process_group() -> None:
-    """Tear down this rank's process group without waiting for the others. NCCL's destroy can
-    block on ranks that have already gone (seen on H100s: rank 0 hung at exit in
-    destroy_process_group after its workers had stopped), so NCCL communicators are aborted,
-    which is local; gloo's destroy is local already."""
+    """Tear down this rank's process group. NCCL communicators are aborted (no wait for work in
+    flight), and every rank of a node must abort at about the same time: a rank that aborts
+    after its peers have exited blocks forever in NCCL (seen on H100s: rank 0 hung in
+    destroy_process_group, then in abort, after its workers had stopped; NVIDIA/nccl#863). So
+    the workers abort on "stop" while rank 0 aborts concurrently (``_Workers.stop_processes``).
+    Gloo's destroy is local."""
     if not dist.is_initialized():
         return
     if dist.get_backend() == "nccl":
@@ -217,6 +221,7 @@ class _Workers:
         self.errors: dict[int, tuple[float, str]] = {}  # rank -> (time, traceback text)
         self.owns_process_group = False
         self.monitor_stop = threading.Event()
+        self.teardown: threading.Thread | None = None  # rank 0 leaving the process group
 
     # -- liveness --------------------------------------------------------------------------
     def dead_ranks(self) -> list[int]:
@@ -243,11 +248,8 @@ class _Workers:
                 # The group is broken: stop the others too, so that no rank (rank 0 included)
                 # stays blocked in a collective waiting for the dead one. Gloo then fails rank
                 # 0's pending collective at once (its peers' sockets close); an NCCL kernel
-                # would wait for its timeout, so abort the communicator.
+                # would wait for its timeout, so stop_processes aborts the communicators.
                 self.stop_processes(graceful=False)
-                if self.backend == "nccl" and self.owns_process_group:
-                    with contextlib.suppress(Exception):
-                        dist.distributed_c10d._abort_process_group()
                 return
 
     # -- messages --------------------------------------------------------------------------
@@ -284,18 +286,28 @@ class _Workers:
 
     # -- shutdown ------------------------------------------------------------------------------
     def stop_processes(self, graceful: bool, join_s: float = 5.0) -> None:
+        """Stop the workers: "stop" and a wait for them to exit, then SIGTERM, then SIGKILL.
+        Ungraceful (a failure, Ctrl-C) skips the wait, except with NCCL: its ranks must abort
+        together, so the workers get "stop" (they abort and exit) while rank 0 aborts its own
+        communicators in a thread (``release`` bounds the wait for it)."""
         with self.lock:
             if self.stopping and graceful:
                 return
             self.stopping = True
             self.monitor_stop.set()
-            if graceful:
+            nccl = self.backend == "nccl" and self.owns_process_group
+            if not graceful:  # they were alive and had not finished the step: we stop them
+                self.killed_by_us.update(r for r, p in enumerate(self.procs, 1)
+                                         if p.is_alive() and not mp_connection.wait([p.sentinel], 0))
+            if graceful or nccl:
                 for conn in self.commands:
                     # Never wait on a worker that does not read: a message this small is written
                     # whole or not at all, and a worker that misses it is terminated below.
                     with contextlib.suppress(OSError):
                         os.set_blocking(conn.fileno(), False)
                         conn.send(("stop",))
+                if nccl:
+                    self._start_teardown()
                 deadline = time.monotonic() + join_s
                 for p in self.procs:
                     p.join(max(0.0, deadline - time.monotonic()))
@@ -311,6 +323,14 @@ class _Workers:
                 if p.is_alive():  # stopped (SIGSTOP) or ignoring SIGTERM
                     p.kill()
                     p.join()
+
+    def _start_teardown(self) -> None:
+        if self.teardown is None and self.owns_process_group:
+            def leave() -> None:
+                with contextlib.suppress(Exception):
+                    leave_process_group()
+            self.teardown = threading.Thread(target=leave, daemon=True, name="vllm-lite-tp-teardown")
+            self.teardown.start()
 
     def diagnose(self, exc: BaseException | None) -> str:
         """Why the group broke, naming the rank: a worker that died without a word first, then
@@ -351,8 +371,12 @@ class _Workers:
             for conn in self.commands + self.results:
                 conn.close()
             if self.owns_process_group and dist.is_initialized():
-                with contextlib.suppress(Exception):
-                    leave_process_group()
+                self._start_teardown()
+                self.teardown.join(_TEARDOWN_S)
+                if self.teardown.is_alive():  # a rank died mid-collective: NCCL may never return
+                    warnings.warn(f"tensor parallelism: the process group's teardown did not finish in "
+                                  f"{_TEARDOWN_S:g} s; this process cannot start another tensor-parallel "
+                                  "engine", RuntimeWarning, stacklevel=2)
             self.owns_process_group = False
 
     def shutdown(self, graceful: bool = True) -> None:
