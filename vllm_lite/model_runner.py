@@ -234,9 +234,16 @@ class ModelRunner:
             hidden = self.model(dev["input_ids"], dev["positions"])
         return self.model.compute_logits(hidden[dev["logits_indices"]])
 
+    def drop_cuda_graphs(self) -> None:
+        """Forget the captured graphs (before a tensor-parallel group is torn down: NCCL's
+        teardown hangs while graphs that captured its collectives are alive). Decode steps run
+        eagerly afterwards."""
+        self.graphs, self.static = {}, {}
+
     def close(self) -> None:
         """Drop the graphs, the KV pool and the weights so their device memory can be reused."""
-        self.graphs, self.static, self.kv_cache = {}, {}, None
+        self.drop_cuda_graphs()
+        self.kv_cache = None
         for layer in self.attn_layers:
             layer.k_cache = layer.v_cache = None
         self.model = None
