@@ -262,7 +262,7 @@ def run_exit_checks(path: str, tp: int) -> None:
         note = (out.strip().splitlines() or [""])[-1][:160]
         print(f"{case:<12} {status}; workers left {alive}; GPU processes {gpu}; "
               f"{'LEAKED SEMAPHORES; ' if leaks else ''}last line: {note}", flush=True)
-        if "Traceback" in err and case == "normal":
+        if ("Traceback" in err and case == "normal") or (proc.returncode or 0) < 0:  # a crash says why
             print("   stderr: " + " | ".join(err.strip().splitlines()[-5:]), flush=True)
 
 
