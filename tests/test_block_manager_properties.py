@@ -120,6 +120,7 @@ class PrefixCachingMachine(RuleBasedStateMachine):
         assert len(cached) == len(self.bm.cached_blocks)  # one block per key
         for key, block in self.bm.cached_blocks.items():
             assert self.bm.block_key[block] == key and self.bm.block_prefix[block]
+            assert PLACEHOLDER not in key[1], "a block keyed before its last token was read back"
         assert sum(k is not None for k in self.bm.block_key) == len(cached)
         if not self.enable_prefix_caching:
             assert not cached and not any(self.bm.block_prefix)

@@ -111,12 +111,11 @@ class BlockManager:
         bs, table = self.block_size, seq.block_table
         num_full = min(seq.num_computed_tokens, len(seq.token_ids)) // bs
         for i in range(seq.num_cached_blocks, num_full):
-            block = table[i]
+            block, end = table[i], (i + 1) * bs
             if not self.block_prefix[block]:
-                tokens = tuple(seq.token_ids[i * bs:(i + 1) * bs])
-                if PLACEHOLDER in tokens:
+                if seq.token_ids[end - 1] == PLACEHOLDER:  # only a sequence's last tokens can be
                     return
-                key = (self.block_prefix[table[i - 1]] if i else 0, tokens)
+                key = (self.block_prefix[table[i - 1]] if i else 0, tuple(seq.token_ids[end - bs:end]))
                 holder = self.cached_blocks.get(key)
                 if holder is None:
                     self.cached_blocks[key], self.block_key[block] = block, key

@@ -264,10 +264,10 @@ class LLMEngine:
         if prompt_plan:
             self._record_prompt_logprobs(logits, prompt_plan)
         sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
-        bs = self.block_manager.block_size
+        caching, bs = self.block_manager.enable_prefix_caching, self.block_manager.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            if seq.num_computed_tokens >= (seq.num_cached_blocks + 1) * bs:  # a block is full: key it
+            if caching and seq.num_computed_tokens >= (seq.num_cached_blocks + 1) * bs:  # a block is full
                 self.block_manager.cache_full_blocks(seq)
         if not sampling_seqs:
             return None
