@@ -8,8 +8,9 @@ ids), and a prefix id of its own that stands for every token up to its end. A ne
 its prompt up block by block and starts with every leading block already in the pool instead
 of computing it (the n completions of one prompt share its blocks the same way). A freed block
 keeps its K/V and its key: the free list runs least recently used first, and a cached block is
-forgotten only when it is taken for new tokens. The dict of keys compares the token ids on a hit
-and a prefix id is never reused, so no hash collision can hand a sequence another prefix's K/V."""
+forgotten only when it is taken for new tokens. The chain is vLLM's hash chain made exact: the
+dict of keys compares the token ids on a hit, and a prefix id, unlike a hash, is never shared by
+two prefixes (nor reused), so no collision can hand a sequence another prefix's K/V."""
 from __future__ import annotations
 
 import itertools
@@ -43,7 +44,7 @@ class BlockManager:
         """Blocks ``seq`` must gain so that its first ``num_tokens`` tokens have a slot."""
         return max(0, self.blocks_needed(num_tokens) - len(seq.block_table))
 
-    def can_allocate(self, seq: Sequence, num_tokens: int, cached: list[int] = ()) -> bool:
+    def can_allocate(self, seq: Sequence, num_tokens: int, cached: list[int] | tuple = ()) -> bool:
         """Whether ``seq`` can hold ``num_tokens`` tokens, starting (if its table is empty) from
         ``cached``, the blocks ``find_cached_prefix`` found; a free one of them counts as taken."""
         revived = sum(1 for block in cached if self.ref_counts[block] == 0)
@@ -120,7 +121,7 @@ class BlockManager:
                 if holder is None:
                     self.cached_blocks[key], self.block_key[block] = block, key
                     self.block_prefix[block] = next(self._prefix_ids)
-                else:  # computed twice (admitted together): lookups find the first copy
+                else:  # the same tokens computed twice (say, admitted together): lookups find the first
                     self.block_prefix[block] = self.block_prefix[holder]
             seq.num_cached_blocks = i + 1
 
