@@ -117,9 +117,9 @@ class BlockManager:
                 if seq.token_ids[end - 1] == PLACEHOLDER:  # only a sequence's last tokens can be
                     return
                 key = (self.block_prefix[table[i - 1]] if i else 0, tuple(seq.token_ids[end - bs:end]))
-                holder = self.cached_blocks.get(key)
-                if holder is None:
-                    self.cached_blocks[key], self.block_key[block] = block, key
+                holder = self.cached_blocks.setdefault(key, block)
+                if holder == block:  # a prefix new to the cache
+                    self.block_key[block] = key
                     self.block_prefix[block] = next(self._prefix_ids)
                 else:  # the same tokens computed twice (say, admitted together): lookups find the first
                     self.block_prefix[block] = self.block_prefix[holder]
