@@ -30,7 +30,7 @@ class PrefixCachingMachine(RuleBasedStateMachine):
         self.seqs: list[Sequence] = []  # every sequence ever made
         self.inflight: list[tuple[Sequence, int]] = []  # (sequence, position of its placeholder)
         self.writer: dict[int, tuple[Sequence, int]] = {}  # KV slot -> (sequence, position) that wrote it
-        self.next_token = 20
+        self.next_token = 0
 
     # ---- the engine's moves ---------------------------------------------------------------
     @rule(prompt=prompts, n=st.integers(1, 3))
