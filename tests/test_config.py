@@ -51,3 +51,14 @@ def test_main_rejects_unknown_config_key_before_loading_anything(tmp_path):
     bad.write_text("max_num_seqz: 4\n")
     result = subprocess.run([sys.executable, "main.py", "--config", str(bad)], capture_output=True, text=True)
     assert result.returncode != 0 and "max_num_seqz" in result.stderr
+
+
+def test_prefix_caching_is_on_by_default_and_off_by_flag_or_yaml(tmp_path):
+    assert EngineConfig().enable_prefix_caching is True
+    parser = argparse.ArgumentParser()
+    add_config_flags(parser)
+    assert vars(parser.parse_args(["--no-enable-prefix-caching"])) == {"enable_prefix_caching": False}
+    assert vars(parser.parse_args(["--enable-prefix-caching"])) == {"enable_prefix_caching": True}
+    path = tmp_path / "c.yaml"
+    path.write_text("cache_config:\n  enable_prefix_caching: false\n")
+    assert EngineConfig.from_yaml(path).enable_prefix_caching is False

@@ -275,6 +275,7 @@ def test_n_completions_with_a_seed_are_reproducible_and_differ(llama):
 @pytest.mark.parametrize("prompt_len", [21, 24], ids=["partial_last_block", "full_last_block"])
 def test_n_completions_compute_and_allocate_the_prompt_blocks_once(llama, prompt_len):
     llm, _ = llama
+    assert llm.reset_prefix_cache()  # no earlier test's prompt blocks to find
     bm, bs = llm.engine.block_manager, llm.engine.block_manager.block_size
     allocated, tables, prefilled = [], [], []
     allocate, free, execute = bm.allocate, bm.free, llm.engine.runner.execute

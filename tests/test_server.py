@@ -15,7 +15,7 @@ import httpx
 import pytest
 from openai import APIStatusError, OpenAI
 
-from tiny_models import make_tiny_model
+from tiny_models import make_tiny_model, prompts_of_lengths
 from vllm_lite import LLM, SamplingParams
 from vllm_lite.config import EngineConfig
 from vllm_lite.entrypoints import protocol
@@ -315,6 +315,22 @@ def test_metrics_count_tokens_and_latencies(client, server):
         assert values[f"vllm:{name}_count{label}"] > 0
     for gauge in ("num_requests_running", "num_requests_waiting", "kv_cache_usage_perc", "num_preemptions_total"):
         assert f"vllm:{gauge}{label}" in values
+
+
+def test_metrics_count_prefix_cache_queries_and_hits_in_tokens(client, server):
+    def counters():
+        text = httpx.get(server.url + "/metrics", headers={"Authorization": f"Bearer {KEY}"}).text
+        label = f'{{model_name="{NAME}"}}'
+        values = dict(line.rsplit(" ", 1) for line in text.splitlines() if line.startswith("vllm:prefix_cache_"))
+        return float(values[f"vllm:prefix_cache_queries_total{label}"]), float(values[f"vllm:prefix_cache_hits_total{label}"])
+
+    prompt = prompts_of_lengths([40], 400, seed=99)[0]
+    before = counters()
+    for _ in range(2):
+        client.completions.create(model=NAME, prompt=prompt, **GREEDY)  # noqa
+    wait_until_idle(server.engine)
+    queries, hits = counters()
+    assert (queries - before[0], hits - before[1]) == (80, 32)  # the second found 2 blocks of 16
 
 
 # ---- errors -----------------------------------------------------------------------------------

@@ -118,6 +118,16 @@ def test_greedy_matches_single_device_with_preemption_and_chunked_prefill(tiny_m
     assert not spawned_children()
 
 
+def test_prefix_cache_hits_give_the_same_greedy_tokens_under_tensor_parallelism(tiny_models):
+    path, prompts, ref, _ = tiny_models("llama")
+    with LLM(path, tensor_parallel_size=2, **{**SMALL_POOL, "num_blocks": 64}) as llm:  # room to keep them
+        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
+        hits = llm.engine.prefix_cache_hits
+        again = llm.generate(prompts, GREEDY, use_tqdm=False)  # every prompt's full blocks are found
+        assert [o.outputs[0].token_ids for o in again] == ref
+        assert llm.engine.prefix_cache_hits > hits and any(o.num_cached_tokens for o in again)
+
+
 def test_weights_split_per_rank_on_a_wider_model(tmp_path):
     """A model whose matrices dwarf the replicated norms: per-rank bytes are ~1/tp."""
     path = make_tiny_model(str(tmp_path), "qwen2", hidden_size=128, intermediate_size=512, num_attention_heads=4,

@@ -154,6 +154,7 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int
     for run in range(runs):
         step_log.clear()
         before = engine.scheduler.num_preemptions
+        assert llm.reset_prefix_cache()  # every run computes its prompts: none is left from the last
         profiler = cProfile.Profile() if profile_path and run == 0 else None
         t0 = time.perf_counter()
         if profiler:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, fields
 import yaml
 
 SECTIONS = {
-    "cache_config": ("num_blocks", "block_size", "gpu_memory_utilization"),
+    "cache_config": ("num_blocks", "block_size", "gpu_memory_utilization", "enable_prefix_caching"),
     "scheduler_config": ("max_num_seqs", "max_num_batched_tokens", "max_model_len"),
 }
 CHOICES = {
@@ -38,6 +38,7 @@ class EngineConfig:
     num_blocks: int | None = None  # None: as many as gpu_memory_utilization allows (CPU: 512)
     block_size: int = 16
     gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True  # reuse the KV blocks of prompt prefixes already computed
     # scheduler_config
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192

@@ -77,6 +77,11 @@ class LLM:
         bar.close()
         return results
 
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (say, between benchmark runs). Returns False, and does
+        nothing, while a request holds KV blocks; ``generate`` returns with none held."""
+        return self.engine.reset_prefix_cache()
+
     def close(self) -> None:
         self.engine.close()
 

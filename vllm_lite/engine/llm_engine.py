@@ -16,12 +16,11 @@ from vllm_lite.config import EngineConfig
 from vllm_lite.engine.block_manager import BlockManager
 from vllm_lite.engine.detokenizer import IncrementalDetokenizer
 from vllm_lite.engine.scheduler import Scheduler
-from vllm_lite.engine.sequence import MAX_CHUNK, Sequence
+from vllm_lite.engine.sequence import MAX_CHUNK, PLACEHOLDER, Sequence
 from vllm_lite.sampler import Penalties, Sampler, SamplingBatch, token_logprobs
 from vllm_lite.sampling_params import SamplingParams
 
 
-PLACEHOLDER = -1  # a sampled token not yet read back from the device
 # Prompt chunks of a request that wants prompt_logprobs: the logits of every row are kept, so a
 # chunk is capped (512 rows x a 150k vocabulary is 150 MB in bf16, not 2.5 GB for 8192 rows).
 PROMPT_LOGPROBS_CHUNK = 512
@@ -82,6 +81,7 @@ class RequestOutput:
     prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # None for the first prompt token
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
+    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
 
 
 def resolve_model_path(config: EngineConfig) -> str:
@@ -122,7 +122,7 @@ class LLMEngine:
             self.runner = ModelRunner(config, self.hf_config, self.model_path)
             self.runner.allocate_kv_cache(config.num_blocks or self.runner.default_num_blocks())
         self.device = self.runner.device
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size)
+        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len)
         self.sampler = Sampler()
@@ -264,8 +264,11 @@ class LLMEngine:
         if prompt_plan:
             self._record_prompt_logprobs(logits, prompt_plan)
         sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
+        caching, bs = self.block_manager.enable_prefix_caching, self.block_manager.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
+            if caching and seq.num_computed_tokens >= (seq.num_cached_blocks + 1) * bs:  # a block is full
+                self.block_manager.cache_full_blocks(seq)
         if not sampling_seqs:
             return None
         for seq, row in list(zip(sampling_seqs, sample_rows)):
@@ -293,10 +296,11 @@ class LLMEngine:
         the prompt's full KV blocks (reference counted) and recomputes the tokens of the last,
         partial block into a block of its own in its first step (at most block_size - 1 tokens),
         so no shared block is ever written and no KV copy is needed (vLLM v1 shares n
-        completions' prompt the same way, through its prefix cache)."""
+        completions' prompt the same way, through its prefix cache). With prefix caching the
+        shared blocks are cached ones: exactly what a lookup of the prompt would find."""
         child = parent.fork()
         num_full = parent.num_prompt_tokens // self.block_manager.block_size
-        self.block_manager.share(parent, child, num_full)
+        self.block_manager.share(child, parent.block_table[:num_full])
         child.num_computed_tokens = num_full * self.block_manager.block_size
         self._give_generator_and_detokenizer(child)
         self.scheduler.add_forked(child)
@@ -509,7 +513,22 @@ class LLMEngine:
         first = seq.group[0]
         self.sequences.pop(first.request_id, None)
         return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, first.prompt_logprobs,
-                             completions, True)
+                             completions, True, first.num_cached_tokens)
+
+    # ---- the prefix cache ----------------------------------------------------------------
+    @property
+    def prefix_cache_queries(self) -> int:
+        """Prompt tokens looked up in the prefix cache (first admissions), as vLLM counts them."""
+        return self.scheduler.prefix_cache_queries
+
+    @property
+    def prefix_cache_hits(self) -> int:
+        """Of those, the tokens found cached (not computed)."""
+        return self.scheduler.prefix_cache_hits
+
+    def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix; False (nothing done) while a request holds KV blocks."""
+        return self.block_manager.reset_prefix_cache()
 
     def close(self) -> None:
         close = getattr(self.runner, "close", None)

@@ -1,8 +1,10 @@
 """Continuous batching. Every step is one decision ``{sequence: number of new tokens}`` under a
 token budget: running sequences first (a decode token, or the next chunk of a long prompt),
-then waiting prompts, chunked to fit. When the KV pool runs dry the most recently admitted
-running sequence is preempted: its blocks are freed and it is recomputed later. The engine adds
-the forked completions of an ``n > 1`` request to ``running`` itself (``add_forked``)."""
+then waiting prompts, chunked to fit. A prompt whose leading blocks are in the prefix cache
+starts after them: only its uncached suffix counts against the budget. When the KV pool runs
+dry the most recently admitted running sequence is preempted: its blocks are freed (keeping
+their cached prefix) and it is recomputed later. The engine adds the forked completions of an
+``n > 1`` request to ``running`` itself (``add_forked``)."""
 from __future__ import annotations
 
 from collections import deque
@@ -40,6 +42,9 @@ class Scheduler:
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []  # in admission order
         self.num_preemptions = 0
+        # prefix-cache hit rate, in prompt tokens of first admissions (vLLM's counters)
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     def add(self, seq: Sequence) -> None:
         self.waiting.append(seq)
@@ -76,11 +81,22 @@ class Scheduler:
             seq = self.waiting[0]
             if seats + seq.num_seats > self.max_num_seqs:
                 break
-            n = min(seq.num_uncomputed_tokens, budget, seq.max_chunk_tokens)
-            if not self.block_manager.can_allocate(seq, n):
+            use_cache = self._may_use_prefix_cache(seq)
+            cached = self.block_manager.find_cached_prefix(seq) if use_cache else []
+            num_cached = len(cached) * block_size
+            n = min(len(seq) - num_cached, budget, seq.max_chunk_tokens)
+            if not self.block_manager.can_allocate(seq, num_cached + n, cached):
                 break
             seats += seq.num_seats
-            self.block_manager.allocate(seq, n)
+            if cached:
+                self.block_manager.share(seq, cached)
+                seq.num_computed_tokens = num_cached
+            self.block_manager.allocate(seq, num_cached + n)
+            if seq.num_preemptions == 0:  # first admission
+                seq.num_cached_tokens = num_cached
+                if use_cache:
+                    self.prefix_cache_queries += len(seq)
+                    self.prefix_cache_hits += num_cached
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -89,6 +105,12 @@ class Scheduler:
 
         work.sort(key=lambda item: item[1] != 1)  # decodes first; stable otherwise
         return ScheduledBatch([s for s, _ in work], [n for _, n in work])
+
+    def _may_use_prefix_cache(self, seq: Sequence) -> bool:
+        """Not while its prompt is still to be scored: prompt_logprobs need every prompt token's
+        logits (vLLM skips the cache for such requests too)."""
+        return self.block_manager.enable_prefix_caching and (
+            seq.prompt_logprobs is None or len(seq.prompt_logprobs) == seq.num_prompt_tokens)
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt from the back of ``running`` until ``seq`` can hold ``num_tokens`` tokens.

@@ -10,6 +10,7 @@ from vllm_lite.sampling_params import SamplingParams
 
 _ids = itertools.count()
 MAX_CHUNK = 1 << 62
+PLACEHOLDER = -1  # a sampled token not yet read back from the device
 
 
 class SequenceStatus(enum.Enum):
@@ -30,6 +31,8 @@ class Sequence:
         self.status = SequenceStatus.WAITING
         self.num_computed_tokens = 0  # tokens whose K/V are in the cache
         self.block_table: list[int] = []
+        self.num_cached_blocks = 0  # leading blocks of block_table the prefix cache has keyed
+        self.num_cached_tokens = 0  # prompt tokens found in the prefix cache when first scheduled
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.generator = None  # per-request torch.Generator for seeded sampling
@@ -85,8 +88,8 @@ class Sequence:
         return len(self.group) < self.params.n
 
     def fork(self) -> Sequence:
-        """The request's next completion: same prompt, no output yet, its own KV blocks to be
-        given by the block manager (``BlockManager.share``)."""
+        """The request's next completion: same prompt, no output yet, KV blocks to be given by
+        the block manager (``BlockManager.share`` of the prompt's full blocks)."""
         child = Sequence(self.prompt_token_ids, self.params, self.request_id, self.prompt)
         child.index = len(self.group)
         child.group = self.group

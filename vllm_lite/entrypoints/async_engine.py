@@ -123,6 +123,7 @@ class AsyncLLM:
         self._dispatch_scheduled = False
         self._stopping = False
         self._last_preemptions = 0
+        self._last_prefix_cache = (0, 0)  # queries, hits
         self.dead_error: BaseException | None = None
 
     @classmethod
@@ -354,10 +355,12 @@ class AsyncLLM:
             return
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
         preemptions = scheduler.num_preemptions
+        queries, hits = scheduler.prefix_cache_queries, scheduler.prefix_cache_hits
         self.metrics.engine_state(len(scheduler.running), len(scheduler.waiting),
                                   1.0 - blocks.num_free_blocks / blocks.num_blocks,
-                                  preemptions - self._last_preemptions)
-        self._last_preemptions = preemptions
+                                  preemptions - self._last_preemptions,
+                                  queries - self._last_prefix_cache[0], hits - self._last_prefix_cache[1])
+        self._last_preemptions, self._last_prefix_cache = preemptions, (queries, hits)
 
     # ---- hand-over to the event loop -------------------------------------------------------
     def _emit(self, items: list[tuple[str, object]]) -> None:

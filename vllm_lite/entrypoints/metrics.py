@@ -36,6 +36,10 @@ class ServerMetrics:
                                                   labels, registry=r))
         self.preemptions = labelled(Counter("vllm:num_preemptions", "Sequences preempted (KV pool full).",
                                             labels, registry=r))
+        self.prefix_cache_queries = labelled(Counter(
+            "vllm:prefix_cache_queries", "Prefix cache queries, in prompt tokens looked up.", labels, registry=r))
+        self.prefix_cache_hits = labelled(Counter(
+            "vllm:prefix_cache_hits", "Prefix cache hits, in prompt tokens found cached.", labels, registry=r))
         self.ttft = labelled(Histogram("vllm:time_to_first_token_seconds", "Time from arrival to the first token.",
                                        labels, buckets=TTFT_BUCKETS, registry=r))
         self.itl = labelled(Histogram("vllm:inter_token_latency_seconds",
@@ -64,12 +68,17 @@ class ServerMetrics:
         self.e2e.observe(seconds)
         self._success(finish_reason).inc()
 
-    def engine_state(self, running: int, waiting: int, kv_usage: float, new_preemptions: int) -> None:
+    def engine_state(self, running: int, waiting: int, kv_usage: float, new_preemptions: int,
+                     new_prefix_cache_queries: int = 0, new_prefix_cache_hits: int = 0) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
         if new_preemptions:
             self.preemptions.inc(new_preemptions)
+        if new_prefix_cache_queries:
+            self.prefix_cache_queries.inc(new_prefix_cache_queries)
+        if new_prefix_cache_hits:
+            self.prefix_cache_hits.inc(new_prefix_cache_hits)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
