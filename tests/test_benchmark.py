@@ -40,6 +40,24 @@ def test_nano_vllm_dataset_runs_end_to_end_with_text_and_reports_every_run(tmp_p
     assert "text on" in capsys.readouterr().out
 
 
+def test_shared_prefix_dataset_reuses_the_system_prompt_and_extras_sample_with_logprobs(tmp_path):
+    folder = make_tiny_model(str(tmp_path / "m"), "llama")
+    results = {}
+    for caching in ("--enable-prefix-caching", "--no-enable-prefix-caching"):
+        out = tmp_path / f"{caching}.json"
+        bench_main(["throughput", "--model-config", folder, "--dataset", "shared-prefix", "--num-prompts", "6",
+                    "--prefix-len", "48", "--input-len", "3", "9", "--output-len", "4", "4", "--runs", "1",
+                    "--max-num-batched-tokens", "64", "--sampling", "extras", caching, "--json", str(out)])
+        results[caching] = json.loads(out.read_text())
+    on, off = results["--enable-prefix-caching"], results["--no-enable-prefix-caching"]
+    work = Workload.shared_prefix(6, 48, (3, 9), (4, 4), 400, 0)
+    assert all(p[:48] == work.prompts[0][:48] for p in work.prompts)
+    assert on["input_tokens"] == off["input_tokens"] == sum(map(len, work.prompts))
+    # the first request computes the prefix (its 3 full blocks of 16); each later one reuses them
+    assert on["prefix_cache_hit_tokens"] >= 48 and off["prefix_cache_hit_tokens"] == 0
+    assert on["sampling"]["logprobs"] == 5 and on["prefix_caching"] and not off["prefix_caching"]
+
+
 def test_nano_vllm_workload_is_nano_vllms_draws():
     work = Workload.nano_vllm(8)
     random.seed(0)

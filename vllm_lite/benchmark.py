@@ -1,9 +1,11 @@
 """``vllm-lite bench throughput``: the common offline workload (256 requests, input and output
 lengths uniform in 100..1024, random token ids, seed 0, ignore_eos) on real or dummy weights,
-or ``--dataset nano-vllm`` (nano-vllm's bench.py requests, draw for draw), timed ``--runs``
+or ``--dataset nano-vllm`` (nano-vllm's bench.py requests, draw for draw), or ``--dataset
+shared-prefix`` (every request starts with the same system prompt: prefix caching), timed ``--runs``
 times on the user's path (default SamplingParams, so text is detokenized wherever a tokenizer
 fits the model), with its memory-traffic floor and, with ``--peer hf``, HF transformers'
-continuous batching on the same requests in the same call."""
+continuous batching on the same requests in the same call. ``--sampling extras`` puts penalties
+and ``logprobs=5`` on every request (the cost of the sampling extras)."""
 from __future__ import annotations
 
 import argparse
@@ -24,7 +26,9 @@ from vllm_lite.config import EngineConfig, add_config_flags
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 SMOLLM2_VOCAB = 49152  # a Llama shape with this vocabulary can use SmolLM2's tokenizer
-DEFAULT_TEMPERATURE = {"random": 1.0, "nano-vllm": 0.6}
+DEFAULT_TEMPERATURE = {"random": 1.0, "nano-vllm": 0.6, "shared-prefix": 1.0}
+DEFAULT_LENS = {"shared-prefix": ((128, 128), (128, 128))}  # question and output lengths; else 100..1024
+EXTRAS = dict(repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5, logprobs=5)
 
 
 @dataclass
@@ -50,6 +54,15 @@ class Workload:
         prompts = [[rng.randint(0, top) for _ in range(rng.randint(*input_range))] for _ in range(num)]
         output_lens = [rng.randint(*output_range) for _ in range(num)]
         return cls(prompts, output_lens)
+
+    @classmethod
+    def shared_prefix(cls, num: int, prefix_len: int, input_range: tuple[int, int], output_range: tuple[int, int],
+                      vocab: int, seed: int):
+        """One system prompt of ``prefix_len`` random ids, then each request's own question."""
+        rng = random.Random(seed)
+        prefix = [rng.randrange(vocab) for _ in range(prefix_len)]
+        work = cls.random(num, input_range, output_range, vocab, seed + 1)
+        return cls([prefix + p for p in work.prompts], work.output_lens)
 
 
 def text_tokenizer_for_shape(hf_config) -> str | None:
@@ -111,13 +124,14 @@ def copy_bandwidth() -> float:
 
 
 def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int = 1,
-             dataset: str = "random", profile_path: str | None = None) -> dict:
+             dataset: str = "random", profile_path: str | None = None, extras: dict | None = None) -> dict:
     """Build the engine, warm it up, then time ``llm.generate`` on the workload ``runs`` times
-    with default SamplingParams (detokenized when the engine has a tokenizer)."""
+    with default SamplingParams (detokenized when the engine has a tokenizer), plus ``extras``."""
     from vllm_lite import LLM, SamplingParams
 
     llm = LLM(config=config)
-    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True) for n in work.output_lens]
+    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, **(extras or {}))
+              for n in work.output_lens]
     engine = llm.engine
     if dataset == "nano-vllm":
         # nano-vllm's warm-up: one short generate with its default SamplingParams (64 tokens)
@@ -150,10 +164,11 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int
 
     engine.scheduler.schedule = spy_schedule
     engine.step = timed_step
-    elapsed, steps, preemptions = [], [], []
+    elapsed, steps, preemptions, cache_hits = [], [], [], []
     for run in range(runs):
         step_log.clear()
         before = engine.scheduler.num_preemptions
+        queries, hits = engine.prefix_cache_queries, engine.prefix_cache_hits
         assert llm.reset_prefix_cache()  # every run computes its prompts: none is left from the last
         profiler = cProfile.Profile() if profile_path and run == 0 else None
         t0 = time.perf_counter()
@@ -168,11 +183,13 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int
         assert [len(o.outputs[0].token_ids) for o in outputs] == work.output_lens
         steps.append(list(step_log))
         preemptions.append(engine.scheduler.num_preemptions - before)
+        cache_hits.append((engine.prefix_cache_hits - hits, engine.prefix_cache_queries - queries))
     median_run = sorted(range(runs), key=elapsed.__getitem__)[runs // 2]
     llm.close()
     text = engine.tokenizer is not None
     result = {"elapsed": elapsed, "median_elapsed": statistics.median(elapsed), "steps": steps[median_run],
               "num_blocks": engine.block_manager.num_blocks, "preemptions": preemptions[median_run],
+              "prefix_cache_hit_tokens": cache_hits[median_run][0], "prefix_cache_query_tokens": cache_hits[median_run][1],
               "dtype": str(engine.runner.dtype), "text": text,
               "tokenizer": (config.tokenizer_path or engine.model_path) if text else None}
     del llm, engine, original
@@ -206,13 +223,18 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--model-config", default="qwen3-0.6b",
                         help="a shape in vllm_lite/model_configs (qwen3-0.6b, qwen2.5-1.5b, llama-3.2-1b, smollm2-135m, "
                              "qwen2.5-7b) or a config.json path; weights are random (load_format dummy)")
-    parser.add_argument("--dataset", choices=["random", "nano-vllm"], default="random",
+    parser.add_argument("--dataset", choices=["random", "nano-vllm", "shared-prefix"], default="random",
                         help="random: ids uniform over the vocabulary, lengths uniform in --input-len/--output-len, "
                              "seed --seed; nano-vllm: nano-vllm's bench.py requests (random.seed(0), ids 0..10000, "
-                             "temperature 0.6), scaled by --num-prompts/--input-len/--output-len")
+                             "temperature 0.6), scaled by --num-prompts/--input-len/--output-len; shared-prefix: "
+                             "a --prefix-len system prompt shared by all, then --input-len own tokens (default 128) "
+                             "and --output-len (default 128)")
     parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--input-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
+    parser.add_argument("--input-len", type=int, nargs=2, metavar=("MIN", "MAX"), help="default 100 1024")
+    parser.add_argument("--output-len", type=int, nargs=2, metavar=("MIN", "MAX"), help="default 100 1024")
+    parser.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: the system prompt's length")
+    parser.add_argument("--sampling", choices=["default", "extras"], default="default",
+                        help="extras: " + ", ".join(f"{k}={v}" for k, v in EXTRAS.items()) + " on every request")
     parser.add_argument("--temperature", type=float, help="default: 1.0 (random), 0.6 (nano-vllm)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up; median and spread")
     parser.add_argument("--peer", choices=["none", "hf"], default="none")
@@ -221,8 +243,11 @@ def bench_main(argv: list[str]) -> int:
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
     mode, json_path, peer, profile_path = args.pop("mode"), args.pop("json"), args.pop("peer"), args.pop("profile")
-    num, in_range, out_range = args.pop("num_prompts"), tuple(args.pop("input_len")), tuple(args.pop("output_len"))
     dataset, runs, model_config = args.pop("dataset"), args.pop("runs"), args.pop("model_config")
+    default_in, default_out = DEFAULT_LENS.get(dataset, ((100, 1024), (100, 1024)))
+    num, in_range, out_range = args.pop("num_prompts"), args.pop("input_len"), args.pop("output_len")
+    in_range, out_range = tuple(in_range or default_in), tuple(out_range or default_out)
+    prefix_len, extras = args.pop("prefix_len"), EXTRAS if args.pop("sampling") == "extras" else None
     temperature = args.pop("temperature")
     temperature = DEFAULT_TEMPERATURE[dataset] if temperature is None else temperature
     if runs < 1:
@@ -237,22 +262,26 @@ def bench_main(argv: list[str]) -> int:
             if tokenizer_path is not None:
                 args["tokenizer_path"] = tokenizer_path
     folder = args["model_path"]
-    args.setdefault("max_model_len", in_range[1] + out_range[1])
+    args.setdefault("max_model_len", in_range[1] + out_range[1] + (prefix_len if dataset == "shared-prefix" else 0))
     config = EngineConfig(**args)
 
     hf_config = AutoConfig.from_pretrained(folder)
     if dataset == "nano-vllm":
         work = Workload.nano_vllm(num, in_range, out_range, hf_config.vocab_size)
+    elif dataset == "shared-prefix":
+        work = Workload.shared_prefix(num, prefix_len, in_range, out_range, hf_config.vocab_size, config.seed)
     else:
         work = Workload.random(num, in_range, out_range, hf_config.vocab_size, config.seed)
     total_in, total_out = sum(map(len, work.prompts)), sum(work.output_lens)
 
-    ours = run_ours(config, work, temperature, runs, dataset, profile_path)
+    ours = run_ours(config, work, temperature, runs, dataset, profile_path, extras)
     weight_bytes, kv_per_token = weight_and_kv_bytes(hf_config)
     elapsed = ours["median_elapsed"]
     per_run = sorted(total_out / e for e in ours["elapsed"])
     result = {"mode": mode, "dataset": dataset, "model_config": model_config, "num_prompts": num,
               "temperature": temperature, "text": ours["text"], "tokenizer": ours["tokenizer"],
+              "sampling": extras or "default", "prefix_caching": config.enable_prefix_caching,
+              "prefix_cache_hit_tokens": ours["prefix_cache_hit_tokens"],
               "input_tokens": total_in, "output_tokens": total_out, "runs": runs,
               "elapsed_s": elapsed, "elapsed_s_runs": ours["elapsed"],
               "requests_per_s": num / elapsed, "output_tokens_per_s": total_out / elapsed,
@@ -264,11 +293,13 @@ def bench_main(argv: list[str]) -> int:
     text = (f"text on (detokenized, tokenizer {ours['tokenizer']})" if ours["text"] else
             "text OFF: token ids only, no tokenizer fits this model shape (detokenization not measured)")
     print(f"\nvllm-lite  {model_config}, dataset {dataset}: {num} requests, {total_in} input + {total_out} output "
-          f"tokens, temperature {temperature}, {text}")
+          f"tokens, temperature {temperature}, {text}, sampling {'extras' if extras else 'default'}, "
+          f"prefix caching {'on' if config.enable_prefix_caching else 'off'}")
     print(f"  median of {runs} run(s): {elapsed:.2f} s, {result['output_tokens_per_s']:.0f} output tokens/s "
           f"(runs {per_run[0]:.0f}..{per_run[-1]:.0f}), {result['requests_per_s']:.2f} requests/s, "
           f"{result['total_tokens_per_s']:.0f} total tokens/s  ({len(ours['steps'])} steps, "
-          f"{ours['preemptions']} preemptions, {ours['num_blocks']} KV blocks)")
+          f"{ours['preemptions']} preemptions, {ours['num_blocks']} KV blocks, "
+          f"{ours['prefix_cache_hit_tokens']} of {ours['prefix_cache_query_tokens']} prompt tokens from the prefix cache)")
     if torch.cuda.is_available():
         bw = copy_bandwidth()
         floor = decode_floor_seconds(work, weight_bytes, kv_per_token, bw)
