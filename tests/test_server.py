@@ -333,6 +333,19 @@ def test_metrics_count_prefix_cache_queries_and_hits_in_tokens(client, server):
     assert (queries - before[0], hits - before[1]) == (80, 32)  # the second found 2 blocks of 16
 
 
+def test_usage_reports_cached_prompt_tokens_and_reset_prefix_cache_forgets_them(client, server):
+    prompt = prompts_of_lengths([40], 400, seed=123)[0]
+    first = client.completions.create(model=NAME, prompt=prompt, **GREEDY)  # noqa
+    second = client.completions.create(model=NAME, prompt=prompt, **GREEDY)  # noqa
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert second.usage.prompt_tokens_details.cached_tokens == 32  # 2 full blocks of 16
+    wait_until_idle(server.engine)
+    assert post(server, "/reset_prefix_cache", {}).json() == {"reset": True}
+    third = client.completions.create(model=NAME, prompt=prompt, **GREEDY)  # noqa
+    assert third.usage.prompt_tokens_details.cached_tokens == 0
+    assert third.choices[0].text == first.choices[0].text
+
+
 # ---- errors -----------------------------------------------------------------------------------
 def test_malformed_json_is_400(server):
     r = post(server, "/v1/completions", '{"model": "tiny", "prompt": ')

@@ -22,6 +22,7 @@ The offline ``LLM`` does not use any of this; ``LLMEngine`` is shared as it is.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import copy
 import itertools
 import logging
@@ -64,6 +65,7 @@ class RequestDelta:
     outputs: list[CompletionDelta]
     finished: bool  # all the request's completions are done; the stream ends after this one
     prompt_logprobs: list | None = None  # once, when the request asked and its prompt is scored
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (known once it is scheduled)
 
 
 def merge_deltas(a: RequestDelta, b: RequestDelta) -> RequestDelta:
@@ -82,7 +84,8 @@ def merge_deltas(a: RequestDelta, b: RequestDelta) -> RequestDelta:
             prev.logprobs = (prev.logprobs or []) + c.logprobs
         prev.finish_reason, prev.stop_reason = c.finish_reason, c.stop_reason
     return RequestDelta(a.request_id, [outputs[i] for i in sorted(outputs)], b.finished,
-                        a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs)
+                        a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
+                        b.num_cached_tokens)
 
 
 @dataclass
@@ -157,6 +160,16 @@ class AsyncLLM:
     def num_unfinished_requests(self) -> int:
         """Requests whose consumer is still waiting on them (what a drain waits for)."""
         return len(self._streams)
+
+    async def reset_prefix_cache(self) -> bool:
+        """Forget every cached prefix (on the engine thread, between steps); False while a
+        request holds KV blocks, as ``LLM.reset_prefix_cache``."""
+        if self.dead_error is not None or self._thread is None or not self._thread.is_alive():
+            raise EngineStoppedError("the engine is not running")
+        future: concurrent.futures.Future = concurrent.futures.Future()
+        self._commands.put(("reset_prefix_cache", future))
+        self._wakeup.set()
+        return await asyncio.wrap_future(future)
 
     # ---- requests (event loop side) --------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
@@ -234,6 +247,7 @@ class AsyncLLM:
         else:
             # stopped: whatever is still live was aborted by the stop command
             self._record_engine_state()
+            self._drain_commands_after_death(EngineStoppedError("the engine is not running"))
 
     def _drain_commands_after_death(self, error: BaseException) -> None:
         while True:
@@ -243,6 +257,8 @@ class AsyncLLM:
                 return
             if command[0] == "add":
                 self._emit([(command[1], error)])
+            elif command[0] == "reset_prefix_cache":
+                command[1].set_exception(error)
 
     def _take_commands(self) -> bool:
         """Apply every queued command; False once told to stop."""
@@ -270,6 +286,9 @@ class AsyncLLM:
                 if request_id in self._live:
                     self.engine.abort_request(request_id)
                     out.extend(self._collect([request_id]))
+            elif kind == "reset_prefix_cache":
+                future = command[1]
+                future.set_result(self.engine.reset_prefix_cache())
             elif kind == "stop":
                 for request_id in list(self._live):
                     self.engine.abort_request(request_id)
@@ -348,7 +367,7 @@ class AsyncLLM:
                 self.metrics.generated(num_new)
             if finished:
                 self.metrics.request_finished(now - live.arrival, first.finish_reason or "abort")
-        return RequestDelta(request_id, outputs, finished, prompt_logprobs)
+        return RequestDelta(request_id, outputs, finished, prompt_logprobs, first.num_cached_tokens)
 
     def _record_engine_state(self) -> None:
         if self.metrics is None:

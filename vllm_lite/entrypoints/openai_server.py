@@ -254,6 +254,11 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
             return error_response(503, "the engine is not running", type="server_error")
         return Response(status_code=200)
 
+    @app.post("/reset_prefix_cache")
+    async def reset_prefix_cache():
+        """vLLM's route: forget every cached prefix (not while requests hold KV blocks)."""
+        return {"reset": await async_llm.reset_prefix_cache()}
+
     @app.get("/v1/models")
     async def models():
         card = {"object": "model", "created": state.created, "owned_by": "vllm-lite", "root": engine.model_path,
@@ -353,11 +358,11 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                         chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model,
                                  "choices": [choice]}
                         if continuous:
-                            chunk["usage"] = _usage(num_prompt_tokens, job.num_output_tokens)
+                            chunk["usage"] = job.usage(num_prompt_tokens)
                         yield sse(chunk)
                 if include_usage:
                     yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                               "choices": [], "usage": _usage(num_prompt_tokens, job.num_output_tokens)})
+                               "choices": [], "usage": job.usage(num_prompt_tokens)})
                 yield "data: [DONE]\n\n"
 
             return _SSE(_guard(events()), job.cancel)
@@ -380,7 +385,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                                      "stop_reason": None})
         out = {"id": request_id, "object": "text_completion", "created": created, "model": model,
                "choices": [choices[i] for i in sorted(choices)],
-               "usage": _usage(num_prompt_tokens, job.num_output_tokens)}
+               "usage": job.usage(num_prompt_tokens)}
         if req.prompt_logprobs is not None:  # vLLM's field: per prompt (one list for a single prompt)
             lists = [prompt_logprobs_json(pl) for pl in job.prompt_logprobs]
             out["prompt_logprobs"] = lists[0] if len(lists) == 1 else lists
@@ -420,7 +425,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                 out = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
                        "choices": choices}
                 if continuous:
-                    out["usage"] = _usage(len(ids), job.num_output_tokens)
+                    out["usage"] = job.usage(len(ids))
                 return out
 
             async def events():
@@ -434,7 +439,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                                           "stop_reason": cd.stop_reason}]))
                 if include_usage:
                     out = chunk([])
-                    out["usage"] = _usage(len(ids), job.num_output_tokens)
+                    out["usage"] = job.usage(len(ids))
                     yield sse(out)
                 yield "data: [DONE]\n\n"
 
@@ -455,7 +460,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                                      "finish_reason": "abort", "stop_reason": None})
         out = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
                "choices": [choices[i] for i in sorted(choices)],
-               "usage": _usage(len(ids), job.num_output_tokens)}
+               "usage": job.usage(len(ids))}
         if req.prompt_logprobs is not None:
             out["prompt_logprobs"] = prompt_logprobs_json(job.prompt_logprobs[0])
         return out
@@ -463,9 +468,10 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
     return app
 
 
-def _usage(prompt_tokens: int, completion_tokens: int) -> dict:
+def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # from the prefix cache
 
 
 async def _guard(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -499,8 +505,12 @@ class _Job:
         self.llm, self.request_id, self.prompts, self.params = async_llm, request_id, prompts, params
         self.tasks: list[asyncio.Task] = []
         self.num_output_tokens = 0
+        self.cached_tokens = [0] * len(prompts)  # per prompt, from the prefix cache
         self.prompt_logprobs: list[list | None] = [None] * len(prompts)
         self.choices: dict[tuple[int, int], _Choice] = {}
+
+    def usage(self, prompt_tokens: int) -> dict:
+        return _usage(prompt_tokens, self.num_output_tokens, sum(self.cached_tokens))
 
     def choice(self, i: int, index: int) -> _Choice:
         return self.choices.setdefault((i, index), _Choice())
@@ -535,6 +545,7 @@ class _Job:
                 if delta.prompt_logprobs is not None:
                     self.prompt_logprobs[i] = delta.prompt_logprobs
                 self.num_output_tokens += sum(len(c.token_ids) for c in delta.outputs)
+                self.cached_tokens[i] = delta.num_cached_tokens
                 yield i, delta
         finally:
             self.cancel()
