@@ -22,7 +22,7 @@ class ScheduledBatch:
 
     @property
     def num_decodes(self) -> int:
-        return sum(1 for n in self.num_new_tokens if n == 1)
+        return self.num_new_tokens.count(1)
 
     @property
     def num_tokens(self) -> int:
@@ -59,7 +59,8 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
-        work: list[tuple[Sequence, int]] = []
+        decodes: list[Sequence] = []  # one new token each; they go first
+        chunks: list[tuple[Sequence, int]] = []
 
         i, block_size = 0, self.block_manager.block_size
         while i < len(self.running) and budget > 0:
@@ -69,14 +70,19 @@ class Scheduler:
                 continue
             n = min(seq.num_uncomputed_tokens, budget, seq.max_chunk_tokens)
             needed = seq.num_computed_tokens + n
-            if needed <= len(seq.block_table) * block_size or self._make_room(seq, needed):
+            if needed > len(seq.block_table) * block_size:  # a new block (decode: every block_size steps)
+                if not self._make_room(seq, needed):
+                    continue
                 self.block_manager.allocate(seq, needed)
-                work.append((seq, n))
-                budget -= n
-                i += 1
+            if n == 1:
+                decodes.append(seq)
+            else:
+                chunks.append((seq, n))
+            budget -= n
+            i += 1
 
         # a request of n completions takes n seats of max_num_seqs, forked or not
-        seats = len(self.running) + sum(s.num_seats - 1 for s in self.running if s.params.n > 1)
+        seats = (len(self.running) + sum(s.num_seats - 1 for s in self.running if s.params.n > 1)) if self.waiting else 0
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if seats + seq.num_seats > self.max_num_seqs:
@@ -100,11 +106,13 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            work.append((seq, n))
+            if n == 1:
+                decodes.append(seq)
+            else:
+                chunks.append((seq, n))
             budget -= n
 
-        work.sort(key=lambda item: item[1] != 1)  # decodes first; stable otherwise
-        return ScheduledBatch([s for s, _ in work], [n for _, n in work])
+        return ScheduledBatch(decodes + [s for s, _ in chunks], [1] * len(decodes) + [n for _, n in chunks])
 
     def _may_use_prefix_cache(self, seq: Sequence) -> bool:
         """Not while its prompt is still to be scored: prompt_logprobs need every prompt token's

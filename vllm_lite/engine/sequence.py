@@ -26,6 +26,7 @@ class Sequence:
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
         self.token_ids = list(prompt_token_ids)
         self.params = params
         self.status = SequenceStatus.WAITING
@@ -50,10 +51,6 @@ class Sequence:
 
     def __len__(self) -> int:
         return len(self.token_ids)
-
-    @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
 
     @property
     def output_token_ids(self) -> list[int]:
