@@ -1,7 +1,8 @@
 """Batched sampling with vLLM's parameters, all on the logits' device: one host round trip per
 step (the sampled ids, and the logprobs where asked), none per sequence. Per-row extras
-(penalties, logit bias, allowed tokens, logprobs) arrive as small index tensors built per step;
-a batch that uses none of them pays nothing for them."""
+(penalties, logit bias, allowed tokens, logprobs) arrive as small index tensors, which the
+engine builds once per batch of sequences (the output tokens' index every step); a batch that
+uses none of them pays nothing for them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ class Penalties:
     repetition: torch.Tensor  # [P] float, 1 = off
     frequency: torch.Tensor  # [P] float
     presence: torch.Tensor  # [P] float
-    output_index: tuple[torch.Tensor, torch.Tensor]  # (row in 0..P-1, token id) per output token
+    output_index: tuple[torch.Tensor, torch.Tensor] | None  # (row in 0..P-1, token id) per output token
     prompt_index: tuple[torch.Tensor, torch.Tensor] | None  # the same per prompt token (repetition rows)
 
 
