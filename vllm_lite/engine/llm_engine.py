@@ -274,18 +274,24 @@ class LLMEngine:
             logits = self.runner.execute(step)
         if prompt_plan:
             self._record_prompt_logprobs(logits, prompt_plan)
-        sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
         caching, bs = self.block_manager.enable_prefix_caching, self.block_manager.block_size
+        sampling_seqs, parents = [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            if caching and seq.num_computed_tokens >= (seq.num_cached_blocks + 1) * bs:  # a block is full
+            if seq.num_computed_tokens == len(seq.token_ids):  # it samples its next token
+                if seq.needs_fork:  # its prompt is in the cache: the other completions start here
+                    parents.append(len(sampling_seqs))
+                sampling_seqs.append(seq)
+            # a block is full, and its last token is no placeholder (one is keyed a step later)
+            if caching and seq.num_computed_tokens >= (seq.num_cached_blocks + 1) * bs and \
+                    seq.token_ids[(seq.num_cached_blocks + 1) * bs - 1] != PLACEHOLDER:
                 self.block_manager.cache_full_blocks(seq)
         if not sampling_seqs:
             return None
-        for seq, row in list(zip(sampling_seqs, sample_rows)):
-            while seq.needs_fork:  # its prompt is in the cache: the other completions start here
-                sampling_seqs.append(self._fork(seq))
-                sample_rows.append(row)  # their first token is drawn from the same logits
+        for i in parents:
+            while sampling_seqs[i].needs_fork:
+                sampling_seqs.append(self._fork(sampling_seqs[i]))
+                sample_rows.append(sample_rows[i])  # their first token is drawn from the same logits
         if len(sample_rows) != len(logits):
             logits = logits[torch.tensor(sample_rows, device=logits.device)]
         sampling = self._sampling_batch(sampling_seqs, previous.tokens if previous is not None else None)
