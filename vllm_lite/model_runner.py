@@ -207,11 +207,10 @@ class ModelRunner:
         rest is vectorized (this runs every step for up to 256 sequences on the host)."""
         bs, seqs, counts = self.block_size, batch.seqs, batch.num_new_tokens
         num_seqs, num_decodes = len(seqs), batch.num_decodes
-        start_list = [s.num_computed_tokens for s in seqs]
-        input_ids: list[int] = []
-        for seq, start, n in zip(seqs, start_list, counts):
-            input_ids.extend(seq.token_ids[start:start + n])
-        starts = np.array(start_list, np.int64)
+        starts = np.array([s.num_computed_tokens for s in seqs], np.int64)
+        input_ids = [s.token_ids[s.num_computed_tokens] for s in seqs[:num_decodes]]  # decodes come first
+        for seq, n in zip(seqs[num_decodes:], counts[num_decodes:]):
+            input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
         lengths = np.array([len(s.token_ids) for s in seqs], np.int64)
         n_new = np.asarray(counts, np.int64)
         ends = starts + n_new

@@ -65,7 +65,7 @@ class Scheduler:
         i, block_size = 0, self.block_manager.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.at_length_limit(len(seq), self.max_model_len):  # its last token, in flight, ends it
+            if seq.at_length_limit(len(seq.token_ids), self.max_model_len):  # its last token, in flight, ends it
                 i += 1
                 continue
             n = min(seq.num_uncomputed_tokens, budget, seq.max_chunk_tokens)

@@ -19,6 +19,9 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+_FINISHED = SequenceStatus.FINISHED  # a member read through its class costs ~0.1 us on Python 3.11
+
+
 class Sequence:
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                  prompt: str | None = None) -> None:
@@ -72,7 +75,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
+        return self.status is _FINISHED
 
     @property
     def num_seats(self) -> int:
