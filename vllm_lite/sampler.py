@@ -39,6 +39,7 @@ class SamplingBatch:
     penalties: Penalties | None = None
     logprob_rows: torch.Tensor | None = None  # rows that want logprobs
     num_logprobs: int = 0  # the most top logprobs any of those rows wants
+    any_greedy: bool = True  # False: no row is greedy, so no argmax of the processed logits is needed
 
 
 @dataclass
@@ -95,9 +96,8 @@ class Sampler:
 
     @staticmethod
     def _draw(logits: torch.Tensor, batch: SamplingBatch, default_generator) -> torch.Tensor:
-        greedy = logits.argmax(dim=-1)
         if batch.all_greedy:
-            return greedy
+            return logits.argmax(dim=-1)
         temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
         if batch.any_min_p:
@@ -113,7 +113,9 @@ class Sampler:
         for i in seeded:
             noise[i].exponential_(generator=batch.generators[i])
         sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(batch.temperature > 0, sampled, greedy)
+        if not batch.any_greedy:  # one pass over [rows, vocab] less
+            return sampled
+        return torch.where(batch.temperature > 0, sampled, logits.argmax(dim=-1))
 
 
 def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, k: int):

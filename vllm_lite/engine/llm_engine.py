@@ -440,16 +440,17 @@ class LLMEngine:
             if p.min_tokens > 0:
                 stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
                 min_tokens_rows.append((row, sorted(stop_ids)))
+        # one upload. top_k in float32: exact below 2**24, and a larger k keeps every token either way
+        values = tensor([[p.temperature for p in ps], [max(p.top_k, 0) for p in ps], [p.top_p for p in ps],
+                         [p.min_p for p in ps]], torch.float32)
         batch = SamplingBatch(
-            temperature=tensor([p.temperature for p in ps], torch.float32),
-            top_k=tensor([max(p.top_k, 0) for p in ps], torch.int64),
-            top_p=tensor([p.top_p for p in ps], torch.float32),
-            min_p=tensor([p.min_p for p in ps], torch.float32),
+            temperature=values[0], top_k=values[1].long(), top_p=values[2], min_p=values[3],
             generators=[s.generator for s in seqs],
             banned=[],
             all_greedy=all(p.greedy for p in ps),
             any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in ps),
             any_min_p=any(p.min_p > 0 for p in ps),
+            any_greedy=any(p.greedy for p in ps),
         )
         if not any(p.needs_extras for p in ps):
             return _ParamsBatch(seq_ids, batch, min_tokens_rows, [])
