@@ -19,11 +19,14 @@ ignore_eos, default SamplingParams otherwise), and times each part of ``LLMEngin
   host total    LLMEngine.step minus the fake forward and the sampler
 
 Each part is the median over ``--steps`` decode steps at full batch (no sequence finishes in
-the window); ``--repeats`` windows on fresh engines give the spread.
+the window), or with ``--whole-run`` the mean over every step of the workload (prefill, and
+the tail where requests finish and the batch changes every few steps); ``--repeats`` fresh
+engines give the spread.
 
     python -m benchmarks.bench_host_step                    # qwen2.5-1.5b vocabulary, no text
     python -m benchmarks.bench_host_step --shape smollm2    # SmolLM2 vocabulary, text on
     python -m benchmarks.bench_host_step --no-prefix-caching
+    python -m benchmarks.bench_host_step --whole-run --repeats 1
 """
 from __future__ import annotations
 
@@ -99,32 +102,39 @@ def build(shape: str, caching: bool, work: Workload, width: int | None) -> tuple
     return engine, times
 
 
-def measure(shape: str, caching: bool, warmup: int, steps: int, width: int | None) -> dict[str, float]:
-    """Median µs per part over ``steps`` full-batch decode steps of one fresh engine."""
+def measure(shape: str, caching: bool, warmup: int, steps: int, width: int | None,
+            whole_run: bool = False) -> dict[str, float]:
+    """µs per part of one fresh engine: the median over ``steps`` full-batch decode steps, or
+    with ``whole_run`` the mean over every step of the workload (prefill, and the tail where
+    requests finish and the batch changes)."""
     work = Workload.nano_vllm(256, (100, 1024), (100, 1024))
     engine, times = build(shape, caching, work, width)
     for prompt, n in zip(work.prompts, work.output_lens):
         engine.add_request(prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True))
     running = engine.scheduler.running
-    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in running):
-        engine.step()
-    assert min(work.output_lens) > warmup + steps + 2, "a sequence would finish inside the window"
+    if not whole_run:
+        while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in running):
+            engine.step()
+        assert min(work.output_lens) > warmup + steps + 2, "a sequence would finish inside the window"
     rows = []
-    for i in range(warmup + steps):
+    while engine.has_unfinished_requests() if whole_run else len(rows) < warmup + steps:
         times.clear()
         t0 = time.perf_counter()
         engine.step()
         total = time.perf_counter() - t0
         t = {k: 1e6 * v for k, v in times.items()}
-        row = {"schedule": t["schedule"], "prepare": t["prepare"] + t["upload"], "sampling": t["sampling"],
-               "launch rest": t["launch"] - t["prepare"] - t["forward"] - t["sampling"] - t["sampler"],
-               "prefix keys": t.get("prefix keys", 0.0), "process": t["process"],
-               "host total": 1e6 * total - t["forward"] + t["upload"] - t["sampler"], "sampler": t["sampler"]}
-        if i >= warmup:
-            rows.append(row)
-    assert len(running) == 256 and all(s.num_computed_tokens >= s.num_prompt_tokens for s in running)
+        launch = t.get("launch", 0.0) - t.get("prepare", 0.0) - t.get("forward", 0.0) - t.get("sampling", 0.0)
+        rows.append({"schedule": t["schedule"], "prepare": t.get("prepare", 0.0) + t.get("upload", 0.0),
+                     "sampling": t.get("sampling", 0.0), "launch rest": launch - t.get("sampler", 0.0),
+                     "prefix keys": t.get("prefix keys", 0.0), "process": t.get("process", 0.0),
+                     "host total": 1e6 * total - t.get("forward", 0.0) + t.get("upload", 0.0) - t.get("sampler", 0.0),
+                     "sampler": t.get("sampler", 0.0)})
+    if not whole_run:
+        assert len(running) == 256 and all(s.num_computed_tokens >= s.num_prompt_tokens for s in running)
+        rows = rows[warmup:]
     engine.close()
-    return {p: statistics.median(r[p] for r in rows) for p in PARTS}
+    average = statistics.mean if whole_run else statistics.median
+    return {p: average(r[p] for r in rows) for p in PARTS} | {"steps": len(rows)}
 
 
 def main() -> None:
@@ -135,15 +145,20 @@ def main() -> None:
     parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--whole-run", action="store_true",
+                        help="the mean over every step of the workload instead (prefill, finishing requests)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--logits-width", type=int, default=64, help="0: the whole vocabulary")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
-    results = [measure(args.shape, args.prefix_caching, args.warmup, args.steps, args.logits_width) for _ in range(args.repeats)]
-    print(f"\nhost µs per decode step, 256 sequences, shape {args.shape}, prefix caching "
-          f"{'on' if args.prefix_caching else 'off'}: median of {args.steps} steps, "
-          f"{args.repeats} fresh engines (min..max of their medians); logits {args.logits_width or 'vocab'} wide")
+    results = [measure(args.shape, args.prefix_caching, args.warmup, args.steps, args.logits_width, args.whole_run)
+               for _ in range(args.repeats)]
+    window = (f"mean of all {results[0]['steps']} steps of the workload" if args.whole_run else
+              f"median of {args.steps} full-batch decode steps")
+    print(f"\nhost µs per step, 256 requests, shape {args.shape}, prefix caching "
+          f"{'on' if args.prefix_caching else 'off'}: {window}, {args.repeats} fresh engines "
+          f"(min..max); logits {args.logits_width or 'vocab'} wide")
     for part in PARTS:
         values = [r[part] for r in results]
         note = "  (CPU tensor math; not counted in host total)" if part == "sampler" else ""
