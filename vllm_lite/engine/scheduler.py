@@ -59,7 +59,7 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
-        decodes: list[Sequence] = []  # one new token each; they go first
+        decodes: list[tuple[Sequence, int]] = []  # (sequence, new tokens): one-token steps go first
         chunks: list[tuple[Sequence, int]] = []
 
         i, block_size = 0, self.block_manager.block_size
@@ -74,15 +74,13 @@ class Scheduler:
                 if not self._make_room(seq, needed):
                     continue
                 self.block_manager.allocate(seq, needed)
-            if n == 1:
-                decodes.append(seq)
-            else:
-                chunks.append((seq, n))
+            (decodes if n == 1 else chunks).append((seq, n))
             budget -= n
             i += 1
 
-        # a request of n completions takes n seats of max_num_seqs, forked or not
-        seats = (len(self.running) + sum(s.num_seats - 1 for s in self.running if s.params.n > 1)) if self.waiting else 0
+        seats = 0  # taken of max_num_seqs: a request of n completions takes n, forked or not
+        if self.waiting:
+            seats = len(self.running) + sum(s.num_seats - 1 for s in self.running if s.params.n > 1)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if seats + seq.num_seats > self.max_num_seqs:
@@ -106,13 +104,11 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            if n == 1:
-                decodes.append(seq)
-            else:
-                chunks.append((seq, n))
+            (decodes if n == 1 else chunks).append((seq, n))
             budget -= n
 
-        return ScheduledBatch(decodes + [s for s, _ in chunks], [1] * len(decodes) + [n for _, n in chunks])
+        work = decodes + chunks
+        return ScheduledBatch([s for s, _ in work], [n for _, n in work])
 
     def _may_use_prefix_cache(self, seq: Sequence) -> bool:
         """Not while its prompt is still to be scored: prompt_logprobs need every prompt token's
