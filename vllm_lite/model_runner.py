@@ -203,8 +203,9 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> StepInput:
-        """The step's arrays. Python passes gather per-sequence scalars and token ids; the
-        rest is vectorized (this runs every step for up to 256 sequences on the host)."""
+        """The step's arrays. Python passes gather per-sequence scalars and token ids, block
+        tables come from rows kept between steps (``BlockTableRows``), the rest is vectorized
+        (this runs every step for up to 256 sequences on the host)."""
         bs, seqs, counts = self.block_size, batch.seqs, batch.num_new_tokens
         num_seqs, num_decodes = len(seqs), batch.num_decodes
         starts = np.array([s.num_computed_tokens for s in seqs], np.int64)
