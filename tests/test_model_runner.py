@@ -1,10 +1,15 @@
 """The model runner's own steps (those the engine does not schedule) are valid for every backend."""
+import random
+
+import numpy as np
 import torch
 from transformers import AutoConfig
 
 from tiny_models import make_tiny_model
 from vllm_lite.config import EngineConfig
-from vllm_lite.model_runner import ModelRunner
+from vllm_lite.engine.sequence import Sequence
+from vllm_lite.model_runner import BlockTableRows, ModelRunner
+from vllm_lite.sampling_params import SamplingParams
 
 
 def test_warm_up_step_runs_through_the_triton_prefill_kernel(tmp_path):
@@ -17,3 +22,27 @@ def test_warm_up_step_runs_through_the_triton_prefill_kernel(tmp_path):
     step = runner.warm_up_step()
     assert step.block_tables.shape[1] * config.block_size >= step.max_seq_len
     assert torch.isfinite(runner.execute(step)).all()
+
+
+def test_block_table_rows_give_each_step_its_sequences_tables_zero_padded():
+    # rows persist between steps and copy only new blocks: check them against tables built from
+    # scratch while tables grow, are replaced (a preempted sequence's new, shorter table), the
+    # batch changes order and members, and the batch outgrows the rows
+    rng = random.Random(0)
+    rows = BlockTableRows(num_rows=4)
+    seqs = [Sequence([1], SamplingParams()) for _ in range(12)]
+    for _ in range(400):
+        for seq in rng.sample(seqs, 4):
+            if rng.random() < 0.2:
+                seq.block_table = [rng.randrange(1000) for _ in range(rng.randrange(4))]  # free, or share
+            else:
+                seq.block_table.extend(rng.randrange(1000) for _ in range(rng.randrange(3)))  # allocate
+        live = [s for s in seqs if s.block_table]  # a scheduled sequence has a block
+        batch = rng.sample(live, min(len(live), rng.randint(1, 6) if rng.random() < 0.9 else 12))
+        if not batch:
+            continue
+        expected = np.zeros((len(batch), max(len(s.block_table) for s in batch)), np.int32)
+        for i, seq in enumerate(batch):
+            expected[i, :len(seq.block_table)] = seq.block_table
+        got = rows.gather(batch)
+        assert got.dtype == np.int32 and np.array_equal(got, expected)

@@ -66,6 +66,32 @@ def test_greedy_output_does_not_depend_on_the_rest_of_the_batch(llm):
     assert mixed[3].outputs[0].token_ids == alone
 
 
+def test_each_request_keeps_its_own_sampling_parameters_while_the_batch_changes(llm):
+    # the engine keeps a batch's sampling tensors while its rows stay the same sequences: when
+    # requests finish (rows shift) or join (max_num_seqs 3), each row must get its own again
+    prompts = prompts_of_lengths([9, 4, 15, 7, 11, 6], 400, seed=8)
+    params = [SamplingParams(temperature=1.0, seed=1, max_tokens=30, ignore_eos=True),
+              SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+              SamplingParams(temperature=0.7, top_k=5, seed=2, max_tokens=20, min_tokens=12, stop_token_ids=[7, 8]),
+              SamplingParams(temperature=0.9, seed=3, repetition_penalty=1.4, frequency_penalty=0.5, max_tokens=12,
+                             ignore_eos=True),
+              SamplingParams(temperature=0, logit_bias={7: 3.0}, max_tokens=25, ignore_eos=True, logprobs=2),
+              SamplingParams(temperature=1.0, seed=4, top_p=0.8, min_p=0.05, max_tokens=9, ignore_eos=True)]
+    alone = [llm.generate([p], sp, use_tqdm=False)[0].outputs[0] for p, sp in zip(prompts, params)]
+    scheduler = llm.engine.scheduler
+    for max_num_seqs in (256, 3):
+        scheduler.max_num_seqs, before = max_num_seqs, scheduler.max_num_seqs
+        try:
+            together = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+        finally:
+            scheduler.max_num_seqs = before
+        assert [o.token_ids for o in together] == [o.token_ids for o in alone]
+        logprobs = together[4].logprobs  # the sampled token's, for row 4 only (to fp32 rounding)
+        assert [d[t].logprob for d, t in zip(logprobs, together[4].token_ids)] == pytest.approx(
+            [d[t].logprob for d, t in zip(alone[4].logprobs, alone[4].token_ids)], abs=1e-5)
+        assert all(o.logprobs is None for i, o in enumerate(together) if i != 4)
+
+
 def test_max_tokens_ends_with_finish_reason_length(llm):
     out = llm.generate([[5, 6, 7]], SamplingParams(temperature=0, max_tokens=5, ignore_eos=True), use_tqdm=False)[0]
     assert len(out.outputs[0].token_ids) == 5 and out.outputs[0].finish_reason == "length"

@@ -4,7 +4,6 @@ model and returns logits. In tensor-parallel runs every rank has one; rank 0 pre
 step and samples."""
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +36,59 @@ class StepInput:
     # per token: index into the previous step's sampled tokens where the token id is still a
     # placeholder (overlapped steps), else -1; None when there is no placeholder
     prev_index: np.ndarray | None = None
+
+
+class BlockTableRows:
+    """The block tables of recent steps' sequences as rows of one array kept between steps: a
+    step copies only the blocks added since its sequences' last step (a decode: one block per
+    sequence every block_size steps) and gathers its rows with one indexing. A block table only
+    grows by appending (``BlockManager.allocate``) or is replaced by a new list (``free``,
+    ``share``), so a row that copied the same list object holds a prefix of it."""
+
+    def __init__(self, num_rows: int) -> None:
+        self.rows = np.zeros((num_rows, 1), np.int32)  # a table's blocks, then zeros
+        self.row_of: dict[int, int] = {}  # seq_id -> row
+        self.free = list(range(num_rows - 1, -1, -1))
+        self.copied: list[list[int] | None] = [None] * num_rows  # held, so that `is` is exact
+        self.length = [0] * num_rows  # blocks of ``copied`` the row holds
+
+    def gather(self, seqs: list) -> np.ndarray:
+        """``[len(seqs), longest table]`` int32, row i sequence i's table, zero-padded."""
+        if len(self.row_of) + len(seqs) > len(self.copied):
+            self._release_all_but(seqs)
+        width = max(len(s.block_table) for s in seqs)
+        if width > self.rows.shape[1]:  # at least double, so that it is rare
+            self.rows = np.pad(self.rows, ((0, 0), (0, max(width - self.rows.shape[1], self.rows.shape[1]))))
+        rows, row_of, copied, length = self.rows, self.row_of, self.copied, self.length
+        index = []
+        for seq in seqs:
+            row = row_of.get(seq.seq_id)
+            if row is None:
+                row = row_of[seq.seq_id] = self.free.pop()
+            table = seq.block_table
+            if copied[row] is not table:  # the sequence's first step, or a new table (preempted)
+                rows[row, :length[row]] = 0
+                copied[row], length[row] = table, 0
+            if length[row] < len(table):
+                rows[row, length[row]:len(table)] = table[length[row]:]
+                length[row] = len(table)
+            index.append(row)
+        return rows[index, :width]
+
+    def _release_all_but(self, seqs: list) -> None:
+        """Free the rows of sequences not in this step (finished ones, mostly); add rows if
+        that frees too few."""
+        keep = {s.seq_id for s in seqs}
+        for seq_id in [i for i in self.row_of if i not in keep]:
+            row = self.row_of.pop(seq_id)
+            self.copied[row] = None  # zeroed when it is taken again
+            self.free.append(row)
+        if len(self.free) < len(seqs):
+            extra = 2 * len(seqs)
+            self.rows = np.pad(self.rows, ((0, extra), (0, 0)))
+            self.free.extend(range(len(self.copied) + extra - 1, len(self.copied) - 1, -1))
+            self.copied.extend([None] * extra)
+            self.length.extend([0] * extra)
 
 
 def resolve_device(config: EngineConfig) -> torch.device:
@@ -86,6 +138,7 @@ class ModelRunner:
         self._staging: list[torch.Tensor | None] = [None, None]  # pinned host buffers for step inputs
         self._copied = [torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda" else []
         self._turn = 0
+        self.block_tables = BlockTableRows(2 * config.max_num_seqs)
 
     # ---- KV pool -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -150,33 +203,30 @@ class ModelRunner:
 
     # ---- one step ------------------------------------------------------------------------
     def prepare(self, batch: ScheduledBatch) -> StepInput:
-        """The step's arrays. One Python pass gathers per-sequence scalars and token ids; the
-        rest is vectorized (this runs every step for up to 256 sequences on the host)."""
+        """The step's arrays. Python passes gather per-sequence scalars and token ids, block
+        tables come from rows kept between steps (``BlockTableRows``), the rest is vectorized
+        (this runs every step for up to 256 sequences on the host)."""
         bs, seqs, counts = self.block_size, batch.seqs, batch.num_new_tokens
         num_seqs, num_decodes = len(seqs), batch.num_decodes
-        starts = np.fromiter((s.num_computed_tokens for s in seqs), np.int64, num_seqs)
-        lengths = np.fromiter((len(s.token_ids) for s in seqs), np.int64, num_seqs)
-        table_lens = np.fromiter((len(s.block_table) for s in seqs), np.int64, num_seqs)
-        input_ids: list[int] = []
-        for seq, start, n in zip(seqs, starts.tolist(), counts):
-            input_ids.extend(seq.token_ids[start:start + n])
+        starts = np.array([s.num_computed_tokens for s in seqs], np.int64)
+        input_ids = [s.token_ids[s.num_computed_tokens] for s in seqs[:num_decodes]]  # decodes come first
+        for seq, n in zip(seqs[num_decodes:], counts[num_decodes:]):
+            input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
+        lengths = np.array([len(s.token_ids) for s in seqs], np.int64)
         n_new = np.asarray(counts, np.int64)
         ends = starts + n_new
         qsl = np.zeros(num_seqs + 1, np.int64)
         np.cumsum(n_new, out=qsl[1:])
         seq_index = np.repeat(np.arange(num_seqs), n_new)
         pos = np.arange(qsl[-1]) - qsl[seq_index] + starts[seq_index]
-        # row i holds sequence i's table, zero-padded (rows fill in order, as the mask does)
-        block_tables = np.zeros((num_seqs, int(table_lens.max())), np.int32)
-        block_tables[np.arange(block_tables.shape[1]) < table_lens[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(s.block_table for s in seqs), np.int32, int(table_lens.sum()))
+        block_tables = self.block_tables.gather(seqs)
         slot_mapping = block_tables[seq_index, pos // bs].astype(np.int64) * bs + pos % bs
         ids = np.asarray(input_ids, np.int64)
         prev_index = None
-        holes = np.flatnonzero(ids < 0)
-        if holes.size:
-            prev_index = np.full(ids.shape, -1, np.int64)
-            prev_index[holes] = [seqs[i].inflight_index for i in seq_index[holes]]
+        is_hole = ids < 0
+        if is_hole.any():
+            inflight = np.array([s.inflight_index for s in seqs], np.int64)
+            prev_index = np.where(is_hole, inflight[seq_index], -1)
         return StepInput(
             input_ids=ids, positions=pos, slot_mapping=slot_mapping, prev_index=prev_index,
             query_start_loc=qsl.astype(np.int32), seq_lens=ends.astype(np.int32), block_tables=block_tables,

@@ -1,7 +1,8 @@
 """Batched sampling with vLLM's parameters, all on the logits' device: one host round trip per
 step (the sampled ids, and the logprobs where asked), none per sequence. Per-row extras
-(penalties, logit bias, allowed tokens, logprobs) arrive as small index tensors built per step;
-a batch that uses none of them pays nothing for them."""
+(penalties, logit bias, allowed tokens, logprobs) arrive as small index tensors, which the
+engine builds once per batch of sequences (the output tokens' index every step); a batch that
+uses none of them pays nothing for them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -16,7 +17,7 @@ class Penalties:
     repetition: torch.Tensor  # [P] float, 1 = off
     frequency: torch.Tensor  # [P] float
     presence: torch.Tensor  # [P] float
-    output_index: tuple[torch.Tensor, torch.Tensor]  # (row in 0..P-1, token id) per output token
+    output_index: tuple[torch.Tensor, torch.Tensor] | None  # (row in 0..P-1, token id) per output token
     prompt_index: tuple[torch.Tensor, torch.Tensor] | None  # the same per prompt token (repetition rows)
 
 
@@ -38,6 +39,7 @@ class SamplingBatch:
     penalties: Penalties | None = None
     logprob_rows: torch.Tensor | None = None  # rows that want logprobs
     num_logprobs: int = 0  # the most top logprobs any of those rows wants
+    any_greedy: bool = True  # False: no row is greedy, so no argmax of the processed logits is needed
 
 
 @dataclass
@@ -94,9 +96,8 @@ class Sampler:
 
     @staticmethod
     def _draw(logits: torch.Tensor, batch: SamplingBatch, default_generator) -> torch.Tensor:
-        greedy = logits.argmax(dim=-1)
         if batch.all_greedy:
-            return greedy
+            return logits.argmax(dim=-1)
         temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
         if batch.any_min_p:
@@ -112,7 +113,9 @@ class Sampler:
         for i in seeded:
             noise[i].exponential_(generator=batch.generators[i])
         sampled = (probs / noise).argmax(dim=-1)
-        return torch.where(batch.temperature > 0, sampled, greedy)
+        if not batch.any_greedy:  # one pass over [rows, vocab] less
+            return sampled
+        return torch.where(batch.temperature > 0, sampled, logits.argmax(dim=-1))
 
 
 def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, k: int):

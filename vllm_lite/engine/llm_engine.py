@@ -55,6 +55,16 @@ class _InFlight:
 
 
 @dataclass
+class _ParamsBatch:
+    """What a sampling batch takes from its requests' parameters alone: built once for a batch
+    and kept while its rows are the same sequences (``seq_ids``)."""
+    seq_ids: list[int]
+    batch: SamplingBatch  # no min_tokens bans; penalties, if any, without their output index
+    min_tokens_rows: list[tuple[int, list[int]]]  # rows with min_tokens > 0, and their stop ids
+    penalized: list[int]  # rows with penalties
+
+
+@dataclass
 class Logprob:
     """vLLM's: a token's log-probability, its rank among all tokens (1 = most likely) and its text."""
     logprob: float
@@ -132,6 +142,7 @@ class LLMEngine:
         self.inflight: _InFlight | None = None
         self.overlap = getattr(self.runner, "supports_overlap", False)
         self._token_texts: dict[int, str] = {}  # decoded_token of logprobs, per token id
+        self._params: _ParamsBatch | None = None  # of the last sampling batch
 
     def _load_tokenizer(self, config: EngineConfig):
         """The folder's tokenizer if it fits the model. A folder without one (a dummy-weight
@@ -263,18 +274,24 @@ class LLMEngine:
             logits = self.runner.execute(step)
         if prompt_plan:
             self._record_prompt_logprobs(logits, prompt_plan)
-        sampling_seqs = [s for s, n in zip(batch.seqs, batch.num_new_tokens) if s.num_computed_tokens + n == len(s)]
         caching, bs = self.block_manager.enable_prefix_caching, self.block_manager.block_size
+        sampling_seqs, parents = [], []
         for seq, n in zip(batch.seqs, batch.num_new_tokens):
             seq.num_computed_tokens += n
-            if caching and seq.num_computed_tokens >= (seq.num_cached_blocks + 1) * bs:  # a block is full
+            if seq.num_computed_tokens == len(seq.token_ids):  # it samples its next token
+                if seq.needs_fork:  # its prompt is in the cache: the other completions start here
+                    parents.append(len(sampling_seqs))
+                sampling_seqs.append(seq)
+            # a block is full, and its last token is no placeholder (one is keyed a step later)
+            if caching and seq.num_computed_tokens >= (seq.num_cached_blocks + 1) * bs and \
+                    seq.token_ids[(seq.num_cached_blocks + 1) * bs - 1] != PLACEHOLDER:
                 self.block_manager.cache_full_blocks(seq)
         if not sampling_seqs:
             return None
-        for seq, row in list(zip(sampling_seqs, sample_rows)):
-            while seq.needs_fork:  # its prompt is in the cache: the other completions start here
-                sampling_seqs.append(self._fork(seq))
-                sample_rows.append(row)  # their first token is drawn from the same logits
+        for i in parents:
+            while sampling_seqs[i].needs_fork:
+                sampling_seqs.append(self._fork(sampling_seqs[i]))
+                sample_rows.append(sample_rows[i])  # their first token is drawn from the same logits
         if len(sample_rows) != len(logits):
             logits = logits[torch.tensor(sample_rows, device=logits.device)]
         sampling = self._sampling_batch(sampling_seqs, previous.tokens if previous is not None else None)
@@ -395,28 +412,48 @@ class LLMEngine:
         return self.scheduler.has_unfinished() or pending
 
     def _sampling_batch(self, seqs: list[Sequence], prev_tokens: torch.Tensor | None = None) -> SamplingBatch:
-        """The step's sampling parameters as device tensors. ``prev_tokens``: the step in
-        flight's sampled tokens, where an output token is still a placeholder (penalties)."""
-        ps = [s.params for s in seqs]
-        tensor = self._to_device
-        banned = []
-        for row, s in enumerate(seqs):
-            if s.num_output_tokens < s.params.min_tokens:
-                stop_ids = set(s.params.stop_token_ids) | (set() if s.params.ignore_eos else self.eos_token_ids)
-                banned.append((row, sorted(stop_ids)))
+        """The step's sampling parameters as device tensors. What depends only on the requests'
+        parameters is built once per batch (the same sequences in the same rows, as most decode
+        steps are) and kept on the device; min_tokens bans and penalties follow the output, so
+        they are redone every step. ``prev_tokens``: the step in flight's sampled tokens, where
+        an output token is still a placeholder (penalties)."""
+        key = [s.seq_id for s in seqs]
+        if self._params is None or key != self._params.seq_ids:
+            self._params = self._params_batch(seqs)
+        params = self._params
+        banned = [(row, stop_ids) for row, stop_ids in params.min_tokens_rows
+                  if seqs[row].num_output_tokens < seqs[row].params.min_tokens]
+        penalties = params.batch.penalties
+        if penalties is not None:
+            output_index = self._output_index([seqs[r] for r in params.penalized], prev_tokens)
+            penalties = dataclasses.replace(penalties, output_index=output_index)
+        elif not banned:
+            return params.batch
+        return dataclasses.replace(params.batch, banned=banned, penalties=penalties)
+
+    def _params_batch(self, seqs: list[Sequence]) -> _ParamsBatch:
+        """Upload what the sampling of ``seqs`` takes from their parameters (on CUDA each
+        tensor is copied from pinned memory, without waiting for the step in flight)."""
+        seq_ids, ps, tensor = [s.seq_id for s in seqs], [s.params for s in seqs], self._to_device
+        min_tokens_rows = []
+        for row, p in enumerate(ps):
+            if p.min_tokens > 0:
+                stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
+                min_tokens_rows.append((row, sorted(stop_ids)))
+        # one upload. top_k in float32: exact below 2**24, and a larger k keeps every token either way
+        values = tensor([[p.temperature for p in ps], [max(p.top_k, 0) for p in ps], [p.top_p for p in ps],
+                         [p.min_p for p in ps]], torch.float32)
         batch = SamplingBatch(
-            temperature=tensor([p.temperature for p in ps], torch.float32),
-            top_k=tensor([max(p.top_k, 0) for p in ps], torch.int64),
-            top_p=tensor([p.top_p for p in ps], torch.float32),
-            min_p=tensor([p.min_p for p in ps], torch.float32),
+            temperature=values[0], top_k=values[1].long(), top_p=values[2], min_p=values[3],
             generators=[s.generator for s in seqs],
-            banned=banned,
+            banned=[],
             all_greedy=all(p.greedy for p in ps),
             any_top_k_top_p=any(p.top_k > 0 or p.top_p < 1.0 for p in ps),
             any_min_p=any(p.min_p > 0 for p in ps),
+            any_greedy=any(p.greedy for p in ps),
         )
         if not any(p.needs_extras for p in ps):
-            return batch
+            return _ParamsBatch(seq_ids, batch, min_tokens_rows, [])
         # the extras, each only when some row uses it
         allowed = [r for r, p in enumerate(ps) if p.allowed_token_ids is not None]
         if allowed:
@@ -428,27 +465,18 @@ class LLMEngine:
             bias = tensor([b for r in biased for b in ps[r].logit_bias.values()], torch.float32)
             batch.logit_bias = (tensor(biased, torch.int64)[local], tokens, bias)
         penalized = [r for r, p in enumerate(ps) if p.has_penalties]
-        if penalized:
-            batch.penalties = self._penalties([seqs[r] for r in penalized], tensor(penalized, torch.int64),
-                                              prev_tokens)
         wants_logprobs = [r for r, p in enumerate(ps) if p.logprobs is not None]
         if wants_logprobs:
             batch.logprob_rows = tensor(wants_logprobs, torch.int64)
             batch.num_logprobs = max(ps[r].logprobs for r in wants_logprobs)
-        return batch
+        if penalized:
+            batch.penalties = self._penalties([seqs[r] for r in penalized], tensor(penalized, torch.int64))
+        return _ParamsBatch(seq_ids, batch, min_tokens_rows, penalized)
 
-    def _penalties(self, seqs: list[Sequence], rows: torch.Tensor, prev_tokens: torch.Tensor | None) -> Penalties:
-        """Index tensors of the penalized sequences' output tokens (and prompt tokens, for
-        repetition penalties). A last output token still in flight (a placeholder here) is read
-        from ``prev_tokens``, the in-flight step's sampled tokens on the device."""
+    def _penalties(self, seqs: list[Sequence], rows: torch.Tensor) -> Penalties:
+        """The penalized rows' penalties, and an index of their prompt tokens (for repetition
+        penalties); ``output_index`` (None here) is filled every step."""
         tensor, ps = self._to_device, [s.params for s in seqs]
-        outputs = [s.output_token_ids for s in seqs]
-        out_rows, out_tokens = self._flat_index(outputs)
-        holes = [i for i, out in enumerate(outputs) if out and out[-1] == PLACEHOLDER]
-        if holes:
-            ends = np.cumsum([len(out) for out in outputs]) - 1
-            out_tokens[tensor(ends[holes], torch.int64)] = prev_tokens[
-                tensor([seqs[i].inflight_index for i in holes], torch.int64)]
         repeating = [i for i, p in enumerate(ps) if p.repetition_penalty != 1.0]
         prompt_index = None
         if repeating:
@@ -459,7 +487,20 @@ class LLMEngine:
             repetition=tensor([p.repetition_penalty for p in ps], torch.float32),
             frequency=tensor([p.frequency_penalty for p in ps], torch.float32),
             presence=tensor([p.presence_penalty for p in ps], torch.float32),
-            output_index=(out_rows, out_tokens), prompt_index=prompt_index)
+            output_index=None, prompt_index=prompt_index)
+
+    def _output_index(self, seqs: list[Sequence], prev_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(row, token id) of every output token of ``seqs``. A last output token still in
+        flight (a placeholder here) is read from ``prev_tokens``, the in-flight step's sampled
+        tokens on the device."""
+        outputs = [s.output_token_ids for s in seqs]
+        out_rows, out_tokens = self._flat_index(outputs)
+        holes = [i for i, out in enumerate(outputs) if out and out[-1] == PLACEHOLDER]
+        if holes:
+            ends = np.cumsum([len(out) for out in outputs]) - 1
+            out_tokens[self._to_device(ends[holes], torch.int64)] = prev_tokens[
+                self._to_device([seqs[i].inflight_index for i in holes], torch.int64)]
+        return out_rows, out_tokens
 
     def _to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
         host = torch.as_tensor(values, dtype=dtype)

@@ -22,7 +22,7 @@ class ScheduledBatch:
 
     @property
     def num_decodes(self) -> int:
-        return sum(1 for n in self.num_new_tokens if n == 1)
+        return self.num_new_tokens.count(1)
 
     @property
     def num_tokens(self) -> int:
@@ -59,24 +59,28 @@ class Scheduler:
 
     def schedule(self) -> ScheduledBatch:
         budget = self.max_num_batched_tokens
-        work: list[tuple[Sequence, int]] = []
+        decodes: list[tuple[Sequence, int]] = []  # (sequence, new tokens): one-token steps go first
+        chunks: list[tuple[Sequence, int]] = []
 
         i, block_size = 0, self.block_manager.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.at_length_limit(len(seq), self.max_model_len):  # its last token, in flight, ends it
+            if seq.at_length_limit(len(seq.token_ids), self.max_model_len):  # its last token, in flight, ends it
                 i += 1
                 continue
             n = min(seq.num_uncomputed_tokens, budget, seq.max_chunk_tokens)
             needed = seq.num_computed_tokens + n
-            if needed <= len(seq.block_table) * block_size or self._make_room(seq, needed):
+            if needed > len(seq.block_table) * block_size:  # a new block (decode: every block_size steps)
+                if not self._make_room(seq, needed):
+                    continue
                 self.block_manager.allocate(seq, needed)
-                work.append((seq, n))
-                budget -= n
-                i += 1
+            (decodes if n == 1 else chunks).append((seq, n))
+            budget -= n
+            i += 1
 
-        # a request of n completions takes n seats of max_num_seqs, forked or not
-        seats = len(self.running) + sum(s.num_seats - 1 for s in self.running if s.params.n > 1)
+        seats = 0  # taken of max_num_seqs: a request of n completions takes n, forked or not
+        if self.waiting:
+            seats = len(self.running) + sum(s.num_seats - 1 for s in self.running if s.params.n > 1)
         while self.waiting and budget > 0:
             seq = self.waiting[0]
             if seats + seq.num_seats > self.max_num_seqs:
@@ -100,10 +104,10 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
-            work.append((seq, n))
+            (decodes if n == 1 else chunks).append((seq, n))
             budget -= n
 
-        work.sort(key=lambda item: item[1] != 1)  # decodes first; stable otherwise
+        work = decodes + chunks
         return ScheduledBatch([s for s, _ in work], [n for _, n in work])
 
     def _may_use_prefix_cache(self, seq: Sequence) -> bool:

@@ -19,6 +19,9 @@ class SequenceStatus(enum.Enum):
     FINISHED = "finished"
 
 
+_FINISHED = SequenceStatus.FINISHED  # a member read through its class costs ~0.1 us on Python 3.11
+
+
 class Sequence:
     def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
                  prompt: str | None = None) -> None:
@@ -26,6 +29,7 @@ class Sequence:
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.prompt = prompt
         self.prompt_token_ids = list(prompt_token_ids)
+        self.num_prompt_tokens = len(self.prompt_token_ids)
         self.token_ids = list(prompt_token_ids)
         self.params = params
         self.status = SequenceStatus.WAITING
@@ -52,10 +56,6 @@ class Sequence:
         return len(self.token_ids)
 
     @property
-    def num_prompt_tokens(self) -> int:
-        return len(self.prompt_token_ids)
-
-    @property
     def output_token_ids(self) -> list[int]:
         return self.token_ids[self.num_prompt_tokens:]
 
@@ -75,7 +75,7 @@ class Sequence:
 
     @property
     def is_finished(self) -> bool:
-        return self.status == SequenceStatus.FINISHED
+        return self.status is _FINISHED
 
     @property
     def num_seats(self) -> int:

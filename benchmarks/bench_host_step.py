@@ -1,0 +1,169 @@
+"""Host (Python) time of one engine decode step, part by part, with the model forward taken out.
+
+On a GPU the throughput benchmark overlaps one step: the host schedules and launches step N+1
+while step N runs, so host time above a decode step's few ms of GPU time is lost. This runs
+the real engine on CPU with the model forward replaced by a fixed table of random bf16 logits
+(returned at once), 256 sequences of the nano-vllm workload decoding (temperature 0.6,
+ignore_eos, default SamplingParams otherwise), and times each part of ``LLMEngine.step``:
+
+  schedule      Scheduler.schedule
+  prepare       ModelRunner.prepare (step arrays) + the upload's host side
+  sampling      LLMEngine._sampling_batch (the sampling parameters as tensors)
+  sampler       Sampler.sample over [256, --logits-width] logits (default 64 columns, so
+                sampled ids are < 64: the host's per-op overhead, a stand-in for kernel
+                launches; CPU math over the whole vocabulary takes ~1 s a step here, says
+                nothing of a GPU and evicts the host's caches); not in host total
+  launch rest   the rest of LLMEngine._launch: bookkeeping, prefix-cache keying, _InFlight
+  prefix keys   BlockManager.cache_full_blocks alone (inside launch rest)
+  process       LLMEngine._process: read back, stop checks, detokenization
+  host total    LLMEngine.step minus the fake forward and the sampler
+
+Each part is the median over ``--steps`` decode steps at full batch (no sequence finishes in
+the window), or with ``--whole-run`` the mean over every step of the workload (prefill, and
+the tail where requests finish and the batch changes every few steps); ``--repeats`` fresh
+engines give the spread.
+
+    python -m benchmarks.bench_host_step                    # qwen2.5-1.5b vocabulary, no text
+    python -m benchmarks.bench_host_step --shape smollm2    # SmolLM2 vocabulary, text on
+    python -m benchmarks.bench_host_step --no-prefix-caching
+    python -m benchmarks.bench_host_step --whole-run --repeats 1
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+from vllm_lite.benchmark import CONFIG_DIR, Workload, text_tokenizer_for_shape
+from vllm_lite.config import EngineConfig
+from vllm_lite.engine.llm_engine import LLMEngine
+from vllm_lite.sampling_params import SamplingParams
+
+SHAPES = {"qwen": "qwen2.5-1.5b", "smollm2": "smollm2-135m"}
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
+            num_key_value_heads=2, head_dim=16)
+PARTS = ["schedule", "prepare", "sampling", "launch rest", "prefix keys", "process", "host total", "sampler"]
+
+
+def tiny_folder(shape: str) -> str:
+    """A shape's config.json (its vocabulary and architecture) with a one-layer, 64-wide body."""
+    with open(os.path.join(CONFIG_DIR, f"{SHAPES[shape]}.json")) as fh:
+        config = json.load(fh)
+    config.update(TINY)
+    folder = tempfile.mkdtemp(prefix="vllm-lite-host-")
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump(config, fh)
+    return folder
+
+
+def timed(times: dict[str, float], name: str, fn):
+    def wrapper(*args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+    return wrapper
+
+
+def build(shape: str, caching: bool, work: Workload, width: int | None) -> tuple[LLMEngine, dict[str, float]]:
+    from transformers import AutoConfig
+
+    folder = tiny_folder(shape)
+    tokenizer = text_tokenizer_for_shape(AutoConfig.from_pretrained(folder))
+    tokens = sum(len(p) + n for p, n in zip(work.prompts, work.output_lens))
+    config = EngineConfig(model_path=folder, tokenizer_path=tokenizer, load_format="dummy", device="cpu",
+                          max_model_len=2048, max_num_seqs=256, enable_prefix_caching=caching,
+                          num_blocks=tokens // 16 + 2 * len(work.prompts))
+    engine = LLMEngine(config)
+    runner, width = engine.runner, width or engine.hf_config.vocab_size
+    logits = torch.randn(config.max_num_seqs, width, generator=torch.Generator().manual_seed(0)).bfloat16()
+
+    def fake_execute(step, prev_tokens=None):
+        t0 = time.perf_counter()
+        runner._upload(step)  # the upload's host side stays in the measurement
+        times["upload"] = times.get("upload", 0.0) + time.perf_counter() - t0
+        return logits[:len(step.logits_indices)]
+
+    times: dict[str, float] = {}
+    engine.scheduler.schedule = timed(times, "schedule", engine.scheduler.schedule)
+    runner.prepare = timed(times, "prepare", runner.prepare)
+    runner.execute = timed(times, "forward", fake_execute)
+    engine._sampling_batch = timed(times, "sampling", engine._sampling_batch)
+    engine.sampler.sample = timed(times, "sampler", engine.sampler.sample)
+    engine._launch = timed(times, "launch", engine._launch)
+    engine._process = timed(times, "process", engine._process)
+    engine.block_manager.cache_full_blocks = timed(times, "prefix keys", engine.block_manager.cache_full_blocks)
+    return engine, times
+
+
+def measure(shape: str, caching: bool, warmup: int, steps: int, width: int | None,
+            whole_run: bool = False) -> dict[str, float]:
+    """µs per part of one fresh engine: the median over ``steps`` full-batch decode steps, or
+    with ``whole_run`` the mean over every step of the workload (prefill, and the tail where
+    requests finish and the batch changes)."""
+    work = Workload.nano_vllm(256, (100, 1024), (100, 1024))
+    engine, times = build(shape, caching, work, width)
+    for prompt, n in zip(work.prompts, work.output_lens):
+        engine.add_request(prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True))
+    running = engine.scheduler.running
+    if not whole_run:
+        while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in running):
+            engine.step()
+        assert min(work.output_lens) > warmup + steps + 2, "a sequence would finish inside the window"
+    rows = []
+    while engine.has_unfinished_requests() if whole_run else len(rows) < warmup + steps:
+        times.clear()
+        t0 = time.perf_counter()
+        engine.step()
+        total = time.perf_counter() - t0
+        t = {k: 1e6 * v for k, v in times.items()}
+        launch = t.get("launch", 0.0) - t.get("prepare", 0.0) - t.get("forward", 0.0) - t.get("sampling", 0.0)
+        rows.append({"schedule": t["schedule"], "prepare": t.get("prepare", 0.0) + t.get("upload", 0.0),
+                     "sampling": t.get("sampling", 0.0), "launch rest": launch - t.get("sampler", 0.0),
+                     "prefix keys": t.get("prefix keys", 0.0), "process": t.get("process", 0.0),
+                     "host total": 1e6 * total - t.get("forward", 0.0) + t.get("upload", 0.0) - t.get("sampler", 0.0),
+                     "sampler": t.get("sampler", 0.0)})
+    if not whole_run:
+        assert len(running) == 256 and all(s.num_computed_tokens >= s.num_prompt_tokens for s in running)
+        rows = rows[warmup:]
+    engine.close()
+    average = statistics.mean if whole_run else statistics.median
+    return {p: average(r[p] for r in rows) for p in PARTS} | {"steps": len(rows)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen",
+                        help="qwen: Qwen2.5's 151,936-token vocabulary, no tokenizer (token ids only, as the "
+                             "H100 benchmark of that shape); smollm2: 49,152 tokens with SmolLM2's tokenizer (text)")
+    parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--warmup", type=int, default=10)
+    parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--whole-run", action="store_true",
+                        help="the mean over every step of the workload instead (prefill, finishing requests)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--logits-width", type=int, default=64, help="0: the whole vocabulary")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    results = [measure(args.shape, args.prefix_caching, args.warmup, args.steps, args.logits_width, args.whole_run)
+               for _ in range(args.repeats)]
+    window = (f"mean of all {results[0]['steps']} steps of the workload" if args.whole_run else
+              f"median of {args.steps} full-batch decode steps")
+    print(f"\nhost µs per step, 256 requests, shape {args.shape}, prefix caching "
+          f"{'on' if args.prefix_caching else 'off'}: {window}, {args.repeats} fresh engines "
+          f"(min..max); logits {args.logits_width or 'vocab'} wide")
+    for part in PARTS:
+        values = [r[part] for r in results]
+        note = "  (CPU tensor math; not counted in host total)" if part == "sampler" else ""
+        print(f"  {part:12s} {statistics.median(values):9.1f}   ({min(values):.1f}..{max(values):.1f}){note}")
+
+
+if __name__ == "__main__":
+    main()
