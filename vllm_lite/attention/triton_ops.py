@@ -414,9 +414,11 @@ class TritonBackend(AttentionBackend):
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd > 0:
-            # next to prefill work the GPU is busy anyway: one split, one compiled variant
+            # next to prefill work the GPU is busy anyway: one split, one compiled variant. Else
+            # the split count follows the longest context (so the warm-up can meet each count)
             paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                                   out=out[:nd], num_splits=1 if meta.num_seqs > nd else None)
+                                   out=out[:nd], num_splits=1 if meta.num_seqs > nd else None,
+                                   max_seq_len=meta.max_seq_len)
         if meta.num_seqs == nd:
             return out
         if self._use_varlen(q, meta):
