@@ -169,8 +169,10 @@ class ModelRunner:
             layer.k_cache, layer.v_cache = self.kv_cache[0, i], self.kv_cache[1, i]
             layer.backend = self.backend
         self.num_blocks = num_blocks
-        if self.device.type == "cuda" and not self.config.enforce_eager and self.backend.supports_cuda_graphs:
-            self.capture_cuda_graphs()
+        if self.device.type == "cuda":
+            self.warm_up_kernels()
+            if not self.config.enforce_eager and self.backend.supports_cuda_graphs:
+                self.capture_cuda_graphs()
 
     def warm_up(self) -> None:
         """One forward pass over a full token budget without a KV pool, to measure peak
@@ -180,9 +182,9 @@ class ModelRunner:
         torch.cuda.synchronize(self.device)
 
     def warm_up_step(self) -> StepInput:
-        """A full-budget prefill that needs no KV pool: nothing is written (slot -1) and every
-        logical block maps to one scratch block. The table must cover the whole sequence: a
-        backend that reads keys through it (fp32 prefill) would otherwise read past its row."""
+        """A full-budget prefill that needs no KV pool: every logical block maps to one scratch
+        block. The table must cover the whole sequence: a backend that reads keys through it
+        (fp32 prefill) would otherwise read past its row."""
         num_tokens = min(self.config.max_num_batched_tokens, self.max_model_len)
         seq_len = min(num_tokens, self.max_model_len)
         num_seqs = max(1, num_tokens // seq_len)
@@ -190,15 +192,42 @@ class ModelRunner:
         scratch = torch.zeros((1, self.block_size, a.num_kv_heads, a.head_dim), dtype=self.dtype, device=self.device)
         for layer in self.attn_layers:
             layer.k_cache, layer.v_cache, layer.backend = scratch, scratch, self.backend
+        return self.block_zero_step([seq_len] * num_seqs, [seq_len] * num_seqs, num_decodes=0)
+
+    @torch.inference_mode()
+    def warm_up_kernels(self) -> None:
+        """Run a step of each kind requests make, so that every kernel variant they can choose
+        is compiled here and not inside a user's first ``generate``. Triton compiles a binary per
+        kernel and constexpr set (the decode split count among them); argument values that
+        change from step to step are kept out of its key (``do_not_specialize``). The steps:
+        a fresh prefill; a decode next to a prefill chunk after cached context (chunked
+        prefill, prefix-cache hits, the paged prefill kernel); one decode per doubling of the
+        context, since the decode kernel's split count grows with it. Needs the KV pool."""
+        steps = [self.block_zero_step([3, 2], [3, 2], num_decodes=0),
+                 self.block_zero_step([1, 3], [2, 5], num_decodes=1)]
+        m = self.max_model_len
+        steps += [self.block_zero_step([1], [n], num_decodes=1)
+                  for n in sorted({min(1 << k, m) for k in range(m.bit_length() + 1)})]
+        for step in steps:
+            self.execute(step)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def block_zero_step(self, query_lens: list[int], seq_lens: list[int], num_decodes: int) -> StepInput:
+        """A step that belongs to no request: every logical block of every table is block 0 and
+        nothing is written (slot -1), so it leaves the KV pool as it was."""
+        q_lens, ends = np.asarray(query_lens, np.int64), np.asarray(seq_lens, np.int64)
+        qsl = np.zeros(len(q_lens) + 1, np.int64)
+        np.cumsum(q_lens, out=qsl[1:])
+        num_tokens, max_seq_len = int(qsl[-1]), int(ends.max())
         return StepInput(
-            input_ids=np.zeros(num_seqs * seq_len, np.int64),
-            positions=np.tile(np.arange(seq_len), num_seqs),
-            slot_mapping=np.full(num_seqs * seq_len, -1, np.int64),
-            query_start_loc=np.arange(num_seqs + 1, dtype=np.int32) * seq_len,
-            seq_lens=np.full(num_seqs, seq_len, np.int32),
-            block_tables=np.zeros((num_seqs, -(-seq_len // self.block_size)), np.int32),
-            logits_indices=np.arange(num_seqs) * seq_len + seq_len - 1,
-            num_decodes=0, max_query_len=seq_len, max_seq_len=seq_len, prefill_is_fresh=True,
+            input_ids=np.zeros(num_tokens, np.int64),
+            positions=np.concatenate([np.arange(e - q, e) for q, e in zip(q_lens, ends)]),
+            slot_mapping=np.full(num_tokens, -1, np.int64),
+            query_start_loc=qsl.astype(np.int32), seq_lens=ends.astype(np.int32),
+            block_tables=np.zeros((len(q_lens), -(-max_seq_len // self.block_size)), np.int32),
+            logits_indices=qsl[1:] - 1, num_decodes=num_decodes, max_query_len=int(q_lens.max()),
+            max_seq_len=max_seq_len, prefill_is_fresh=bool((q_lens == ends)[num_decodes:].all()),
         )
 
     # ---- one step ------------------------------------------------------------------------
@@ -301,12 +330,16 @@ class ModelRunner:
             torch.cuda.empty_cache()
 
     # ---- CUDA graphs for decode steps ----------------------------------------------------
+    def cuda_graph_batch_sizes(self) -> list[int]:
+        max_bs = min(self.config.max_num_seqs, 512)
+        return [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
+
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
         """Capture one graph of a whole decode step (model + LM head) per batch size; a step is
         padded up to the next captured size. Padding rows write nowhere (slot -1)."""
-        max_bs = min(self.config.max_num_seqs, 512)
-        self.graph_sizes = [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
+        self.graph_sizes = self.cuda_graph_batch_sizes()
+        max_bs = self.graph_sizes[-1]
         max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
         dev = self.device
         self.static = {

@@ -51,6 +51,13 @@ if os.environ.get("TRITON_INTERPRET") == "1":
         _fix_interpreter_scalar_index()
 
 
+# Triton compiles a variant per specialization of each argument (an int equal to 1 or divisible
+# by 16, a pointer aligned to 16 bytes). The block-table width changes every step, and metadata
+# tensors are often slices (``seq_lens[num_decodes:]``) or packed at odd offsets; they are read a
+# scalar at a time, so specializing on them would buy nothing but compiles inside a request.
+_METADATA_PTRS = ["block_tables_ptr", "seq_lens_ptr", "query_start_loc_ptr"]
+
+
 def _pow2(n: int, at_least: int = 1) -> int:
     return max(at_least, triton.next_power_of_2(n))
 
@@ -68,7 +75,7 @@ def _check_layout(*tensors: torch.Tensor) -> None:
 # ----------------------------------------------------------------------------- store
 
 
-@triton.jit
+@triton.jit(do_not_specialize_on_alignment=["slot_ptr"])
 def _store_kvcache_kernel(
     k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
     stride_kt, stride_kh, stride_vt, stride_vh,
@@ -115,7 +122,7 @@ def store_kvcache(
 # ----------------------------------------------------------------------------- decode
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_METADATA_PTRS)
 def _decode_split_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
     out_ptr, part_o_ptr, part_lse_ptr,
@@ -276,7 +283,7 @@ def paged_decode_attention(
 # ----------------------------------------------------------------------------- prefill
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_METADATA_PTRS)
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
     block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
@@ -407,9 +414,11 @@ class TritonBackend(AttentionBackend):
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd > 0:
-            # next to prefill work the GPU is busy anyway: one split, one compiled variant
+            # next to prefill work the GPU is busy anyway: one split, one compiled variant. Else
+            # the split count follows the longest context (so the warm-up can meet each count)
             paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                                   out=out[:nd], num_splits=1 if meta.num_seqs > nd else None)
+                                   out=out[:nd], num_splits=1 if meta.num_seqs > nd else None,
+                                   max_seq_len=meta.max_seq_len)
         if meta.num_seqs == nd:
             return out
         if self._use_varlen(q, meta):

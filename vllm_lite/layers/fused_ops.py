@@ -128,7 +128,8 @@ def _rotate_heads(
     tl.store(o_ptr + o_off + half, o2.to(dtype), mask=mask)
 
 
-@triton.jit
+# positions may sit at any offset of the step's packed upload: alignment buys a scalar load nothing
+@triton.jit(do_not_specialize_on_alignment=["pos_ptr"])
 def _rotary_kernel(
     pos_ptr, q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
     n_q_heads, n_k_heads, half,
