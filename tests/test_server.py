@@ -294,6 +294,30 @@ def test_a_consumer_that_falls_behind_gets_the_queued_deltas_merged(model_path):
     assert len(tokens) == len(logprobs) == 40 and deltas[-1].outputs[0].finish_reason == "length"
 
 
+def test_an_engine_process_that_dies_fails_its_streams_and_new_requests(model_path):
+    import asyncio
+
+    from vllm_lite.entrypoints.async_engine import EngineDeadError
+
+    async def run():
+        llm = AsyncLLM.from_config(EngineConfig(model_path=model_path, **ENGINE))
+        llm.start()
+        try:
+            stream = llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+            await stream.__anext__()
+            os.kill(llm._process.pid, signal.SIGKILL)  # the engine dies mid-request (OOM killer, a crash)
+            with pytest.raises(EngineDeadError):
+                async for _ in stream:
+                    pass
+            assert not llm.is_running
+            with pytest.raises(EngineDeadError):
+                await llm.generate([5], SamplingParams(max_tokens=1)).__anext__()
+        finally:
+            await llm.shutdown()
+
+    asyncio.run(run())
+
+
 # ---- other routes -----------------------------------------------------------------------------
 def test_models_lists_the_served_name(client):
     models = client.models.list()
@@ -468,10 +492,13 @@ def _env():
             "VLLM_LITE_API_KEY": ""}
 
 
-def test_sigterm_drains_running_requests_then_exits_cleanly(model_path, tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM to the server", "Ctrl-C to the process group"])
+def test_sigterm_drains_running_requests_then_exits_cleanly(model_path, tmp_path, how):
+    """The engine process ignores both signals: the server drains, then stops it."""
     proc = subprocess.Popen([sys.executable, "-m", "vllm_lite.cli", "serve", model_path, "--port", "0",
                              "--max-model-len", "512", "--num-blocks", "64", "--log-level", "warning"],
-                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         line = proc.stdout.readline()
         assert " on http://" in line, line + proc.stderr.read() if proc.poll() is not None else line
@@ -481,7 +508,10 @@ def test_sigterm_drains_running_requests_then_exits_cleanly(model_path, tmp_path
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: "))
-            proc.send_signal(signal.SIGTERM)
+            if how == "SIGTERM to the server":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(proc.pid, signal.SIGINT)
             deadline = time.time() + 10
             probe = {**body, "stream": False, "stream_options": None, "max_tokens": 1}
             while (status := httpx.post(url + "/v1/completions", json=probe).status_code) != 503:
@@ -502,6 +532,8 @@ BAD_COMMANDS = {
     "serve missing folder": (["serve", "/no/such/model"], "model_path"),
     "serve unknown flag": (["serve", "--blok-size", "4"], "--blok-size"),
     "serve bad port": (["serve", "--port", "99999"], "--port"),
+    "serve max_model_len over the model's": (["serve", "--port", "0", "--max-model-len", "99999999"],
+                                             "max_model_len"),  # raised in the engine process
     "generate --block-size 0": (["generate", "--block-size", "0"], "block_size"),
     "generate missing folder": (["generate", "--model", "/no/such/model"], "model_path"),
     "bench serve --num-prompts 0": (["bench", "serve", "--num-prompts", "0"], "--num-prompts"),

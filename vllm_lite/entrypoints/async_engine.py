@@ -117,6 +117,7 @@ class AsyncLLM:
         for stream in self._streams.values():  # requests it never took
             stream.put_nowait(stopped)
         self._close_pipes()
+        atexit.unregister(self._close_pipes)
 
     def _close_pipes(self) -> None:
         if self._loop is not None and not self._outputs.closed:
