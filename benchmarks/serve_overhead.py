@@ -130,9 +130,10 @@ def main() -> None:
     elif "model_path" not in overrides:
         overrides["model_path"] = model_folder(opts["model_config"])
         overrides.setdefault("load_format", "dummy")
-        tokenizer = text_tokenizer_for_shape(AutoConfig.from_pretrained(overrides["model_path"]))
-        if tokenizer is not None and "tokenizer_path" not in overrides:
-            overrides["tokenizer_path"] = tokenizer
+        if "tokenizer_path" not in overrides:  # SmolLM2's for its shape (text on), else none
+            tokenizer = text_tokenizer_for_shape(AutoConfig.from_pretrained(overrides["model_path"]))
+            if tokenizer is not None:
+                overrides["tokenizer_path"] = tokenizer
     overrides.setdefault("max_model_len", opts["input_len"][1] + opts["output_len"][1])
     config = EngineConfig(**overrides)
     vocab = AutoConfig.from_pretrained(config.model_path).vocab_size
