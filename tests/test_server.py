@@ -318,6 +318,22 @@ def test_an_engine_process_that_dies_fails_its_streams_and_new_requests(model_pa
     asyncio.run(run())
 
 
+def test_tensor_parallel_engine_runs_in_the_engine_process_as_rank_0(model_path, reference):
+    """The engine process starts the other ranks itself (so it must not be a daemon)."""
+    import asyncio
+
+    async def run():
+        llm = AsyncLLM.from_config(EngineConfig(model_path=model_path, tensor_parallel_size=2, **ENGINE))
+        llm.start()
+        try:
+            return [t async for d in llm.generate([5, 17, 42], GREEDY_PARAMS) for t in d.outputs[0].token_ids]
+        finally:
+            await llm.shutdown()
+
+    ours = asyncio.run(run())
+    assert ours == reference.generate([5, 17, 42], GREEDY_PARAMS, use_tqdm=False)[0].outputs[0].token_ids
+
+
 # ---- other routes -----------------------------------------------------------------------------
 def test_models_lists_the_served_name(client):
     models = client.models.list()
