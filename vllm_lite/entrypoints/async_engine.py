@@ -77,14 +77,14 @@ class AsyncLLM:
         return cls(config, metrics)
 
     def _wait_until_ready(self) -> EngineInfo:
-        while not self._outputs.poll(0.5):
-            if not self._process.is_alive():
-                raise RuntimeError(f"the engine process exited while starting (exit code {self._process.exitcode})")
+        while self._process.is_alive() and not self._outputs.poll(0.5):
+            pass
         try:
             message = self._outputs.recv()
-        except EOFError:
+        except EOFError:  # it died without a word (killed, out of memory)
             self._process.join(5)
-            raise RuntimeError(f"the engine process exited while starting (exit code {self._process.exitcode})") from None
+            code = self._process.exitcode
+            raise RuntimeError(f"the engine process exited while starting (exit code {code})") from None
         if message[0] == "ready":
             return message[1]
         _, kind, text, trace = message
