@@ -69,6 +69,7 @@ class AsyncLLM:
         except BaseException:  # a failed start, or Ctrl-C while the model loads
             self._process.kill()
             self._close_pipes()
+            atexit.unregister(self._close_pipes)
             raise
         self.config, self.tokenizer = self.info.config, self.info.tokenizer
 

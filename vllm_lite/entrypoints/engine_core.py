@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import logging
+import multiprocessing
 import os
 import queue
 import signal
@@ -152,7 +153,6 @@ class _Live:
 
 def pipe() -> tuple:
     """(reader, writer) of a one-way pipe, enlarged where Linux allows it."""
-    import multiprocessing
     reader, writer = multiprocessing.Pipe(duplex=False)
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or over the user's pipe quota
         fcntl.fcntl(writer.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
