@@ -5,8 +5,9 @@ offline throughput (``LLM.generate``, as ``vllm-lite bench throughput`` times it
 token. Prints served/offline (issue 11's target: >= 90% on an H100, TTFT p50 < 30 ms at 4
 requests/s) and where the CPU went during each served run: the client (this process), the
 server process and the engine process (Linux /proc; with an engine thread instead of a
-process, the engine's CPU is inside the server's). On a shared CPU the wall-clock ratio moves
-with other load; the CPU one (offline CPU / the busiest serving process' CPU) barely does.
+process, the engine's CPU is inside the server's), and offline CPU / the busiest serving
+process' CPU: the ratio with a free core per process. On a shared CPU both move with other load
+(on 2 shared cores, 78..116% between invocations): compare medians of several.
 
     python -m benchmarks.serve_overhead --model-config smollm2-135m          # GPU: dummy weights
     python -m benchmarks.serve_overhead --tiny /tmp/tiny --num-blocks 4096   # CPU: a 2-layer model
