@@ -47,7 +47,7 @@ def server(model_path):
         assert time.time() < deadline and thread.is_alive(), "server did not start"
         time.sleep(0.02)
     srv.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
-    srv.engine = llm.engine
+    srv.llm = llm
     yield srv
     srv.should_exit = True
     thread.join(30)
@@ -80,11 +80,17 @@ def sse_events(server, body) -> list[str]:
         return [line[len("data: "):] for line in r.iter_lines() if line.startswith("data: ")]
 
 
-def wait_until_idle(engine, timeout=20.0) -> None:
+def engine_busy(llm) -> bool:
+    """Whether, after its last step, the engine process holds a request or a KV block."""
+    state = llm.engine_state
+    return bool(state.num_running or state.num_waiting or state.num_free_blocks != state.num_blocks)
+
+
+def wait_until_idle(llm, timeout=20.0) -> None:
     deadline = time.time() + timeout
-    while engine.has_unfinished_requests() or engine.block_manager.num_free_blocks != engine.block_manager.num_blocks:
-        assert time.time() < deadline, (f"engine still busy: {engine.block_manager.num_free_blocks}/"
-                                        f"{engine.block_manager.num_blocks} blocks free")
+    while engine_busy(llm):
+        state = llm.engine_state
+        assert time.time() < deadline, f"engine still busy: {state.num_free_blocks}/{state.num_blocks} blocks free"
         time.sleep(0.02)
 
 
@@ -274,7 +280,7 @@ def test_a_consumer_that_falls_behind_gets_the_queued_deltas_merged(model_path):
         try:
             stream = llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True, logprobs=1))
             first = await stream.__anext__()
-            while llm.engine.has_unfinished_requests():  # the engine runs ahead of the reader
+            while engine_busy(llm):  # the engine runs ahead of the reader
                 await asyncio.sleep(0.01)
             rest = [delta async for delta in stream]
         finally:
@@ -286,6 +292,46 @@ def test_a_consumer_that_falls_behind_gets_the_queued_deltas_merged(model_path):
     logprobs = [lp for d in deltas for c in d.outputs for lp in c.logprobs]
     assert len(deltas) == 2 and deltas[-1].finished
     assert len(tokens) == len(logprobs) == 40 and deltas[-1].outputs[0].finish_reason == "length"
+
+
+def test_an_engine_process_that_dies_fails_its_streams_and_new_requests(model_path):
+    import asyncio
+
+    from vllm_lite.entrypoints.async_engine import EngineDeadError
+
+    async def run():
+        llm = AsyncLLM.from_config(EngineConfig(model_path=model_path, **ENGINE))
+        llm.start()
+        try:
+            stream = llm.generate([5, 6, 7], SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))
+            await stream.__anext__()
+            os.kill(llm._process.pid, signal.SIGKILL)  # the engine dies mid-request (OOM killer, a crash)
+            with pytest.raises(EngineDeadError):
+                async for _ in stream:
+                    pass
+            assert not llm.is_running
+            with pytest.raises(EngineDeadError):
+                await llm.generate([5], SamplingParams(max_tokens=1)).__anext__()
+        finally:
+            await llm.shutdown()
+
+    asyncio.run(run())
+
+
+def test_tensor_parallel_engine_runs_in_the_engine_process_as_rank_0(model_path, reference):
+    """The engine process starts the other ranks itself (so it must not be a daemon)."""
+    import asyncio
+
+    async def run():
+        llm = AsyncLLM.from_config(EngineConfig(model_path=model_path, tensor_parallel_size=2, **ENGINE))
+        llm.start()
+        try:
+            return [t async for d in llm.generate([5, 17, 42], GREEDY_PARAMS) for t in d.outputs[0].token_ids]
+        finally:
+            await llm.shutdown()
+
+    ours = asyncio.run(run())
+    assert ours == reference.generate([5, 17, 42], GREEDY_PARAMS, use_tqdm=False)[0].outputs[0].token_ids
 
 
 # ---- other routes -----------------------------------------------------------------------------
@@ -328,7 +374,7 @@ def test_metrics_count_prefix_cache_queries_and_hits_in_tokens(client, server):
     before = counters()
     for _ in range(2):
         client.completions.create(model=NAME, prompt=prompt, **GREEDY)  # noqa
-    wait_until_idle(server.engine)
+    wait_until_idle(server.llm)
     queries, hits = counters()
     assert (queries - before[0], hits - before[1]) == (80, 32)  # the second found 2 blocks of 16
 
@@ -339,7 +385,7 @@ def test_usage_reports_cached_prompt_tokens_and_reset_prefix_cache_forgets_them(
     second = client.completions.create(model=NAME, prompt=prompt, **GREEDY)  # noqa
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert second.usage.prompt_tokens_details.cached_tokens == 32  # 2 full blocks of 16
-    wait_until_idle(server.engine)
+    wait_until_idle(server.llm)
     assert post(server, "/reset_prefix_cache", {}).json() == {"reset": True}
     third = client.completions.create(model=NAME, prompt=prompt, **GREEDY)  # noqa
     assert third.usage.prompt_tokens_details.cached_tokens == 0
@@ -406,8 +452,7 @@ def test_missing_or_wrong_api_key_is_401(server):
 
 # ---- aborts -----------------------------------------------------------------------------------
 def test_client_disconnect_mid_stream_aborts_and_frees_the_blocks(server):
-    engine = server.engine
-    wait_until_idle(engine)
+    wait_until_idle(server.llm)
     aborted = aborted_requests(server)
     body = {"model": NAME, "prompt": list(range(5, 60)), "max_tokens": 150, "temperature": 0, "ignore_eos": True,
             "stream": True}
@@ -416,9 +461,9 @@ def test_client_disconnect_mid_stream_aborts_and_frees_the_blocks(server):
         lines = r.iter_lines()
         for _ in range(3):
             next(line for line in lines if line.startswith("data: "))
-        assert engine.block_manager.num_free_blocks < engine.block_manager.num_blocks
+        assert engine_busy(server.llm)
     # the connection is closed: the request is aborted and its blocks are back
-    wait_until_idle(engine)
+    wait_until_idle(server.llm)
     assert aborted_requests(server) == aborted + 1
 
 
@@ -426,8 +471,7 @@ def test_client_disconnect_while_waiting_for_a_full_response_aborts(server):
     import socket
     from urllib.parse import urlsplit
 
-    engine = server.engine
-    wait_until_idle(engine)
+    wait_until_idle(server.llm)
     aborted = aborted_requests(server)
     body = json.dumps({"model": NAME, "prompt": [5, 6, 7], "max_tokens": 240, "temperature": 0,
                        "ignore_eos": True}).encode()
@@ -436,10 +480,10 @@ def test_client_disconnect_while_waiting_for_a_full_response_aborts(server):
         sock.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
                      + f"Authorization: Bearer {KEY}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
         deadline = time.time() + 20
-        while not engine.has_unfinished_requests():  # running: now hang up
+        while not engine_busy(server.llm):  # running: now hang up
             assert time.time() < deadline
             time.sleep(0.001)
-    wait_until_idle(engine)
+    wait_until_idle(server.llm)
     assert aborted_requests(server) == aborted + 1
 
 
@@ -464,10 +508,13 @@ def _env():
             "VLLM_LITE_API_KEY": ""}
 
 
-def test_sigterm_drains_running_requests_then_exits_cleanly(model_path, tmp_path):
+@pytest.mark.parametrize("how", ["SIGTERM to the server", "Ctrl-C to the process group"])
+def test_sigterm_drains_running_requests_then_exits_cleanly(model_path, tmp_path, how):
+    """The engine process ignores both signals: the server drains, then stops it."""
     proc = subprocess.Popen([sys.executable, "-m", "vllm_lite.cli", "serve", model_path, "--port", "0",
                              "--max-model-len", "512", "--num-blocks", "64", "--log-level", "warning"],
-                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
     try:
         line = proc.stdout.readline()
         assert " on http://" in line, line + proc.stderr.read() if proc.poll() is not None else line
@@ -477,7 +524,10 @@ def test_sigterm_drains_running_requests_then_exits_cleanly(model_path, tmp_path
         with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
             lines = r.iter_lines()
             next(line for line in lines if line.startswith("data: "))
-            proc.send_signal(signal.SIGTERM)
+            if how == "SIGTERM to the server":
+                proc.send_signal(signal.SIGTERM)
+            else:
+                os.killpg(proc.pid, signal.SIGINT)
             deadline = time.time() + 10
             probe = {**body, "stream": False, "stream_options": None, "max_tokens": 1}
             while (status := httpx.post(url + "/v1/completions", json=probe).status_code) != 503:
@@ -498,6 +548,8 @@ BAD_COMMANDS = {
     "serve missing folder": (["serve", "/no/such/model"], "model_path"),
     "serve unknown flag": (["serve", "--blok-size", "4"], "--blok-size"),
     "serve bad port": (["serve", "--port", "99999"], "--port"),
+    "serve max_model_len over the model's": (["serve", "--port", "0", "--max-model-len", "99999999"],
+                                             "max_model_len"),  # raised in the engine process
     "generate --block-size 0": (["generate", "--block-size", "0"], "block_size"),
     "generate missing folder": (["generate", "--model", "/no/such/model"], "model_path"),
     "bench serve --num-prompts 0": (["bench", "serve", "--num-prompts", "0"], "--num-prompts"),

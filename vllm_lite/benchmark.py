@@ -164,18 +164,19 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int
 
     engine.scheduler.schedule = spy_schedule
     engine.step = timed_step
-    elapsed, steps, preemptions, cache_hits = [], [], [], []
+    elapsed, cpu, steps, preemptions, cache_hits = [], [], [], [], []
     for run in range(runs):
         step_log.clear()
         before = engine.scheduler.num_preemptions
         queries, hits = engine.prefix_cache_queries, engine.prefix_cache_hits
         assert llm.reset_prefix_cache()  # every run computes its prompts: none is left from the last
         profiler = cProfile.Profile() if profile_path and run == 0 else None
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         if profiler:
             profiler.enable()
         outputs = llm.generate(work.prompts, params, use_tqdm=False)
         elapsed.append(time.perf_counter() - t0)
+        cpu.append(time.process_time() - cpu0)
         if profiler:
             profiler.disable()
             with open(profile_path, "w") as fh:
@@ -187,7 +188,7 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int
     median_run = sorted(range(runs), key=elapsed.__getitem__)[runs // 2]
     llm.close()
     text = engine.tokenizer is not None
-    result = {"elapsed": elapsed, "median_elapsed": statistics.median(elapsed), "steps": steps[median_run],
+    result = {"elapsed": elapsed, "cpu_s": cpu, "median_elapsed": statistics.median(elapsed), "steps": steps[median_run],
               "num_blocks": engine.block_manager.num_blocks, "preemptions": preemptions[median_run],
               "prefix_cache_hit_tokens": cache_hits[median_run][0], "prefix_cache_query_tokens": cache_hits[median_run][1],
               "dtype": str(engine.runner.dtype), "text": text,

@@ -94,6 +94,48 @@ class RequestOutput:
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
 
 
+@dataclass(frozen=True)
+class RequestLimits:
+    """What a request is checked against: the engine's fixed shape. A server's front end, which
+    runs in another process than the engine, checks requests with a copy before queueing them."""
+    vocab_size: int
+    max_model_len: int
+    max_num_seqs: int
+    num_blocks: int
+    block_size: int
+
+    def check(self, token_ids: list[int], params: SamplingParams) -> None:
+        """ValueError naming the problem."""
+        params.validate()
+        if not token_ids:
+            raise ValueError("empty prompt: it must contain at least one token")
+        vocab = self.vocab_size
+        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
+            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
+        if params.n > self.max_num_seqs:
+            raise ValueError(f"SamplingParams.n must be <= max_num_seqs ({self.max_num_seqs}): "
+                             f"the n completions run together, got {params.n}")
+        for name in ("logit_bias", "allowed_token_ids"):
+            ids = getattr(params, name) or ()
+            if any(t >= vocab for t in ids):
+                raise ValueError(f"SamplingParams.{name} token ids must be in [0, {vocab}) (the vocabulary), "
+                                 f"got {max(ids)}")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(params, name)
+            if k is not None and k > vocab:
+                raise ValueError(f"SamplingParams.{name} must be <= the vocabulary size ({vocab}), got {k}")
+        max_len = self.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(f"prompt is {len(token_ids)} tokens, it must be shorter than "
+                             f"max_model_len ({max_len})")
+        needed = min(max_len, len(token_ids) + (params.max_tokens or max_len))
+        capacity = self.num_blocks * self.block_size
+        if needed > capacity:
+            raise ValueError(f"request needs up to {needed} KV slots (prompt {len(token_ids)} + max_tokens "
+                             f"{params.max_tokens}) but the KV pool holds only {capacity} "
+                             f"(num_blocks {self.num_blocks} x block_size {self.block_size})")
+
+
 def resolve_model_path(config: EngineConfig) -> str:
     if config.model_path is None:
         from vllm_lite.default_model import default_model_path
@@ -135,6 +177,8 @@ class LLMEngine:
         self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
                                    config.max_model_len)
+        self.limits = RequestLimits(self.hf_config.vocab_size, config.max_model_len, config.max_num_seqs,
+                                    self.block_manager.num_blocks, config.block_size)
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sequences: dict[str, Sequence] = {}
@@ -210,34 +254,7 @@ class LLMEngine:
             seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
 
     def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
-        params.validate()
-        if not token_ids:
-            raise ValueError("empty prompt: it must contain at least one token")
-        vocab = self.hf_config.vocab_size
-        if any(not isinstance(t, int) or not 0 <= t < vocab for t in token_ids):
-            raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
-        if params.n > self.config.max_num_seqs:
-            raise ValueError(f"SamplingParams.n must be <= max_num_seqs ({self.config.max_num_seqs}): "
-                             f"the n completions run together, got {params.n}")
-        for name in ("logit_bias", "allowed_token_ids"):
-            ids = getattr(params, name) or ()
-            if any(t >= vocab for t in ids):
-                raise ValueError(f"SamplingParams.{name} token ids must be in [0, {vocab}) (the vocabulary), "
-                                 f"got {max(ids)}")
-        for name in ("logprobs", "prompt_logprobs"):
-            k = getattr(params, name)
-            if k is not None and k > vocab:
-                raise ValueError(f"SamplingParams.{name} must be <= the vocabulary size ({vocab}), got {k}")
-        max_len = self.config.max_model_len
-        if len(token_ids) >= max_len:
-            raise ValueError(f"prompt is {len(token_ids)} tokens, it must be shorter than "
-                             f"max_model_len ({max_len})")
-        needed = min(max_len, len(token_ids) + (params.max_tokens or max_len))
-        capacity = self.block_manager.num_blocks * self.block_manager.block_size
-        if needed > capacity:
-            raise ValueError(f"request needs up to {needed} KV slots (prompt {len(token_ids)} + max_tokens "
-                             f"{params.max_tokens}) but the KV pool holds only {capacity} "
-                             f"(num_blocks {self.block_manager.num_blocks} x block_size {self.block_manager.block_size})")
+        self.limits.check(token_ids, params)
 
     def abort_request(self, request_id: str) -> None:
         seq = self.sequences.pop(request_id, None)

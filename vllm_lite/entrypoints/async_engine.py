@@ -1,39 +1,32 @@
-"""``AsyncLLM``: the synchronous ``LLMEngine`` stepping in a thread of its own, with an asyncio
-face for a server.
+"""``AsyncLLM``: the asyncio face of the engine core for a server (vLLM's AsyncLLM).
 
-- Requests go in through a thread-safe command queue (add / abort / stop). The engine thread
-  takes every waiting command before each step, so a new request joins the running batch at
-  the next step, and an abort frees the request's KV blocks before the next step.
-- ``LLMEngine.step()`` is unchanged (its overlapped GPU pipeline stays inside it). After each
-  step the engine thread compares every live request with what it last sent and puts the
-  differences (``RequestDelta``: new token ids, new text, new logprobs, finish reason) on an
-  output queue; one callback on the event loop hands them to each request's own asyncio queue,
-  which ``generate()`` yields from.
-- Only *accepted* tokens are reported: with overlap, a sampled token is a placeholder (-1) in
-  ``seq.token_ids`` until the engine reads it back and runs its stop checks. Text is reported up
-  to what the incremental detokenizer has, minus a hold-back of ``len(longest stop string) - 1``
-  characters while the request runs (a stop string may start in text already decoded; the
-  engine then cuts it off, so those characters must not have been sent yet, vLLM's rule).
-- A request whose consumer goes away (client disconnect: the generator is closed or cancelled)
-  is aborted; the engine frees its blocks at once.
+The engine steps in a process of its own (``engine_core.py`` says why and what crosses the
+pipes). This side, on the server's event loop, owns one output stream per request:
+- ``generate()`` checks a request against the engine's limits, sends it to the core and yields
+  its ``RequestDelta``s; a consumer that fell behind gets what queued up as one delta.
+- The core's per-step messages are read by a reader on the event loop (no thread): each delta
+  goes to its request's asyncio queue, the metrics hooks the core called are replayed on the
+  server's ``ServerMetrics``, and ``engine_state`` is the scheduler and KV pool after that step.
+- A request whose consumer goes away (client disconnect: the generator is closed or
+  cancelled) is aborted; the engine frees its blocks before its next step.
+- The core exiting on its own (an error, a kill) fails every stream with ``EngineDeadError``.
 
 The offline ``LLM`` does not use any of this; ``LLMEngine`` is shared as it is.
 """
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
-import copy
+import atexit
+import contextlib
 import itertools
 import logging
-import queue
-import threading
+import multiprocessing
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
 
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.llm_engine import LLMEngine
+from vllm_lite.entrypoints.engine_core import (CompletionDelta, EngineInfo, EngineState, RequestDelta,  # noqa: F401
+                                                merge_deltas, pipe, run_engine_core)
 from vllm_lite.sampling_params import SamplingParams
 
 logger = logging.getLogger("vllm_lite.server")
@@ -41,120 +34,102 @@ _ids = itertools.count()
 
 
 class EngineDeadError(RuntimeError):
-    """The engine thread stopped on an error; no request can be served any more."""
+    """The engine stopped on an error; no request can be served any more."""
 
 
 class EngineStoppedError(RuntimeError):
     """The engine is shutting down (or has stopped) and takes no new requests."""
 
 
-@dataclass
-class CompletionDelta:
-    """What one of a request's n completions gained since the last delta."""
-    index: int
-    token_ids: list[int]  # newly accepted output token ids
-    text: str  # newly decoded text
-    logprobs: list[dict] | None = None  # per new token {token id: Logprob}, when the request asked
-    finish_reason: str | None = None  # set once, on the completion's last delta
-    stop_reason: int | str | None = None
-
-
-@dataclass
-class RequestDelta:
-    request_id: str
-    outputs: list[CompletionDelta]
-    finished: bool  # all the request's completions are done; the stream ends after this one
-    prompt_logprobs: list | None = None  # once, when the request asked and its prompt is scored
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache (known once it is scheduled)
-
-
-def merge_deltas(a: RequestDelta, b: RequestDelta) -> RequestDelta:
-    """``a`` then ``b`` as one delta (per completion: tokens, text and logprobs concatenated)."""
-    outputs = {c.index: CompletionDelta(c.index, list(c.token_ids), c.text,
-                                        list(c.logprobs) if c.logprobs is not None else None,
-                                        c.finish_reason, c.stop_reason) for c in a.outputs}
-    for c in b.outputs:
-        prev = outputs.get(c.index)
-        if prev is None:
-            outputs[c.index] = c
-            continue
-        prev.token_ids += c.token_ids
-        prev.text += c.text
-        if c.logprobs is not None:
-            prev.logprobs = (prev.logprobs or []) + c.logprobs
-        prev.finish_reason, prev.stop_reason = c.finish_reason, c.stop_reason
-    return RequestDelta(a.request_id, [outputs[i] for i in sorted(outputs)], b.finished,
-                        a.prompt_logprobs if a.prompt_logprobs is not None else b.prompt_logprobs,
-                        b.num_cached_tokens)
-
-
-@dataclass
-class _Live:
-    """Engine-thread bookkeeping of one request: what was sent so far."""
-    seq: object  # the request's first Sequence (its completions: seq.group)
-    arrival: float
-    holdback: int
-    sent_tokens: dict[int, int] = field(default_factory=dict)
-    sent_text: dict[int, int] = field(default_factory=dict)
-    done: set[int] = field(default_factory=set)
-    prompt_logprobs_sent: bool = False
-    first_token_time: float | None = None
-    last_token_time: float | None = None
-
-
 class AsyncLLM:
-    def __init__(self, engine: LLMEngine, metrics=None) -> None:
-        self.engine = engine
-        self.config = engine.config
+    def __init__(self, config: EngineConfig, metrics=None) -> None:
+        """Start the engine process and wait until its engine is built (its errors, a bad
+        config value say, are raised here as they are)."""
         self.metrics = metrics
-        # The front end tokenizes and renders chat templates on the event loop while the engine
-        # thread detokenizes: each side gets its own tokenizer object (a fast tokenizer is not
-        # meant to be used from two threads at once).
-        self.tokenizer = None
-        if engine.tokenizer is not None:
-            try:
-                self.tokenizer = copy.deepcopy(engine.tokenizer)
-            except Exception:  # noqa: BLE001 - a tokenizer that cannot be copied is shared
-                self.tokenizer = engine.tokenizer
-        self._commands: queue.SimpleQueue = queue.SimpleQueue()
-        self._outputs: queue.SimpleQueue = queue.SimpleQueue()
-        self._wakeup = threading.Event()
         self._streams: dict[str, asyncio.Queue] = {}
-        self._live: dict[str, _Live] = {}  # engine thread only
+        self._replies: dict[int, asyncio.Future] = {}
+        self._reply_ids = itertools.count()
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._dispatch_scheduled = False
-        self._stopping = False
-        self._last_preemptions = 0
-        self._last_prefix_cache = (0, 0)  # queries, hits
+        self._stopping = self._stopped = False
         self.dead_error: BaseException | None = None
+        self.engine_state = EngineState()
+        commands_out, self._commands = pipe()
+        self._outputs, outputs_in = pipe()
+        self._process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core, args=(config, commands_out, outputs_in, metrics is not None),
+            name="vllm-lite-engine")  # not a daemon: with tensor parallelism it starts the other ranks
+        try:
+            self._process.start()
+        finally:
+            commands_out.close()  # the core has its own copies: a pipe ends exactly when one side is gone
+            outputs_in.close()
+        atexit.register(self._close_pipes)  # runs before multiprocessing joins the process at exit
+        try:
+            self.info = self._wait_until_ready()
+        except BaseException:  # a failed start, or Ctrl-C while the model loads
+            self._process.kill()
+            self._close_pipes()
+            atexit.unregister(self._close_pipes)
+            raise
+        self.config, self.tokenizer = self.info.config, self.info.tokenizer
 
     @classmethod
     def from_config(cls, config: EngineConfig, metrics=None) -> AsyncLLM:
-        return cls(LLMEngine(config), metrics)
+        return cls(config, metrics)
+
+    def _wait_until_ready(self) -> EngineInfo:
+        while self._process.is_alive() and not self._outputs.poll(0.5):
+            pass
+        try:
+            message = self._outputs.recv()
+        except EOFError:  # it died without a word (killed, out of memory)
+            self._process.join(5)
+            code = self._process.exitcode
+            raise RuntimeError(f"the engine process exited while starting (exit code {code})") from None
+        if message[0] == "ready":
+            return message[1]
+        _, kind, text, trace = message
+        self._process.join(30)
+        error = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError,
+                 "NotADirectoryError": NotADirectoryError}.get(kind)
+        if error is not None:  # a user's mistake: the command line prints it in one line
+            raise error(text)
+        raise RuntimeError(f"the engine failed to start:\n{trace}")
 
     # ---- lifecycle (event loop side) -------------------------------------------------------
     def start(self) -> None:
-        """Start the engine thread; call from the event loop that will consume the outputs."""
-        if self._thread is not None:
+        """Start reading the engine's outputs; call from the event loop that will consume them."""
+        if self._loop is not None:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="vllm-lite-engine", daemon=True)
-        self._thread.start()
+        self._loop.add_reader(self._outputs.fileno(), self._read_outputs)
 
     async def shutdown(self, timeout: float = 30.0) -> None:
-        """Abort what is still running, stop the engine thread and release the engine."""
+        """Abort what is still running, stop the engine process and release the engine."""
         self._stopping = True
-        if self._thread is not None:
-            self._commands.put(("stop",))
-            self._wakeup.set()
-            await asyncio.to_thread(self._thread.join, timeout)
-            self._dispatch()
-        self.engine.close()
+        self._send(("stop",))
+        await asyncio.to_thread(self._process.join, timeout)
+        if self._process.is_alive():
+            logger.warning("the engine process did not stop in %g s: killing it", timeout)
+            self._process.kill()
+            self._process.join(5)
+        self._read_outputs()  # what it said last
+        stopped = EngineStoppedError("the engine is not running")
+        for stream in self._streams.values():  # requests it never took
+            stream.put_nowait(stopped)
+        self._close_pipes()
+        atexit.unregister(self._close_pipes)
+
+    def _close_pipes(self) -> None:
+        if self._loop is not None and not self._outputs.closed:
+            with contextlib.suppress(Exception):
+                self._loop.remove_reader(self._outputs.fileno())
+        self._commands.close()  # the engine process stops when it reads EOF
+        self._outputs.close()
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self.dead_error is None
+        return self._process.is_alive() and self.dead_error is None and not self._stopped
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -162,36 +137,34 @@ class AsyncLLM:
         return len(self._streams)
 
     async def reset_prefix_cache(self) -> bool:
-        """Forget every cached prefix (on the engine thread, between steps); False while a
+        """Forget every cached prefix (in the engine process, between steps); False while a
         request holds KV blocks, as ``LLM.reset_prefix_cache``."""
-        if self.dead_error is not None or self._thread is None or not self._thread.is_alive():
+        if self.dead_error is not None or self._stopping or not self._process.is_alive():
             raise EngineStoppedError("the engine is not running")
-        future: concurrent.futures.Future = concurrent.futures.Future()
-        self._commands.put(("reset_prefix_cache", future))
-        self._wakeup.set()
-        return await asyncio.wrap_future(future)
+        token = next(self._reply_ids)
+        future = self._replies[token] = asyncio.get_running_loop().create_future()
+        self._send(("reset_prefix_cache", token))
+        return await future
 
     # ---- requests (event loop side) --------------------------------------------------------
     def check_request(self, prompt_token_ids: list[int], params: SamplingParams) -> None:
-        """The engine's own validation (ValueError naming the problem), before queueing: it only
-        reads the engine's fixed configuration, so it is safe beside the engine thread."""
-        self.engine.check_request(prompt_token_ids, params)
+        """The engine's own validation (ValueError naming the problem), before queueing."""
+        self.info.limits.check(prompt_token_ids, params)
 
     async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestDelta]:
         """Queue one request and yield its deltas until it finishes. Bad input raises the
         engine's ValueError before the first delta. Closing the generator early aborts it."""
         if self.dead_error is not None:
-            raise EngineDeadError(f"engine stopped on an error: {self.dead_error!r}")
-        if self._stopping or self._thread is None:
+            raise EngineDeadError(str(self.dead_error))
+        if self._stopping or self._loop is None:
             raise EngineStoppedError("the engine is not running")
         request_id = request_id if request_id is not None else f"req-{next(_ids)}"
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._commands.put(("add", request_id, list(prompt_token_ids), params, time.monotonic()))
-        self._wakeup.set()
+        self._send(("add", request_id, list(prompt_token_ids), params, time.monotonic()))
         finished = False
         try:
             while True:
@@ -214,194 +187,73 @@ class AsyncLLM:
                 self.abort(request_id)
 
     def abort(self, request_id: str) -> None:
-        """Abort a request (no-op if it is finished or unknown); thread-safe. Its blocks are
-        freed before the engine's next step; its stream, if still read, ends with 'abort'."""
-        self._commands.put(("abort", request_id))
-        self._wakeup.set()
+        """Abort a request (no-op if it is finished or unknown). Its blocks are freed before the
+        engine's next step; its stream, if still read, ends with 'abort'."""
+        self._send(("abort", request_id))
 
     def abort_all(self) -> None:
         for request_id in list(self._streams):
             self.abort(request_id)
 
-    # ---- the engine thread -----------------------------------------------------------------
-    def _run(self) -> None:
-        engine = self.engine
+    def _send(self, command: tuple) -> None:
         try:
-            while True:
-                if not engine.has_unfinished_requests():
-                    self._wakeup.wait(1.0)
-                self._wakeup.clear()
-                if not self._take_commands():
-                    break
-                if engine.has_unfinished_requests():
-                    engine.step()
-                    self._emit(self._collect())
-                    self._record_engine_state()
-        except BaseException as exc:  # noqa: BLE001 - every waiting client must hear of it
-            logger.exception("engine thread failed")
-            self.dead_error = exc
-            error = EngineDeadError(f"engine stopped on an error: {exc!r}")
-            self._emit([(rid, error) for rid in self._live])
-            self._live.clear()
-            self._drain_commands_after_death(error)
-        else:
-            # stopped: whatever is still live was aborted by the stop command
-            self._record_engine_state()
-            self._drain_commands_after_death(EngineStoppedError("the engine is not running"))
+            self._commands.send(command)
+        except OSError:  # the engine process is gone; the reader reports how
+            pass
 
-    def _drain_commands_after_death(self, error: BaseException) -> None:
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                return
-            if command[0] == "add":
-                self._emit([(command[1], error)])
-            elif command[0] == "reset_prefix_cache":
-                command[1].set_exception(error)
+    # ---- the engine's outputs (event loop side) --------------------------------------------
+    def _read_outputs(self) -> None:
+        try:
+            while not self._outputs.closed and self._outputs.poll():
+                self._handle(self._outputs.recv())
+        except (EOFError, OSError):
+            self._engine_gone()
 
-    def _take_commands(self) -> bool:
-        """Apply every queued command; False once told to stop."""
-        out = []
-        while True:
-            try:
-                command = self._commands.get_nowait()
-            except queue.Empty:
-                break
-            kind = command[0]
-            if kind == "add":
-                _, request_id, token_ids, params, arrival = command
-                try:
-                    seq = self.engine.add_request(token_ids, params, request_id=request_id)
-                except Exception as exc:  # noqa: BLE001 - reported to that request alone
-                    out.append((request_id, exc))
-                    continue
-                stops = params.stop_strings if not params.include_stop_str_in_output else []
-                holdback = max((len(s) for s in stops), default=1) - 1
-                self._live[request_id] = _Live(seq, arrival, holdback)
-                if self.metrics is not None:
-                    self.metrics.request_added(len(token_ids))
-            elif kind == "abort":
-                request_id = command[1]
-                if request_id in self._live:
-                    self.engine.abort_request(request_id)
-                    out.extend(self._collect([request_id]))
-            elif kind == "reset_prefix_cache":
-                future = command[1]
-                future.set_result(self.engine.reset_prefix_cache())
-            elif kind == "stop":
-                for request_id in list(self._live):
-                    self.engine.abort_request(request_id)
-                out.extend(self._collect())
-                self._emit(out)
-                return False
-        if out:
-            self._emit(out)
-        return True
-
-    def _collect(self, request_ids=None) -> list[tuple[str, RequestDelta]]:
-        """Deltas of the live requests (all, or ``request_ids``); finished ones leave ``_live``."""
-        now = time.monotonic()
-        out = []
-        for request_id in list(self._live) if request_ids is None else request_ids:
-            live = self._live.get(request_id)
-            if live is None:
-                continue
-            delta = self._delta(request_id, live, now)
-            if delta is not None:
-                out.append((request_id, delta))
-                if delta.finished:
-                    del self._live[request_id]
-        return out
-
-    def _delta(self, request_id: str, live: _Live, now: float) -> RequestDelta | None:
-        first = live.seq
-        group = getattr(first, "group", None) or [first]
-        outputs, num_new = [], 0
-        for seq in group:
-            index = getattr(seq, "index", 0)
-            if index in live.done:
-                continue
-            tokens, num_prompt = seq.token_ids, seq.num_prompt_tokens
-            end = len(tokens)
-            while end > num_prompt and tokens[end - 1] < 0:  # placeholders: not read back yet
-                end -= 1
-            sent = live.sent_tokens.get(index, 0)
-            new_ids = tokens[num_prompt + sent:end]
-            finished = seq.is_finished
-            text = seq.detok.text if seq.detok is not None else ""
-            sent_text = live.sent_text.get(index, 0)
-            visible = len(text) if finished else max(sent_text, len(text) - live.holdback)
-            new_text = text[sent_text:visible]
-            if not new_ids and not new_text and not finished:
-                continue
-            logprobs = getattr(seq, "logprobs", None)
-            if logprobs is not None:
-                logprobs = logprobs[sent:sent + len(new_ids)]
-            live.sent_tokens[index] = sent + len(new_ids)
-            live.sent_text[index] = visible
-            if finished:
-                live.done.add(index)
-            outputs.append(CompletionDelta(index, new_ids, new_text, logprobs,
-                                           seq.finish_reason if finished else None,
-                                           seq.stop_reason if finished else None))
-            num_new += len(new_ids)
-        n = getattr(first.params, "n", 1)
-        aborted = any(s.finish_reason == "abort" for s in group)
-        finished = all(s.is_finished for s in group) and (len(group) >= n or aborted)
-        prompt_logprobs = None
-        scored = getattr(first, "prompt_logprobs", None)
-        if (scored is not None and not live.prompt_logprobs_sent and (outputs or finished)
-                and len(scored) >= first.num_prompt_tokens):
-            prompt_logprobs, live.prompt_logprobs_sent = list(scored), True
-        if not outputs and not finished and prompt_logprobs is None:
-            return None
-        if self.metrics is not None:
-            if num_new:
-                if live.first_token_time is None:
-                    live.first_token_time = now
-                    self.metrics.first_token(now - live.arrival)
-                else:
-                    self.metrics.inter_token(now - live.last_token_time)
-                live.last_token_time = now
-                self.metrics.generated(num_new)
-            if finished:
-                self.metrics.request_finished(now - live.arrival, first.finish_reason or "abort")
-        return RequestDelta(request_id, outputs, finished, prompt_logprobs, first.num_cached_tokens)
-
-    def _record_engine_state(self) -> None:
-        if self.metrics is None:
-            return
-        scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        preemptions = scheduler.num_preemptions
-        queries, hits = scheduler.prefix_cache_queries, scheduler.prefix_cache_hits
-        self.metrics.engine_state(len(scheduler.running), len(scheduler.waiting),
-                                  1.0 - blocks.num_free_blocks / blocks.num_blocks,
-                                  preemptions - self._last_preemptions,
-                                  queries - self._last_prefix_cache[0], hits - self._last_prefix_cache[1])
-        self._last_preemptions, self._last_prefix_cache = preemptions, (queries, hits)
-
-    # ---- hand-over to the event loop -------------------------------------------------------
-    def _emit(self, items: list[tuple[str, object]]) -> None:
-        if not items:
-            return
-        self._outputs.put(items)
-        if not self._dispatch_scheduled and self._loop is not None:
-            self._dispatch_scheduled = True
-            try:
-                self._loop.call_soon_threadsafe(self._dispatch)
-            except RuntimeError:  # the loop is closed: nobody is listening any more
-                pass
-
-    def _dispatch(self) -> None:
-        """Event loop side: route the engine thread's deltas to their requests' streams."""
-        self._dispatch_scheduled = False
-        while True:
-            try:
-                items = self._outputs.get_nowait()
-            except queue.Empty:
-                return
+    def _handle(self, message: tuple) -> None:
+        kind = message[0]
+        if kind == "step":
+            _, items, metric_calls, state = message
             for request_id, item in items:
                 stream = self._streams.get(request_id)
                 if stream is not None:
                     stream.put_nowait(item)
+            if self.metrics is not None:
+                for hook, args in metric_calls:
+                    getattr(self.metrics, hook)(*args)
+                self._record_engine_state(state)
+            self.engine_state = state
+        elif kind == "reply":
+            future = self._replies.pop(message[1], None)
+            if future is not None and not future.done():
+                future.set_result(message[2])
+        elif kind == "stopped":
+            self._stopped = True
+        elif kind == "dead":
+            self._fail_all(EngineDeadError(message[1]))
+
+    def _engine_gone(self) -> None:
+        """EOF: the engine process has exited (after 'stopped', or on its own)."""
+        if self._loop is not None and not self._outputs.closed:
+            self._loop.remove_reader(self._outputs.fileno())
+        if not self._stopped and self.dead_error is None:
+            self._process.join(1)
+            self._fail_all(EngineDeadError(f"the engine process exited unexpectedly "
+                                           f"(exit code {self._process.exitcode})"))
+
+    def _fail_all(self, error: BaseException) -> None:
+        logger.error("%s", error)
+        self.dead_error = error
+        for stream in self._streams.values():
+            stream.put_nowait(error)
+        for future in self._replies.values():
+            if not future.done():
+                future.set_exception(error)
+        self._replies.clear()
+
+    def _record_engine_state(self, state: EngineState) -> None:
+        last = self.engine_state
+        self.metrics.engine_state(state.num_running, state.num_waiting,
+                                  1.0 - state.num_free_blocks / state.num_blocks,
+                                  state.num_preemptions - last.num_preemptions,
+                                  state.prefix_cache_queries - last.prefix_cache_queries,
+                                  state.prefix_cache_hits - last.prefix_cache_hits)

@@ -14,7 +14,8 @@ E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 
 
 class ServerMetrics:
-    """Written by the engine thread (prometheus_client is thread-safe), read by ``/metrics``."""
+    """Lives in the server's process: the engine process records its hook calls each step
+    (``engine_core.MetricCalls``) and ``AsyncLLM`` replays them here; read by ``/metrics``."""
 
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()
@@ -51,7 +52,7 @@ class ServerMetrics:
                           labels + ["finished_reason"], registry=r)
         self._success = lambda reason: success.labels(model_name=model_name, finished_reason=reason)
 
-    # ---- engine-thread hooks ---------------------------------------------------------------
+    # ---- engine hooks (replayed) -------------------------------------------------------------
     def request_added(self, num_prompt_tokens: int) -> None:
         self.prompt_tokens.inc(num_prompt_tokens)
 

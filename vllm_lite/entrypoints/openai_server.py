@@ -200,7 +200,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
         return error_response(500, f"internal error: {exc!r}", type="server_error")
 
     tokenizer = async_llm.tokenizer
-    engine = async_llm.engine
+    info = async_llm.info
 
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids) if tokenizer is not None else ""
@@ -261,9 +261,8 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
 
     @app.get("/v1/models")
     async def models():
-        card = {"object": "model", "created": state.created, "owned_by": "vllm-lite", "root": engine.model_path,
-                "parent": None, "max_model_len": engine.config.max_model_len,
-                "vocab_size": engine.hf_config.vocab_size}
+        card = {"object": "model", "created": state.created, "owned_by": "vllm-lite", "root": info.model_path,
+                "parent": None, "max_model_len": info.config.max_model_len, "vocab_size": info.vocab_size}
         return {"object": "list", "data": [{"id": name, **card} for name in state.names]}
 
     @app.get("/metrics")
@@ -282,14 +281,14 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
             _, ids = chat_prompt(req)
         else:
             ids = tokenizer.encode(req.prompt, add_special_tokens=bool(req.add_special_tokens))
-        return {"tokens": ids, "count": len(ids), "max_model_len": engine.config.max_model_len}
+        return {"tokens": ids, "count": len(ids), "max_model_len": info.config.max_model_len}
 
     @app.post("/detokenize")
     async def detokenize(req: DetokenizeRequest):
         state.check_model(req.model)
         if tokenizer is None:
             raise RequestError("this model has no tokenizer", param="tokens")
-        vocab = engine.hf_config.vocab_size
+        vocab = info.vocab_size
         if any(not 0 <= t < vocab for t in req.tokens):
             raise RequestError(f"token ids must be in [0, {vocab})", param="tokens")
         return {"prompt": tokenizer.decode(req.tokens)}
@@ -683,16 +682,15 @@ def serve_main(argv: list[str]) -> int:
     config = load_config(args.pop("config"), args)
 
     logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
-    from vllm_lite.engine.llm_engine import LLMEngine, resolve_model_path
-    resolve_model_path(config)  # a missing folder fails here, before anything heavy
+    from vllm_lite.engine.llm_engine import resolve_model_path
+    model_path = resolve_model_path(config)  # a missing folder fails here, before anything heavy
     try:
         sock = bind(host, port)
     except OSError as exc:
         raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
-    engine = LLMEngine(config)
-    model_names = names or [os.path.basename(os.path.normpath(engine.model_path))]
+    model_names = names or [os.path.basename(os.path.normpath(model_path))]
     metrics = ServerMetrics(model_names[0])
-    async_llm = AsyncLLM(engine, metrics)
+    async_llm = AsyncLLM(config, metrics)  # the engine, in a process of its own
     app = build_app(async_llm, model_names, api_key, metrics)
     server = make_server(app, drain_timeout, log_level)
     shown = f"[{host}]" if ":" in host else host
