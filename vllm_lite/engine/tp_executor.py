@@ -36,6 +36,7 @@ import traceback
 import warnings
 import weakref
 from multiprocessing import connection as mp_connection
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 import torch.distributed as dist
@@ -285,9 +286,10 @@ class _Workers:
         return values
 
     def send_all(self, *msg) -> None:
+        data = ForkingPickler.dumps(msg)  # pickled once for every rank (what conn.send does per call)
         for rank, conn in enumerate(self.commands, 1):
             try:
-                conn.send(msg)
+                conn.send_bytes(data)
             except OSError:  # EPIPE: it exited
                 raise _WorkerDied(rank) from None
 
