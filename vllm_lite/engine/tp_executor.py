@@ -16,11 +16,11 @@ disappears (their command pipe ends, and a watchdog thread polls the parent pid)
 Ctrl-C, which rank 0 handles.
 
 Shutdown: rank 0 sends "stop" and every rank, rank 0 included, at the same time drops its CUDA
-graphs and leaves the process group (``leave_process_group``); a worker then exits at once. Plain pipes, not multiprocessing queues: a queue has
-a feeder thread that exit may wait on, named semaphores that leak ("leaked semaphore objects")
-when its process ends without its exit handlers, and a lock inside ``put`` that a Ctrl-C
-landing right after its acquisition leaves held, after which closing the queue deadlocks (a hang
-after Ctrl-C). Each pipe here has one writer and one reader, so it needs none of these.
+graphs and leaves the process group (``leave_process_group``); a worker then exits at once.
+Plain pipes, not multiprocessing queues: a queue has a feeder thread that exit may wait on,
+named semaphores that leak ("leaked semaphore objects") when its process ends without its exit
+handlers, and a lock inside ``put`` that a Ctrl-C landing right after its acquisition leaves
+held, after which closing the queue deadlocks (a hang after Ctrl-C). Each pipe here has one writer and one reader, so it needs none of these.
 """
 from __future__ import annotations
 
@@ -50,7 +50,7 @@ TIMEOUT_ENV = "VLLM_LITE_TP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 30.0
 _ERROR_EXIT = 3  # a worker's exit code after it reported an exception on its result pipe
 _POLL_S = 0.1
-_PIPE_BYTES = 1 << 20  # a step's message fits whole: sending it does not wait for the worker to read
+PIPE_BYTES = 1 << 20  # a step's message fits whole: sending it does not wait for the reader
 _TEARDOWN_S = 15.0  # the longest rank 0 waits for its process group's teardown
 _MAX_TRACEBACK = 32_000  # a worker's traceback fits in a pipe even where it cannot be enlarged
 
@@ -105,11 +105,12 @@ def _threads_per_rank(tp: int) -> int:
     return max(1, cpus // tp)
 
 
-def _pipe() -> tuple:
-    """(reader, writer) of a one-way pipe, enlarged where Linux allows it."""
+def pipe() -> tuple:
+    """(reader, writer) of a one-way pipe, enlarged where Linux allows it (also the server's
+    pipes to its engine process)."""
     reader, writer = mp.Pipe(duplex=False)
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or over the user's pipe quota
-        fcntl.fcntl(writer.fileno(), fcntl.F_SETPIPE_SZ, _PIPE_BYTES)
+        fcntl.fcntl(writer.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
     return reader, writer
 
 
@@ -438,7 +439,7 @@ class TPExecutor:
         store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False, timeout=timeout)
         ctx = mp.get_context("spawn")
         for rank in range(1, tp):
-            (commands_out, commands_in), (results_out, results_in) = _pipe(), _pipe()
+            (commands_out, commands_in), (results_out, results_in) = pipe(), pipe()
             proc = ctx.Process(target=_worker_main, name=f"vllm-lite-tp-rank{rank}", daemon=True,
                                args=(rank, tp, store.port, self.backend, self.timeout_s, config, hf_config,
                                      model_path, commands_out, results_in, os.getpid()))

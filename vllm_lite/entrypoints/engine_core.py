@@ -34,9 +34,7 @@ It ignores SIGINT and SIGTERM: the front end drains, then stops it.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import logging
-import multiprocessing
 import os
 import queue
 import signal
@@ -49,7 +47,6 @@ from vllm_lite.config import EngineConfig
 from vllm_lite.engine.llm_engine import LLMEngine, RequestLimits
 
 logger = logging.getLogger("vllm_lite.server")
-PIPE_BYTES = 1 << 20  # a burst of requests or a step's deltas fits without the writer waiting
 
 
 @dataclass
@@ -149,14 +146,6 @@ class _Live:
     prompt_logprobs_sent: bool = False
     first_token_time: float | None = None
     last_token_time: float | None = None
-
-
-def pipe() -> tuple:
-    """(reader, writer) of a one-way pipe, enlarged where Linux allows it."""
-    reader, writer = multiprocessing.Pipe(duplex=False)
-    with contextlib.suppress(AttributeError, OSError):  # not Linux, or over the user's pipe quota
-        fcntl.fcntl(writer.fileno(), fcntl.F_SETPIPE_SZ, PIPE_BYTES)
-    return reader, writer
 
 
 def run_engine_core(config: EngineConfig, commands, outputs, with_metrics: bool) -> None:
