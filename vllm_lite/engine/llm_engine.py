@@ -434,9 +434,9 @@ class LLMEngine:
         steps are) and kept on the device; min_tokens bans and penalties follow the output, so
         they are redone every step. ``prev_tokens``: the step in flight's sampled tokens, where
         an output token is still a placeholder (penalties)."""
-        key = [s.seq_id for s in seqs]
-        if self._params is None or key != self._params.seq_ids:
-            self._params = self._params_batch(seqs)
+        seq_ids = [s.seq_id for s in seqs]
+        if self._params is None or seq_ids != self._params.seq_ids:
+            self._params = self._params_batch(seqs, seq_ids)
         params = self._params
         banned = [(row, stop_ids) for row, stop_ids in params.min_tokens_rows
                   if seqs[row].num_output_tokens < seqs[row].params.min_tokens]
@@ -448,10 +448,10 @@ class LLMEngine:
             return params.batch
         return dataclasses.replace(params.batch, banned=banned, penalties=penalties)
 
-    def _params_batch(self, seqs: list[Sequence]) -> _ParamsBatch:
+    def _params_batch(self, seqs: list[Sequence], seq_ids: list[int]) -> _ParamsBatch:
         """Upload what the sampling of ``seqs`` takes from their parameters (on CUDA each
         tensor is copied from pinned memory, without waiting for the step in flight)."""
-        seq_ids, ps, tensor = [s.seq_id for s in seqs], [s.params for s in seqs], self._to_device
+        ps, tensor = [s.params for s in seqs], self._to_device
         min_tokens_rows = []
         for row, p in enumerate(ps):
             if p.min_tokens > 0:
