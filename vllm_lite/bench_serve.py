@@ -11,8 +11,8 @@ client records the time to the first streamed token (TTFT), the gaps between str
 (inter-token latency, ITL: the server sends one chunk per engine step with new tokens) and
 the time per output token after the first (TPOT = (latency - TTFT) / (output tokens - 1),
 output tokens from the final usage chunk); it reports request and token throughput and the
-mean, p50, p90 and p99 of each. The client reads the streams with a plain HTTP/1.1 reader on
-asyncio streams (``sse_events``): fast enough not to be what it measures."""
+mean, p50, p90 and p99 of each. The client reads the streams with aiohttp (``sse_events``), as
+vLLM's benchmark does: fast enough not to be what it measures."""
 from __future__ import annotations
 
 import argparse
@@ -25,7 +25,8 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
-from urllib.parse import urlsplit
+
+import aiohttp
 
 from vllm_lite.benchmark import DEFAULT_TEMPERATURE, Workload
 
@@ -56,51 +57,18 @@ async def sse_events(url: str, headers: dict, payload: dict):
     """POST ``payload`` and yield ``(status, data)``: the response's SSE ``data:`` payloads as
     they arrive, or one item with the whole body when the status is not 200.
 
-    A plain HTTP/1.1 client on asyncio streams (one connection per request): the benchmark must
-    read chunks faster than the server writes them, and httpx spends ~200 us of Python per SSE
-    chunk (anyio, h11, line decoding), which at tens of thousands of chunks a second would make
-    the client, not the server, the bottleneck. This one spends ~20 us."""
-    parts = urlsplit(url)
-    tls = parts.scheme == "https"
-    port = parts.port or (443 if tls else 80)
-    reader, writer = await asyncio.open_connection(parts.hostname, port, ssl=tls or None, limit=1 << 22)
-    try:
-        body = json.dumps(payload).encode()
-        head = [f"POST {parts.path or '/'} HTTP/1.1", f"Host: {parts.netloc}", "Content-Type: application/json",
-                f"Content-Length: {len(body)}", "Accept: text/event-stream", "Connection: close",
-                *(f"{k}: {v}" for k, v in headers.items())]
-        writer.write(("\r\n".join(head) + "\r\n\r\n").encode() + body)
-        status = int((await reader.readline()).split()[1])
-        chunked, length = False, None
-        while (line := await reader.readline()) not in (b"\r\n", b"\n", b""):
-            name, _, value = line.decode("latin-1").partition(":")
-            name, value = name.strip().lower(), value.strip().lower()
-            chunked |= name == "transfer-encoding" and "chunked" in value
-            length = int(value) if name == "content-length" else length
-
-        async def body_parts():
-            if chunked:
-                while size := int((await reader.readline()).split(b";")[0], 16):
-                    yield await reader.readexactly(size)
-                    await reader.readexactly(2)  # the CRLF after each chunk
-            elif length is not None:
-                yield await reader.readexactly(length)
-            else:
-                yield await reader.read()
-
-        if status != 200:
-            yield status, b"".join([part async for part in body_parts()]).decode(errors="replace")
-            return
-        pending = b""
-        async for part in body_parts():
-            pending += part
-            *events, pending = pending.split(b"\n\n")
-            for event in events:
-                for line in event.split(b"\n"):
-                    if line.startswith(b"data:"):
-                        yield status, line[5:].strip().decode()
-    finally:
-        writer.close()
+    aiohttp, as vLLM's serving benchmark: the client must read chunks faster than the server
+    writes them, and httpx spends ~200 us of Python per SSE chunk (anyio, h11, line decoding),
+    which at tens of thousands of chunks a second would make the client the bottleneck."""
+    timeout = aiohttp.ClientTimeout(total=None)
+    async with aiohttp.ClientSession(timeout=timeout, read_bufsize=1 << 22) as session:
+        async with session.post(url, json=payload, headers={"Accept": "text/event-stream", **headers}) as response:
+            if response.status != 200:
+                yield response.status, await response.text(errors="replace")
+                return
+            async for line in response.content:  # one line at a time
+                if line.startswith(b"data:"):
+                    yield response.status, line[5:].strip().decode()
 
 
 async def send_one(url: str, headers: dict, payload: dict) -> RequestResult:
