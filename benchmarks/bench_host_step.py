@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from vllm_lite.benchmark import CONFIG_DIR, Workload, text_tokenizer_for_shape
+from vllm_lite.benchmark import CONFIG_DIR, EXTRAS, Workload, text_tokenizer_for_shape
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.llm_engine import LLMEngine
 from vllm_lite.sampling_params import SamplingParams
@@ -103,14 +103,14 @@ def build(shape: str, caching: bool, work: Workload, width: int | None) -> tuple
 
 
 def measure(shape: str, caching: bool, warmup: int, steps: int, width: int | None,
-            whole_run: bool = False) -> dict[str, float]:
+            whole_run: bool = False, extras: dict | None = None) -> dict[str, float]:
     """µs per part of one fresh engine: the median over ``steps`` full-batch decode steps, or
     with ``whole_run`` the mean over every step of the workload (prefill, and the tail where
     requests finish and the batch changes)."""
     work = Workload.nano_vllm(256, (100, 1024), (100, 1024))
     engine, times = build(shape, caching, work, width)
     for prompt, n in zip(work.prompts, work.output_lens):
-        engine.add_request(prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True))
+        engine.add_request(prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, **(extras or {})))
     running = engine.scheduler.running
     if not whole_run:
         while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in running):
@@ -148,17 +148,23 @@ def main() -> None:
     parser.add_argument("--whole-run", action="store_true",
                         help="the mean over every step of the workload instead (prefill, finishing requests)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--logits-width", type=int, default=64, help="0: the whole vocabulary")
+    parser.add_argument("--logits-width", type=int, help="0: the whole vocabulary; default 64, with "
+                        "--sampling extras 10,240 (penalties index the prompts' token ids, all below 10,000)")
+    parser.add_argument("--sampling", choices=["default", "extras"], default="default",
+                        help="extras: " + ", ".join(f"{k}={v}" for k, v in EXTRAS.items()) + " on every request")
     args = parser.parse_args()
     torch.set_num_threads(1)
+    extras = EXTRAS if args.sampling == "extras" else None
+    if args.logits_width is None:
+        args.logits_width = 10240 if extras else 64
 
-    results = [measure(args.shape, args.prefix_caching, args.warmup, args.steps, args.logits_width, args.whole_run)
-               for _ in range(args.repeats)]
+    results = [measure(args.shape, args.prefix_caching, args.warmup, args.steps, args.logits_width, args.whole_run,
+                       extras) for _ in range(args.repeats)]
     window = (f"mean of all {results[0]['steps']} steps of the workload" if args.whole_run else
               f"median of {args.steps} full-batch decode steps")
     print(f"\nhost µs per step, 256 requests, shape {args.shape}, prefix caching "
           f"{'on' if args.prefix_caching else 'off'}: {window}, {args.repeats} fresh engines "
-          f"(min..max); logits {args.logits_width or 'vocab'} wide")
+          f"(min..max); logits {args.logits_width or 'vocab'} wide; sampling {args.sampling}")
     for part in PARTS:
         values = [r[part] for r in results]
         note = "  (CPU tensor math; not counted in host total)" if part == "sampler" else ""

@@ -125,6 +125,26 @@ def test_penalties_apply_per_row_in_a_mixed_batch(llama):
         assert_same_greedy(out.outputs[0].token_ids, ref, prompt, hf, process)
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_penalties_count_every_token_with_overlapped_steps_and_preemption(tmp_path, overlap):
+    """The penalties' token history: written once per sequence, then only new tokens, the one in
+    flight from the device (overlapped steps); a preempted sequence starts its row again."""
+    path = make_tiny_model(str(tmp_path), "llama")
+    hf = HFReference(path)
+    llm = LLM(path, dtype="float32", block_size=4, num_blocks=24, max_num_seqs=4)
+    llm.engine.overlap = overlap
+    prompts = prompts_of_lengths([7, 12, 30, 3, 9], 400, seed=8)
+    params = [greedy(max_tokens=14, frequency_penalty=1.0, presence_penalty=0.3), greedy(max_tokens=14),
+              greedy(max_tokens=14, repetition_penalty=1.5), greedy(max_tokens=14, frequency_penalty=-0.7),
+              greedy(max_tokens=14, repetition_penalty=0.8, presence_penalty=1.2)]
+    processes = [openai_penalties(0.3, 1.0), bias({}), repetition(1.5), openai_penalties(0, -0.7),
+                 lambda lg, p, o: openai_penalties(1.2, 0)(repetition(0.8)(lg, p, o), p, o)]
+    outputs = llm.generate(prompts, params, use_tqdm=False)
+    assert llm.engine.scheduler.num_preemptions > 0, "the pool was meant to force preemption"
+    for prompt, out, process in zip(prompts, outputs, processes):
+        assert_same_greedy(out.outputs[0].token_ids, reference_greedy(hf, prompt, 14, process), prompt, hf, process)
+
+
 def test_logit_bias_matches_a_reference_loop(llama):
     llm, hf = llama
     prompts = prompts_of_lengths([8, 15], 400, seed=4)

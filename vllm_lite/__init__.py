@@ -1,7 +1,8 @@
 """vllm-lite: a small, readable LLM inference engine (PagedAttention, continuous batching,
 tensor parallelism)."""
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.llm_engine import CompletionOutput, LLMEngine, Logprob, RequestOutput
+from vllm_lite.engine.llm_engine import CompletionOutput, LLMEngine, RequestOutput
+from vllm_lite.logprobs import Logprob
 from vllm_lite.llm import LLM
 from vllm_lite.sampling_params import SamplingParams
 

@@ -12,13 +12,81 @@ import torch
 
 @dataclass
 class Penalties:
-    """Repetition, frequency and presence penalties of the rows that have any (``rows``)."""
+    """Repetition, frequency and presence penalties of the rows that have any (``rows``), and
+    those rows' token ids: ``tokens[i, :lengths[i]]`` is row i's sequence, its first
+    ``prompt_lens[i]`` the prompt (``TokenHistory`` keeps them on the device)."""
     rows: torch.Tensor  # [P] rows of the batch
     repetition: torch.Tensor  # [P] float, 1 = off
     frequency: torch.Tensor  # [P] float
     presence: torch.Tensor  # [P] float
-    output_index: tuple[torch.Tensor, torch.Tensor] | None  # (row in 0..P-1, token id) per output token
-    prompt_index: tuple[torch.Tensor, torch.Tensor] | None  # the same per prompt token (repetition rows)
+    any_repetition: bool
+    prompt_lens: torch.Tensor  # [P]
+    tokens: torch.Tensor | None = None  # [P, W] int32, set every step
+    lengths: torch.Tensor | None = None  # [P], set every step
+
+
+class TokenHistory:
+    """The token ids (prompt, then output) of penalized sequences as rows of one device array
+    kept between steps, where the penalties count them. A step writes only what its sequences
+    gained since their last step; in a decode that is the token of the step in flight, which
+    the host does not know yet: it is copied on the device from that step's sampled tokens. A
+    sequence that leaves the batch (finished, preempted) gives its row back."""
+
+    def __init__(self, device: torch.device, to_device) -> None:
+        self.to_device = to_device  # (host values, dtype) -> device tensor
+        self.tokens = torch.zeros((0, 0), dtype=torch.int32, device=device)  # grows as needed
+        self.row_of: dict[int, int] = {}  # seq_id -> row
+        self.written: dict[int, int] = {}  # seq_id -> leading positions written
+        self.rows: torch.Tensor | None = None  # the batch's rows, from assign()
+
+    def assign(self, seqs: list) -> None:
+        """Rows for a new batch of penalized sequences: kept for those already here."""
+        keep = {s.seq_id for s in seqs}
+        for seq_id in [i for i in self.row_of if i not in keep]:
+            del self.row_of[seq_id], self.written[seq_id]
+        free = sorted(set(range(len(self.tokens) + len(seqs))) - set(self.row_of.values()), reverse=True)
+        for seq in seqs:
+            if seq.seq_id not in self.row_of:
+                self.row_of[seq.seq_id], self.written[seq.seq_id] = free.pop(), 0
+        rows = [self.row_of[s.seq_id] for s in seqs]
+        self._grow(max(rows) + 1, self.tokens.shape[1])
+        self.rows = self.to_device(rows, torch.int64)
+
+    def update(self, seqs: list, prev_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write what ``seqs`` (as in ``assign``) gained; their ``[P, longest]`` tokens and
+        lengths. ``prev_tokens``: the in-flight step's sampled tokens (``seq.inflight_index``)."""
+        from vllm_lite.engine.sequence import PLACEHOLDER
+
+        lengths = [len(seq.token_ids) for seq in seqs]
+        self._grow(len(self.tokens), max(lengths))
+        width = self.tokens.shape[1]
+        known_at, known, flight_at, flight_from = [], [], [], []  # flat positions in self.tokens
+        for seq, n in zip(seqs, lengths):
+            ids, done, start = seq.token_ids, self.written[seq.seq_id], self.row_of[seq.seq_id] * width
+            end = n - 1 if ids[-1] == PLACEHOLDER else n  # the host knows ids[:end]
+            if done < end:
+                known_at.extend(range(start + done, start + end))
+                known.extend(ids[done:end])
+            if end < n and done <= end:
+                flight_at.append(start + end)
+                flight_from.append(seq.inflight_index)
+            self.written[seq.seq_id] = n
+        flat, to_device = self.tokens.view(-1), self.to_device
+        if known:
+            flat[to_device(known_at, torch.int64)] = to_device(known, torch.int32)
+        if flight_at:
+            flat[to_device(flight_at, torch.int64)] = prev_tokens[to_device(flight_from, torch.int64)].to(torch.int32)
+        return self.tokens[self.rows, :max(lengths)], to_device(lengths, torch.int64)
+
+    def _grow(self, rows: int, width: int) -> None:
+        """At least ``rows`` x ``width``, at least doubling a dimension that grows."""
+        old = self.tokens
+        if rows <= old.shape[0] and width <= old.shape[1]:
+            return
+        shape = (max(rows, 2 * old.shape[0]) if rows > old.shape[0] else old.shape[0],
+                 max(width, 2 * old.shape[1]) if width > old.shape[1] else old.shape[1])
+        self.tokens = torch.zeros(shape, dtype=torch.int32, device=old.device)
+        self.tokens[:old.shape[0], :old.shape[1]] = old
 
 
 @dataclass
@@ -82,12 +150,17 @@ class Sampler:
             logits.index_put_((rows, tokens), bias, accumulate=True)
         if batch.penalties is not None:
             p = batch.penalties
-            sub = logits[p.rows]
-            counts = torch.zeros_like(sub)  # output token counts
-            counts.index_put_(p.output_index, torch.ones_like(p.output_index[1], dtype=sub.dtype), accumulate=True)
-            if p.prompt_index is not None:
-                seen = counts > 0
-                seen[p.prompt_index] = True
+            sub, vocab = logits[p.rows], logits.shape[1]
+            pos = torch.arange(p.tokens.shape[1], device=logits.device)
+            ids, past = p.tokens.long(), pos >= p.lengths[:, None]  # past: after the sequence's end
+            # counts of output tokens: everything else is scattered into an extra column
+            counts = torch.zeros((len(sub), vocab + 1), dtype=sub.dtype, device=sub.device)
+            counts.scatter_add_(1, ids.masked_fill(past | (pos < p.prompt_lens[:, None]), vocab),
+                                torch.ones(ids.shape, dtype=sub.dtype, device=sub.device))
+            counts = counts[:, :vocab]
+            if p.any_repetition:  # over prompt and output tokens
+                seen = torch.zeros((len(sub), vocab + 1), dtype=torch.bool, device=sub.device)
+                seen = seen.scatter_(1, ids.masked_fill(past, vocab), True)[:, :vocab]
                 penalty = p.repetition[:, None]
                 sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
             sub = sub - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)

@@ -17,7 +17,8 @@ from vllm_lite.engine.block_manager import BlockManager
 from vllm_lite.engine.detokenizer import IncrementalDetokenizer
 from vllm_lite.engine.scheduler import Scheduler
 from vllm_lite.engine.sequence import MAX_CHUNK, PLACEHOLDER, Sequence
-from vllm_lite.sampler import Penalties, Sampler, SamplingBatch, token_logprobs
+from vllm_lite.logprobs import FlatLogprobs
+from vllm_lite.sampler import Penalties, Sampler, SamplingBatch, TokenHistory, token_logprobs
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -59,17 +60,9 @@ class _ParamsBatch:
     """What a sampling batch takes from its requests' parameters alone: built once for a batch
     and kept while its rows are the same sequences (``seq_ids``)."""
     seq_ids: list[int]
-    batch: SamplingBatch  # no min_tokens bans; penalties, if any, without their output index
+    batch: SamplingBatch  # no min_tokens bans; penalties, if any, without their step's tokens
     min_tokens_rows: list[tuple[int, list[int]]]  # rows with min_tokens > 0, and their stop ids
     penalized: list[int]  # rows with penalties
-
-
-@dataclass
-class Logprob:
-    """vLLM's: a token's log-probability, its rank among all tokens (1 = most likely) and its text."""
-    logprob: float
-    rank: int | None = None
-    decoded_token: str | None = None
 
 
 @dataclass
@@ -78,7 +71,7 @@ class CompletionOutput:
     text: str
     token_ids: list[int]
     cumulative_logprob: float | None = None  # sum of the tokens' logprobs, when logprobs were asked
-    logprobs: list[dict[int, Logprob]] | None = None  # per token: the sampled and the top-k tokens
+    logprobs: FlatLogprobs | None = None  # per token {token id: Logprob}: the sampled and the top-k tokens
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     stop_reason: int | str | None = None  # the stop token id or stop string that ended it
 
@@ -88,7 +81,7 @@ class RequestOutput:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
-    prompt_logprobs: list[dict[int, Logprob] | None] | None = None  # None for the first prompt token
+    prompt_logprobs: FlatLogprobs | None = None  # the same per prompt token, None for the first
     outputs: list[CompletionOutput] = field(default_factory=list)
     finished: bool = False
     num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
@@ -187,6 +180,7 @@ class LLMEngine:
         self.overlap = getattr(self.runner, "supports_overlap", False)
         self._token_texts: dict[int, str] = {}  # decoded_token of logprobs, per token id
         self._params: _ParamsBatch | None = None  # of the last sampling batch
+        self._history = TokenHistory(self.device, self._to_device)  # penalized sequences' tokens
 
     def _load_tokenizer(self, config: EngineConfig):
         """The folder's tokenizer if it fits the model. A folder without one (a dummy-weight
@@ -383,20 +377,18 @@ class LLMEngine:
         for seq, _, c in plan:
             kk = seq.params.prompt_logprobs
             for _ in range(c):
-                seq.prompt_logprobs.append(
-                    self._logprob_dict(seq, targets[i], token_lp[i], rank[i], top_lp[i][:kk], top_ids[i][:kk]))
+                self._add_logprobs(seq, seq.prompt_logprobs, targets[i], token_lp[i], rank[i], top_lp[i][:kk],
+                                   top_ids[i][:kk])
                 i += 1
             if len(seq.prompt_logprobs) == seq.num_prompt_tokens:  # all scored: chunks as usual again
                 seq.max_chunk_tokens = MAX_CHUNK
 
-    def _logprob_dict(self, seq: Sequence, token_id: int, logprob: float, rank: int, top_logprobs: list[float],
-                      top_ids: list[int]) -> dict[int, Logprob]:
+    def _add_logprobs(self, seq: Sequence, into: FlatLogprobs, token_id: int, logprob: float, rank: int,
+                      top_logprobs: list[float], top_ids: list[int]) -> None:
         """vLLM's layout: the chosen token first, then the top-k (ranks 1..k)."""
-        text = self._token_text if seq.detok is not None else (lambda t: None)
-        entries = {token_id: Logprob(logprob, rank, text(token_id))}
-        for r, (t, lp) in enumerate(zip(top_ids, top_logprobs), start=1):
-            entries[t] = Logprob(lp, r, text(t))
-        return entries
+        texts = [self._token_text(t) for t in (token_id, *top_ids)] if seq.detok is not None else \
+            [None] * (1 + len(top_ids))
+        into.append(token_id, logprob, rank, top_ids, top_logprobs, texts)
 
     def _token_text(self, token_id: int) -> str:
         text = self._token_texts.get(token_id)
@@ -417,7 +409,7 @@ class LLMEngine:
             if seq.logprobs is not None:
                 j, k = inflight.logprob_rows[i], seq.params.logprobs
                 token_lp, rank, top_lp, top_ids = (x[j] for x in logprobs)
-                seq.logprobs.append(self._logprob_dict(seq, token_id, token_lp, rank, top_lp[:k], top_ids[:k]))
+                self._add_logprobs(seq, seq.logprobs, token_id, token_lp, rank, top_lp[:k], top_ids[:k])
                 seq.cumulative_logprob += token_lp
             self._accept_token(seq, pos, token_id)
             if seq.is_finished and all(s.is_finished for s in seq.group):
@@ -442,8 +434,8 @@ class LLMEngine:
                   if seqs[row].num_output_tokens < seqs[row].params.min_tokens]
         penalties = params.batch.penalties
         if penalties is not None:
-            output_index = self._output_index([seqs[r] for r in params.penalized], prev_tokens)
-            penalties = dataclasses.replace(penalties, output_index=output_index)
+            tokens, lengths = self._history.update([seqs[r] for r in params.penalized], prev_tokens)
+            penalties = dataclasses.replace(penalties, tokens=tokens, lengths=lengths)
         elif not banned:
             return params.batch
         return dataclasses.replace(params.batch, banned=banned, penalties=penalties)
@@ -491,33 +483,14 @@ class LLMEngine:
         return _ParamsBatch(seq_ids, batch, min_tokens_rows, penalized)
 
     def _penalties(self, seqs: list[Sequence], rows: torch.Tensor) -> Penalties:
-        """The penalized rows' penalties, and an index of their prompt tokens (for repetition
-        penalties); ``output_index`` (None here) is filled every step."""
+        """The penalized rows' penalties; their tokens are written to the history every step."""
         tensor, ps = self._to_device, [s.params for s in seqs]
-        repeating = [i for i, p in enumerate(ps) if p.repetition_penalty != 1.0]
-        prompt_index = None
-        if repeating:
-            local, tokens = self._flat_index([seqs[i].prompt_token_ids for i in repeating])
-            prompt_index = (tensor(repeating, torch.int64)[local], tokens)
-        return Penalties(
-            rows=rows,
-            repetition=tensor([p.repetition_penalty for p in ps], torch.float32),
-            frequency=tensor([p.frequency_penalty for p in ps], torch.float32),
-            presence=tensor([p.presence_penalty for p in ps], torch.float32),
-            output_index=None, prompt_index=prompt_index)
-
-    def _output_index(self, seqs: list[Sequence], prev_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """(row, token id) of every output token of ``seqs``. A last output token still in
-        flight (a placeholder here) is read from ``prev_tokens``, the in-flight step's sampled
-        tokens on the device."""
-        outputs = [s.output_token_ids for s in seqs]
-        out_rows, out_tokens = self._flat_index(outputs)
-        holes = [i for i, out in enumerate(outputs) if out and out[-1] == PLACEHOLDER]
-        if holes:
-            ends = np.cumsum([len(out) for out in outputs]) - 1
-            out_tokens[self._to_device(ends[holes], torch.int64)] = prev_tokens[
-                self._to_device([seqs[i].inflight_index for i in holes], torch.int64)]
-        return out_rows, out_tokens
+        self._history.assign(seqs)
+        values = tensor([[p.repetition_penalty for p in ps], [p.frequency_penalty for p in ps],
+                         [p.presence_penalty for p in ps]], torch.float32)
+        return Penalties(rows=rows, repetition=values[0], frequency=values[1], presence=values[2],
+                         any_repetition=any(p.repetition_penalty != 1.0 for p in ps),
+                         prompt_lens=tensor([s.num_prompt_tokens for s in seqs], torch.int64))
 
     def _to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
         host = torch.as_tensor(values, dtype=dtype)

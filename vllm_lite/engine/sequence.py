@@ -6,6 +6,7 @@ from __future__ import annotations
 import enum
 import itertools
 
+from vllm_lite.logprobs import FlatLogprobs
 from vllm_lite.sampling_params import SamplingParams
 
 _ids = itertools.count()
@@ -48,9 +49,12 @@ class Sequence:
         self.group: list[Sequence] = [self]  # the request's completions, in index order (shared list)
         # per output token {token id: Logprob}, when params.logprobs is set; per prompt token
         # (None for the first), when params.prompt_logprobs is set (shared by the group)
-        self.logprobs: list[dict] | None = [] if params.logprobs is not None else None
+        self.logprobs: FlatLogprobs | None = FlatLogprobs() if params.logprobs is not None else None
         self.cumulative_logprob = 0.0
-        self.prompt_logprobs: list[dict | None] | None = [None] if params.prompt_logprobs is not None else None
+        self.prompt_logprobs: FlatLogprobs | None = None
+        if params.prompt_logprobs is not None:
+            self.prompt_logprobs = FlatLogprobs()
+            self.prompt_logprobs.append_none()
 
     def __len__(self) -> int:
         return len(self.token_ids)
