@@ -5,10 +5,13 @@
 # `bench serve`'s client with all 256 at once, 3 runs each; then 32 requests at 4/s for TTFT.
 # Targets: served >= 90% of offline, TTFT p50 < 30 ms at 4 req/s. Then the server tests on CUDA.
 # TOKENIZER: a folder with SmolLM2's tokenizer files (text on for the smollm2-135m shape).
+# WHEELS: a folder of the server's cp312 wheels (the GPU image has none of them).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 TOK=${TOKENIZER:-}
+python3 -m pip install -q --no-index --find-links ${WHEELS:-.whl/server} fastapi uvicorn httptools uvloop aiohttp \
+  pydantic prometheus_client httpx openai 2>&1 | grep -v "as the 'root' user"
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u; git log -1 --format=%h 2>/dev/null
 pip list 2>/dev/null | grep -i -E "^(uvicorn|uvloop|httptools|fastapi) " | tee $OUT/server_packages.txt
 S="python3 -m benchmarks.serve_overhead --num-prompts 256 --input-len 100 1024 --output-len 100 1024 --runs 3"

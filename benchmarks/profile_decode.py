@@ -2,6 +2,8 @@
 kernels of one step, at the throughput workload's full batch (256 sequences, dummy weights).
 
     python -m benchmarks.profile_decode --model-config qwen3-0.6b
+    python -m benchmarks.profile_decode --shared-prefix 1024      # bench throughput --dataset shared-prefix
+    python -m benchmarks.profile_decode --sampling extras         # penalties + logprobs=5 on every request
 """
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ import time
 import torch
 
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.benchmark import Workload, model_folder, weight_and_kv_bytes
+from vllm_lite.benchmark import EXTRAS, Workload, model_folder, weight_and_kv_bytes
 
 
 def main() -> None:
@@ -22,15 +24,22 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--enforce-eager", action="store_true")
     parser.add_argument("--tensor-parallel-size", type=int, default=1, help="profiles rank 0's kernels")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                        help="every prompt: one N-token system prompt, then 128 own tokens (prefix caching)")
+    parser.add_argument("--sampling", choices=["default", "extras"], default="default")
     args = parser.parse_args()
+    extras = EXTRAS if args.sampling == "extras" else {}
 
     folder = model_folder(args.model_config)
     llm = LLM(folder, load_format="dummy", max_model_len=2048, enforce_eager=args.enforce_eager,
               tensor_parallel_size=args.tensor_parallel_size)
     engine, runner = llm.engine, llm.engine.runner
-    work = Workload.random(args.num_seqs, (100, 1024), (100, 1024), engine.hf_config.vocab_size, 0)
+    vocab = engine.hf_config.vocab_size
+    work = Workload.shared_prefix(args.num_seqs, args.shared_prefix, (128, 128), (128, 128), vocab, 0) \
+        if args.shared_prefix else Workload.random(args.num_seqs, (100, 1024), (100, 1024), vocab, 0)
     for prompt in work.prompts:
-        engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=1024, ignore_eos=True, detokenize=False))
+        engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=1024, ignore_eos=True, detokenize=False,
+                                                  **extras))
     while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
         engine.step()
     engine.overlap = False  # drain the step in flight; the loop below runs steps one by one
