@@ -11,7 +11,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 TOK=${TOKENIZER:-}
 python3 -m pip install -q --no-index --find-links ${WHEELS:-.whl/server} fastapi uvicorn httptools uvloop aiohttp \
-  pydantic prometheus_client httpx openai 2>&1 | grep -v "as the 'root' user"
+  pydantic prometheus_client httpx openai 2>&1 | grep -v "as the 'root' user" | tail -4
+python3 -c "import openai, aiohttp, fastapi, uvicorn, uvloop, httptools, prometheus_client" || exit 1
 nvidia-smi --query-gpu=name --format=csv,noheader; date -u; git log -1 --format=%h 2>/dev/null
 pip list 2>/dev/null | grep -i -E "^(uvicorn|uvloop|httptools|fastapi) " | tee $OUT/server_packages.txt
 S="python3 -m benchmarks.serve_overhead --num-prompts 256 --input-len 100 1024 --output-len 100 1024 --runs 3"
