@@ -13,6 +13,7 @@ import time
 
 import httpx
 import pytest
+import torch
 from openai import APIStatusError, OpenAI
 
 from tiny_models import make_tiny_model, prompts_of_lengths
@@ -318,6 +319,7 @@ def test_an_engine_process_that_dies_fails_its_streams_and_new_requests(model_pa
     asyncio.run(run())
 
 
+@pytest.mark.skipif(torch.cuda.device_count() == 1, reason="tp 2 on CUDA needs 2 GPUs (on CPU: gloo)")
 def test_tensor_parallel_engine_runs_in_the_engine_process_as_rank_0(model_path, reference):
     """The engine process starts the other ranks itself (so it must not be a daemon)."""
     import asyncio
