@@ -15,7 +15,7 @@ class Penalties:
     """Repetition, frequency and presence penalties of the rows that have any (``rows``), and
     those rows' token ids: ``tokens[i, :lengths[i]]`` is row i's sequence, its first
     ``prompt_lens[i]`` the prompt (``TokenHistory`` keeps them on the device)."""
-    rows: torch.Tensor  # [P] rows of the batch
+    rows: torch.Tensor | None  # [P] rows of the batch; None: all of them
     repetition: torch.Tensor  # [P] float, 1 = off
     frequency: torch.Tensor  # [P] float
     presence: torch.Tensor  # [P] float
@@ -150,21 +150,21 @@ class Sampler:
             logits.index_put_((rows, tokens), bias, accumulate=True)
         if batch.penalties is not None:
             p = batch.penalties
-            sub, vocab = logits[p.rows], logits.shape[1]
-            pos = torch.arange(p.tokens.shape[1], device=logits.device)
-            ids, past = p.tokens.long(), pos >= p.lengths[:, None]  # past: after the sequence's end
-            # counts of output tokens: everything else is scattered into an extra column
-            counts = torch.zeros((len(sub), vocab + 1), dtype=sub.dtype, device=sub.device)
-            counts.scatter_add_(1, ids.masked_fill(past | (pos < p.prompt_lens[:, None]), vocab),
-                                torch.ones(ids.shape, dtype=sub.dtype, device=sub.device))
-            counts = counts[:, :vocab]
+            sub = logits if p.rows is None else logits[p.rows]
+            ids, pos = p.tokens.long(), torch.arange(p.tokens.shape[1], device=logits.device)
+            inside = pos < p.lengths[:, None]  # the row's tokens; later columns hold stale ids
+            # output token counts: one scatter, where a position outside the output adds 0
+            counts = torch.zeros_like(sub).scatter_add_(1, ids, (inside & (pos >= p.prompt_lens[:, None])).to(sub.dtype))
             if p.any_repetition:  # over prompt and output tokens
-                seen = torch.zeros((len(sub), vocab + 1), dtype=torch.bool, device=sub.device)
-                seen = seen.scatter_(1, ids.masked_fill(past, vocab), True)[:, :vocab]
+                seen = torch.zeros_like(sub).scatter_add_(1, ids, inside.to(sub.dtype)) > 0
                 penalty = p.repetition[:, None]
                 sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
-            sub = sub - p.frequency[:, None] * counts - p.presence[:, None] * (counts > 0)
-            logits[p.rows] = sub
+            sub -= p.frequency[:, None] * counts
+            sub -= p.presence[:, None] * (counts > 0)
+            if p.rows is None:
+                logits = sub
+            else:
+                logits[p.rows] = sub
         return logits
 
     @staticmethod

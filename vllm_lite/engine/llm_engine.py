@@ -479,10 +479,11 @@ class LLMEngine:
             batch.logprob_rows = tensor(wants_logprobs, torch.int64)
             batch.num_logprobs = max(ps[r].logprobs for r in wants_logprobs)
         if penalized:
-            batch.penalties = self._penalties([seqs[r] for r in penalized], tensor(penalized, torch.int64))
+            rows = None if len(penalized) == len(ps) else tensor(penalized, torch.int64)  # None: all
+            batch.penalties = self._penalties([seqs[r] for r in penalized], rows)
         return _ParamsBatch(seq_ids, batch, min_tokens_rows, penalized)
 
-    def _penalties(self, seqs: list[Sequence], rows: torch.Tensor) -> Penalties:
+    def _penalties(self, seqs: list[Sequence], rows: torch.Tensor | None) -> Penalties:
         """The penalized rows' penalties; their tokens are written to the history every step."""
         tensor, ps = self._to_device, [s.params for s in seqs]
         self._history.assign(seqs)
