@@ -3,7 +3,7 @@ import torch
 
 from tiny_models import make_tiny_model, prompts_of_lengths
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.sampler import Sampler, SamplingBatch
+from vllm_lite.sampler import Penalties, Sampler, SamplingBatch
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +46,35 @@ def test_min_p_drops_tokens_below_the_fraction_of_the_top_probability():
 def test_sampling_follows_the_distribution():
     counts = torch.bincount(draws(LOGITS, batch_of(1), n=2000).flatten(), minlength=4).float() / 2000
     assert torch.allclose(counts, torch.tensor([0.5, 0.3, 0.15, 0.05]), atol=0.04)
+
+
+@pytest.mark.parametrize("every_row", [True, False])
+def test_penalties_match_the_formulas_with_repeats_and_stale_history_columns(every_row):
+    """Repetition over prompt + output (each seen token once), frequency per output token,
+    presence once per distinct output token; columns after a row's length hold stale ids."""
+    gen = torch.Generator().manual_seed(3)
+    vocab, rows = 12, [0, 2]  # row 1 has no penalties (when not every row is penalized)
+    logits = torch.randn(3, vocab, generator=gen) * 3
+    prompts, outputs = [[1, 4, 4], [7]], [[4, 5, 5, 5, 0], [9, 9, 7]]
+    tokens = torch.full((2, 10), 11, dtype=torch.int32)  # 11: a stale id, in no row's sequence
+    for i, (pr, out) in enumerate(zip(prompts, outputs)):
+        tokens[i, :len(pr + out)] = torch.tensor(pr + out)
+    rep, freq, pres = [1.5, 0.7], [0.4, -0.3], [0.9, 1.1]
+    penalties = Penalties(rows=None if every_row else torch.tensor(rows), repetition=torch.tensor(rep),
+                          frequency=torch.tensor(freq), presence=torch.tensor(pres), any_repetition=True,
+                          prompt_lens=torch.tensor([3, 1]), tokens=tokens, lengths=torch.tensor([8, 4]))
+    src = logits[:2] if every_row else logits
+    batch = batch_of(len(src), temperature=0)
+    batch.penalties = penalties
+    expected = src.clone()
+    for i, row in enumerate(range(2) if every_row else rows):
+        x = expected[row]
+        for t in set(prompts[i] + outputs[i]):
+            x[t] = x[t] / rep[i] if x[t] > 0 else x[t] * rep[i]
+        for t in set(outputs[i]):
+            x[t] -= freq[i] * outputs[i].count(t) + pres[i]
+    got = Sampler.process_logits(src.clone(), batch)
+    torch.testing.assert_close(got, expected)
 
 
 def test_seeded_output_does_not_depend_on_the_rest_of_the_batch(llm):

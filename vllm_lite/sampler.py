@@ -149,21 +149,23 @@ class Sampler:
             rows, tokens, bias = batch.logit_bias
             logits.index_put_((rows, tokens), bias, accumulate=True)
         if batch.penalties is not None:
+            # on the rows' token lists ([P, longest], small), never a pass over [P, vocab]
             p = batch.penalties
             sub = logits if p.rows is None else logits[p.rows]
             ids, pos = p.tokens.long(), torch.arange(p.tokens.shape[1], device=logits.device)
             inside = pos < p.lengths[:, None]  # the row's tokens; later columns hold stale ids
-            # output token counts: one scatter, where a position outside the output adds 0
-            counts = torch.zeros_like(sub).scatter_add_(1, ids, (inside & (pos >= p.prompt_lens[:, None])).to(sub.dtype))
-            if p.any_repetition:  # over prompt and output tokens
-                seen = torch.zeros_like(sub).scatter_add_(1, ids, inside.to(sub.dtype)) > 0
-                penalty = p.repetition[:, None]
-                sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
-            sub -= p.frequency[:, None] * counts
-            sub -= p.presence[:, None] * (counts > 0)
-            if p.rows is None:
-                logits = sub
-            else:
+            output = inside & (pos >= p.prompt_lens[:, None])
+            if p.any_repetition:  # each seen token once: a repeated id writes the same value again
+                seen = torch.where(inside, ids, ids[:, :1])  # (a row's first token is inside)
+                score, penalty = sub.gather(1, seen), p.repetition[:, None]
+                sub.scatter_(1, seen, torch.where(score > 0, score / penalty, score * penalty))
+            # frequency: once per output token; presence: once per distinct output token
+            sub.scatter_add_(1, ids, -p.frequency[:, None] * output)
+            distinct = torch.where(output, ids, -1).sort(dim=1).values
+            first = torch.ones_like(output)
+            first[:, 1:] = distinct[:, 1:] != distinct[:, :-1]
+            sub.scatter_add_(1, distinct.clamp(min=0), -p.presence[:, None] * (first & (distinct >= 0)))
+            if p.rows is not None:
                 logits[p.rows] = sub
         return logits
 
