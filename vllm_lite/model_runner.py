@@ -13,6 +13,7 @@ from vllm_lite.attention import AttentionMetadata, forward_context, get_backend
 from vllm_lite.attention.layer import Attention
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.scheduler import ScheduledBatch
+from vllm_lite.engine.sequence import SequenceRows
 from vllm_lite.models import get_model_class
 from vllm_lite.models.loader import init_dummy_weights, load_weights
 
@@ -46,25 +47,26 @@ class BlockTableRows:
     ``share``), so a row that copied the same list object holds a prefix of it."""
 
     def __init__(self, num_rows: int) -> None:
+        self.slots = SequenceRows(num_rows)
         self.rows = np.zeros((num_rows, 1), np.int32)  # a table's blocks, then zeros
-        self.row_of: dict[int, int] = {}  # seq_id -> row
-        self.free = list(range(num_rows - 1, -1, -1))
         self.copied: list[list[int] | None] = [None] * num_rows  # held, so that `is` is exact
         self.length = [0] * num_rows  # blocks of ``copied`` the row holds
 
     def gather(self, seqs: list) -> np.ndarray:
         """``[len(seqs), longest table]`` int32, row i sequence i's table, zero-padded."""
-        if len(self.row_of) + len(seqs) > len(self.copied):
-            self._release_all_but(seqs)
+        index, given = self.slots.assign(seqs)
+        if self.slots.num_rows > len(self.copied):
+            extra = self.slots.num_rows - len(self.copied)
+            self.rows = np.pad(self.rows, ((0, extra), (0, 0)))
+            self.copied += [None] * extra
+            self.length += [0] * extra
+        for row in given:
+            self.copied[row] = None  # another sequence's table: zeroed below
         width = max(len(s.block_table) for s in seqs)
         if width > self.rows.shape[1]:  # at least double, so that it is rare
             self.rows = np.pad(self.rows, ((0, 0), (0, max(width - self.rows.shape[1], self.rows.shape[1]))))
-        rows, row_of, copied, length = self.rows, self.row_of, self.copied, self.length
-        index = []
-        for seq in seqs:
-            row = row_of.get(seq.seq_id)
-            if row is None:
-                row = row_of[seq.seq_id] = self.free.pop()
+        rows, copied, length = self.rows, self.copied, self.length
+        for seq, row in zip(seqs, index):
             table = seq.block_table
             if copied[row] is not table:  # the sequence's first step, or a new table (preempted)
                 rows[row, :length[row]] = 0
@@ -72,23 +74,7 @@ class BlockTableRows:
             if length[row] < len(table):
                 rows[row, length[row]:len(table)] = table[length[row]:]
                 length[row] = len(table)
-            index.append(row)
         return rows[index, :width]
-
-    def _release_all_but(self, seqs: list) -> None:
-        """Free the rows of sequences not in this step (finished ones, mostly); add rows if
-        that frees too few."""
-        keep = {s.seq_id for s in seqs}
-        for seq_id in [i for i in self.row_of if i not in keep]:
-            row = self.row_of.pop(seq_id)
-            self.copied[row] = None  # zeroed when it is taken again
-            self.free.append(row)
-        if len(self.free) < len(seqs):
-            extra = 2 * len(seqs)
-            self.rows = np.pad(self.rows, ((0, extra), (0, 0)))
-            self.free.extend(range(len(self.copied) + extra - 1, len(self.copied) - 1, -1))
-            self.copied.extend([None] * extra)
-            self.length.extend([0] * extra)
 
 
 def resolve_device(config: EngineConfig) -> torch.device:

@@ -1,13 +1,15 @@
 """Batched sampling with vLLM's parameters, all on the logits' device: one host round trip per
 step (the sampled ids, and the logprobs where asked), none per sequence. Per-row extras
 (penalties, logit bias, allowed tokens, logprobs) arrive as small index tensors, which the
-engine builds once per batch of sequences (the output tokens' index every step); a batch that
-uses none of them pays nothing for them."""
+engine builds once per batch of sequences (penalties also read the sequences' token ids, kept
+on the device by ``TokenHistory``); a batch that uses none of them pays nothing for them."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
+
+from vllm_lite.engine.sequence import PLACEHOLDER, SequenceRows
 
 
 @dataclass
@@ -29,40 +31,34 @@ class TokenHistory:
     """The token ids (prompt, then output) of penalized sequences as rows of one device array
     kept between steps, where the penalties count them. A step writes only what its sequences
     gained since their last step; in a decode that is the token of the step in flight, which
-    the host does not know yet: it is copied on the device from that step's sampled tokens. A
-    sequence that leaves the batch (finished, preempted) gives its row back."""
+    the host does not know yet: it is copied on the device from that step's sampled tokens."""
 
     def __init__(self, device: torch.device, to_device) -> None:
         self.to_device = to_device  # (host values, dtype) -> device tensor
+        self.slots = SequenceRows()
         self.tokens = torch.zeros((0, 0), dtype=torch.int32, device=device)  # grows as needed
-        self.row_of: dict[int, int] = {}  # seq_id -> row
-        self.written: dict[int, int] = {}  # seq_id -> leading positions written
-        self.rows: torch.Tensor | None = None  # the batch's rows, from assign()
+        self.written: list[int] = []  # per row: leading positions written
+        self.row_list: list[int] = []  # the batch's rows, from assign()
+        self.rows: torch.Tensor | None = None  # the same on the device
 
     def assign(self, seqs: list) -> None:
         """Rows for a new batch of penalized sequences: kept for those already here."""
-        keep = {s.seq_id for s in seqs}
-        for seq_id in [i for i in self.row_of if i not in keep]:
-            del self.row_of[seq_id], self.written[seq_id]
-        free = sorted(set(range(len(self.tokens) + len(seqs))) - set(self.row_of.values()), reverse=True)
-        for seq in seqs:
-            if seq.seq_id not in self.row_of:
-                self.row_of[seq.seq_id], self.written[seq.seq_id] = free.pop(), 0
-        rows = [self.row_of[s.seq_id] for s in seqs]
-        self._grow(max(rows) + 1, self.tokens.shape[1])
-        self.rows = self.to_device(rows, torch.int64)
+        self.row_list, given = self.slots.assign(seqs)
+        self.written += [0] * (self.slots.num_rows - len(self.written))
+        for row in given:
+            self.written[row] = 0
+        self._grow(self.slots.num_rows, self.tokens.shape[1])
+        self.rows = self.to_device(self.row_list, torch.int64)
 
     def update(self, seqs: list, prev_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write what ``seqs`` (as in ``assign``) gained; their ``[P, longest]`` tokens and
         lengths. ``prev_tokens``: the in-flight step's sampled tokens (``seq.inflight_index``)."""
-        from vllm_lite.engine.sequence import PLACEHOLDER
-
         lengths = [len(seq.token_ids) for seq in seqs]
         self._grow(len(self.tokens), max(lengths))
         width = self.tokens.shape[1]
         known_at, known, flight_at, flight_from = [], [], [], []  # flat positions in self.tokens
-        for seq, n in zip(seqs, lengths):
-            ids, done, start = seq.token_ids, self.written[seq.seq_id], self.row_of[seq.seq_id] * width
+        for seq, n, row in zip(seqs, lengths, self.row_list):
+            ids, done, start = seq.token_ids, self.written[row], row * width
             end = n - 1 if ids[-1] == PLACEHOLDER else n  # the host knows ids[:end]
             if done < end:
                 known_at.extend(range(start + done, start + end))
@@ -70,7 +66,7 @@ class TokenHistory:
             if end < n and done <= end:
                 flight_at.append(start + end)
                 flight_from.append(seq.inflight_index)
-            self.written[seq.seq_id] = n
+            self.written[row] = n
         flat, to_device = self.tokens.view(-1), self.to_device
         if known:
             flat[to_device(known_at, torch.int64)] = to_device(known, torch.int32)
