@@ -20,7 +20,8 @@ graphs and leaves the process group (``leave_process_group``); a worker then exi
 Plain pipes, not multiprocessing queues: a queue has a feeder thread that exit may wait on,
 named semaphores that leak ("leaked semaphore objects") when its process ends without its exit
 handlers, and a lock inside ``put`` that a Ctrl-C landing right after its acquisition leaves
-held, after which closing the queue deadlocks (a hang after Ctrl-C). Each pipe here has one writer and one reader, so it needs none of these.
+held, after which closing the queue deadlocks (a hang after Ctrl-C). Each pipe here has one
+writer and one reader, so it needs none of these.
 """
 from __future__ import annotations
 

@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.llm_engine import LLMEngine, RequestLimits
+from vllm_lite.engine.sequence import PLACEHOLDER, Sequence
 
 logger = logging.getLogger("vllm_lite.server")
 
@@ -137,7 +138,7 @@ class MetricCalls:
 @dataclass
 class _Live:
     """Bookkeeping of one request: what was sent so far."""
-    seq: object  # the request's first Sequence (its completions: seq.group)
+    seq: Sequence  # the request's first Sequence (its completions: seq.group)
     arrival: float
     holdback: int
     sent_tokens: dict[int, int] = field(default_factory=dict)
@@ -276,15 +277,15 @@ class EngineCore:
 
     def _delta(self, request_id: str, live: _Live, now: float) -> RequestDelta | None:
         first = live.seq
-        group = getattr(first, "group", None) or [first]
+        group = first.group
         outputs, num_new = [], 0
         for seq in group:
-            index = getattr(seq, "index", 0)
+            index = seq.index
             if index in live.done:
                 continue
             tokens, num_prompt = seq.token_ids, seq.num_prompt_tokens
             end = len(tokens)
-            while end > num_prompt and tokens[end - 1] < 0:  # placeholders: not read back yet
+            while end > num_prompt and tokens[end - 1] == PLACEHOLDER:  # not read back yet
                 end -= 1
             sent = live.sent_tokens.get(index, 0)
             new_ids = tokens[num_prompt + sent:end]
@@ -295,9 +296,7 @@ class EngineCore:
             new_text = text[sent_text:visible]
             if not new_ids and not new_text and not finished:
                 continue
-            logprobs = getattr(seq, "logprobs", None)
-            if logprobs is not None:
-                logprobs = logprobs[sent:sent + len(new_ids)]
+            logprobs = seq.logprobs[sent:sent + len(new_ids)] if seq.logprobs is not None else None
             live.sent_tokens[index] = sent + len(new_ids)
             live.sent_text[index] = visible
             if finished:
@@ -306,11 +305,11 @@ class EngineCore:
                                            seq.finish_reason if finished else None,
                                            seq.stop_reason if finished else None))
             num_new += len(new_ids)
-        n = getattr(first.params, "n", 1)
+        n = first.params.n
         aborted = any(s.finish_reason == "abort" for s in group)
         finished = all(s.is_finished for s in group) and (len(group) >= n or aborted)
         prompt_logprobs = None
-        scored = getattr(first, "prompt_logprobs", None)
+        scored = first.prompt_logprobs
         if (scored is not None and not live.prompt_logprobs_sent and (outputs or finished)
                 and len(scored) >= first.num_prompt_tokens):
             prompt_logprobs, live.prompt_logprobs_sent = list(scored), True
