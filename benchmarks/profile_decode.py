@@ -14,7 +14,7 @@ import time
 import torch
 
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.benchmark import EXTRAS, Workload, model_folder, weight_and_kv_bytes
+from vllm_lite.benchmark import DEFAULT_LENS, EXTRAS, Workload, model_folder, weight_and_kv_bytes
 
 
 def main() -> None:
@@ -35,7 +35,7 @@ def main() -> None:
               tensor_parallel_size=args.tensor_parallel_size)
     engine, runner = llm.engine, llm.engine.runner
     vocab = engine.hf_config.vocab_size
-    work = Workload.shared_prefix(args.num_seqs, args.shared_prefix, (128, 128), (128, 128), vocab, 0) \
+    work = Workload.shared_prefix(args.num_seqs, args.shared_prefix, *DEFAULT_LENS["shared-prefix"], vocab, 0) \
         if args.shared_prefix else Workload.random(args.num_seqs, (100, 1024), (100, 1024), vocab, 0)
     for prompt in work.prompts:
         engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=1024, ignore_eos=True, detokenize=False,

@@ -236,7 +236,7 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: the system prompt's length")
     parser.add_argument("--sampling", choices=["default", "extras"], default="default",
                         help="extras: " + ", ".join(f"{k}={v}" for k, v in EXTRAS.items()) + " on every request")
-    parser.add_argument("--temperature", type=float, help="default: 1.0 (random), 0.6 (nano-vllm)")
+    parser.add_argument("--temperature", type=float, help="default: 1.0 (random, shared-prefix), 0.6 (nano-vllm)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up; median and spread")
     parser.add_argument("--peer", choices=["none", "hf"], default="none")
     parser.add_argument("--json", help="write the results here")
