@@ -21,7 +21,9 @@ import pytest  # noqa: E402
 
 from tiny_models import make_tiny_model, prompts_of_lengths  # noqa: E402
 from vllm_lite import LLM, SamplingParams  # noqa: E402
+from vllm_lite import sampler  # noqa: E402
 from vllm_lite.attention import triton_ops  # noqa: E402
+from vllm_lite.engine import llm_engine  # noqa: E402
 from vllm_lite.layers import fused_ops  # noqa: E402
 from vllm_lite.layers.activation import SiluAndMul  # noqa: E402
 from vllm_lite.layers.norm import RMSNorm  # noqa: E402
@@ -48,6 +50,8 @@ def gpu_kernels(monkeypatch):
         monkeypatch.setattr(RotaryEmbedding, "forward", lambda self, positions, q, k: fused_ops.rotary(
             positions, q, k, self.cos, self.sin))
         monkeypatch.setattr(triton_ops, "_num_sms", lambda device: H100_SMS)
+        for module in (sampler, llm_engine):  # both call logprobs.token_logprobs
+            monkeypatch.setattr(module, "token_logprobs", fused_ops.token_logprobs)
 
 
 def graph_capture_step(runner, batch: int) -> StepInput:
@@ -62,7 +66,7 @@ def graph_capture_step(runner, batch: int) -> StepInput:
 def first_requests(llm: LLM) -> list:
     """A realistic start: one request alone, then a batch of mixed lengths under a small token
     budget (chunked prefill, decodes next to prefill chunks, many decodes), then prompts whose
-    prefixes are cached. Returns the scheduled batches as (decodes, sequences, fresh prefill)."""
+    prefixes are cached, then one that asks for logprobs. Returns the scheduled batches as (decodes, sequences, fresh prefill)."""
     engine = llm.engine
     vocab = engine.hf_config.vocab_size
     batches, schedule = [], engine.scheduler.schedule
@@ -80,6 +84,8 @@ def first_requests(llm: LLM) -> list:
     prompts = prompts_of_lengths(lens, vocab, seed=1)
     llm.generate(prompts, [greedy[1 + i % 3] for i in range(len(lens))], use_tqdm=False)
     llm.generate([prompts[6][:48] + [7, 8, 9], prompts[7] + [5]], greedy[0], use_tqdm=False)
+    with_logprobs = SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=1)
+    llm.generate(prompts_of_lengths([9], vocab, seed=2), with_logprobs, use_tqdm=False)
     engine.scheduler.schedule = schedule
     return batches
 

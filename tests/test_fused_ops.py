@@ -1,4 +1,4 @@
-"""Fused Triton RMSNorm / RoPE / SiLU-and-mul against the layers' plain PyTorch code.
+"""Fused Triton RMSNorm / RoPE / SiLU-and-mul / logprobs against the plain PyTorch code.
 
 Without a GPU the kernels run under the Triton interpreter (set before triton is imported) on
 small shapes in fp32 and fp16; on a GPU the same tests run compiled, add bf16, and check that
@@ -15,9 +15,10 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from vllm_lite.layers.activation import SiluAndMul  # noqa: E402
-from vllm_lite.layers.fused_ops import rms_norm, rotary, silu_and_mul  # noqa: E402
+from vllm_lite.layers.fused_ops import rms_norm, rotary, silu_and_mul, token_logprobs  # noqa: E402
 from vllm_lite.layers.norm import RMSNorm  # noqa: E402
 from vllm_lite.layers.rotary import RotaryEmbedding  # noqa: E402
+from vllm_lite.logprobs import token_logprobs_native  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 checks need a GPU")
@@ -104,6 +105,39 @@ def test_rotary_on_strided_views(num_tokens, head_dim, dtype):
 def test_silu_and_mul(num_tokens, n, dtype):
     x = torch.randn(num_tokens, 2 * n, dtype=dtype, device=DEVICE) * 3
     assert_close(silu_and_mul(x), SiluAndMul().forward_native(x))
+
+
+def assert_logprobs_match(logits, rows, tokens, k):
+    token_lp, rank, top_lp, top_ids = token_logprobs(logits, rows, tokens, k)
+    ref_lp, ref_rank, ref_top_lp, ref_top_ids = token_logprobs_native(logits, rows, tokens, k)
+    torch.testing.assert_close(token_lp, ref_lp, rtol=0, atol=1e-5)
+    assert torch.equal(rank, ref_rank)
+    torch.testing.assert_close(top_lp, ref_top_lp, rtol=0, atol=1e-5)
+    assert top_ids.dtype == ref_top_ids.dtype
+    # equal logits may come in either order: the ids must name the reference's values
+    chosen = torch.log_softmax(logits[rows].float(), -1).gather(1, top_ids)
+    torch.testing.assert_close(chosen, ref_top_lp, rtol=0, atol=1e-5)
+    assert all(len(set(r)) == k for r in top_ids.tolist())
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("vocab", [7, 4096, 9001])  # one short chunk; exactly one; three, the last ragged
+@pytest.mark.parametrize("k", [0, 1, 5, 20])
+def test_token_logprobs(vocab, k, dtype):
+    logits = (torch.randn(6, vocab, device=DEVICE) * 4).to(dtype)
+    rows = torch.tensor([4, 0, 4, 5], device=DEVICE)  # a subset, one row twice
+    tokens = torch.randint(0, vocab, (4,), device=DEVICE)
+    assert_logprobs_match(logits, rows, tokens, min(k, vocab))
+
+
+def test_token_logprobs_counts_ties_in_the_rank():
+    """Logits with many equal values: a token ties with others, some in other chunks."""
+    logits = torch.randint(-3, 4, (3, 9001), device=DEVICE).float()
+    rows = torch.tensor([0, 1, 2], device=DEVICE)
+    tokens = torch.stack([(logits[i] == v).nonzero()[0, 0] for i, v in enumerate([3.0, 0.0, -3.0])])
+    token_lp, rank, top_lp, _ = token_logprobs(logits, rows, tokens, 5)
+    assert torch.equal(rank, (logits[rows] >= logits[rows, tokens][:, None]).sum(-1))
+    torch.testing.assert_close(top_lp, token_logprobs_native(logits, rows, tokens, 5)[2], rtol=0, atol=1e-5)
 
 
 def test_empty_inputs():

@@ -1,9 +1,32 @@
 """Log-probabilities as vLLM returns them: per position ``{token id: Logprob}``, the chosen token
-first, then the top-k (ranks 1..k)."""
+first, then the top-k (ranks 1..k); and how they are computed from a step's logits."""
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
+
+
+def token_logprobs(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, k: int):
+    """For the logits rows ``rows`` [L] and one token per row: the token's log-probability [L]
+    (``log_softmax`` in fp32), its rank [L] (vLLM's: the number of tokens at least as likely, so
+    the top token has rank 1), and the k most likely tokens' logprobs and ids [L, k] (k is
+    capped at the vocabulary). On CUDA one fused Triton pass over the rows (``fused_ops``)."""
+    k = min(k, logits.shape[1])
+    if logits.is_cuda:
+        from vllm_lite.layers.fused_ops import token_logprobs as fused
+        return fused(logits, rows, tokens, k)
+    return token_logprobs_native(logits, rows, tokens, k)
+
+
+def token_logprobs_native(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, k: int):
+    """The plain PyTorch version (the CPU path, and the reference for the fused kernel)."""
+    logprobs = torch.log_softmax(logits[rows].float(), dim=-1)
+    token_lp = logprobs.gather(1, tokens[:, None].long())
+    rank = (logprobs >= token_lp).sum(dim=-1)
+    top_lp, top_ids = logprobs.topk(k, dim=-1)
+    return token_lp[:, 0], rank, top_lp, top_ids
 
 
 @dataclass

@@ -196,6 +196,10 @@ class ModelRunner:
                   for n in sorted({min(1 << k, m) for k in range(m.bit_length() + 1)})]
         for step in steps:
             self.execute(step)
+        # the sampler's logprobs kernel reads the logits, which have the model's dtype
+        from vllm_lite.layers.fused_ops import token_logprobs
+        index = torch.zeros(1, dtype=torch.int64, device=self.device)
+        token_logprobs(torch.zeros((1, 16), dtype=self.dtype, device=self.device), index, index, 1)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 
 from vllm_lite.engine.sequence import PLACEHOLDER, SequenceRows
+from vllm_lite.logprobs import token_logprobs
 
 
 @dataclass
@@ -121,14 +122,14 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: SamplingBatch, default_generator=None) -> SamplerOutput:
-        raw_logprobs = None
-        if batch.logprob_rows is not None:  # vLLM's "raw_logprobs": before any processing
-            raw_logprobs = torch.log_softmax(logits[batch.logprob_rows].float(), dim=-1)
-        logits = self.process_logits(logits.float(), batch)
-        tokens = self._draw(logits, batch, default_generator)
-        if raw_logprobs is None:
+        rows = batch.logprob_rows
+        # logprobs are vLLM's "raw_logprobs", from the logits before any processing, which
+        # writes in place: into a copy where .float() makes none
+        processed = logits.clone() if rows is not None and logits.dtype == torch.float32 else logits.float()
+        tokens = self._draw(self.process_logits(processed, batch), batch, default_generator)
+        if rows is None:
             return SamplerOutput(tokens)
-        return SamplerOutput(tokens, token_logprobs(raw_logprobs, tokens[batch.logprob_rows], batch.num_logprobs))
+        return SamplerOutput(tokens, token_logprobs(logits, rows, tokens[rows], batch.num_logprobs))
 
     @staticmethod
     def process_logits(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -187,19 +188,6 @@ class Sampler:
         if not batch.any_greedy:  # one pass over [rows, vocab] less
             return sampled
         return torch.where(batch.temperature > 0, sampled, logits.argmax(dim=-1))
-
-
-def token_logprobs(logprobs: torch.Tensor, tokens: torch.Tensor, k: int):
-    """For rows of log-probabilities [L, V] and one token per row: the token's logprob [L], its
-    rank [L] (vLLM's: the number of tokens at least as likely, so the top token has rank 1), and
-    the k most likely tokens' logprobs and ids [L, k]."""
-    token_lp = logprobs.gather(1, tokens[:, None].long())
-    rank = (logprobs >= token_lp).sum(dim=-1)
-    if k > 0:
-        top_lp, top_ids = logprobs.topk(k, dim=-1)
-    else:
-        top_lp, top_ids = logprobs[:, :0], torch.empty((len(tokens), 0), dtype=torch.long, device=tokens.device)
-    return token_lp[:, 0], rank, top_lp, top_ids
 
 
 def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

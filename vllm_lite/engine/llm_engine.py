@@ -17,8 +17,8 @@ from vllm_lite.engine.block_manager import BlockManager
 from vllm_lite.engine.detokenizer import IncrementalDetokenizer
 from vllm_lite.engine.scheduler import Scheduler
 from vllm_lite.engine.sequence import MAX_CHUNK, PLACEHOLDER, Sequence
-from vllm_lite.logprobs import FlatLogprobs
-from vllm_lite.sampler import Penalties, Sampler, SamplingBatch, TokenHistory, token_logprobs
+from vllm_lite.logprobs import FlatLogprobs, token_logprobs
+from vllm_lite.sampler import Penalties, Sampler, SamplingBatch, TokenHistory
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -369,9 +369,8 @@ class LLMEngine:
         k = max(seq.params.prompt_logprobs for seq, _, _ in plan)
         target_dev = torch.tensor(targets, device=logits.device)
         parts = []
-        for a in range(0, len(targets), 1024):  # bounds the [rows, vocab] fp32 temporaries
-            logprobs = torch.log_softmax(logits[rows[a:a + 1024]].float(), dim=-1)
-            parts.append(token_logprobs(logprobs, target_dev[a:a + 1024], k))
+        for a in range(0, len(targets), 1024):  # bounds the CPU path's [rows, vocab] fp32 temporaries
+            parts.append(token_logprobs(logits, rows[a:a + 1024], target_dev[a:a + 1024], k))
         token_lp, rank, top_lp, top_ids = (torch.cat(p).tolist() for p in zip(*parts))
         i = 0
         for seq, _, c in plan:

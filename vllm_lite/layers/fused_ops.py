@@ -1,4 +1,5 @@
-"""Fused Triton kernels for the small elementwise ops of a decoder layer (used on CUDA only).
+"""Fused Triton kernels for the small elementwise ops of a decoder layer and for the sampler's
+logprobs (used on CUDA only).
 
 In eager PyTorch an fp32 RMSNorm is about six kernels, RoPE a gather plus casts, chunk, cat,
 mul and add, and SwiGLU's gate three more. Each op here is one kernel that reads its inputs
@@ -15,6 +16,8 @@ from __future__ import annotations
 import torch
 import triton
 import triton.language as tl
+
+import vllm_lite.attention.triton_ops  # noqa: F401  (the interpreter's fix for a loop over a runtime int)
 
 # ----------------------------------------------------------------------------- RMSNorm
 
@@ -218,3 +221,63 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
     _silu_and_mul_kernel[grid](x2, o2, n_cols, x2.stride(0), o2.stride(0), BLOCK=block,
                                num_warps=4 if block >= 512 else 2)
     return out
+
+
+# ----------------------------------------------------------------------------- logprobs
+
+_LOGPROB_CHUNK = 4096
+
+
+@triton.jit(do_not_specialize=["vocab", "k", "stride_row"],
+            do_not_specialize_on_alignment=["rows_ptr", "tokens_ptr"])
+def _logprob_chunk_kernel(
+    logits_ptr, rows_ptr, tokens_ptr,
+    part_max_ptr, part_sum_ptr, part_rank_ptr, cand_val_ptr, cand_id_ptr,
+    vocab, k, stride_row,
+    CHUNK: tl.constexpr,
+):
+    """Program (row i, chunk c): one read of the chunk of logits row ``rows[i]`` gives its max,
+    its sum of exp(x - max), how many of its logits are >= the logit of ``tokens[i]``, and its k
+    largest logits (lowest id first among equals), for ``log_softmax`` statistics and top-k."""
+    i = tl.program_id(0)
+    c = tl.program_id(1)
+    out = i * tl.num_programs(1) + c
+    row = logits_ptr + tl.load(rows_ptr + i).to(tl.int64) * stride_row
+    ids = c * CHUNK + tl.arange(0, CHUNK)
+    x = tl.load(row + ids, mask=ids < vocab, other=float("-inf")).to(tl.float32)
+    x_token = tl.load(row + tl.load(tokens_ptr + i)).to(tl.float32)
+    x_max = tl.max(x, 0)
+    tl.store(part_max_ptr + out, x_max)
+    tl.store(part_sum_ptr + out, tl.sum(tl.exp(x - x_max), 0))
+    tl.store(part_rank_ptr + out, tl.sum((x >= x_token).to(tl.int32), 0))
+    for j in range(k):
+        best = tl.max(x, 0)
+        best_id = tl.min(tl.where(x == best, ids, 2147483647), 0)
+        tl.store(cand_val_ptr + out * k + j, best)
+        tl.store(cand_id_ptr + out * k + j, best_id)
+        x = tl.where(ids == best_id, float("-inf"), x)
+
+
+def token_logprobs(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, k: int):
+    """``vllm_lite.logprobs.token_logprobs`` in one read of the logits: per-chunk statistics
+    and top-k candidates from one kernel, then a few small ops over [rows, chunks] combine them
+    (no [rows, vocab] log-softmax, gather or copy)."""
+    num_rows, vocab = len(rows), logits.shape[1]
+    assert logits.stride(1) == 1 and 0 <= k <= vocab
+    chunks = triton.cdiv(vocab, _LOGPROB_CHUNK)
+    k_chunk = min(k, _LOGPROB_CHUNK)
+    f32 = dict(dtype=torch.float32, device=logits.device)
+    part_max, part_sum = torch.empty((num_rows, chunks), **f32), torch.empty((num_rows, chunks), **f32)
+    part_rank = torch.empty((num_rows, chunks), dtype=torch.int32, device=logits.device)
+    cand_val = torch.empty((num_rows, chunks * k_chunk), **f32)
+    cand_id = torch.empty((num_rows, chunks * k_chunk), dtype=torch.int32, device=logits.device)
+    if num_rows:
+        _logprob_chunk_kernel[(num_rows, chunks)](
+            logits, rows, tokens, part_max, part_sum, part_rank, cand_val, cand_id,
+            vocab, k_chunk, logits.stride(0), CHUNK=_LOGPROB_CHUNK, num_warps=8,
+        )
+    row_max = part_max.max(dim=1, keepdim=True).values
+    lse = row_max[:, 0] + (part_sum * torch.exp(part_max - row_max)).sum(dim=1).log()
+    token_lp = logits[rows, tokens].float() - lse
+    top_val, where = cand_val.topk(k, dim=1)
+    return token_lp, part_rank.sum(dim=1), top_val - lse[:, None], cand_id.gather(1, where).long()
