@@ -52,6 +52,9 @@ def gpu_kernels(monkeypatch):
         monkeypatch.setattr(triton_ops, "_num_sms", lambda device: H100_SMS)
         for module in (sampler, llm_engine):  # both call logprobs.token_logprobs
             monkeypatch.setattr(module, "token_logprobs", fused_ops.token_logprobs)
+        monkeypatch.setattr(sampler.Sampler, "_draw", staticmethod(
+            lambda logits, batch, gen: fused_ops.gumbel_sample(logits, batch.temperature, sampler._row_seeds(
+                batch.generators, gen, logits.device))))
 
 
 def graph_capture_step(runner, batch: int) -> StepInput:
@@ -84,8 +87,10 @@ def first_requests(llm: LLM) -> list:
     prompts = prompts_of_lengths(lens, vocab, seed=1)
     llm.generate(prompts, [greedy[1 + i % 3] for i in range(len(lens))], use_tqdm=False)
     llm.generate([prompts[6][:48] + [7, 8, 9], prompts[7] + [5]], greedy[0], use_tqdm=False)
+    # random sampling (greedy steps take torch's argmax), on the logits and on their fp32 copy
     with_logprobs = SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=1)
-    llm.generate(prompts_of_lengths([9], vocab, seed=2), with_logprobs, use_tqdm=False)
+    penalized = SamplingParams(max_tokens=3, ignore_eos=True, presence_penalty=0.5, seed=3)
+    llm.generate(prompts_of_lengths([9, 6], vocab, seed=2), [with_logprobs, penalized], use_tqdm=False)
     engine.scheduler.schedule = schedule
     return batches
 

@@ -1,4 +1,4 @@
-"""Fused Triton RMSNorm / RoPE / SiLU-and-mul / logprobs against the plain PyTorch code.
+"""Fused Triton RMSNorm / RoPE / SiLU-and-mul / logprobs / sampling against plain PyTorch.
 
 Without a GPU the kernels run under the Triton interpreter (set before triton is imported) on
 small shapes in fp32 and fp16; on a GPU the same tests run compiled, add bf16, and check that
@@ -14,8 +14,9 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from vllm_lite.layers import fused_ops  # noqa: E402
 from vllm_lite.layers.activation import SiluAndMul  # noqa: E402
-from vllm_lite.layers.fused_ops import rms_norm, rotary, silu_and_mul, token_logprobs  # noqa: E402
+from vllm_lite.layers.fused_ops import gumbel_sample, rms_norm, rotary, silu_and_mul, token_logprobs  # noqa: E402
 from vllm_lite.layers.norm import RMSNorm  # noqa: E402
 from vllm_lite.layers.rotary import RotaryEmbedding  # noqa: E402
 from vllm_lite.logprobs import token_logprobs_native  # noqa: E402
@@ -138,6 +139,46 @@ def test_token_logprobs_counts_ties_in_the_rank():
     token_lp, rank, top_lp, _ = token_logprobs(logits, rows, tokens, 5)
     assert torch.equal(rank, (logits[rows] >= logits[rows, tokens][:, None]).sum(-1))
     torch.testing.assert_close(top_lp, token_logprobs_native(logits, rows, tokens, 5)[2], rtol=0, atol=1e-5)
+
+
+def test_gumbel_sample_greedy_rows_take_the_first_argmax():
+    """Temperature 0: torch's argmax, the lowest id among equal maxima, across chunks too."""
+    logits = torch.randint(-3, 4, (4, 9001), device=DEVICE).float()
+    logits[1, 5000] = logits[1, 8999] = 9.0  # the maximum twice, in chunks 1 and 2
+    temperature = torch.tensor([0.0, 0.0, 1.0, 0.0], device=DEVICE)
+    tokens = gumbel_sample(logits, temperature, torch.arange(4, device=DEVICE))
+    greedy = [0, 1, 3]
+    assert torch.equal(tokens[greedy], logits[greedy].argmax(-1))
+    assert tokens[1] == 5000
+
+
+def test_gumbel_sample_draws_from_the_tempered_softmax(monkeypatch):
+    """600 rows of the same logits, one seed each: the frequencies match softmax(x / T) within
+    4.5 standard errors (at T = 1 they would not); a -inf logit is never drawn. (One chunk of 256
+    logits: the interpreter runs each program in Python; chunks meet in the other tests.)"""
+    monkeypatch.setattr(fused_ops, "_SAMPLE_CHUNK", 256)
+    n, vocab, temperature = 600, 200, 0.5
+    ids = torch.tensor([3, 100, 199], device=DEVICE)
+    row = torch.full((vocab,), float("-inf"), device=DEVICE)
+    row[ids] = torch.tensor([2.0, 1.0, 0.0], device=DEVICE)
+    tokens = gumbel_sample(row.expand(n, vocab), torch.full((n,), temperature, device=DEVICE),
+                           torch.arange(n, device=DEVICE) * 7919 + 1)
+    assert torch.isin(tokens, ids).all()
+    p = torch.softmax(row[ids] / temperature, -1)
+    freq = (tokens[:, None] == ids).float().mean(0)
+    assert ((freq - p).abs() < 4.5 * (p * (1 - p) / n).sqrt()).all(), (freq, p)
+
+
+def test_gumbel_sample_depends_on_the_row_seed_only():
+    """A row's token follows its seed and logits, not its place in the batch or the logits' dtype."""
+    logits = torch.randn(6, 9001, device=DEVICE).to(torch.float16)
+    temperature = torch.tensor([1.0, 0.5, 1.0, 2.0, 1.0, 0.8], device=DEVICE)
+    seeds = torch.tensor([11, 12, 13, 14, 15, 16], device=DEVICE)
+    tokens = gumbel_sample(logits, temperature, seeds)
+    order = torch.tensor([5, 3, 0, 4, 1, 2], device=DEVICE)
+    assert torch.equal(gumbel_sample(logits[order], temperature[order], seeds[order]), tokens[order])
+    assert torch.equal(gumbel_sample(logits.float(), temperature, seeds), tokens)
+    assert not torch.equal(gumbel_sample(logits, temperature, seeds + 1), tokens)
 
 
 def test_empty_inputs():

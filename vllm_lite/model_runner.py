@@ -196,10 +196,14 @@ class ModelRunner:
                   for n in sorted({min(1 << k, m) for k in range(m.bit_length() + 1)})]
         for step in steps:
             self.execute(step)
-        # the sampler's logprobs kernel reads the logits, which have the model's dtype
-        from vllm_lite.layers.fused_ops import token_logprobs
+        # the sampler's kernels: logprobs read the model's logits; sampling reads them, or their
+        # fp32 copy where penalties, bias or banned tokens changed them
+        from vllm_lite.layers.fused_ops import gumbel_sample, token_logprobs
         index = torch.zeros(1, dtype=torch.int64, device=self.device)
         token_logprobs(torch.zeros((1, 16), dtype=self.dtype, device=self.device), index, index, 1)
+        for dtype in {self.dtype, torch.float32}:
+            gumbel_sample(torch.zeros((1, 16), dtype=dtype, device=self.device),
+                          torch.ones(1, device=self.device), index)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 

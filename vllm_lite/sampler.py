@@ -122,11 +122,13 @@ class Sampler:
 
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: SamplingBatch, default_generator=None) -> SamplerOutput:
-        rows = batch.logprob_rows
-        # logprobs are vLLM's "raw_logprobs", from the logits before any processing, which
-        # writes in place: into a copy where .float() makes none
-        processed = logits.clone() if rows is not None and logits.dtype == torch.float32 else logits.float()
-        tokens = self._draw(self.process_logits(processed, batch), batch, default_generator)
+        rows, processed = batch.logprob_rows, logits
+        if batch.allowed is not None or batch.banned or batch.logit_bias is not None or batch.penalties is not None:
+            # logprobs are vLLM's "raw_logprobs", from the logits before any processing, which
+            # writes in place: into a copy where .float() makes none
+            processed = logits.clone() if rows is not None and logits.dtype == torch.float32 else logits.float()
+            processed = self.process_logits(processed, batch)
+        tokens = self._draw(processed, batch, default_generator)
         if rows is None:
             return SamplerOutput(tokens)
         return SamplerOutput(tokens, token_logprobs(logits, rows, tokens[rows], batch.num_logprobs))
@@ -170,6 +172,12 @@ class Sampler:
     def _draw(logits: torch.Tensor, batch: SamplingBatch, default_generator) -> torch.Tensor:
         if batch.all_greedy:
             return logits.argmax(dim=-1)
+        if logits.is_cuda and not (batch.any_min_p or batch.any_top_k_top_p):
+            # the common case in one Triton pass: Gumbel-max (the same race as below, with the
+            # noise drawn inside the kernel from a per-row seed), argmax for greedy rows
+            from vllm_lite.layers.fused_ops import gumbel_sample
+            return gumbel_sample(logits, batch.temperature, _row_seeds(batch.generators, default_generator,
+                                                                       logits.device))
         temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
         probs = torch.softmax(logits / temperature[:, None], dim=-1)
         if batch.any_min_p:
@@ -188,6 +196,16 @@ class Sampler:
         if not batch.any_greedy:  # one pass over [rows, vocab] less
             return sampled
         return torch.where(batch.temperature > 0, sampled, logits.argmax(dim=-1))
+
+
+def _row_seeds(generators: list, default_generator, device: torch.device) -> torch.Tensor:
+    """[B] int64 Philox keys: from the engine's generator, and a seeded row's own generator
+    (one draw each per step, so a seeded request's stream does not depend on the batch)."""
+    seeds = torch.randint(1 << 62, (len(generators),), generator=default_generator, device=device)
+    for i, g in enumerate(generators):
+        if g is not None:
+            seeds[i] = torch.randint(1 << 62, (1,), generator=g, device=device)[0]
+    return seeds
 
 
 def _top_k_top_p(probs: torch.Tensor, top_k: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:

@@ -281,3 +281,72 @@ def token_logprobs(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tenso
     token_lp = logits[rows, tokens].float() - lse
     top_val, where = cand_val.topk(k, dim=1)
     return token_lp, part_rank.sum(dim=1), top_val - lse[:, None], cand_id.gather(1, where).long()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+_SAMPLE_CHUNK = 4096
+
+
+@triton.jit
+def _gumbel_best(row, ids, r, t, vocab):
+    """Among logits ``ids`` of ``row``: the largest score and its id (the lowest among equals).
+    The score is ``x / t + g`` with g = -log(-log(u)) a Gumbel draw from 32 random bits ``r``
+    (u: 23 of them, centred, so 0 < u < 1 exactly), or ``x`` where t is 0 (greedy)."""
+    x = tl.load(row + ids, mask=ids < vocab, other=float("-inf")).to(tl.float32)
+    u = ((r >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+    score = tl.where(t > 0, x / tl.where(t > 0, t, 1.0) - tl.log(-tl.log(u)), x)
+    best = tl.max(score, 0)
+    return best, tl.min(tl.where(score == best, ids, 2147483647), 0)
+
+
+@triton.jit
+def _keep_best(best, best_id, score, score_id):
+    """The later (higher) ids win only a strictly larger score."""
+    better = score > best
+    return tl.where(better, score, best), tl.where(better, score_id, best_id)
+
+
+@triton.jit(do_not_specialize=["vocab", "stride_row"], do_not_specialize_on_alignment=["temperature_ptr", "seeds_ptr"])
+def _gumbel_argmax_kernel(
+    logits_ptr, temperature_ptr, seeds_ptr, part_val_ptr, part_id_ptr,
+    vocab, stride_row,
+    CHUNK: tl.constexpr,
+):
+    """Program (row i, chunk c): the chunk's best ``_gumbel_best`` score and id. Token v's noise
+    is Philox(row seed, v): a row's draw depends on its seed and logits only, not on the batch."""
+    i = tl.program_id(0)
+    c = tl.program_id(1)
+    row = logits_ptr + i.to(tl.int64) * stride_row
+    t = tl.load(temperature_ptr + i)
+    seed = tl.load(seeds_ptr + i)
+    quarter: tl.constexpr = CHUNK // 4
+    ids = c * CHUNK + tl.arange(0, quarter)
+    r0, r1, r2, r3 = tl.randint4x(seed, ids)  # four 32-bit draws per Philox evaluation
+    best, best_id = _gumbel_best(row, ids, r0, t, vocab)
+    score, score_id = _gumbel_best(row, ids + quarter, r1, t, vocab)
+    best, best_id = _keep_best(best, best_id, score, score_id)
+    score, score_id = _gumbel_best(row, ids + 2 * quarter, r2, t, vocab)
+    best, best_id = _keep_best(best, best_id, score, score_id)
+    score, score_id = _gumbel_best(row, ids + 3 * quarter, r3, t, vocab)
+    best, best_id = _keep_best(best, best_id, score, score_id)
+    out = i * tl.num_programs(1) + c
+    tl.store(part_val_ptr + out, best)
+    tl.store(part_id_ptr + out, best_id)
+
+
+def gumbel_sample(logits: torch.Tensor, temperature: torch.Tensor, seeds: torch.Tensor) -> torch.Tensor:
+    """One token per row of ``logits`` [B, V] (any float dtype): drawn from softmax(x / T) by
+    the Gumbel-max trick, in one read of the logits (no softmax, no [B, V] noise or copies);
+    the argmax where T is 0. ``seeds`` [B] int64 keys each row's Philox stream."""
+    num_rows, vocab = logits.shape
+    assert logits.stride(1) == 1
+    chunks = triton.cdiv(vocab, _SAMPLE_CHUNK)
+    part_val = torch.empty((num_rows, chunks), dtype=torch.float32, device=logits.device)
+    part_id = torch.empty((num_rows, chunks), dtype=torch.int32, device=logits.device)
+    if num_rows:
+        _gumbel_argmax_kernel[(num_rows, chunks)](
+            logits, temperature, seeds, part_val, part_id, vocab, logits.stride(0),
+            CHUNK=_SAMPLE_CHUNK, num_warps=8,
+        )
+    return part_id.gather(1, part_val.argmax(dim=1, keepdim=True))[:, 0].long()
