@@ -52,9 +52,9 @@ def gpu_kernels(monkeypatch):
         monkeypatch.setattr(triton_ops, "_num_sms", lambda device: H100_SMS)
         for module in (sampler, llm_engine):  # both call logprobs.token_logprobs
             monkeypatch.setattr(module, "token_logprobs", fused_ops.token_logprobs)
+        draw = sampler.Sampler._draw
         monkeypatch.setattr(sampler.Sampler, "_draw", staticmethod(
-            lambda logits, batch, gen: fused_ops.gumbel_sample(logits, batch.temperature, sampler._row_seeds(
-                batch.generators, gen, logits.device))))
+            lambda logits, batch, gen: draw(logits, batch, gen, fused=True)))
 
 
 def graph_capture_step(runner, batch: int) -> StepInput:

@@ -20,6 +20,7 @@ from vllm_lite.layers.fused_ops import gumbel_sample, rms_norm, rotary, silu_and
 from vllm_lite.layers.norm import RMSNorm  # noqa: E402
 from vllm_lite.layers.rotary import RotaryEmbedding  # noqa: E402
 from vllm_lite.logprobs import token_logprobs_native  # noqa: E402
+from vllm_lite.sampler import Sampler, SamplingBatch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 checks need a GPU")
@@ -179,6 +180,25 @@ def test_gumbel_sample_depends_on_the_row_seed_only():
     assert torch.equal(gumbel_sample(logits[order], temperature[order], seeds[order]), tokens[order])
     assert torch.equal(gumbel_sample(logits.float(), temperature, seeds), tokens)
     assert not torch.equal(gumbel_sample(logits, temperature, seeds + 1), tokens)
+
+
+def sampling_batch(temperature, top_k, seeds):
+    n = len(temperature)
+    return SamplingBatch(
+        temperature=torch.tensor(temperature, device=DEVICE), top_k=torch.tensor(top_k, device=DEVICE),
+        top_p=torch.ones(n, device=DEVICE), min_p=torch.zeros(n, device=DEVICE),
+        generators=[None if s is None else torch.Generator(DEVICE).manual_seed(s) for s in seeds],
+        banned=[], all_greedy=False, any_top_k_top_p=any(k > 0 for k in top_k), any_min_p=False)
+
+
+def test_fused_draw_of_a_seeded_row_ignores_the_rest_of_the_batch():
+    """A seeded row draws the same token alone and next to a top-k row (whose filter runs on
+    the batch) and a greedy row; the top-k row draws from its k best tokens only."""
+    logits = torch.randn(3, 300, device=DEVICE) * 3
+    alone = Sampler._draw(logits[:1], sampling_batch([1.0], [0], [5]), None, fused=True)
+    together = Sampler._draw(logits, sampling_batch([1.0, 1.0, 0.0], [0, 2, 0], [5, None, None]), None, fused=True)
+    assert together[0] == alone[0]
+    assert together[1] in logits[1].topk(2).indices and together[2] == logits[2].argmax()
 
 
 def test_empty_inputs():

@@ -169,22 +169,24 @@ class Sampler:
         return logits
 
     @staticmethod
-    def _draw(logits: torch.Tensor, batch: SamplingBatch, default_generator) -> torch.Tensor:
+    def _draw(logits: torch.Tensor, batch: SamplingBatch, default_generator, fused: bool | None = None) -> torch.Tensor:
+        """The sampled token of every row; ``fused``: the Triton path (default: on CUDA)."""
         if batch.all_greedy:
             return logits.argmax(dim=-1)
-        if logits.is_cuda and not (batch.any_min_p or batch.any_top_k_top_p):
-            # the common case in one Triton pass: Gumbel-max (the same race as below, with the
-            # noise drawn inside the kernel from a per-row seed), argmax for greedy rows
+        temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
+        if logits.is_cuda if fused is None else fused:
+            # one Triton pass: Gumbel-max (the race below, its noise drawn in the kernel from a
+            # per-row seed), argmax for greedy rows. Top-k/top-p/min-p rows first lose the
+            # tokens those filters drop; other rows are left exactly as they are, so a seeded
+            # request draws the same tokens whatever else is in the batch
             from vllm_lite.layers.fused_ops import gumbel_sample
+            if batch.any_min_p or batch.any_top_k_top_p:
+                kept = _filter(torch.softmax(logits.float() / temperature[:, None], dim=-1), batch) > 0
+                filtered = (batch.top_k > 0) | (batch.top_p < 1.0) | (batch.min_p > 0)
+                logits = logits.masked_fill(~kept & filtered[:, None], float("-inf"))
             return gumbel_sample(logits, batch.temperature, _row_seeds(batch.generators, default_generator,
                                                                        logits.device))
-        temperature = torch.where(batch.temperature > 0, batch.temperature, 1.0)
-        probs = torch.softmax(logits / temperature[:, None], dim=-1)
-        if batch.any_min_p:
-            threshold = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
-            probs = probs.masked_fill(probs < threshold, 0.0)
-        if batch.any_top_k_top_p:
-            probs = _top_k_top_p(probs, batch.top_k, batch.top_p)
+        probs = _filter(torch.softmax(logits / temperature[:, None], dim=-1), batch)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (Gumbel-max in disguise).
         noise = torch.empty_like(probs)
         seeded = [i for i, g in enumerate(batch.generators) if g is not None]
@@ -196,6 +198,16 @@ class Sampler:
         if not batch.any_greedy:  # one pass over [rows, vocab] less
             return sampled
         return torch.where(batch.temperature > 0, sampled, logits.argmax(dim=-1))
+
+
+def _filter(probs: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """min-p, then top-k and top-p: the probabilities of the tokens they drop set to 0."""
+    if batch.any_min_p:
+        threshold = batch.min_p[:, None] * probs.max(dim=-1, keepdim=True).values
+        probs = probs.masked_fill(probs < threshold, 0.0)
+    if batch.any_top_k_top_p:
+        probs = _top_k_top_p(probs, batch.top_k, batch.top_p)
+    return probs
 
 
 def _row_seeds(generators: list, default_generator, device: torch.device) -> torch.Tensor:
