@@ -285,7 +285,8 @@ def test_n_completions_with_a_seed_are_reproducible_and_differ(llama):
     assert runs == [c.token_ids for c in again.outputs]
     assert len({tuple(r) for r in runs}) == 4
     assert all(len(r) == 12 for r in runs)
-    assert all(c.text == llm.tokenizer.decode(c.token_ids) for c in first.outputs)
+    # SamplingParams' default skip_special_tokens=True: a sampled <bos>/<eos> has no text
+    assert all(c.text == llm.tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in first.outputs)
     # vLLM's rule: completion i draws as a single request seeded seed + i would
     single = llm.generate([prompt] * 4, [SamplingParams(seed=7 + i, max_tokens=12, ignore_eos=True) for i in range(4)],
                           use_tqdm=False)
