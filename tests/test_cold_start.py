@@ -28,7 +28,7 @@ from vllm_lite.layers import fused_ops  # noqa: E402
 from vllm_lite.layers.activation import SiluAndMul  # noqa: E402
 from vllm_lite.layers.norm import RMSNorm  # noqa: E402
 from vllm_lite.layers.rotary import RotaryEmbedding  # noqa: E402
-from vllm_lite.model_runner import StepInput  # noqa: E402
+from vllm_lite.model_runner import ModelRunner, StepInput  # noqa: E402
 from vllm_lite.triton_variants import compiled_variant_counts, describe, record_triton_variants  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -87,6 +87,8 @@ def first_requests(llm: LLM) -> list:
     prompts = prompts_of_lengths(lens, vocab, seed=1)
     llm.generate(prompts, [greedy[1 + i % 3] for i in range(len(lens))], use_tqdm=False)
     llm.generate([prompts[6][:48] + [7, 8, 9], prompts[7] + [5]], greedy[0], use_tqdm=False)
+    # decodes that share cached blocks (prompt 5's first two): cascade attention
+    llm.generate([prompts[5][:40] + [i] * i for i in (1, 2, 3)], greedy[0], use_tqdm=False)
     # random sampling (greedy steps take torch's argmax), on the logits and on their fp32 copy
     with_logprobs = SamplingParams(max_tokens=3, ignore_eos=True, logprobs=2, prompt_logprobs=1)
     penalized = SamplingParams(max_tokens=3, ignore_eos=True, presence_penalty=0.5, seed=3)
@@ -95,7 +97,10 @@ def first_requests(llm: LLM) -> list:
     return batches
 
 
-def test_warm_up_compiles_every_kernel_variant_of_the_first_requests(path, gpu_kernels):
+def test_warm_up_compiles_every_kernel_variant_of_the_first_requests(path, gpu_kernels, monkeypatch):
+    # cascade attention from 2 sequences sharing one block, so that the tiny run meets it
+    monkeypatch.setattr(ModelRunner, "cascade_min_seqs", 2)
+    monkeypatch.setattr(ModelRunner, "cascade_min_tokens", 16)
     # bf16, the GPU's dtype (float32 differs only in dtypes and the dots' precision constexpr)
     llm = LLM(path, dtype="bfloat16", device=DEVICE, attention_backend="triton", block_size=16, num_blocks=512,
               max_num_batched_tokens=64, max_num_seqs=16)
@@ -106,9 +111,12 @@ def test_warm_up_compiles_every_kernel_variant_of_the_first_requests(path, gpu_k
     with record_triton_variants() as later:
         for batch in runner.cuda_graph_batch_sizes():  # graph capture, after the warm-up
             runner.execute(graph_capture_step(runner, batch))
+        shared_lens, prepare = [], runner.prepare
+        runner.prepare = lambda batch: shared_lens.append((step := prepare(batch)).shared_len) or step
         batches = first_requests(llm)
 
     assert llm.engine.prefix_cache_hits > 0
+    assert any(shared_lens), "no decode step ran with cascade attention"
     assert any(0 < decodes < seqs for decodes, seqs, _ in batches), "no decode ran next to a prefill chunk"
     assert any(decodes < seqs and not fresh for decodes, seqs, fresh in batches), "no prefill after cached context"
     decode_batches = {decodes for decodes, seqs, _ in batches if decodes == seqs}

@@ -1,5 +1,6 @@
 """The model runner's own steps (those the engine does not schedule) are valid for every backend."""
 import random
+from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -46,3 +47,18 @@ def test_block_table_rows_give_each_step_its_sequences_tables_zero_padded():
             expected[i, :len(seq.block_table)] = seq.block_table
         got = rows.gather(batch)
         assert got.dtype == np.int32 and np.array_equal(got, expected)
+
+
+def test_shared_prefix_len_counts_whole_blocks_every_sequence_shares_before_its_last_key():
+    runner = SimpleNamespace(block_size=4, cascade_min_tokens=8)
+
+    def shared(tables, seq_lens):
+        return ModelRunner.shared_prefix_len(runner, np.array(tables, np.int32), np.array(seq_lens))
+
+    tables = [[7, 3, 9, 5, 1], [7, 3, 9, 6, 2], [7, 3, 9, 5, 8]]
+    assert shared(tables, [20, 20, 20]) == 12  # the 4th blocks differ
+    assert shared(tables, [20, 13, 20]) == 12  # 13 keys: the last one in block 3
+    assert shared(tables, [20, 12, 20]) == 8  # 12 keys: the last one in block 2, which this step writes
+    assert shared([[7, 3, 9], [7, 3, 9]], [11, 11]) == 8
+    assert shared([[7, 3, 9], [7, 4, 9]], [12, 12]) == 0  # one block: under cascade_min_tokens
+    assert shared([[7, 3], [8, 3]], [8, 8]) == 0  # the first blocks differ

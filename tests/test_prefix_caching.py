@@ -175,3 +175,31 @@ def test_reset_prefix_cache_forgets_every_prefix_but_not_while_a_request_holds_b
         llm.engine.step()
     assert llm.reset_prefix_cache()
     assert llm.generate([prompt], GREEDY, use_tqdm=False)[0].num_cached_tokens == 0
+
+
+def record_shared_lens(engine) -> list[int]:
+    """The cascade length of every step the runner prepares."""
+    seen, prepare = [], engine.runner.prepare
+
+    def spy(batch):
+        step = prepare(batch)
+        seen.append(step.shared_len)
+        return step
+
+    engine.runner.prepare = spy
+    return seen
+
+
+def test_decodes_sharing_cached_blocks_read_them_once_with_the_same_tokens(path, monkeypatch):
+    """Cascade attention (Triton backend; the interpreter on CPU): decode steps whose sequences
+    share cached prefix blocks attend to them once for all, and every token equals caching off
+    (nothing shared there). Thresholds lowered to fit a tiny run."""
+    from vllm_lite.model_runner import ModelRunner
+    monkeypatch.setattr(ModelRunner, "cascade_min_seqs", 2)
+    monkeypatch.setattr(ModelRunner, "cascade_min_tokens", 2 * BS)
+    prompts = shared_prefix_prompts(3 * BS + 5, [1, 9, 20, 4], seed=9)
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    on, _, _, shared = on_and_off(path, [prompts[:1], prompts[1:]], params, watch=record_shared_lens,
+                                  attention_backend="triton")
+    assert [o.num_cached_tokens for o in on[1]] == [3 * BS] * 3
+    assert 3 * BS in shared and all(n in (0, 3 * BS) for n in shared)

@@ -125,6 +125,27 @@ def test_paged_decode(block_size, heads, head_dim, num_splits, dtype):
     assert_close(out, ref)
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 2])
+@pytest.mark.parametrize("heads,head_dim", [((4, 4), 64), ((9, 3), 40), ((12, 2), 128)])
+@pytest.mark.parametrize("block_size,shared_blocks", [(16, 5), (1, 70)])
+def test_paged_decode_with_a_shared_prefix(block_size, shared_blocks, heads, head_dim, num_splits, dtype):
+    """Cascade attention: the sequences' first blocks are the same physical blocks; attending
+    to them once for all sequences and merging gives plain attention over each context. Seven
+    sequences: 21 rows for group 3, one partial row tile; own contexts of 1 key to several tiles."""
+    num_heads, num_kv_heads = heads
+    shared = shared_blocks * block_size
+    seq_lens = [shared + n for n in (1, 5, 16, 17, 64, 130, 3)]
+    k_cache, v_cache, block_tables = make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype)
+    block_tables[:, :shared_blocks] = block_tables[0, :shared_blocks]
+    q = torch.randn(len(seq_lens), num_heads, head_dim, dtype=dtype, device=DEVICE)
+    ref = reference(q, k_cache, v_cache, block_tables, list(range(len(seq_lens) + 1)), seq_lens, 0.2)
+    for shared_len in (shared, 0):  # 0: the same graph-captured call on a step with nothing shared
+        out = paged_decode_attention(q, k_cache, v_cache, block_tables, int32(seq_lens), 0.2,
+                                     num_splits=num_splits, shared_len=int32([shared_len]))
+        assert_close(out, ref)
+
+
 def test_paged_decode_odd_head_dim_and_default_splits():
     """head_dim 40 is padded to a 64-wide tile and masked; the split count comes from the heuristic."""
     seq_lens = [5, 90]

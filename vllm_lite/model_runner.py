@@ -37,6 +37,8 @@ class StepInput:
     # per token: index into the previous step's sampled tokens where the token id is still a
     # placeholder (overlapped steps), else -1; None when there is no placeholder
     prev_index: np.ndarray | None = None
+    # cascade attention: leading keys every sequence reads from the same blocks (0: none)
+    shared_len: int = 0
 
 
 class BlockTableRows:
@@ -96,6 +98,11 @@ def resolve_dtype(config: EngineConfig, hf_config, device: torch.device) -> torc
 
 
 class ModelRunner:
+    # cascade attention (a decode step's shared prefix read once for all its sequences): from
+    # this many sequences sharing at least this many keys; fewer gain less than the merge costs
+    cascade_min_seqs = 16
+    cascade_min_tokens = 256
+
     def __init__(self, config: EngineConfig, hf_config, model_path: str | None, device: torch.device | None = None):
         self.config = config
         self.hf_config = hf_config
@@ -117,7 +124,8 @@ class ModelRunner:
         self.backend = get_backend(config.attention_backend, self.device, config.block_size)
         self.num_blocks = 0
         self.kv_cache: torch.Tensor | None = None
-        self.graphs: dict[int, tuple] = {}  # batch size -> (CUDA graph, its logits); filled on CUDA
+        # (batch size, cascade) -> (CUDA graph, its logits); filled on CUDA
+        self.graphs: dict[tuple[int, bool], tuple] = {}
         self.graph_sizes: list[int] = []
         self.static: dict[str, torch.Tensor] = {}  # the graphs' input buffers
         self.supports_overlap = True  # the engine may launch a step before reading the last one
@@ -188,12 +196,18 @@ class ModelRunner:
         change from step to step are kept out of its key (``do_not_specialize``). The steps:
         a fresh prefill; a decode next to a prefill chunk after cached context (chunked
         prefill, prefix-cache hits, the paged prefill kernel); one decode per doubling of the
-        context, since the decode kernel's split count grows with it. Needs the KV pool."""
+        context, since the decode kernel's split count grows with it, with and without cascade
+        attention. Needs the KV pool."""
         steps = [self.block_zero_step([3, 2], [3, 2], num_decodes=0),
                  self.block_zero_step([1, 3], [2, 5], num_decodes=1)]
         m = self.max_model_len
-        steps += [self.block_zero_step([1], [n], num_decodes=1)
-                  for n in sorted({min(1 << k, m) for k in range(m.bit_length() + 1)})]
+        lengths = sorted({min(1 << k, m) for k in range(m.bit_length() + 1)})
+        steps += [self.block_zero_step([1], [n], num_decodes=1) for n in lengths]
+        if self.backend.supports_shared_prefix:  # the same with cascade attention (one shared block)
+            for n in lengths:
+                if n > self.block_size:
+                    steps.append(self.block_zero_step([1], [n], num_decodes=1))
+                    steps[-1].shared_len = self.block_size
         for step in steps:
             self.execute(step)
         # the sampler's kernels: logprobs read the model's logits; sampling reads them, or their
@@ -244,6 +258,9 @@ class ModelRunner:
         pos = np.arange(qsl[-1]) - qsl[seq_index] + starts[seq_index]
         block_tables = self.block_tables.gather(seqs)
         slot_mapping = block_tables[seq_index, pos // bs].astype(np.int64) * bs + pos % bs
+        shared_len = 0
+        if self.backend.supports_shared_prefix and num_decodes == num_seqs >= self.cascade_min_seqs:
+            shared_len = self.shared_prefix_len(block_tables, ends)
         ids = np.asarray(input_ids, np.int64)
         prev_index = None
         is_hole = ids < 0
@@ -255,8 +272,20 @@ class ModelRunner:
             query_start_loc=qsl.astype(np.int32), seq_lens=ends.astype(np.int32), block_tables=block_tables,
             logits_indices=(qsl[1:] - 1)[ends == lengths], num_decodes=num_decodes,
             max_query_len=int(n_new.max()), max_seq_len=int(ends.max()),
-            prefill_is_fresh=not bool((starts[num_decodes:] > 0).any()),
+            prefill_is_fresh=not bool((starts[num_decodes:] > 0).any()), shared_len=shared_len,
         )
+
+    def shared_prefix_len(self, block_tables: np.ndarray, seq_lens: np.ndarray) -> int:
+        """Keys at the start of every sequence's context that sit in the same physical blocks
+        (prefix caching, or the n completions of one prompt): whole blocks before each one's
+        last key, which this step writes. 0 when fewer than ``cascade_min_tokens``."""
+        limit = (int(seq_lens.min()) - 1) // self.block_size
+        if limit * self.block_size < self.cascade_min_tokens:
+            return 0
+        same = (block_tables[:, :limit] == block_tables[0, :limit]).all(axis=0)
+        shared = limit if same.all() else int(same.argmin())
+        shared *= self.block_size
+        return shared if shared >= self.cascade_min_tokens else 0
 
     def _upload(self, step: StepInput) -> dict[str, torch.Tensor]:
         """The step's arrays on the device. On CUDA they are packed into a pinned buffer and
@@ -265,6 +294,9 @@ class ModelRunner:
         names = ["input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
                  "logits_indices"] + (["prev_index"] if step.prev_index is not None else [])
         arrays = [getattr(step, n) for n in names]
+        if step.shared_len:
+            names.append("shared_len")
+            arrays.append(np.array([step.shared_len], np.int32))
         if self.device.type != "cuda":
             return {n: torch.from_numpy(a) for n, a in zip(names, arrays)}
         total = sum(a.size for a in arrays)
@@ -301,6 +333,7 @@ class ModelRunner:
             slot_mapping=dev["slot_mapping"], query_start_loc=dev["query_start_loc"], seq_lens=dev["seq_lens"],
             block_tables=dev["block_tables"], num_decodes=step.num_decodes, max_query_len=step.max_query_len,
             max_seq_len=step.max_seq_len, prefill_is_fresh=step.prefill_is_fresh,
+            shared_len=dev.get("shared_len"),
             query_start_loc_cpu=step.query_start_loc.tolist(), seq_lens_cpu=step.seq_lens.tolist(),
         )
         with forward_context(meta):
@@ -331,7 +364,8 @@ class ModelRunner:
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
         """Capture one graph of a whole decode step (model + LM head) per batch size; a step is
-        padded up to the next captured size. Padding rows write nowhere (slot -1)."""
+        padded up to the next captured size. Padding rows write nowhere (slot -1). Batches of
+        at least ``cascade_min_seqs`` get a second graph with cascade attention."""
         self.graph_sizes = self.cuda_graph_batch_sizes()
         max_bs = self.graph_sizes[-1]
         max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
@@ -343,19 +377,24 @@ class ModelRunner:
             "seq_lens": torch.ones(max_bs, dtype=torch.int32, device=dev),
             "block_tables": torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=dev),
         }
+        shared_len = torch.zeros(1, dtype=torch.int32, device=dev)
+        self.static["shared_len"] = shared_len
         query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         self.graphs, pool = {}, None
         for bs in reversed(self.graph_sizes):
             st = {k: v[:bs] for k, v in self.static.items()}
-            meta = AttentionMetadata(st["slot_mapping"], query_start_loc[:bs + 1], st["seq_lens"], st["block_tables"],
-                                     num_decodes=bs, max_query_len=1, max_seq_len=self.max_model_len)
-            with forward_context(meta):
-                self.model.compute_logits(self.model(st["input_ids"], st["positions"]))  # warm-up
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool):
-                    logits = self.model.compute_logits(self.model(st["input_ids"], st["positions"]))
-            pool = graph.pool()
-            self.graphs[bs] = (graph, logits)
+            cascades = [False] + [True] * (self.backend.supports_shared_prefix and bs >= self.cascade_min_seqs)
+            for cascade in cascades:
+                meta = AttentionMetadata(st["slot_mapping"], query_start_loc[:bs + 1], st["seq_lens"],
+                                         st["block_tables"], num_decodes=bs, max_query_len=1,
+                                         max_seq_len=self.max_model_len, shared_len=shared_len if cascade else None)
+                with forward_context(meta):
+                    self.model.compute_logits(self.model(st["input_ids"], st["positions"]))  # warm-up
+                    graph = torch.cuda.CUDAGraph()
+                    with torch.cuda.graph(graph, pool):
+                        logits = self.model.compute_logits(self.model(st["input_ids"], st["positions"]))
+                pool = graph.pool()
+                self.graphs[bs, cascade] = (graph, logits)
         torch.cuda.synchronize(dev)
 
     def _replay(self, step: StepInput, dev: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -367,6 +406,9 @@ class ModelRunner:
         st["slot_mapping"][n:bs].fill_(-1)
         st["seq_lens"][n:bs].fill_(1)
         st["block_tables"][:n, :step.block_tables.shape[1]].copy_(dev["block_tables"])
-        graph, logits = self.graphs[bs]
+        cascade = step.shared_len > 0 and (bs, True) in self.graphs
+        if cascade:
+            st["shared_len"].copy_(dev["shared_len"])
+        graph, logits = self.graphs[bs, cascade]
         graph.replay()
         return logits[:n] if len(step.logits_indices) == n else logits[dev["logits_indices"]]

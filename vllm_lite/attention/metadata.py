@@ -34,6 +34,10 @@ class AttentionMetadata:
     max_seq_len: int
     # True when every prefill sequence starts at position 0 (no cached context to read)
     prefill_is_fresh: bool = True
+    # cascade attention: [1] int32, a multiple of the block size: every decode sequence's first
+    # shared_len keys are the same blocks (block_tables[0]'s); None: nothing shared. A hint that
+    # a backend with ``supports_shared_prefix`` uses to read those keys once for all sequences
+    shared_len: torch.Tensor | None = None
     # host copies, for backends that loop over sequences
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
@@ -50,6 +54,8 @@ class AttentionBackend:
     name = "base"
     # decode steps read no tensor value on the host, so the model runner may capture them
     supports_cuda_graphs = True
+    # reads ``meta.shared_len`` (cascade attention); others attend over each context in full
+    supports_shared_prefix = False
 
     def forward(
         self,

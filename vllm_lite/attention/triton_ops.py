@@ -122,29 +122,35 @@ def store_kvcache(
 # ----------------------------------------------------------------------------- decode
 
 
-@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_METADATA_PTRS)
+@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_METADATA_PTRS + ["shared_len_ptr"])
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, shared_len_ptr,
     out_ptr, part_o_ptr, part_lse_ptr,
     scale_log2,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
     stride_cb, stride_cs, stride_ch,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, PART_SLOTS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (seq, kv head, split): all GROUP query heads of one KV head attend to one slice
-    of the context, so each K/V byte is read once. With one split it writes the final output;
-    otherwise it writes the slice's normalized output and log2-sum-exp for the reduce kernel."""
+    of the context, so each K/V byte is read once. With one split (and no shared prefix) it
+    writes the final output; otherwise it writes the slice's normalized output and log2-sum-exp
+    into one of PART_SLOTS slots per (seq, head) for the reduce kernel. With a shared prefix
+    (PART_SLOTS > NUM_SPLITS) the context starts after the ``shared_len`` keys that
+    ``_shared_prefix_kernel`` attends to once for every sequence."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + b)
+    start = 0
+    if PART_SLOTS > NUM_SPLITS:
+        start = tl.load(shared_len_ptr)
     # slices are whole key tiles; sized per sequence so short sequences leave late splits empty
-    split_len = tl.cdiv(tl.cdiv(seq_len, NUM_SPLITS), BLOCK_N) * BLOCK_N
-    lo = split * split_len
+    split_len = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
+    lo = start + split * split_len
     hi = tl.minimum(lo + split_len, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
@@ -177,14 +183,72 @@ def _decode_split_kernel(
     # an empty slice (or a padded sequence of length 0) has l = 0: write zeros, lse = -inf
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     acc = acc / l_safe[:, None]
-    if NUM_SPLITS == 1:
+    if PART_SLOTS == 1:
         o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=gd_mask)
     else:
-        row = (b * NUM_HEADS + heads) * NUM_SPLITS + split  # part_o is [B, Hq, splits, BLOCK_D]
+        row = (b * NUM_HEADS + heads) * PART_SLOTS + split  # part_o is [B, Hq, slots, BLOCK_D]
         tl.store(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=gd_mask)
         lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=offs_g < GROUP)
+
+
+@triton.jit(do_not_specialize=["num_rows"], do_not_specialize_on_alignment=["table_ptr", "shared_len_ptr"])
+def _shared_prefix_kernel(
+    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, shared_len_ptr, part_o_ptr, part_lse_ptr,
+    scale_log2, num_rows,
+    stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,
+    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    FIRST_SLOT: tl.constexpr, PART_SLOTS: tl.constexpr, SHARED_SPLITS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Cascade attention's first half. Program (row tile, kv head, split): the first
+    ``shared_len`` keys (blocks ``table[0:]``, the same for every sequence of the step) attend to
+    BLOCK_M query rows at once, a row being (sequence, query head of this KV head): the shared
+    keys are read once per tile instead of once per sequence, and the scores are a real matrix
+    product. Writes each split's normalized output and log2-sum-exp into slot FIRST_SLOT + split."""
+    tile = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    shared_len = tl.load(shared_len_ptr)
+    split_len = tl.cdiv(tl.cdiv(shared_len, SHARED_SPLITS), BLOCK_N) * BLOCK_N
+    lo = split * split_len
+    hi = tl.minimum(lo + split_len, shared_len)
+
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of this KV head: seq * GROUP + g
+    seq = rows // GROUP
+    head = kv_head * GROUP + rows % GROUP
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    md_mask = (rows < num_rows)[:, None] & (offs_d[None, :] < HEAD_DIM)
+    q = tl.load(q_ptr + seq[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :], mask=md_mask, other=0.0)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + offs_n
+        n_mask = n < hi
+        block = tl.load(table_ptr + n // BLOCK_SIZE, mask=n_mask, other=0)
+        kv_off = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        nd_mask = n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
+        s = tl.where(n_mask[None, :], s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    l_safe = tl.where(l_i > 0, l_i, 1.0)
+    slot = (seq * NUM_HEADS + head) * PART_SLOTS + FIRST_SLOT + split
+    tl.store(part_o_ptr + slot[:, None] * BLOCK_D + offs_d[None, :], acc / l_safe[:, None], mask=md_mask)
+    tl.store(part_lse_ptr + slot, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=rows < num_rows)
 
 
 @triton.jit
@@ -228,6 +292,10 @@ def choose_num_splits(num_programs: int, max_seq_len: int, device: torch.device)
     return 1 << (splits.bit_length() - 1)  # a power of two: few kernel variants to compile
 
 
+# cascade attention: the shared prefix is cut into this many slices (more programs for few rows)
+_SHARED_SPLITS = 4
+
+
 def paged_decode_attention(
     q: torch.Tensor,  # [B, Hq, D], one query per sequence, at its last position
     k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
@@ -238,9 +306,14 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
+    shared_len: torch.Tensor | None = None,  # [1] int32
 ) -> torch.Tensor:
     """Flash-decoding over the paged cache. The split count depends only on shapes (or on the
-    ``max_seq_len`` hint), never on tensor values, so the call can be graph-captured."""
+    ``max_seq_len`` hint), never on tensor values, so the call can be graph-captured.
+
+    ``shared_len`` (cascade attention): every sequence's first ``shared_len`` keys are the same
+    blocks (``block_tables[0]``'s), a multiple of the block size below every ``seq_lens``;
+    their attention is computed once for all sequences and merged with each one's own keys."""
     if out is None:
         out = torch.empty_like(q)
     batch, num_heads, head_dim = q.shape
@@ -254,28 +327,42 @@ def paged_decode_attention(
         if max_seq_len is None:
             max_seq_len = block_tables.shape[1] * block_size
         num_splits = choose_num_splits(batch * num_kv_heads, max_seq_len, q.device)
-    block_d = _pow2(head_dim, 16)
-    if num_splits > 1:
-        part_o = torch.empty(batch, num_heads, num_splits, block_d, dtype=torch.float32, device=q.device)
-        part_lse = torch.empty(batch, num_heads, num_splits, dtype=torch.float32, device=q.device)
+    block_d, block_n = _pow2(head_dim, 16), 64 if head_dim <= 128 else 32
+    slots = num_splits + (_SHARED_SPLITS if shared_len is not None else 0)
+    if slots > 1:
+        part_o = torch.empty(batch, num_heads, slots, block_d, dtype=torch.float32, device=q.device)
+        part_lse = torch.empty(batch, num_heads, slots, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # unused: the kernel writes the output directly
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, shared_len if shared_len is not None else seq_lens,
+        out, part_o, part_lse,
         scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits,
-        BLOCK_G=_pow2(group, 16), BLOCK_N=64 if head_dim <= 128 else 32, BLOCK_D=block_d,
+        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, PART_SLOTS=slots,
+        BLOCK_G=_pow2(group, 16), BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4,
     )
-    if num_splits > 1:
+    if shared_len is not None:
+        block_m = 64
+        _shared_prefix_kernel[(triton.cdiv(batch * group, block_m), num_kv_heads, _SHARED_SPLITS)](
+            q, k_cache, v_cache, block_tables, shared_len, part_o, part_lse,
+            scale * _LOG2E, batch * group,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+            FIRST_SLOT=num_splits, PART_SLOTS=slots, SHARED_SPLITS=_SHARED_SPLITS,
+            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=4,
+        )
+    if slots > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-            BLOCK_S=_pow2(num_splits), BLOCK_D=block_d,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=slots,
+            BLOCK_S=_pow2(slots), BLOCK_D=block_d,
         )
     return out
 
@@ -394,6 +481,7 @@ class TritonBackend(AttentionBackend):
     CUDA goes to torch's varlen FlashAttention over the step's own K/V instead."""
 
     name = "triton"
+    supports_shared_prefix = True
 
     def forward(
         self,
@@ -418,7 +506,7 @@ class TritonBackend(AttentionBackend):
             # the split count follows the longest context (so the warm-up can meet each count)
             paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
                                    out=out[:nd], num_splits=1 if meta.num_seqs > nd else None,
-                                   max_seq_len=meta.max_seq_len)
+                                   max_seq_len=meta.max_seq_len, shared_len=meta.shared_len)
         if meta.num_seqs == nd:
             return out
         if self._use_varlen(q, meta):
