@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU call 18 (nvidia-h100-x1, ~9 min): cascade attention for shared prefixes (issue 12).
+# GPU calls 18 and 19 (nvidia-h100-x1, ~8 min each): cascade attention for shared prefixes (issue 12).
 # The kernel and engine tests on CUDA; Qwen3-0.6B shape: 256 requests sharing a 1,024-token
 # system prompt + 128 own tokens, 128 out, caching on vs off; the plain nano-vllm workload on vs
 # off (nothing shared: cascade never runs); where a shared-prefix decode step goes now; the cold

@@ -49,16 +49,18 @@ def test_block_table_rows_give_each_step_its_sequences_tables_zero_padded():
         assert got.dtype == np.int32 and np.array_equal(got, expected)
 
 
-def test_shared_prefix_len_counts_whole_blocks_every_sequence_shares_before_its_last_key():
-    runner = SimpleNamespace(block_size=4, cascade_min_tokens=8)
+def test_shared_prefix_takes_the_rows_of_the_most_common_first_block_and_their_common_whole_blocks():
+    runner = SimpleNamespace(block_size=4, cascade_min_seqs=2, cascade_min_tokens=8)
 
     def shared(tables, seq_lens):
-        return ModelRunner.shared_prefix_len(runner, np.array(tables, np.int32), np.array(seq_lens))
+        length, rows, blocks = ModelRunner.shared_prefix(runner, np.array(tables, np.int32), np.array(seq_lens))
+        return length, None if rows is None else rows.tolist(), None if blocks is None else blocks.tolist()
 
-    tables = [[7, 3, 9, 5, 1], [7, 3, 9, 6, 2], [7, 3, 9, 5, 8]]
-    assert shared(tables, [20, 20, 20]) == 12  # the 4th blocks differ
-    assert shared(tables, [20, 13, 20]) == 12  # 13 keys: the last one in block 3
-    assert shared(tables, [20, 12, 20]) == 8  # 12 keys: the last one in block 2, which this step writes
-    assert shared([[7, 3, 9], [7, 3, 9]], [11, 11]) == 8
-    assert shared([[7, 3, 9], [7, 4, 9]], [12, 12]) == 0  # one block: under cascade_min_tokens
-    assert shared([[7, 3], [8, 3]], [8, 8]) == 0  # the first blocks differ
+    tables = [[7, 3, 9, 5, 1], [2, 3, 9, 6, 2], [7, 3, 9, 6, 8], [7, 3, 9, 5, 8]]
+    assert shared(tables, [20] * 4) == (12, [1, 0, 1, 1], [7, 3, 9])  # row 1 shares nothing; 4th blocks differ
+    assert shared(tables, [20, 20, 13, 20]) == (12, [1, 0, 1, 1], [7, 3, 9])  # 13 keys: the last in block 3
+    # 12 keys: the last one in block 2, which this step writes (row 1's length does not count)
+    assert shared(tables, [20, 5, 12, 20]) == (8, [1, 0, 1, 1], [7, 3])
+    assert shared([[7, 3, 9], [7, 3, 9]], [11, 11]) == (8, [1, 1], [7, 3])
+    assert shared([[7, 3, 9], [7, 4, 9]], [12, 12]) == (0, None, None)  # one block: under cascade_min_tokens
+    assert shared([[7, 3], [8, 3]], [9, 9]) == (0, None, None)  # no first block twice: under cascade_min_seqs

@@ -13,7 +13,7 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 from tiny_models import random_block_tables  # noqa: E402
-from vllm_lite.attention.metadata import AttentionMetadata  # noqa: E402
+from vllm_lite.attention.metadata import AttentionMetadata, SharedPrefix  # noqa: E402
 from vllm_lite.attention.torch_ref import (  # noqa: E402
     TorchRefBackend,
     paged_attention_ref,
@@ -126,23 +126,25 @@ def test_paged_decode(block_size, heads, head_dim, num_splits, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_splits", [1, 2])
 @pytest.mark.parametrize("heads,head_dim", [((4, 4), 64), ((9, 3), 40), ((12, 2), 128)])
 @pytest.mark.parametrize("block_size,shared_blocks", [(16, 5), (1, 70)])
-def test_paged_decode_with_a_shared_prefix(block_size, shared_blocks, heads, head_dim, num_splits, dtype):
-    """Cascade attention: the sequences' first blocks are the same physical blocks; attending
-    to them once for all sequences and merging gives plain attention over each context. Seven
-    sequences: 21 rows for group 3, one partial row tile; own contexts of 1 key to several tiles."""
+def test_paged_decode_with_a_shared_prefix(block_size, shared_blocks, heads, head_dim, dtype):
+    """Cascade attention: five of seven sequences start with the same physical blocks;
+    attending to them once for those five and merging gives plain attention over each context
+    (the other two read theirs in full). 21 rows for group 3: one partial row tile; own
+    contexts of 1 key to several tiles."""
     num_heads, num_kv_heads = heads
     shared = shared_blocks * block_size
     seq_lens = [shared + n for n in (1, 5, 16, 17, 64, 130, 3)]
     k_cache, v_cache, block_tables = make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype)
-    block_tables[:, :shared_blocks] = block_tables[0, :shared_blocks]
+    rows = int32([1, 1, 0, 1, 1, 0, 1])
+    block_tables[rows.bool(), :shared_blocks] = block_tables[0, :shared_blocks]
     q = torch.randn(len(seq_lens), num_heads, head_dim, dtype=dtype, device=DEVICE)
     ref = reference(q, k_cache, v_cache, block_tables, list(range(len(seq_lens) + 1)), seq_lens, 0.2)
-    for shared_len in (shared, 0):  # 0: the same graph-captured call on a step with nothing shared
+    blocks = torch.cat([block_tables[0, :shared_blocks], int32([7, 7])])  # longer than needed, as in graphs
+    for length, share in ((shared, rows), (0, rows), (shared, 0 * rows)):  # 0: as a graph replay with none
         out = paged_decode_attention(q, k_cache, v_cache, block_tables, int32(seq_lens), 0.2,
-                                     num_splits=num_splits, shared_len=int32([shared_len]))
+                                     shared=SharedPrefix(int32([length]), blocks, share))
         assert_close(out, ref)
 
 

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from vllm_lite.attention import AttentionMetadata, forward_context, get_backend
+from vllm_lite.attention import AttentionMetadata, SharedPrefix, forward_context, get_backend
 from vllm_lite.attention.layer import Attention
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.scheduler import ScheduledBatch
@@ -37,8 +37,11 @@ class StepInput:
     # per token: index into the previous step's sampled tokens where the token id is still a
     # placeholder (overlapped steps), else -1; None when there is no placeholder
     prev_index: np.ndarray | None = None
-    # cascade attention: leading keys every sequence reads from the same blocks (0: none)
+    # cascade attention (pure decode steps): the rows (1/0 [B] int32) whose first shared_len
+    # keys are the blocks shared_blocks; shared_len 0: none
     shared_len: int = 0
+    shared_rows: np.ndarray | None = None
+    shared_blocks: np.ndarray | None = None
 
 
 class BlockTableRows:
@@ -128,6 +131,7 @@ class ModelRunner:
         self.graphs: dict[tuple[int, bool], tuple] = {}
         self.graph_sizes: list[int] = []
         self.static: dict[str, torch.Tensor] = {}  # the graphs' input buffers
+        self.static_shared: SharedPrefix | None = None  # the cascade graphs' too
         self.supports_overlap = True  # the engine may launch a step before reading the last one
         self._staging: list[torch.Tensor | None] = [None, None]  # pinned host buffers for step inputs
         self._copied = [torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda" else []
@@ -196,18 +200,17 @@ class ModelRunner:
         change from step to step are kept out of its key (``do_not_specialize``). The steps:
         a fresh prefill; a decode next to a prefill chunk after cached context (chunked
         prefill, prefix-cache hits, the paged prefill kernel); one decode per doubling of the
-        context, since the decode kernel's split count grows with it, with and without cascade
-        attention. Needs the KV pool."""
+        context, since the decode kernel's split count grows with it; one with cascade attention
+        (always one split). Needs the KV pool."""
         steps = [self.block_zero_step([3, 2], [3, 2], num_decodes=0),
                  self.block_zero_step([1, 3], [2, 5], num_decodes=1)]
         m = self.max_model_len
         lengths = sorted({min(1 << k, m) for k in range(m.bit_length() + 1)})
         steps += [self.block_zero_step([1], [n], num_decodes=1) for n in lengths]
-        if self.backend.supports_shared_prefix:  # the same with cascade attention (one shared block)
-            for n in lengths:
-                if n > self.block_size:
-                    steps.append(self.block_zero_step([1], [n], num_decodes=1))
-                    steps[-1].shared_len = self.block_size
+        if self.backend.supports_shared_prefix and m > self.block_size:  # cascade attention: one split
+            steps.append(self.block_zero_step([1], [m], num_decodes=1))
+            steps[-1].shared_len = self.block_size
+            steps[-1].shared_rows, steps[-1].shared_blocks = np.ones(1, np.int32), np.zeros(1, np.int32)
         for step in steps:
             self.execute(step)
         # the sampler's kernels: logprobs read the model's logits; sampling reads them, or their
@@ -258,9 +261,9 @@ class ModelRunner:
         pos = np.arange(qsl[-1]) - qsl[seq_index] + starts[seq_index]
         block_tables = self.block_tables.gather(seqs)
         slot_mapping = block_tables[seq_index, pos // bs].astype(np.int64) * bs + pos % bs
-        shared_len = 0
+        shared = (0, None, None)
         if self.backend.supports_shared_prefix and num_decodes == num_seqs >= self.cascade_min_seqs:
-            shared_len = self.shared_prefix_len(block_tables, ends)
+            shared = self.shared_prefix(block_tables, ends)
         ids = np.asarray(input_ids, np.int64)
         prev_index = None
         is_hole = ids < 0
@@ -272,20 +275,28 @@ class ModelRunner:
             query_start_loc=qsl.astype(np.int32), seq_lens=ends.astype(np.int32), block_tables=block_tables,
             logits_indices=(qsl[1:] - 1)[ends == lengths], num_decodes=num_decodes,
             max_query_len=int(n_new.max()), max_seq_len=int(ends.max()),
-            prefill_is_fresh=not bool((starts[num_decodes:] > 0).any()), shared_len=shared_len,
+            prefill_is_fresh=not bool((starts[num_decodes:] > 0).any()),
+            shared_len=shared[0], shared_rows=shared[1], shared_blocks=shared[2],
         )
 
-    def shared_prefix_len(self, block_tables: np.ndarray, seq_lens: np.ndarray) -> int:
-        """Keys at the start of every sequence's context that sit in the same physical blocks
-        (prefix caching, or the n completions of one prompt): whole blocks before each one's
-        last key, which this step writes. 0 when fewer than ``cascade_min_tokens``."""
-        limit = (int(seq_lens.min()) - 1) // self.block_size
-        if limit * self.block_size < self.cascade_min_tokens:
-            return 0
-        same = (block_tables[:, :limit] == block_tables[0, :limit]).all(axis=0)
-        shared = limit if same.all() else int(same.argmin())
-        shared *= self.block_size
-        return shared if shared >= self.cascade_min_tokens else 0
+    def shared_prefix(self, block_tables: np.ndarray, seq_lens: np.ndarray):
+        """Cascade attention's (keys, rows [B] int32 1/0, blocks) for a decode step, or (0,
+        None, None). The rows: those whose first block is the most common first block (prefix
+        caching, or the n completions of one prompt, share physical blocks), when there are at
+        least ``cascade_min_seqs``; the keys: the whole blocks all of them have in common before
+        each one's last key (which this step writes), when at least ``cascade_min_tokens``."""
+        none = (0, None, None)
+        firsts, counts = np.unique(block_tables[:, 0], return_counts=True)
+        if counts.max() < self.cascade_min_seqs:
+            return none
+        rows = block_tables[:, 0] == firsts[counts.argmax()]
+        tables = block_tables[rows]
+        limit = (int(seq_lens[rows].min()) - 1) // self.block_size
+        same = (tables[:, :limit] == tables[0, :limit]).all(axis=0)
+        shared = (limit if same.all() else int(same.argmin())) * self.block_size
+        if shared < self.cascade_min_tokens:
+            return none
+        return shared, rows.astype(np.int32), tables[0, :shared // self.block_size]
 
     def _upload(self, step: StepInput) -> dict[str, torch.Tensor]:
         """The step's arrays on the device. On CUDA they are packed into a pinned buffer and
@@ -295,8 +306,8 @@ class ModelRunner:
                  "logits_indices"] + (["prev_index"] if step.prev_index is not None else [])
         arrays = [getattr(step, n) for n in names]
         if step.shared_len:
-            names.append("shared_len")
-            arrays.append(np.array([step.shared_len], np.int32))
+            names += ["shared_len", "shared_rows", "shared_blocks"]
+            arrays += [np.array([step.shared_len], np.int32), step.shared_rows, step.shared_blocks]
         if self.device.type != "cuda":
             return {n: torch.from_numpy(a) for n, a in zip(names, arrays)}
         total = sum(a.size for a in arrays)
@@ -333,7 +344,8 @@ class ModelRunner:
             slot_mapping=dev["slot_mapping"], query_start_loc=dev["query_start_loc"], seq_lens=dev["seq_lens"],
             block_tables=dev["block_tables"], num_decodes=step.num_decodes, max_query_len=step.max_query_len,
             max_seq_len=step.max_seq_len, prefill_is_fresh=step.prefill_is_fresh,
-            shared_len=dev.get("shared_len"),
+            shared_prefix=SharedPrefix(dev["shared_len"], dev["shared_blocks"], dev["shared_rows"])
+            if step.shared_len else None,
             query_start_loc_cpu=step.query_start_loc.tolist(), seq_lens_cpu=step.seq_lens.tolist(),
         )
         with forward_context(meta):
@@ -344,7 +356,7 @@ class ModelRunner:
         """Forget the captured graphs (before a tensor-parallel group is torn down: NCCL's
         teardown hangs while graphs that captured its collectives are alive). Decode steps run
         eagerly afterwards."""
-        self.graphs, self.static = {}, {}
+        self.graphs, self.static, self.static_shared = {}, {}, None
 
     def close(self) -> None:
         """Drop the graphs, the KV pool and the weights so their device memory can be reused."""
@@ -377,8 +389,10 @@ class ModelRunner:
             "seq_lens": torch.ones(max_bs, dtype=torch.int32, device=dev),
             "block_tables": torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=dev),
         }
-        shared_len = torch.zeros(1, dtype=torch.int32, device=dev)
-        self.static["shared_len"] = shared_len
+        shared = SharedPrefix(length=torch.zeros(1, dtype=torch.int32, device=dev),
+                              blocks=torch.zeros(max_blocks, dtype=torch.int32, device=dev),
+                              rows=torch.zeros(max_bs, dtype=torch.int32, device=dev))
+        self.static_shared = shared
         query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         self.graphs, pool = {}, None
         for bs in reversed(self.graph_sizes):
@@ -387,7 +401,9 @@ class ModelRunner:
             for cascade in cascades:
                 meta = AttentionMetadata(st["slot_mapping"], query_start_loc[:bs + 1], st["seq_lens"],
                                          st["block_tables"], num_decodes=bs, max_query_len=1,
-                                         max_seq_len=self.max_model_len, shared_len=shared_len if cascade else None)
+                                         max_seq_len=self.max_model_len,
+                                         shared_prefix=SharedPrefix(shared.length, shared.blocks, shared.rows[:bs])
+                                         if cascade else None)
                 with forward_context(meta):
                     self.model.compute_logits(self.model(st["input_ids"], st["positions"]))  # warm-up
                     graph = torch.cuda.CUDAGraph()
@@ -408,7 +424,11 @@ class ModelRunner:
         st["block_tables"][:n, :step.block_tables.shape[1]].copy_(dev["block_tables"])
         cascade = step.shared_len > 0 and (bs, True) in self.graphs
         if cascade:
-            st["shared_len"].copy_(dev["shared_len"])
+            shared = self.static_shared
+            shared.length.copy_(dev["shared_len"])
+            shared.rows[:n].copy_(dev["shared_rows"])
+            shared.rows[n:bs].fill_(0)
+            shared.blocks[:len(step.shared_blocks)].copy_(dev["shared_blocks"])
         graph, logits = self.graphs[bs, cascade]
         graph.replay()
         return logits[:n] if len(step.logits_indices) == n else logits[dev["logits_indices"]]

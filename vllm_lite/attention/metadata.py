@@ -24,6 +24,16 @@ import torch
 
 
 @dataclass
+class SharedPrefix:
+    """Cascade attention's input: decode rows (``rows[i]`` = 1) whose first ``length`` keys are
+    the physical blocks ``blocks`` (prefix caching, or the n completions of one prompt), so
+    their attention to those keys can be computed once for all of them."""
+    length: torch.Tensor  # [1] int32, a multiple of the block size
+    blocks: torch.Tensor  # [>= length / block_size] int32
+    rows: torch.Tensor  # [num_decodes] int32, 1 or 0
+
+
+@dataclass
 class AttentionMetadata:
     slot_mapping: torch.Tensor  # [num_tokens] int64
     query_start_loc: torch.Tensor  # [num_seqs + 1] int32
@@ -34,10 +44,9 @@ class AttentionMetadata:
     max_seq_len: int
     # True when every prefill sequence starts at position 0 (no cached context to read)
     prefill_is_fresh: bool = True
-    # cascade attention: [1] int32, a multiple of the block size: every decode sequence's first
-    # shared_len keys are the same blocks (block_tables[0]'s); None: nothing shared. A hint that
-    # a backend with ``supports_shared_prefix`` uses to read those keys once for all sequences
-    shared_len: torch.Tensor | None = None
+    # keys some decode rows share (None: nothing shared): a hint that a backend with
+    # ``supports_shared_prefix`` uses to read them once for all those rows
+    shared_prefix: SharedPrefix | None = None
     # host copies, for backends that loop over sequences
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
@@ -54,7 +63,7 @@ class AttentionBackend:
     name = "base"
     # decode steps read no tensor value on the host, so the model runner may capture them
     supports_cuda_graphs = True
-    # reads ``meta.shared_len`` (cascade attention); others attend over each context in full
+    # reads ``meta.shared_prefix`` (cascade attention); others attend over each context in full
     supports_shared_prefix = False
 
     def forward(

@@ -16,7 +16,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vllm_lite.attention.metadata import AttentionBackend, AttentionMetadata
+from vllm_lite.attention.metadata import AttentionBackend, AttentionMetadata, SharedPrefix
 
 try:
     from torch.nn.attention.varlen import varlen_attn
@@ -122,9 +122,12 @@ def store_kvcache(
 # ----------------------------------------------------------------------------- decode
 
 
-@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_METADATA_PTRS + ["shared_len_ptr"])
+_SHARED_PTRS = ["shared_len_ptr", "shared_rows_ptr", "shared_blocks_ptr"]
+
+
+@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_METADATA_PTRS + _SHARED_PTRS)
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, shared_len_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, shared_len_ptr, shared_rows_ptr,
     out_ptr, part_o_ptr, part_lse_ptr,
     scale_log2,
     stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
@@ -138,8 +141,8 @@ def _decode_split_kernel(
     of the context, so each K/V byte is read once. With one split (and no shared prefix) it
     writes the final output; otherwise it writes the slice's normalized output and log2-sum-exp
     into one of PART_SLOTS slots per (seq, head) for the reduce kernel. With a shared prefix
-    (PART_SLOTS > NUM_SPLITS) the context starts after the ``shared_len`` keys that
-    ``_shared_prefix_kernel`` attends to once for every sequence."""
+    (PART_SLOTS > NUM_SPLITS) a sharing row's context starts after the ``shared_len`` keys
+    that ``_shared_prefix_kernel`` attends to once for all sharing rows."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -147,7 +150,7 @@ def _decode_split_kernel(
     seq_len = tl.load(seq_lens_ptr + b)
     start = 0
     if PART_SLOTS > NUM_SPLITS:
-        start = tl.load(shared_len_ptr)
+        start = tl.load(shared_len_ptr) * tl.load(shared_rows_ptr + b)
     # slices are whole key tiles; sized per sequence so short sequences leave late splits empty
     split_len = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
     lo = start + split * split_len
@@ -193,9 +196,9 @@ def _decode_split_kernel(
         tl.store(part_lse_ptr + row, lse, mask=offs_g < GROUP)
 
 
-@triton.jit(do_not_specialize=["num_rows"], do_not_specialize_on_alignment=["table_ptr", "shared_len_ptr"])
+@triton.jit(do_not_specialize=["num_rows"], do_not_specialize_on_alignment=_SHARED_PTRS)
 def _shared_prefix_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, table_ptr, shared_len_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr, k_cache_ptr, v_cache_ptr, shared_blocks_ptr, shared_len_ptr, shared_rows_ptr, part_o_ptr, part_lse_ptr,
     scale_log2, num_rows,
     stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
@@ -203,11 +206,11 @@ def _shared_prefix_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Cascade attention's first half. Program (row tile, kv head, split): the first
-    ``shared_len`` keys (blocks ``table[0:]``, the same for every sequence of the step) attend to
-    BLOCK_M query rows at once, a row being (sequence, query head of this KV head): the shared
-    keys are read once per tile instead of once per sequence, and the scores are a real matrix
-    product. Writes each split's normalized output and log2-sum-exp into slot FIRST_SLOT + split."""
+    """Cascade attention's first half. Program (row tile, kv head, split): the ``shared_len``
+    keys of the blocks ``shared_blocks`` attend to BLOCK_M query rows at once, a row being
+    (sequence, query head of this KV head): the shared keys are read once per tile instead of
+    once per sequence, and the scores are a real matrix product. Writes each split's normalized
+    output and log2-sum-exp into slot FIRST_SLOT + split; -inf for sequences that do not share."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -231,7 +234,7 @@ def _shared_prefix_kernel(
     for start in range(lo, hi, BLOCK_N):
         n = start + offs_n
         n_mask = n < hi
-        block = tl.load(table_ptr + n // BLOCK_SIZE, mask=n_mask, other=0)
+        block = tl.load(shared_blocks_ptr + n // BLOCK_SIZE, mask=n_mask, other=0)
         kv_off = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
         nd_mask = n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
         k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
@@ -245,10 +248,13 @@ def _shared_prefix_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    # the other sequences got the same work on keys not theirs: their weight is zero
+    shares = tl.load(shared_rows_ptr + seq, mask=rows < num_rows, other=0) > 0
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     slot = (seq * NUM_HEADS + head) * PART_SLOTS + FIRST_SLOT + split
     tl.store(part_o_ptr + slot[:, None] * BLOCK_D + offs_d[None, :], acc / l_safe[:, None], mask=md_mask)
-    tl.store(part_lse_ptr + slot, tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf")), mask=rows < num_rows)
+    lse = tl.where(shares & (l_i > 0), m_i + tl.log2(l_safe), float("-inf"))
+    tl.store(part_lse_ptr + slot, lse, mask=rows < num_rows)
 
 
 @triton.jit
@@ -306,14 +312,14 @@ def paged_decode_attention(
     out: torch.Tensor | None = None,
     num_splits: int | None = None,
     max_seq_len: int | None = None,
-    shared_len: torch.Tensor | None = None,  # [1] int32
+    shared: SharedPrefix | None = None,
 ) -> torch.Tensor:
     """Flash-decoding over the paged cache. The split count depends only on shapes (or on the
     ``max_seq_len`` hint), never on tensor values, so the call can be graph-captured.
 
-    ``shared_len`` (cascade attention): every sequence's first ``shared_len`` keys are the same
-    blocks (``block_tables[0]``'s), a multiple of the block size below every ``seq_lens``;
-    their attention is computed once for all sequences and merged with each one's own keys."""
+    ``shared`` (cascade attention): the rows it names start with its blocks, whole blocks below
+    each such row's ``seq_lens``; their attention to those keys is computed once for all of them
+    and merged with each one's attention to its own keys."""
     if out is None:
         out = torch.empty_like(q)
     batch, num_heads, head_dim = q.shape
@@ -323,20 +329,24 @@ def paged_decode_attention(
     assert k_cache.stride() == v_cache.stride()
     _, block_size, num_kv_heads, _ = k_cache.shape
     group = num_heads // num_kv_heads
-    if num_splits is None:
+    if shared is not None:
+        # the shared keys are split apart; the rows' own contexts are short next to them, and a
+        # single split keeps the cascade to one compiled variant per kernel
+        num_splits = 1
+    elif num_splits is None:
         if max_seq_len is None:
             max_seq_len = block_tables.shape[1] * block_size
         num_splits = choose_num_splits(batch * num_kv_heads, max_seq_len, q.device)
     block_d, block_n = _pow2(head_dim, 16), 64 if head_dim <= 128 else 32
-    slots = num_splits + (_SHARED_SPLITS if shared_len is not None else 0)
+    slots = num_splits + (_SHARED_SPLITS if shared is not None else 0)
     if slots > 1:
         part_o = torch.empty(batch, num_heads, slots, block_d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, slots, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # unused: the kernel writes the output directly
+    shared_args = (shared.length, shared.rows) if shared is not None else (seq_lens, seq_lens)  # (unused)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, shared_len if shared_len is not None else seq_lens,
-        out, part_o, part_lse,
+        q, k_cache, v_cache, block_tables, seq_lens, *shared_args, out, part_o, part_lse,
         scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
@@ -346,10 +356,10 @@ def paged_decode_attention(
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4,
     )
-    if shared_len is not None:
+    if shared is not None:
         block_m = 64
         _shared_prefix_kernel[(triton.cdiv(batch * group, block_m), num_kv_heads, _SHARED_SPLITS)](
-            q, k_cache, v_cache, block_tables, shared_len, part_o, part_lse,
+            q, k_cache, v_cache, shared.blocks, shared.length, shared.rows, part_o, part_lse,
             scale * _LOG2E, batch * group,
             q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
             NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
@@ -506,7 +516,7 @@ class TritonBackend(AttentionBackend):
             # the split count follows the longest context (so the warm-up can meet each count)
             paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
                                    out=out[:nd], num_splits=1 if meta.num_seqs > nd else None,
-                                   max_seq_len=meta.max_seq_len, shared_len=meta.shared_len)
+                                   max_seq_len=meta.max_seq_len, shared=meta.shared_prefix)
         if meta.num_seqs == nd:
             return out
         if self._use_varlen(q, meta):
