@@ -133,23 +133,23 @@ def _decode_split_kernel(
     stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
     stride_cb, stride_cs, stride_ch,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, PART_SLOTS: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, SHARED_SLOTS: tl.constexpr,
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (seq, kv head, split): all GROUP query heads of one KV head attend to one slice
-    of the context, so each K/V byte is read once. With one split (and no shared prefix) it
-    writes the final output; otherwise it writes the slice's normalized output and log2-sum-exp
-    into one of PART_SLOTS slots per (seq, head) for the reduce kernel. With a shared prefix
-    (PART_SLOTS > NUM_SPLITS) a sharing row's context starts after the ``shared_len`` keys
-    that ``_shared_prefix_kernel`` attends to once for all sharing rows."""
+    of the context, so each K/V byte is read once. With one split it writes the final output;
+    otherwise it writes the slice's normalized output and log2-sum-exp for the reduce kernel.
+    Cascade attention (SHARED_SLOTS > 0, one split): a sharing row's context starts after the
+    ``shared_len`` keys that ``_shared_prefix_kernel`` (launched first) attended to; its
+    SHARED_SLOTS partial results are merged here into the output."""
     b = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + b)
     start = 0
-    if PART_SLOTS > NUM_SPLITS:
+    if SHARED_SLOTS > 0:
         start = tl.load(shared_len_ptr) * tl.load(shared_rows_ptr + b)
     # slices are whole key tiles; sized per sequence so short sequences leave late splits empty
     split_len = tl.cdiv(tl.cdiv(seq_len - start, NUM_SPLITS), BLOCK_N) * BLOCK_N
@@ -186,13 +186,27 @@ def _decode_split_kernel(
     # an empty slice (or a padded sequence of length 0) has l = 0: write zeros, lse = -inf
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     acc = acc / l_safe[:, None]
-    if PART_SLOTS == 1:
+    lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
+    if SHARED_SLOTS > 0:  # weigh each part by its share of the softmax mass (-inf: none)
+        first = (b * NUM_HEADS + heads) * SHARED_SLOTS  # part_o is [B, Hq, slots, BLOCK_D]
+        top = lse
+        for j in tl.static_range(SHARED_SLOTS):
+            top = tl.maximum(top, tl.load(part_lse_ptr + first + j, mask=offs_g < GROUP, other=float("-inf")))
+        top = tl.where(top == float("-inf"), 0.0, top)
+        total = tl.exp2(lse - top)
+        acc = acc * total[:, None]
+        for j in tl.static_range(SHARED_SLOTS):
+            w = tl.exp2(tl.load(part_lse_ptr + first + j, mask=offs_g < GROUP, other=float("-inf")) - top)
+            o = tl.load(part_o_ptr + (first + j)[:, None] * BLOCK_D + offs_d[None, :], mask=gd_mask, other=0.0)
+            acc += w[:, None] * o
+            total += w
+        acc = acc / tl.where(total > 0, total, 1.0)[:, None]
+    if NUM_SPLITS == 1:
         o_ptrs = out_ptr + b * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
         tl.store(o_ptrs, acc.to(out_ptr.dtype.element_ty), mask=gd_mask)
     else:
-        row = (b * NUM_HEADS + heads) * PART_SLOTS + split  # part_o is [B, Hq, slots, BLOCK_D]
+        row = (b * NUM_HEADS + heads) * NUM_SPLITS + split  # part_o is [B, Hq, splits, BLOCK_D]
         tl.store(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], acc, mask=gd_mask)
-        lse = tl.where(l_i > 0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(part_lse_ptr + row, lse, mask=offs_g < GROUP)
 
 
@@ -202,15 +216,16 @@ def _shared_prefix_kernel(
     scale_log2, num_rows,
     stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,
     NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    FIRST_SLOT: tl.constexpr, PART_SLOTS: tl.constexpr, SHARED_SPLITS: tl.constexpr,
+    SHARED_SPLITS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Cascade attention's first half. Program (row tile, kv head, split): the ``shared_len``
-    keys of the blocks ``shared_blocks`` attend to BLOCK_M query rows at once, a row being
+    """Cascade attention's first half (the decode kernel merges). Program (row tile, kv head,
+    split): the ``shared_len`` keys of the blocks ``shared_blocks`` attend to BLOCK_M query
+    rows at once, a row being
     (sequence, query head of this KV head): the shared keys are read once per tile instead of
     once per sequence, and the scores are a real matrix product. Writes each split's normalized
-    output and log2-sum-exp into slot FIRST_SLOT + split; -inf for sequences that do not share."""
+    output and log2-sum-exp into slot ``split`` of its row; -inf for sequences that do not share."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)
@@ -251,7 +266,7 @@ def _shared_prefix_kernel(
     # the other sequences got the same work on keys not theirs: their weight is zero
     shares = tl.load(shared_rows_ptr + seq, mask=rows < num_rows, other=0) > 0
     l_safe = tl.where(l_i > 0, l_i, 1.0)
-    slot = (seq * NUM_HEADS + head) * PART_SLOTS + FIRST_SLOT + split
+    slot = (seq * NUM_HEADS + head) * SHARED_SPLITS + split
     tl.store(part_o_ptr + slot[:, None] * BLOCK_D + offs_d[None, :], acc / l_safe[:, None], mask=md_mask)
     lse = tl.where(shares & (l_i > 0), m_i + tl.log2(l_safe), float("-inf"))
     tl.store(part_lse_ptr + slot, lse, mask=rows < num_rows)
@@ -338,12 +353,23 @@ def paged_decode_attention(
             max_seq_len = block_tables.shape[1] * block_size
         num_splits = choose_num_splits(batch * num_kv_heads, max_seq_len, q.device)
     block_d, block_n = _pow2(head_dim, 16), 64 if head_dim <= 128 else 32
-    slots = num_splits + (_SHARED_SPLITS if shared is not None else 0)
+    slots = _SHARED_SPLITS if shared is not None else num_splits
     if slots > 1:
         part_o = torch.empty(batch, num_heads, slots, block_d, dtype=torch.float32, device=q.device)
         part_lse = torch.empty(batch, num_heads, slots, dtype=torch.float32, device=q.device)
     else:
         part_o = part_lse = out  # unused: the kernel writes the output directly
+    if shared is not None:  # first: the decode kernel merges its results
+        block_m = 64
+        _shared_prefix_kernel[(triton.cdiv(batch * group, block_m), num_kv_heads, _SHARED_SPLITS)](
+            q, k_cache, v_cache, shared.blocks, shared.length, shared.rows, part_o, part_lse,
+            scale * _LOG2E, batch * group,
+            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
+            NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
+            SHARED_SPLITS=_SHARED_SPLITS, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            DOT_PRECISION=_dot_precision(q.dtype),
+            num_warps=4,
+        )
     shared_args = (shared.length, shared.rows) if shared is not None else (seq_lens, seq_lens)  # (unused)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, *shared_args, out, part_o, part_lse,
@@ -351,28 +377,16 @@ def paged_decode_attention(
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, PART_SLOTS=slots,
+        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, SHARED_SLOTS=_SHARED_SPLITS if shared is not None else 0,
         BLOCK_G=_pow2(group, 16), BLOCK_N=block_n, BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4,
     )
-    if shared is not None:
-        block_m = 64
-        _shared_prefix_kernel[(triton.cdiv(batch * group, block_m), num_kv_heads, _SHARED_SPLITS)](
-            q, k_cache, v_cache, shared.blocks, shared.length, shared.rows, part_o, part_lse,
-            scale * _LOG2E, batch * group,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            FIRST_SLOT=num_splits, PART_SLOTS=slots, SHARED_SPLITS=_SHARED_SPLITS,
-            BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
-            DOT_PRECISION=_dot_precision(q.dtype),
-            num_warps=4,
-        )
-    if slots > 1:
+    if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
             part_o, part_lse, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=slots,
-            BLOCK_S=_pow2(slots), BLOCK_D=block_d,
+            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
+            BLOCK_S=_pow2(num_splits), BLOCK_D=block_d,
         )
     return out
 
