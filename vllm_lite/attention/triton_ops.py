@@ -122,6 +122,44 @@ def store_kvcache(
 # ----------------------------------------------------------------------------- decode
 
 
+@triton.jit
+def _attend(
+    q, lo, hi, table_ptr, k_cache_ptr, v_cache_ptr, kv_head,
+    stride_cb, stride_cs, stride_ch, scale_log2, q_pos,
+    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    """The query rows ``q`` [M, BLOCK_D] attend to keys ``lo..hi-1`` of one KV head, read through
+    the block-table row ``table_ptr``: online softmax in fp32, in the log2 domain. Returns the
+    unnormalized output, the running max and the sum of exponentials per row. CAUSAL: row r
+    sees only keys at positions <= q_pos[r]."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    m_i = tl.full([q.shape[0]], float("-inf"), tl.float32)
+    l_i = tl.zeros([q.shape[0]], tl.float32)
+    acc = tl.zeros([q.shape[0], BLOCK_D], tl.float32)
+    for start in range(lo, hi, BLOCK_N):
+        n = start + offs_n
+        n_mask = n < hi
+        block = tl.load(table_ptr + n // BLOCK_SIZE, mask=n_mask, other=0)
+        kv_off = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
+        nd_mask = n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
+        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
+        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
+        visible = n_mask[None, :]
+        if CAUSAL:
+            visible = visible & (n[None, :] <= q_pos[:, None])
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0).to(q.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    return acc, m_i, l_i
+
+
 _SHARED_PTRS = ["shared_len_ptr", "shared_rows_ptr", "shared_blocks_ptr"]
 
 
@@ -157,31 +195,14 @@ def _decode_split_kernel(
     hi = tl.minimum(lo + split_len, seq_len)
 
     offs_g = tl.arange(0, BLOCK_G)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + offs_g
     gd_mask = (offs_g[:, None] < GROUP) & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gd_mask, other=0.0)
 
-    m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_G], tl.float32)
-    acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + offs_n
-        n_mask = n < hi
-        block = tl.load(block_tables_ptr + b * stride_bt + n // BLOCK_SIZE, mask=n_mask, other=0)
-        kv_off = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        nd_mask = n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    acc, m_i, l_i = _attend(q, lo, hi, block_tables_ptr + b * stride_bt, k_cache_ptr, v_cache_ptr, kv_head,
+                            stride_cb, stride_cs, stride_ch, scale_log2, lo,
+                            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, DOT_PRECISION)
 
     # an empty slice (or a padded sequence of length 0) has l = 0: write zeros, lse = -inf
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -238,30 +259,13 @@ def _shared_prefix_kernel(
     rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)  # rows of this KV head: seq * GROUP + g
     seq = rows // GROUP
     head = kv_head * GROUP + rows % GROUP
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     md_mask = (rows < num_rows)[:, None] & (offs_d[None, :] < HEAD_DIM)
     q = tl.load(q_ptr + seq[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :], mask=md_mask, other=0.0)
 
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(lo, hi, BLOCK_N):
-        n = start + offs_n
-        n_mask = n < hi
-        block = tl.load(shared_blocks_ptr + n // BLOCK_SIZE, mask=n_mask, other=0)
-        kv_off = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        nd_mask = n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
-        s = tl.where(n_mask[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    acc, m_i, l_i = _attend(q, lo, hi, shared_blocks_ptr, k_cache_ptr, v_cache_ptr, kv_head,
+                            stride_cb, stride_cs, stride_ch, scale_log2, lo,
+                            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, DOT_PRECISION)
 
     # the other sequences got the same work on keys not theirs: their weight is zero
     shares = tl.load(shared_rows_ptr + seq, mask=rows < num_rows, other=0) > 0
@@ -416,7 +420,6 @@ def _prefill_kernel(
     q_len = tl.load(query_start_loc_ptr + seq + 1) - q_start
     seq_len = tl.load(seq_lens_ptr + seq)
     offs_m = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_pos = seq_len - q_len + offs_m
     md_mask = (offs_m[:, None] < q_len) & (offs_d[None, :] < HEAD_DIM)
@@ -427,26 +430,10 @@ def _prefill_kernel(
     # keys past the tile's last query are masked for every row; a tile past the chunk reads none
     hi = tl.minimum(seq_len, seq_len - q_len + (tile + 1) * BLOCK_M)
     hi = tl.where(tile * BLOCK_M < q_len, hi, 0)
-    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for start in range(0, hi, BLOCK_N):
-        n = start + offs_n
-        n_mask = n < hi
-        block = tl.load(block_tables_ptr + seq * stride_bt + n // BLOCK_SIZE, mask=n_mask, other=0)
-        kv_off = block.to(tl.int64) * stride_cb + (n % BLOCK_SIZE) * stride_cs + kv_head * stride_ch
-        nd_mask = n_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-        k = tl.load(k_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0)
-        s = tl.dot(q, tl.trans(k.to(q.dtype)), input_precision=DOT_PRECISION) * scale_log2
-        # key 0 is visible to every row, so m_i is finite after the first tile
-        s = tl.where(n_mask[None, :] & (n[None, :] <= q_pos[:, None]), s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
-        alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0).to(q.dtype)
-        acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
-        m_i = m_new
+    # key 0 is visible to every row, so m_i is finite after the first tile
+    acc, m_i, l_i = _attend(q, 0, hi, block_tables_ptr + seq * stride_bt, k_cache_ptr, v_cache_ptr, kv_head,
+                            stride_cb, stride_cs, stride_ch, scale_log2, q_pos,
+                            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, DOT_PRECISION)
 
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
