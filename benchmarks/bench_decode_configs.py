@@ -12,39 +12,24 @@ import itertools
 import torch
 import triton
 
+from benchmarks.bench_decode_splits import BLOCK, HEAD_DIM, mixed_batch
 from vllm_lite.attention import triton_ops
-
-HEAD_DIM, BLOCK, BATCH = 128, 16, 256
 
 
 def main() -> None:
-    gen = torch.Generator().manual_seed(0)
-    lens = torch.randint(100, 1601, (BATCH,), generator=gen)
-    blocks = (lens + BLOCK - 1) // BLOCK
     for name, heads, kv_heads in [("qwen3-0.6b", 16, 8), ("qwen2.5-1.5b", 12, 2)]:
-        num_blocks = int(blocks.sum())
-        k = torch.randn(num_blocks, BLOCK, kv_heads, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
-        v = torch.randn_like(k)
-        perm = torch.randperm(num_blocks, generator=gen).int()
-        tables = torch.zeros(BATCH, int(blocks.max()), dtype=torch.int32)
-        at = 0
-        for i, n in enumerate(blocks.tolist()):
-            tables[i, :n] = perm[at:at + n]
-            at += n
-        tables, seq_lens = tables.cuda(), lens.int().cuda()
-        q = torch.randn(BATCH, heads, HEAD_DIM, dtype=torch.bfloat16, device="cuda")
+        q, k, v, tables, seq_lens, kv_bytes = mixed_batch(heads, kv_heads)
         out = torch.empty_like(q)
         ref = triton_ops.paged_decode_attention(q, k, v, tables, seq_lens, HEAD_DIM ** -0.5, num_splits=1)
-        kv_bytes = 2 * int(lens.sum()) * kv_heads * HEAD_DIM * 2
         group = heads // kv_heads
         results = []
         for block_n, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)):
             def launch():
-                triton_ops._decode_split_kernel[(BATCH, kv_heads, 1)](
-                    q, k, v, tables, seq_lens, out, out, out, HEAD_DIM ** -0.5 * triton_ops._LOG2E,
+                triton_ops._decode_split_kernel[(len(q), kv_heads, 1)](
+                    q, k, v, tables, seq_lens, seq_lens, seq_lens, out, out, out, HEAD_DIM ** -0.5 * triton_ops._LOG2E,
                     q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
                     k.stride(0), k.stride(1), k.stride(2),
-                    NUM_HEADS=heads, GROUP=group, HEAD_DIM=HEAD_DIM, BLOCK_SIZE=BLOCK, NUM_SPLITS=1,
+                    NUM_HEADS=heads, GROUP=group, HEAD_DIM=HEAD_DIM, BLOCK_SIZE=BLOCK, NUM_SPLITS=1, SHARED_SLOTS=0,
                     BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=HEAD_DIM,
                     DOT_PRECISION="tf32", num_warps=warps, num_stages=stages)
             try:
@@ -58,7 +43,6 @@ def main() -> None:
         print(f"{name}: {heads}/{kv_heads} heads, {kv_bytes / 1e6:.0f} MB of K/V; today: BLOCK_N 64, 4 warps, default stages")
         for gbs, block_n, warps, stages, ms, err in sorted(results, reverse=True)[:8]:
             print(f"  BLOCK_N {block_n:3d} warps {warps} stages {stages}: {ms * 1e3:7.1f} us {gbs:6.0f} GB/s (rel err {err:.1e})")
-        del k, v
 
 
 if __name__ == "__main__":
