@@ -205,8 +205,8 @@ class ModelRunner:
         steps = [self.block_zero_step([3, 2], [3, 2], num_decodes=0),
                  self.block_zero_step([1, 3], [2, 5], num_decodes=1)]
         m = self.max_model_len
-        lengths = sorted({min(1 << k, m) for k in range(m.bit_length() + 1)})
-        steps += [self.block_zero_step([1], [n], num_decodes=1) for n in lengths]
+        steps += [self.block_zero_step([1], [n], num_decodes=1)
+                  for n in sorted({min(1 << k, m) for k in range(m.bit_length() + 1)})]
         if self.backend.supports_shared_prefix and m > self.block_size:  # cascade attention: one split
             steps.append(self.block_zero_step([1], [m], num_decodes=1))
             steps[-1].shared_len = self.block_size

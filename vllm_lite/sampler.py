@@ -106,6 +106,12 @@ class SamplingBatch:
     num_logprobs: int = 0  # the most top logprobs any of those rows wants
     any_greedy: bool = True  # False: no row is greedy, so no argmax of the processed logits is needed
 
+    @property
+    def changes_logits(self) -> bool:
+        """Whether ``Sampler.process_logits`` has anything to do."""
+        return (self.allowed is not None or bool(self.banned) or self.logit_bias is not None
+                or self.penalties is not None)
+
 
 @dataclass
 class SamplerOutput:
@@ -123,7 +129,7 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: SamplingBatch, default_generator=None) -> SamplerOutput:
         rows, processed = batch.logprob_rows, logits
-        if batch.allowed is not None or batch.banned or batch.logit_bias is not None or batch.penalties is not None:
+        if batch.changes_logits:
             # logprobs are vLLM's "raw_logprobs", from the logits before any processing, which
             # writes in place: into a copy where .float() makes none
             processed = logits.clone() if rows is not None and logits.dtype == torch.float32 else logits.float()

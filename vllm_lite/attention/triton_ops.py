@@ -242,11 +242,11 @@ def _shared_prefix_kernel(
     DOT_PRECISION: tl.constexpr,
 ):
     """Cascade attention's first half (the decode kernel merges). Program (row tile, kv head,
-    split): the ``shared_len`` keys of the blocks ``shared_blocks`` attend to BLOCK_M query
-    rows at once, a row being
-    (sequence, query head of this KV head): the shared keys are read once per tile instead of
-    once per sequence, and the scores are a real matrix product. Writes each split's normalized
-    output and log2-sum-exp into slot ``split`` of its row; -inf for sequences that do not share."""
+    split): the ``shared_len`` keys of the blocks ``shared_blocks`` attend to BLOCK_M query rows
+    at once, a row being (sequence, query head of this KV head): the shared keys are read once
+    per tile instead of once per sequence, and the scores are a real matrix product. Writes each
+    split's normalized output and log2-sum-exp into slot ``split`` of its row; -inf for
+    sequences that do not share."""
     tile = tl.program_id(0)
     kv_head = tl.program_id(1)
     split = tl.program_id(2)

@@ -1,5 +1,5 @@
 """Fused Triton kernels for the small elementwise ops of a decoder layer and for the sampler's
-logprobs (used on CUDA only).
+draw and logprobs (used on CUDA only).
 
 In eager PyTorch an fp32 RMSNorm is about six kernels, RoPE a gather plus casts, chunk, cat,
 mul and add, and SwiGLU's gate three more. Each op here is one kernel that reads its inputs
@@ -228,6 +228,13 @@ def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
 _LOGPROB_CHUNK = 4096
 
 
+@triton.jit
+def _max_first_id(x, ids):
+    """The largest value of ``x`` and its id, the lowest id among equals (as torch's argmax)."""
+    best = tl.max(x, 0)
+    return best, tl.min(tl.where(x == best, ids, 2147483647), 0)
+
+
 @triton.jit(do_not_specialize=["vocab", "k", "stride_row"],
             do_not_specialize_on_alignment=["rows_ptr", "tokens_ptr"])
 def _logprob_chunk_kernel(
@@ -251,8 +258,7 @@ def _logprob_chunk_kernel(
     tl.store(part_sum_ptr + out, tl.sum(tl.exp(x - x_max), 0))
     tl.store(part_rank_ptr + out, tl.sum((x >= x_token).to(tl.int32), 0))
     for j in range(k):
-        best = tl.max(x, 0)
-        best_id = tl.min(tl.where(x == best, ids, 2147483647), 0)
+        best, best_id = _max_first_id(x, ids)
         tl.store(cand_val_ptr + out * k + j, best)
         tl.store(cand_id_ptr + out * k + j, best_id)
         x = tl.where(ids == best_id, float("-inf"), x)
@@ -296,8 +302,7 @@ def _gumbel_best(row, ids, r, t, vocab):
     x = tl.load(row + ids, mask=ids < vocab, other=float("-inf")).to(tl.float32)
     u = ((r >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
     score = tl.where(t > 0, x / tl.where(t > 0, t, 1.0) - tl.log(-tl.log(u)), x)
-    best = tl.max(score, 0)
-    return best, tl.min(tl.where(score == best, ids, 2147483647), 0)
+    return _max_first_id(score, ids)
 
 
 @triton.jit
