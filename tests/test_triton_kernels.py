@@ -126,13 +126,13 @@ def test_paged_decode(block_size, heads, head_dim, num_splits, dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,head_dim", [((4, 4), 64), ((9, 3), 40), ((12, 2), 128)])
+@pytest.mark.parametrize("heads,head_dim", [((4, 4), 64), ((9, 3), 40), ((12, 2), 128), ((16, 2), 256)])
 @pytest.mark.parametrize("block_size,shared_blocks", [(16, 5), (1, 70)])
 def test_paged_decode_with_a_shared_prefix(block_size, shared_blocks, heads, head_dim, dtype):
     """Cascade attention: five of seven sequences start with the same physical blocks;
     attending to them once for those five and merging gives plain attention over each context
-    (the other two read theirs in full). 21 rows for group 3: one partial row tile; own
-    contexts of 1 key to several tiles."""
+    (the other two read theirs in full). 21 rows for group 3: one partial row tile; head_dim
+    256 with GQA 8 (the 32-key tiles); own contexts of 1 key to several tiles."""
     num_heads, num_kv_heads = heads
     shared = shared_blocks * block_size
     seq_lens = [shared + n for n in (1, 5, 16, 17, 64, 130, 3)]
