@@ -14,8 +14,8 @@ process' CPU: the ratio with a free core per process. On a shared CPU both move 
     python -m benchmarks.serve_overhead ... --server-tree /path/to/other/checkout  # A/B a server
 
 Defaults: 128 requests, prompts U(50, 200), outputs U(64, 128), temperature 1, 3 timed runs of
-each after one warm-up; then 32 requests at 4 per second. Engine flags (``--max-num-seqs`` ...)
-go to both sides.
+each after one warm-up; then ``--rate-prompts`` (32) requests at each Poisson rate of ``--rate``
+(default: 4 per second). Engine flags (``--max-num-seqs`` ...) go to both sides.
 """
 from __future__ import annotations
 
@@ -113,7 +113,8 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, nargs=2, default=[64, 128], metavar=("MIN", "MAX"))
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--rate", type=float, default=4.0, help="requests/s of the TTFT run (0: skip it)")
+    parser.add_argument("--rate", type=float, nargs="*", default=[4.0],
+                        help="requests/s of the Poisson runs after the all-at-once ones (TTFT; none: skip)")
     parser.add_argument("--rate-prompts", type=int, default=32)
     parser.add_argument("--skip-offline", action="store_true")
     parser.add_argument("--server-tree", default=REPO, help="the checkout whose server runs (default: this one)")
@@ -165,12 +166,15 @@ def main() -> None:
             print(f"  run: {r['output_throughput']:.0f} tok/s in {r['duration_s']:.2f} s; CPU s: client "
                   f"{r['cpu_client_s']:.2f}, server process {r['cpu_server_s']:.2f}, engine process "
                   f"{r['cpu_engine_process_s']:.2f}; {r['failed']} failed")
-        if opts["rate"] > 0:
+        result["rate_runs"] = []
+        for rate in opts["rate"]:
             low = Workload(work.prompts[:opts["rate_prompts"]], work.output_lens[:opts["rate_prompts"]])
-            r = served_run(url, proc.pid, low, opts["temperature"], opts["rate"])
-            result["rate_run"] = r
-            print(f"served, {opts['rate']:g} requests/s ({len(low.prompts)} requests): TTFT p50 {r['p50_ttft_ms']:.1f} "
-                  f"ms, p90 {r['p90_ttft_ms']:.1f} ms; ITL p50 {r['p50_itl_ms']:.1f} ms")
+            r = served_run(url, proc.pid, low, opts["temperature"], rate)
+            result["rate_runs"].append({"rate": rate, **r})
+            print(f"served, {rate:g} requests/s ({len(low.prompts)} requests): {r['output_throughput']:.0f} tok/s; "
+                  f"TTFT p50 {r['p50_ttft_ms']:.1f} ms, p90 {r['p90_ttft_ms']:.1f}, p99 {r['p99_ttft_ms']:.1f}; "
+                  f"TPOT p50 {r['p50_tpot_ms']:.1f} ms; ITL p50 {r['p50_itl_ms']:.1f} ms, p99 {r['p99_itl_ms']:.1f}; "
+                  f"{r['failed']} failed")
     finally:
         proc.terminate()
         proc.wait(60)

@@ -1,0 +1,89 @@
+"""Where the time of one whole run goes (GPU only): every engine step's wall time next to what it
+scheduled (prefill tokens, decode rows), grouped by kind, then the top GPU kernels of a second,
+profiled run. Steps run as the engine runs them (overlapped), so a step's wall time is mostly the
+GPU work of the step before it.
+
+    python -m benchmarks.profile_run --shared-prefix 1024     # bench throughput --dataset shared-prefix
+    python -m benchmarks.profile_run --dataset nano-vllm
+"""
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+
+from vllm_lite import LLM, SamplingParams
+from vllm_lite.benchmark import DEFAULT_LENS, Workload, model_folder
+
+
+def run(llm: LLM, work: Workload) -> list[tuple[int, int, float]]:
+    """(prefill tokens, decode rows, wall ms) of each step of one run of the workload."""
+    engine = llm.engine
+    for prompt, n in zip(work.prompts, work.output_lens):
+        engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False))
+    schedule, seen = engine.scheduler.schedule, []
+
+    def recording_schedule():
+        batch = schedule()
+        seen.append((batch.num_tokens - batch.num_decodes, batch.num_decodes) if batch else (0, 0))
+        return batch
+
+    engine.scheduler.schedule = recording_schedule
+    steps = []
+    try:
+        while engine.has_unfinished_requests():
+            t0 = time.perf_counter()
+            engine.step()
+            steps.append((*seen[-1], 1e3 * (time.perf_counter() - t0)))
+    finally:
+        engine.scheduler.schedule = schedule
+    torch.cuda.synchronize()
+    return steps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model-config", default="qwen3-0.6b")
+    parser.add_argument("--dataset", choices=["random", "nano-vllm"], default="random")
+    parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
+                        help="every prompt: one N-token system prompt, then 128 own tokens")
+    parser.add_argument("--no-enable-prefix-caching", dest="caching", action="store_false")
+    args = parser.parse_args()
+
+    llm = LLM(model_folder(args.model_config), load_format="dummy", max_model_len=4096,
+              enable_prefix_caching=args.caching)
+    vocab = llm.engine.hf_config.vocab_size
+    if args.shared_prefix:
+        work = Workload.shared_prefix(256, args.shared_prefix, *DEFAULT_LENS["shared-prefix"], vocab, 0)
+    elif args.dataset == "nano-vllm":
+        work = Workload.nano_vllm()
+    else:
+        work = Workload.random(256, (100, 1024), (100, 1024), vocab, 0)
+    run(llm, Workload.random(16, (16, 64), (4, 8), vocab, 1))  # warm-up
+    llm.engine.reset_prefix_cache()
+    steps = run(llm, work)
+    total = sum(ms for *_, ms in steps)
+    print(f"{len(steps)} steps, {total:.0f} ms")
+    kinds = {"prefill only": [], "prefill + decode": [], "decode only": []}
+    for p, d, ms in steps:
+        kinds["decode only" if not p else "prefill only" if not d else "prefill + decode"].append((p, d, ms))
+    for kind, rows in kinds.items():
+        if rows:
+            print(f"  {kind}: {len(rows)} steps, {sum(r[2] for r in rows):.0f} ms, "
+                  f"{sum(r[0] for r in rows)} prefill tokens, mean {sum(r[1] for r in rows) / len(rows):.0f} decode rows")
+    print("first 12 steps (prefill tokens, decode rows, wall ms):",
+          ", ".join(f"({p}, {d}, {ms:.1f})" for p, d, ms in steps[:12]))
+
+    llm.engine.reset_prefix_cache()
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+        run(llm, work)
+    events = prof.key_averages()
+    gpu_total = sum(e.self_device_time_total for e in events) / 1e3
+    print(f"profiled run: {gpu_total:.0f} ms of GPU kernels")
+    print(events.table(sort_by="self_cuda_time_total", row_limit=16, max_name_column_width=70))
+    llm.close()
+
+
+if __name__ == "__main__":
+    main()
