@@ -57,6 +57,14 @@ def test_generate_names_the_bad_prompt_and_starts_nothing(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
+@pytest.mark.parametrize("prompt", [[5, 10**6], [-1, 5], [5, 2.0], [True, 5], [5, "6"]],
+                         ids=["past-vocab", "negative", "float", "bool", "str"])
+def test_prompt_token_ids_must_be_ints_in_the_vocabulary(llm, prompt):
+    with pytest.raises(ValueError, match=r"prompt token ids must be ints in \[0, \d+\)"):
+        llm.engine.add_request(prompt, GREEDY)
+    assert not llm.engine.has_unfinished_requests()
+
+
 def test_top_p_zero_is_invalid():
     with pytest.raises(ValueError, match="top_p"):
         SamplingParams(top_p=0.0)
