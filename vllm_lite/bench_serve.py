@@ -4,7 +4,8 @@ server that takes token-id prompts and vLLM's ``ignore_eos``) the way vLLM's
 
 The workload is the throughput benchmark's (``vllm_lite.benchmark.Workload``: random token
 prompts, or nano-vllm's draws), sent to ``/v1/completions`` as token ids with
-``stream: true``, ``ignore_eos`` and ``max_tokens`` = the drawn output length. Requests start
+``stream: true``, ``ignore_eos`` and ``max_tokens`` = the drawn output length (``--tokenizer``: as
+the ids' text instead; ``--no-ignore-eos``: without vLLM's field, for strict OpenAI servers). Requests start
 at a Poisson rate (``--request-rate R`` per second, exponential gaps, seeded) or all at once
 (``inf``, the default), optionally at most ``--max-concurrency`` in flight. Per request the
 client records the time to the first streamed token (TTFT), the gaps between streamed chunks
@@ -71,8 +72,8 @@ async def sse_events(url: str, headers: dict, payload: dict):
                     yield response.status, line[5:].strip().decode()
 
 
-async def send_one(url: str, headers: dict, payload: dict) -> RequestResult:
-    result = RequestResult(prompt_len=len(payload["prompt"]))
+async def send_one(url: str, headers: dict, payload: dict, prompt_len: int) -> RequestResult:
+    result = RequestResult(prompt_len=prompt_len)
     start = time.perf_counter()
     last = None
     try:
@@ -106,7 +107,9 @@ async def send_one(url: str, headers: dict, payload: dict) -> RequestResult:
 
 
 async def run_benchmark(base_url: str, model: str | None, work: Workload, temperature: float, request_rate: float,
-                        max_concurrency: int | None, api_key: str | None, seed: int) -> dict:
+                        max_concurrency: int | None, api_key: str | None, seed: int, tokenizer=None,
+                        ignore_eos: bool = True) -> dict:
+    """``tokenizer``: send each prompt as its ids' text (for servers that take only strings)."""
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -116,11 +119,13 @@ async def run_benchmark(base_url: str, model: str | None, work: Workload, temper
             model = await served_model(client, base_url, headers)
 
     def payload(prompt, max_tokens):
-        return {"model": model, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": True,
-                "temperature": temperature, "stream": True, "stream_options": {"include_usage": True}}
+        body = {"model": model, "prompt": tokenizer.decode(prompt) if tokenizer is not None else prompt,
+                "max_tokens": max_tokens, "temperature": temperature, "stream": True,
+                "stream_options": {"include_usage": True}}
+        return {**body, "ignore_eos": True} if ignore_eos else body
 
     # one short untimed request: the server answers, and its first-request costs are paid
-    probe = await send_one(url, headers, payload(work.prompts[0][:16], 4))
+    probe = await send_one(url, headers, payload(work.prompts[0][:16], 4), 16)
     if not probe.ok:
         raise SystemExit(f"the server at {base_url} did not serve a test request: {probe.error}")
 
@@ -129,9 +134,9 @@ async def run_benchmark(base_url: str, model: str | None, work: Workload, temper
 
     async def limited(prompt, n):
         if semaphore is None:
-            return await send_one(url, headers, payload(prompt, n))
+            return await send_one(url, headers, payload(prompt, n), len(prompt))
         async with semaphore:
-            return await send_one(url, headers, payload(prompt, n))
+            return await send_one(url, headers, payload(prompt, n), len(prompt))
 
     tasks = []
     start = time.perf_counter()
@@ -234,6 +239,11 @@ def bench_serve_main(argv: list[str]) -> int:
                         help="requests per second, Poisson arrivals (default inf: all at once)")
     parser.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--tokenizer", metavar="PATH",
+                        help="send prompts as text, the workload's ids decoded by this tokenizer (servers that take "
+                             "only strings, such as `transformers serve`)")
+    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
+                        help="send vLLM's ignore_eos (default on; off for servers that refuse unknown fields)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     for name in ("num_prompts",):
@@ -265,8 +275,12 @@ def bench_serve_main(argv: list[str]) -> int:
         work = Workload.nano_vllm(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab)
     else:
         work = Workload.random(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
+    tokenizer = None
+    if args.tokenizer:
+        from transformers import AutoTokenizer
+        tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
     result = asyncio.run(run_benchmark(base_url, args.model or card["id"], work, temperature, args.request_rate,
-                                       args.max_concurrency, args.api_key, args.seed))
+                                       args.max_concurrency, args.api_key, args.seed, tokenizer, args.ignore_eos))
     result.update(dataset=args.dataset, temperature=temperature)
     print_report(result)
     if args.json:

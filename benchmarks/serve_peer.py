@@ -1,0 +1,127 @@
+"""``vllm-lite serve`` next to ``transformers serve --continuous-batching`` (transformers' own
+OpenAI server, the peer of issue 11): the same weights, the same requests, the same client
+(``vllm-lite bench serve``'s, streaming), one server after the other (GPU only).
+
+No tokenizer of the Qwen vocabularies is on our machines, and ``transformers serve`` takes only
+text prompts, so the model folder is made here: random weights of the shape (transformers' own
+initialization, saved as safetensors, bf16) and a word-level tokenizer covering the whole
+vocabulary (id i <-> the word ``w{i}``, space separated), so a prompt's text tokenizes back to
+exactly its ids on both servers and both detokenize every output token. Requests omit
+``ignore_eos`` (the peer refuses unknown fields); with random weights an end-of-sequence token is
+one draw in ~150,000.
+
+    python -m benchmarks.serve_peer --model-config qwen3-0.6b --rates 4 16 inf
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+
+import httpx
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from benchmarks.serve_overhead import REPO, start_server
+from vllm_lite.bench_serve import run_benchmark
+from vllm_lite.benchmark import Workload, model_folder
+
+
+def make_text_model(shape: str, folder: str) -> str:
+    """Random bf16 weights of ``shape`` and a word-level tokenizer of its vocabulary in ``folder``."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+    config = AutoConfig.from_pretrained(model_folder(shape))
+    torch.manual_seed(0)
+    with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    model.save_pretrained(folder)
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(config.vocab_size)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    PreTrainedTokenizerFast(tokenizer_object=words, eos_token=f"w{eos}").save_pretrained(folder)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_transformers(folder: str) -> tuple[subprocess.Popen, str]:
+    port = free_port()
+    cmd = ["transformers", "serve", "--continuous-batching", "--host", "127.0.0.1", "--port", str(port), folder]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    for _ in range(600):
+        if proc.poll() is not None:
+            raise SystemExit(f"transformers serve exited: {proc.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health").status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit("transformers serve did not become healthy")
+
+
+def measure(name: str, url: str, model: str | None, work: Workload, tokenizer, rates: list[float],
+            timeout: float) -> None:
+    for rate in rates:
+        try:
+            r = asyncio.run(asyncio.wait_for(run_benchmark(url, model, work, 1.0, rate, None, None, 0, tokenizer,
+                                                           ignore_eos=False), timeout))
+        except TimeoutError:
+            print(f"{name:12s} rate {rate:>4g}: not finished in {timeout:.0f} s", flush=True)
+            continue
+        print(f"{name:12s} rate {rate:>4g}: {r['output_throughput']:7.0f} output tok/s, {r['completed']} done "
+              f"{r['failed']} failed {r['errors'][:1]}; TTFT p50 {r['p50_ttft_ms']:.1f} ms p90 {r['p90_ttft_ms']:.1f}; "
+              f"TPOT p50 {r['p50_tpot_ms']:.1f} ms; ITL p50 {r['p50_itl_ms']:.1f} ms p99 {r['p99_itl_ms']:.1f}; "
+              f"{r['total_output_tokens']} tokens in {r['duration_s']:.1f} s", flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model-config", default="qwen3-0.6b")
+    parser.add_argument("--num-prompts", type=int, default=64)
+    parser.add_argument("--input-len", type=int, nargs=2, default=[100, 1024])
+    parser.add_argument("--output-len", type=int, nargs=2, default=[100, 512])
+    parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, float("inf")])
+    parser.add_argument("--timeout", type=float, default=120.0, help="seconds one run may take")
+    parser.add_argument("--servers", nargs="+", choices=["vllm-lite", "transformers"],
+                        default=["vllm-lite", "transformers"])
+    args = parser.parse_args()
+    folder = make_text_model(args.model_config, tempfile.mkdtemp(prefix="serve-peer-"))
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    vocab = AutoConfig.from_pretrained(folder).vocab_size
+    work = Workload.random(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, 0)
+    print(f"{args.model_config}, random bf16 weights + word-level tokenizer (text on for both); {len(work.prompts)} "
+          f"requests, prompts U{tuple(args.input_len)}, outputs U{tuple(args.output_len)}, temperature 1", flush=True)
+    for name in args.servers:
+        if name == "vllm-lite":
+            proc, url = start_server(REPO, folder, {"max_model_len": args.input_len[1] + args.output_len[1]})
+            model = None  # the server's first model
+        else:  # its /v1/models lists the hub cache; the preloaded model is named by its path
+            (proc, url), model = start_transformers(folder), folder
+        try:
+            measure(name, url, model, work, tokenizer, args.rates, args.timeout)
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    sys.stdout.flush()
+    os._exit(0)  # a peer's stray threads must not hold the call open
+
+
+if __name__ == "__main__":
+    main()
