@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -44,8 +45,9 @@ def make_text_model(shape: str, folder: str) -> str:
     words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(config.vocab_size)}, unk_token="w0"))
     words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     words.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
-    PreTrainedTokenizerFast(tokenizer_object=words, eos_token=f"w{eos}").save_pretrained(folder)
+    # no special tokens: an added token "w2" would split the word "w200" (the engines take the
+    # end-of-sequence id from the model's config)
+    PreTrainedTokenizerFast(tokenizer_object=words).save_pretrained(folder)
     return folder
 
 
@@ -73,9 +75,19 @@ def start_transformers(folder: str) -> tuple[subprocess.Popen, str]:
     raise SystemExit("transformers serve did not become healthy")
 
 
+def engine_ttft(url: str) -> tuple[float, float]:
+    """(sum, count) of vllm-lite's engine-side time-to-first-token histogram (arrival at the
+    engine front end to the first token leaving the engine), from /metrics."""
+    text = httpx.get(url + "/metrics").text
+    values = [sum(float(m) for m in re.findall(rf"^vllm:time_to_first_token_seconds_{part}{{[^}}]*}} (\S+)$", text, re.M))
+              for part in ("sum", "count")]
+    return values[0], values[1]
+
+
 def measure(name: str, url: str, model: str | None, work: Workload, tokenizer, rates: list[float],
             timeout: float) -> None:
     for rate in rates:
+        before = engine_ttft(url) if name == "vllm-lite" else None
         try:
             r = asyncio.run(asyncio.wait_for(run_benchmark(url, model, work, 1.0, rate, None, None, 0, tokenizer,
                                                            ignore_eos=False), timeout))
@@ -86,6 +98,11 @@ def measure(name: str, url: str, model: str | None, work: Workload, tokenizer, r
               f"{r['failed']} failed {r['errors'][:1]}; TTFT p50 {r['p50_ttft_ms']:.1f} ms p90 {r['p90_ttft_ms']:.1f}; "
               f"TPOT p50 {r['p50_tpot_ms']:.1f} ms; ITL p50 {r['p50_itl_ms']:.1f} ms p99 {r['p99_itl_ms']:.1f}; "
               f"{r['total_output_tokens']} tokens in {r['duration_s']:.1f} s", flush=True)
+        if before is not None:
+            after = engine_ttft(url)
+            print(f"{'':12s} TTFT mean: client {r['mean_ttft_ms']:.1f} ms, inside the server (engine front end to "
+                  f"the token leaving the engine) {1e3 * (after[0] - before[0]) / max(after[1] - before[1], 1):.1f} ms",
+                  flush=True)
 
 
 def main() -> None:
@@ -94,7 +111,8 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, nargs=2, default=[100, 1024])
     parser.add_argument("--output-len", type=int, nargs=2, default=[100, 512])
-    parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, float("inf")])
+    parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, float("inf")],
+                        help="requests/s of each run, in order (repeat one to see a warm rerun)")
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one run may take")
     parser.add_argument("--servers", nargs="+", choices=["vllm-lite", "transformers"],
                         default=["vllm-lite", "transformers"])
