@@ -504,6 +504,24 @@ def test_bench_serve_reports_throughput_and_latency_percentiles(server, tmp_path
     assert "Output token throughput" in capsys.readouterr().out
 
 
+def test_bench_serve_sends_text_prompts_without_vllm_fields(server, model_path, tmp_path):
+    """--tokenizer: prompts go as their ids' text (servers that take only strings);
+    --no-ignore-eos: the body has OpenAI's fields only."""
+    from transformers import AutoTokenizer
+
+    from vllm_lite.bench_serve import bench_serve_main, request_body
+    out = tmp_path / "serve.json"
+    assert bench_serve_main(["--base-url", server.url, "--api-key", KEY, "--num-prompts", "3", "--input-len", "5", "9",
+                             "--output-len", "2", "4", "--tokenizer", model_path, "--no-ignore-eos",
+                             "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["completed"] == 3 and result["failed"] == 0 and result["total_output_tokens"] >= 3
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    body = request_body("m", [40, 41, 42], 5, 1.0, tokenizer, ignore_eos=False)
+    assert body["prompt"] == tokenizer.decode([40, 41, 42]) and isinstance(body["prompt"], str)
+    assert "ignore_eos" not in body and request_body("m", [40], 5, 1.0)["ignore_eos"] is True
+
+
 # ---- subprocesses: SIGTERM and the command line -----------------------------------------------
 def _env():
     return {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),

@@ -106,6 +106,15 @@ async def send_one(url: str, headers: dict, payload: dict, prompt_len: int) -> R
     return result
 
 
+def request_body(model: str, prompt: list[int], max_tokens: int, temperature: float, tokenizer=None,
+                 ignore_eos: bool = True) -> dict:
+    """One streaming /v1/completions request: the prompt as token ids, or as their text."""
+    body = {"model": model, "prompt": tokenizer.decode(prompt) if tokenizer is not None else prompt,
+            "max_tokens": max_tokens, "temperature": temperature, "stream": True,
+            "stream_options": {"include_usage": True}}
+    return {**body, "ignore_eos": True} if ignore_eos else body
+
+
 async def run_benchmark(base_url: str, model: str | None, work: Workload, temperature: float, request_rate: float,
                         max_concurrency: int | None, api_key: str | None, seed: int, tokenizer=None,
                         ignore_eos: bool = True) -> dict:
@@ -119,10 +128,7 @@ async def run_benchmark(base_url: str, model: str | None, work: Workload, temper
             model = await served_model(client, base_url, headers)
 
     def payload(prompt, max_tokens):
-        body = {"model": model, "prompt": tokenizer.decode(prompt) if tokenizer is not None else prompt,
-                "max_tokens": max_tokens, "temperature": temperature, "stream": True,
-                "stream_options": {"include_usage": True}}
-        return {**body, "ignore_eos": True} if ignore_eos else body
+        return request_body(model, prompt, max_tokens, temperature, tokenizer, ignore_eos)
 
     # one short untimed request: the server answers, and its first-request costs are paid
     probe = await send_one(url, headers, payload(work.prompts[0][:16], 4), 16)
