@@ -75,15 +75,25 @@ def start_server(tree: str, model_path: str, overrides: dict) -> tuple[subproces
         proc.kill()
         raise SystemExit(f"the server did not start: {line!r}")
     url = line.split(" on ")[1].split()[0]
+    wait_until_healthy(proc, url, "the server")
+    return proc, url
+
+
+def wait_until_healthy(proc: subprocess.Popen, url: str, what: str, log: str | None = None) -> None:
+    """Poll ``url``/health for up to 10 minutes; SystemExit (with the end of ``log``) if the
+    process exits first or never answers."""
     for _ in range(1200):
+        if proc.poll() is not None:
+            tail = open(log).read()[-2000:] if log else ""
+            raise SystemExit(f"{what} exited with status {proc.returncode}: {tail}")
         try:
             if httpx.get(url + "/health").status_code == 200:
-                return proc, url
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.5)
     proc.kill()
-    raise SystemExit("the server did not become healthy")
+    raise SystemExit(f"{what} did not become healthy")
 
 
 def served_run(url: str, pid: int, work: Workload, temperature: float, rate: float) -> dict:

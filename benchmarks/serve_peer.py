@@ -22,13 +22,12 @@ import socket
 import subprocess
 import sys
 import tempfile
-import time
 
 import httpx
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
-from benchmarks.serve_overhead import REPO, start_server
+from benchmarks.serve_overhead import REPO, start_server, wait_until_healthy
 from vllm_lite.bench_serve import run_benchmark
 from vllm_lite.benchmark import Workload, model_folder
 
@@ -60,19 +59,12 @@ def free_port() -> int:
 def start_transformers(folder: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
     cmd = ["transformers", "serve", "--continuous-batching", "--host", "127.0.0.1", "--port", str(port), folder]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    log = os.path.join(folder, "transformers-serve.log")  # a file: a full pipe would stall the server
+    with open(log, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    for _ in range(600):
-        if proc.poll() is not None:
-            raise SystemExit(f"transformers serve exited: {proc.stderr.read()[-2000:]}")
-        try:
-            if httpx.get(url + "/health").status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("transformers serve did not become healthy")
+    wait_until_healthy(proc, url, "transformers serve", log)
+    return proc, url
 
 
 def engine_ttft(url: str) -> tuple[float, float]:
