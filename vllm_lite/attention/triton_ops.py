@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import functools
 import inspect
-import os
 
-import numpy as np
 import torch
 import triton
 import triton.language as tl
 
+import vllm_lite.triton_compat  # noqa: F401  (runs the kernels under the CPU interpreter)
 from vllm_lite.attention.metadata import AttentionBackend, AttentionMetadata, SharedPrefix
 
 try:
@@ -28,27 +27,6 @@ _LOG2E = 1.4426950408889634
 # a decode split keeps at least this many keys, so partial results stay a small share of traffic
 _MIN_SPLIT_TOKENS = 128
 _MAX_SPLITS = 64
-
-
-def _fix_interpreter_scalar_index() -> None:
-    """triton 3.6's CPU interpreter holds scalars as 1-element arrays and calls ``int()`` on them
-    for a data-dependent ``range``; recent numpy refuses that. Index through ``.item()``."""
-    from triton.runtime import interpreter
-
-    patch_tensor = interpreter._patch_lang_tensor
-
-    def patched(tensor, scope):
-        patch_tensor(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.item()))
-
-    interpreter._patch_lang_tensor = patched
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":
-    try:
-        int(np.ones(1))
-    except TypeError:
-        _fix_interpreter_scalar_index()
 
 
 # Triton compiles a variant per specialization of each argument (an int equal to 1 or divisible

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-import vllm_lite.attention.triton_ops  # noqa: F401  (the interpreter's fix for a loop over a runtime int)
+import vllm_lite.triton_compat  # noqa: F401  (runs the kernels under the CPU interpreter)
 
 # ----------------------------------------------------------------------------- RMSNorm
 
