@@ -32,21 +32,26 @@ from vllm_lite.bench_serve import run_benchmark
 from vllm_lite.benchmark import Workload, model_folder
 
 
-def make_text_model(shape: str, folder: str) -> str:
-    """Random bf16 weights of ``shape`` and a word-level tokenizer of its vocabulary in ``folder``."""
+def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
+    """Id i <-> the word ``w{i}``, space separated: any ids' text tokenizes back to exactly them.
+    No special tokens: an added token "w2" would split the word "w200" (the engines take the
+    end-of-sequence id from the model's config)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(vocab_size)}, unk_token="w0"))
+    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    words.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
+    return PreTrainedTokenizerFast(tokenizer_object=words)
+
+
+def make_text_model(shape: str, folder: str) -> str:
+    """Random bf16 weights of ``shape`` and its word tokenizer in ``folder``."""
     config = AutoConfig.from_pretrained(model_folder(shape))
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     model.save_pretrained(folder)
-    words = Tokenizer(models.WordLevel({f"w{i}": i for i in range(config.vocab_size)}, unk_token="w0"))
-    words.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    words.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # joins words with spaces
-    # no special tokens: an added token "w2" would split the word "w200" (the engines take the
-    # end-of-sequence id from the model's config)
-    PreTrainedTokenizerFast(tokenizer_object=words).save_pretrained(folder)
+    word_tokenizer(config.vocab_size).save_pretrained(folder)
     return folder
 
 

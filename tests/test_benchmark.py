@@ -87,3 +87,13 @@ def test_decode_floor_counts_weights_every_step_and_live_kv():
     # step 0: both live (10 + 20 KV tokens); steps 1, 2: only the second (21, 22)
     expected = 3 * 100 + (30 + 21 + 22) * 2
     assert decode_floor_seconds(work, weight_bytes=100, kv_per_token=2, bandwidth=1.0) == expected
+
+
+def test_serving_peers_word_tokenizer_gives_back_exactly_the_ids_of_a_text():
+    """serve_peer sends both servers text; ids like 200 must not split on a shorter word."""
+    from benchmarks.serve_peer import word_tokenizer
+    tokenizer = word_tokenizer(3000)
+    ids = [2, 20, 200, 2000, 2999, 0, 7, 20, 1]
+    text = tokenizer.decode(ids)
+    assert text == "w2 w20 w200 w2000 w2999 w0 w7 w20 w1"
+    assert tokenizer(text)["input_ids"] == ids
