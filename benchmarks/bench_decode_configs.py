@@ -91,7 +91,7 @@ def main_shared() -> None:
             num_warps=warps, num_stages=stages)
 
     def decode_kernel(block_n, warps, stages):
-        triton_ops._decode_split_kernel[(KV_HEADS, BATCH, 1)](
+        triton_ops._decode_split_kernel[(BATCH, KV_HEADS, 1)](
             q, k, v, tables, seq_lens, shared.length, shared.rows, out, part_o, part_lse, scale * triton_ops._LOG2E,
             q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
             k.stride(0), k.stride(1), k.stride(2),
@@ -118,7 +118,7 @@ def main() -> None:
         results = []
         for block_n, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)):
             def launch():
-                triton_ops._decode_split_kernel[(kv_heads, len(q), 1)](
+                triton_ops._decode_split_kernel[(len(q), kv_heads, 1)](
                     q, k, v, tables, seq_lens, seq_lens, seq_lens, out, out, out, HEAD_DIM ** -0.5 * triton_ops._LOG2E,
                     q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
                     k.stride(0), k.stride(1), k.stride(2),

@@ -153,16 +153,14 @@ def _decode_split_kernel(
     BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    """Program (kv head, seq, split): all GROUP query heads of one KV head attend to one slice
-    of the context, so each K/V byte is read once. The KV heads of a sequence are neighbouring
-    programs: they run together and read neighbouring bytes of the same blocks, and the oldest
-    (first, usually longest) sequences start first. With one split it writes the final output;
+    """Program (seq, kv head, split): all GROUP query heads of one KV head attend to one slice
+    of the context, so each K/V byte is read once. With one split it writes the final output;
     otherwise it writes the slice's normalized output and log2-sum-exp for the reduce kernel.
     Cascade attention (SHARED_SLOTS > 0, one split): a sharing row's context starts after the
     ``shared_len`` keys that ``_shared_prefix_kernel`` (launched first) attended to; its
     SHARED_SLOTS partial results are merged here into the output."""
-    kv_head = tl.program_id(0)
-    b = tl.program_id(1)
+    b = tl.program_id(0)  # grid x: up to 2**31 - 1 sequences (y and z stop at 65,535)
+    kv_head = tl.program_id(1)
     split = tl.program_id(2)
 
     seq_len = tl.load(seq_lens_ptr + b)
@@ -355,7 +353,7 @@ def paged_decode_attention(
             num_warps=4,
         )
     shared_args = (shared.length, shared.rows) if shared is not None else (seq_lens, seq_lens)  # (unused)
-    _decode_split_kernel[(num_kv_heads, batch, num_splits)](
+    _decode_split_kernel[(batch, num_kv_heads, num_splits)](
         q, k_cache, v_cache, block_tables, seq_lens, *shared_args, out, part_o, part_lse,
         scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
