@@ -52,6 +52,10 @@ def shared_batch(seed: int = 0):
     return q, k, torch.randn_like(k), tables.cuda(), seq_lens.int().cuda(), shared, kv_bytes
 
 
+def rel_err(out: torch.Tensor, ref: torch.Tensor) -> float:
+    return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+
+
 def sweep(name: str, launch, error, kv_bytes: int, configs) -> None:
     """Times ``launch(*config)`` for each config; ``error()`` after one launch: its relative error."""
     results = []
@@ -74,7 +78,7 @@ def main_shared() -> None:
     scale = HEAD_DIM ** -0.5
     ref = triton_ops.paged_decode_attention(q, k, v, tables, seq_lens, scale, num_splits=1)
     cascade = triton_ops.paged_decode_attention(q, k, v, tables, seq_lens, scale, shared=shared)
-    print(f"cascade vs plain decode: rel err {((cascade.float() - ref.float()).norm() / ref.float().norm()).item():.1e}; "
+    print(f"cascade vs plain decode: rel err {rel_err(cascade, ref):.1e}; "
           f"plain decode {triton.testing.do_bench(lambda: triton_ops.paged_decode_attention(q, k, v, tables, seq_lens, scale, num_splits=1), return_mode='median') * 1e3:.1f} us, "
           f"cascade (both kernels, today) {triton.testing.do_bench(lambda: triton_ops.paged_decode_attention(q, k, v, tables, seq_lens, scale, shared=shared), return_mode='median') * 1e3:.1f} us")
     slots, group = triton_ops._SHARED_SPLITS, HEADS // KV_HEADS
@@ -99,7 +103,7 @@ def main_shared() -> None:
             BLOCK_G=16, BLOCK_N=block_n, BLOCK_D=HEAD_DIM, DOT_PRECISION="tf32", num_warps=warps, num_stages=stages)
 
     def error():
-        return ((out.float() - ref.float()).norm() / ref.float().norm()).item()
+        return rel_err(out, ref)
 
     shared_kernel(64, 64, 4, 3)  # the partials the decode kernel merges
     sweep(f"decode kernel (own keys + merge), {kv_bytes / 1e6:.0f} MB of own K/V; today (64, 4, default)",
@@ -115,27 +119,19 @@ def main() -> None:
         out = torch.empty_like(q)
         ref = triton_ops.paged_decode_attention(q, k, v, tables, seq_lens, HEAD_DIM ** -0.5, num_splits=1)
         group = heads // kv_heads
-        results = []
-        for block_n, warps, stages in itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)):
-            def launch():
-                triton_ops._decode_split_kernel[(len(q), kv_heads, 1)](
-                    q, k, v, tables, seq_lens, seq_lens, seq_lens, out, out, out, HEAD_DIM ** -0.5 * triton_ops._LOG2E,
-                    q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
-                    k.stride(0), k.stride(1), k.stride(2),
-                    NUM_HEADS=heads, GROUP=group, HEAD_DIM=HEAD_DIM, BLOCK_SIZE=BLOCK, NUM_SPLITS=1, SHARED_SLOTS=0,
-                    BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=HEAD_DIM,
-                    DOT_PRECISION="tf32", num_warps=warps, num_stages=stages)
-            try:
-                launch()
-                err = ((out.float() - ref.float()).norm() / ref.float().norm()).item()
-                ms = triton.testing.do_bench(launch, return_mode="median")
-            except Exception as e:  # e.g. out of shared memory
-                print(f"  BLOCK_N {block_n} warps {warps} stages {stages}: {type(e).__name__}")
-                continue
-            results.append((kv_bytes / ms / 1e6, block_n, warps, stages, ms, err))
-        print(f"{name}: {heads}/{kv_heads} heads, {kv_bytes / 1e6:.0f} MB of K/V; today: BLOCK_N 64, 4 warps, default stages")
-        for gbs, block_n, warps, stages, ms, err in sorted(results, reverse=True)[:8]:
-            print(f"  BLOCK_N {block_n:3d} warps {warps} stages {stages}: {ms * 1e3:7.1f} us {gbs:6.0f} GB/s (rel err {err:.1e})")
+
+        def launch(block_n, warps, stages):
+            triton_ops._decode_split_kernel[(len(q), kv_heads, 1)](
+                q, k, v, tables, seq_lens, seq_lens, seq_lens, out, out, out, HEAD_DIM ** -0.5 * triton_ops._LOG2E,
+                q.stride(0), q.stride(1), out.stride(0), out.stride(1), tables.stride(0),
+                k.stride(0), k.stride(1), k.stride(2),
+                NUM_HEADS=heads, GROUP=group, HEAD_DIM=HEAD_DIM, BLOCK_SIZE=BLOCK, NUM_SPLITS=1, SHARED_SLOTS=0,
+                BLOCK_G=max(16, triton.next_power_of_2(group)), BLOCK_N=block_n, BLOCK_D=HEAD_DIM,
+                DOT_PRECISION="tf32", num_warps=warps, num_stages=stages)
+
+        sweep(f"{name}: {heads}/{kv_heads} heads, {kv_bytes / 1e6:.0f} MB of K/V; (BLOCK_N, warps, stages), "
+              "today (64, 4, default)", launch, lambda: rel_err(out, ref),
+              kv_bytes, itertools.product((32, 64, 128), (2, 4, 8), (1, 2, 3, 4)))
 
 
 if __name__ == "__main__":
