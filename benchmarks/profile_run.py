@@ -9,37 +9,24 @@ GPU work of the step before it.
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.benchmark import DEFAULT_LENS, Workload, model_folder
+from vllm_lite.benchmark import DEFAULT_LENS, Workload, model_folder, record_steps
 
 
-def run(llm: LLM, work: Workload) -> list[tuple[int, int, float]]:
-    """(prefill tokens, decode rows, wall ms) of each step of one run of the workload."""
+def run(llm: LLM, work: Workload, log: list) -> list[tuple[int, int, float]]:
+    """(prefill tokens, decode rows, wall ms) of each step of one run of the workload; ``log``:
+    ``record_steps(llm.engine)``."""
     engine = llm.engine
     for prompt, n in zip(work.prompts, work.output_lens):
         engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False))
-    schedule, seen = engine.scheduler.schedule, []
-
-    def recording_schedule():
-        batch = schedule()
-        seen.append((batch.num_tokens - batch.num_decodes, batch.num_decodes) if batch else (0, 0))
-        return batch
-
-    engine.scheduler.schedule = recording_schedule
-    steps = []
-    try:
-        while engine.has_unfinished_requests():
-            t0 = time.perf_counter()
-            engine.step()
-            steps.append((*seen[-1], 1e3 * (time.perf_counter() - t0)))
-    finally:
-        engine.scheduler.schedule = schedule
+    log.clear()
+    while engine.has_unfinished_requests():
+        engine.step()
     torch.cuda.synchronize()
-    return steps
+    return [(tokens - decodes, decodes, 1e3 * seconds) for decodes, tokens, _, seconds in log]
 
 
 def main() -> None:
@@ -54,15 +41,16 @@ def main() -> None:
     llm = LLM(model_folder(args.model_config), load_format="dummy", max_model_len=4096,
               enable_prefix_caching=args.caching)
     vocab = llm.engine.hf_config.vocab_size
+    log = record_steps(llm.engine)
     if args.shared_prefix:
         work = Workload.shared_prefix(256, args.shared_prefix, *DEFAULT_LENS["shared-prefix"], vocab, 0)
     elif args.dataset == "nano-vllm":
         work = Workload.nano_vllm()
     else:
         work = Workload.random(256, (100, 1024), (100, 1024), vocab, 0)
-    run(llm, Workload.random(16, (16, 64), (4, 8), vocab, 1))  # warm-up
+    run(llm, Workload.random(16, (16, 64), (4, 8), vocab, 1), log)  # warm-up
     llm.engine.reset_prefix_cache()
-    steps = run(llm, work)
+    steps = run(llm, work, log)
     total = sum(ms for *_, ms in steps)
     print(f"{len(steps)} steps, {total:.0f} ms")
     kinds = {"prefill only": [], "prefill + decode": [], "decode only": []}
@@ -77,7 +65,7 @@ def main() -> None:
 
     llm.engine.reset_prefix_cache()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
-        run(llm, work)
+        run(llm, work, log)
     events = prof.key_averages()
     gpu_total = sum(e.self_device_time_total for e in events) / 1e3
     print(f"profiled run: {gpu_total:.0f} ms of GPU kernels")

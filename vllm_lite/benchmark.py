@@ -123,6 +123,30 @@ def copy_bandwidth() -> float:
     return 10 * 2 * x.numel() * 4 / (start.elapsed_time(end) / 1e3)
 
 
+def record_steps(engine) -> list[tuple[int, int, int, float]]:
+    """From now on, every ``engine.step()`` appends (decode rows, tokens, context tokens, wall
+    seconds) of the batch it scheduled to the returned list (steps overlap: a step's wall time
+    is mostly the GPU work of the one before)."""
+    log: list[tuple[int, int, int, float]] = []
+    last_batch = [(0, 0, 0)]
+    step, schedule = engine.step, engine.scheduler.schedule
+
+    def spy_schedule():
+        b = schedule()
+        ctx = sum(s.num_computed_tokens + n for s, n in zip(b.seqs, b.num_new_tokens))
+        last_batch[0] = (b.num_decodes, b.num_tokens, ctx)
+        return b
+
+    def timed_step():
+        t0 = time.perf_counter()
+        out = step()
+        log.append((*last_batch[0], time.perf_counter() - t0))
+        return out
+
+    engine.scheduler.schedule, engine.step = spy_schedule, timed_step
+    return log
+
+
 def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int = 1,
              dataset: str = "random", profile_path: str | None = None, extras: dict | None = None) -> dict:
     """Build the engine, warm it up, then time ``llm.generate`` on the workload ``runs`` times
@@ -145,25 +169,7 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int
         budget, engine.scheduler.max_num_batched_tokens = engine.scheduler.max_num_batched_tokens, 64
         llm.generate(work.prompts[:4], warm, use_tqdm=False)
         engine.scheduler.max_num_batched_tokens = budget
-    step_log: list[tuple[int, int, int, float]] = []  # (decodes, tokens, sum seq_lens, seconds)
-    original = engine.step
-
-    def timed_step():
-        t0 = time.perf_counter()
-        out = original()
-        step_log.append((*last_batch[0], time.perf_counter() - t0))
-        return out
-
-    last_batch = [(0, 0, 0)]
-
-    def spy_schedule(schedule=engine.scheduler.schedule):
-        b = schedule()
-        ctx = sum(s.num_computed_tokens + n for s, n in zip(b.seqs, b.num_new_tokens))
-        last_batch[0] = (b.num_decodes, b.num_tokens, ctx)
-        return b
-
-    engine.scheduler.schedule = spy_schedule
-    engine.step = timed_step
+    step_log = record_steps(engine)
     elapsed, cpu, steps, preemptions, cache_hits = [], [], [], [], []
     for run in range(runs):
         step_log.clear()
@@ -193,7 +199,7 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int
               "prefix_cache_hit_tokens": cache_hits[median_run][0], "prefix_cache_query_tokens": cache_hits[median_run][1],
               "dtype": str(engine.runner.dtype), "text": text,
               "tokenizer": (config.tokenizer_path or engine.model_path) if text else None}
-    del llm, engine, original
+    del llm, engine
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
