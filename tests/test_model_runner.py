@@ -8,6 +8,7 @@ from transformers import AutoConfig
 
 from tiny_models import make_tiny_model
 from vllm_lite.config import EngineConfig
+from vllm_lite.engine.scheduler import ScheduledBatch
 from vllm_lite.engine.sequence import Sequence
 from vllm_lite.model_runner import BlockTableRows, ModelRunner
 from vllm_lite.sampling_params import SamplingParams
@@ -64,3 +65,35 @@ def test_shared_prefix_takes_the_rows_of_the_most_common_first_block_and_their_c
     assert shared([[7, 3, 9], [7, 3, 9]], [11, 11]) == (8, [1, 1], [7, 3])
     assert shared([[7, 3, 9], [7, 4, 9]], [12, 12]) == (0, None, None)  # one block: under cascade_min_tokens
     assert shared([[7, 3], [8, 3]], [9, 9]) == (0, None, None)  # no first block twice: under cascade_min_seqs
+
+
+def test_a_mixed_step_in_the_graph_layout_gives_the_eager_logits(tmp_path):
+    # what a captured mixed step computes (padded tokens and sequence rows, decode lengths, the
+    # prefill work list), run eagerly through the same Triton kernels on CPU
+    path = make_tiny_model(str(tmp_path), "llama")
+    hf_config = AutoConfig.from_pretrained(path)
+    config = EngineConfig(model_path=path, dtype="float32", attention_backend="triton", block_size=4,
+                          max_model_len=64)
+    runner = ModelRunner(config, hf_config, path)
+    runner.allocate_kv_cache(64)
+    torch.nn.init.normal_(runner.kv_cache)  # the cached contexts' keys and values
+    rng = np.random.default_rng(0)
+    blocks = iter(rng.permutation(64).tolist())
+    seqs, counts = [], []
+    for cached, new in [(9, 1), (20, 1), (10, 7), (0, 13)]:  # 2 decodes, a chunk after a prefix, a prompt
+        seq = Sequence(rng.integers(0, hf_config.vocab_size, cached + new).tolist(), SamplingParams())
+        seq.num_computed_tokens = cached
+        seq.block_table = [next(blocks) for _ in range(-(-(cached + new) // 4))]
+        seqs.append(seq)
+        counts.append(new)
+    step = runner.prepare(ScheduledBatch(seqs, counts))
+    pool = runner.kv_cache.clone()
+    eager = runner.execute(step)
+    written, _ = runner.kv_cache.clone(), runner.kv_cache.copy_(pool)
+
+    padded = runner.graph_layout(step, num_tokens=48, num_seqs=6)
+    logits = runner.execute(padded)
+
+    assert len(padded.input_ids) == 48 and len(padded.decode_lens) == 6
+    torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-4)
+    assert torch.equal(runner.kv_cache, written)  # the padding tokens wrote nothing

@@ -23,6 +23,8 @@ from vllm_lite.attention.triton_ops import (  # noqa: E402
     TritonBackend,
     paged_decode_attention,
     paged_prefill_attention,
+    prefill_work,
+    prefill_work_capacity,
     store_kvcache,
 )
 
@@ -180,6 +182,31 @@ def test_paged_prefill(block_size, heads, head_dim, fresh, dtype):
     assert_close(out, reference(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale))
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("block_size", [1, 16])
+def test_paged_prefill_from_a_padded_work_list(block_size, dtype):
+    # a captured step's prefill kernel runs over an upper bound of work items (-1: skip) and
+    # sequence rows that start after the decodes: it computes exactly the listed prefills
+    num_heads, num_kv_heads, head_dim = 6, 2, 32
+    query_lens = [1, 1, 130, 64, 3]  # two decodes (not listed), 130 spans three tiles, 64 one
+    cached = [20, 5, 10, 0, 77]
+    seq_lens = [c + n for c, n in zip(cached, query_lens)]
+    k_cache, v_cache, block_tables = make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype)
+    qsl = cumsum0(query_lens)
+    q = torch.randn(qsl[-1] + 5, num_heads, head_dim, dtype=dtype, device=DEVICE)  # 5 padding rows
+    work = prefill_work(query_lens[2:], 2, prefill_work_capacity(qsl[-1] + 5, 8))
+    assert work.shape == (prefill_work_capacity(qsl[-1] + 5, 8), 2) and (work[5:] == -1).all()
+    assert work[:5].tolist() == [[2, 0], [2, 1], [2, 2], [3, 0], [4, 0]]
+    out = torch.full_like(q, float("nan"))
+
+    paged_prefill_attention(q, k_cache, v_cache, block_tables, int32(qsl), int32(seq_lens), 0,
+                            head_dim ** -0.5, out=out, work=torch.from_numpy(work).to(DEVICE))
+
+    ref = reference(q, k_cache, v_cache, block_tables, qsl, seq_lens, head_dim ** -0.5).to(dtype)
+    assert_close(out[qsl[2]:qsl[-1]], ref[qsl[2]:qsl[-1]])
+    assert out[:qsl[2]].isnan().all() and out[qsl[-1]:].isnan().all()  # rows not listed: untouched
+
+
 def mixed_batch(block_size, num_heads, num_kv_heads, head_dim, dtype, fresh):
     """2 decodes + 2 prefill chunks, then one padding token (slot -1), as the model runner
     lays them out; the pool already holds the cached context."""
@@ -226,6 +253,34 @@ def test_triton_backend_mixed_batch(block_size, fresh, dtype):
     real = meta.query_start_loc_cpu[-1]  # the padding row's output is unspecified
     assert out.dtype == dtype
     assert_close(out[:real], ref[:real])
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "cached-prefix"])
+def test_triton_backend_mixed_batch_in_the_graph_layout(fresh, dtype):
+    # a captured mixed step: padded to 12 sequence rows, decode lengths instead of a decode
+    # count, the prefill work list padded with -1 rows; host values are placeholders
+    q, k, v, k_cache, v_cache, meta = mixed_batch(16, 9, 3, 64, dtype, fresh)
+    k_ref, v_ref = k_cache.float().clone(), v_cache.float().clone()
+    ref = TorchRefBackend().forward(q.float(), k.float(), v.float(), k_ref, v_ref, meta, 0.125)
+    rows, qsl = 12, meta.query_start_loc_cpu
+    decode_lens = torch.zeros(rows, dtype=torch.int32, device=DEVICE)
+    decode_lens[:2] = meta.seq_lens[:2]
+    pad = rows - meta.num_seqs
+    graph_meta = AttentionMetadata(
+        slot_mapping=meta.slot_mapping, query_start_loc=int32(qsl + [qsl[-1]] * pad),
+        seq_lens=int32(meta.seq_lens_cpu + [0] * pad),
+        block_tables=torch.cat([meta.block_tables, meta.block_tables.new_zeros(pad, meta.block_tables.shape[1])]),
+        num_decodes=-1, max_query_len=-1, max_seq_len=meta.block_tables.shape[1] * 16,
+        decode_lens=decode_lens,
+        prefill_work=torch.from_numpy(prefill_work([50, 33], 2, prefill_work_capacity(len(q), rows))).to(DEVICE),
+    )
+
+    out = TritonBackend().forward(q, k, v, k_cache, v_cache, graph_meta, 0.125)
+
+    assert torch.equal(k_cache.float(), k_ref) and torch.equal(v_cache.float(), v_ref)
+    assert_close(out[:qsl[-1]], ref[:qsl[-1]])
+    assert not out[qsl[-1]:].any()  # the padding row
 
 
 # Head sizes and GQA ratios of real models and odd ones, each with its own block size; the GPU

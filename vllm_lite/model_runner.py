@@ -4,6 +4,7 @@ model and returns logits. In tensor-parallel runs every rank has one; rank 0 pre
 step and samples."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
@@ -42,6 +43,10 @@ class StepInput:
     shared_len: int = 0
     shared_rows: np.ndarray | None = None
     shared_blocks: np.ndarray | None = None
+    # a step laid out for a captured mixed graph (``ModelRunner.graph_layout``): padded, with
+    # the decodes' lengths ([num_seqs], 0 past them) and the prefill kernel's work list
+    decode_lens: np.ndarray | None = None
+    prefill_work: np.ndarray | None = None
 
 
 class BlockTableRows:
@@ -130,6 +135,8 @@ class ModelRunner:
         # (batch size, cascade) -> (CUDA graph, its logits); filled on CUDA
         self.graphs: dict[tuple[int, bool], tuple] = {}
         self.graph_sizes: list[int] = []
+        # steps with prefill tokens: padded token count -> (CUDA graph, its hidden states)
+        self.mixed_graphs: dict[int, tuple] = {}
         self.static: dict[str, torch.Tensor] = {}  # the graphs' input buffers
         self.static_shared: SharedPrefix | None = None  # the cascade graphs' too
         self.supports_overlap = True  # the engine may launch a step before reading the last one
@@ -303,7 +310,8 @@ class ModelRunner:
         sent with one host-to-device copy; two buffers alternate, so the host can fill one
         while the copy from the other may still be queued behind a running step."""
         names = ["input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
-                 "logits_indices"] + (["prev_index"] if step.prev_index is not None else [])
+                 "logits_indices"]
+        names += [n for n in ("prev_index", "decode_lens", "prefill_work") if getattr(step, n) is not None]
         arrays = [getattr(step, n) for n in names]
         if step.shared_len:
             names += ["shared_len", "shared_rows", "shared_blocks"]
@@ -333,13 +341,18 @@ class ModelRunner:
     def execute(self, step: StepInput, prev_tokens: torch.Tensor | None = None) -> torch.Tensor:
         """Run the model on one step; returns the logits of the rows in ``logits_indices``.
         ``prev_tokens``: the previous step's sampled tokens, for placeholder token ids."""
+        num_tokens = len(step.input_ids)
+        mixed = self.mixed_graph_shape(step)
+        if mixed is not None:
+            step = self.graph_layout(step, *mixed)
         dev = self._upload(step)
         if step.prev_index is not None:
             prev = dev["prev_index"]
             dev["input_ids"] = torch.where(prev >= 0, prev_tokens[prev.clamp(min=0)], dev["input_ids"])
-        num_tokens = len(step.input_ids)
         if self.graphs and step.num_decodes == num_tokens and num_tokens <= self.graph_sizes[-1]:
             return self._replay(step, dev)
+        if mixed is not None:
+            return self._replay_mixed(step, dev, *mixed)
         meta = AttentionMetadata(
             slot_mapping=dev["slot_mapping"], query_start_loc=dev["query_start_loc"], seq_lens=dev["seq_lens"],
             block_tables=dev["block_tables"], num_decodes=step.num_decodes, max_query_len=step.max_query_len,
@@ -347,6 +360,7 @@ class ModelRunner:
             shared_prefix=SharedPrefix(dev["shared_len"], dev["shared_blocks"], dev["shared_rows"])
             if step.shared_len else None,
             query_start_loc_cpu=step.query_start_loc.tolist(), seq_lens_cpu=step.seq_lens.tolist(),
+            decode_lens=dev.get("decode_lens"), prefill_work=dev.get("prefill_work"),
         )
         with forward_context(meta):
             hidden = self.model(dev["input_ids"], dev["positions"])
@@ -356,7 +370,7 @@ class ModelRunner:
         """Forget the captured graphs (before a tensor-parallel group is torn down: NCCL's
         teardown hangs while graphs that captured its collectives are alive). Decode steps run
         eagerly afterwards."""
-        self.graphs, self.static, self.static_shared = {}, {}, None
+        self.graphs, self.mixed_graphs, self.static, self.static_shared = {}, {}, {}, None
 
     def close(self) -> None:
         """Drop the graphs, the KV pool and the weights so their device memory can be reused."""
@@ -368,50 +382,118 @@ class ModelRunner:
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
 
-    # ---- CUDA graphs for decode steps ----------------------------------------------------
+    # ---- CUDA graphs ---------------------------------------------------------------------
     def cuda_graph_batch_sizes(self) -> list[int]:
         max_bs = min(self.config.max_num_seqs, 512)
         return [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
+
+    def mixed_graph_token_sizes(self) -> list[int]:
+        """Token counts captured for steps with prefill tokens: 16 to 512 by doubling, then every
+        256 up to 2,048, within the token budget. Larger steps are GPU-bound and run eagerly."""
+        sizes = [16, 32, 64, 128, 256] + list(range(512, 2048 + 1, 256))
+        return [t for t in sizes if t <= self.config.max_num_batched_tokens]
+
+    def mixed_graph_seqs(self, num_tokens: int) -> int:
+        """The sequence rows of the mixed graph of ``num_tokens`` tokens."""
+        return min(num_tokens, self.config.max_num_seqs)
+
+    def mixed_graph_shape(self, step: StepInput) -> tuple[int, int] | None:
+        """(tokens, sequences) of the captured mixed graph that runs ``step``, or None: a step
+        of decodes only has its own graphs, and one too large runs eagerly."""
+        num_tokens = len(step.input_ids)
+        if not self.mixed_graphs or step.num_decodes == num_tokens or step.prefill_work is not None:
+            return None
+        size = next((t for t in self.mixed_graphs if t >= num_tokens), None)
+        if size is None or len(step.seq_lens) > self.mixed_graph_seqs(size):
+            return None
+        return size, self.mixed_graph_seqs(size)
+
+    def graph_layout(self, step: StepInput, num_tokens: int, num_seqs: int) -> StepInput:
+        """``step`` as a mixed graph of ``num_tokens`` tokens and ``num_seqs`` sequence rows
+        runs it: padding tokens write nowhere (slot -1) and belong to no sequence; the decodes'
+        lengths and the prefill kernel's work list stand for the host values (number of
+        decodes, longest query) that an eager step's kernel launches read."""
+        from vllm_lite.attention.triton_ops import prefill_work, prefill_work_capacity
+        pad, nd, qsl = num_tokens - len(step.input_ids), step.num_decodes, step.query_start_loc
+        decode_lens = np.zeros(num_seqs, np.int32)
+        decode_lens[:nd] = step.seq_lens[:nd]
+        return dataclasses.replace(
+            step,
+            input_ids=np.pad(step.input_ids, (0, pad)), positions=np.pad(step.positions, (0, pad)),
+            slot_mapping=np.pad(step.slot_mapping, (0, pad), constant_values=-1),
+            prev_index=None if step.prev_index is None else np.pad(step.prev_index, (0, pad), constant_values=-1),
+            query_start_loc=np.pad(qsl, (0, num_seqs + 1 - len(qsl)), mode="edge"),
+            seq_lens=np.pad(step.seq_lens, (0, num_seqs - len(step.seq_lens))),
+            decode_lens=decode_lens,
+            prefill_work=prefill_work(np.diff(qsl[nd:]), nd, prefill_work_capacity(num_tokens, num_seqs)),
+        )
 
     @torch.inference_mode()
     def capture_cuda_graphs(self) -> None:
         """Capture one graph of a whole decode step (model + LM head) per batch size; a step is
         padded up to the next captured size. Padding rows write nowhere (slot -1). Batches of
-        at least ``cascade_min_seqs`` get a second graph with cascade attention."""
+        at least ``cascade_min_seqs`` get a second graph with cascade attention. With a backend
+        that supports it, steps with prefill tokens get graphs too (``mixed_graph_token_sizes``:
+        the model without the LM head, which runs on the sampled rows only). All graphs read
+        one set of input buffers and share one memory pool."""
+        from vllm_lite.attention.triton_ops import prefill_work_capacity
         self.graph_sizes = self.cuda_graph_batch_sizes()
         max_bs = self.graph_sizes[-1]
+        mixed_sizes = self.mixed_graph_token_sizes() if self.backend.supports_mixed_cuda_graphs else []
+        max_tokens = max([max_bs] + mixed_sizes)
+        max_seqs = max([max_bs] + [self.mixed_graph_seqs(t) for t in mixed_sizes])
+        max_work = max([0] + [prefill_work_capacity(t, self.mixed_graph_seqs(t)) for t in mixed_sizes])
         max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
         dev = self.device
-        self.static = {
-            "input_ids": torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            "positions": torch.zeros(max_bs, dtype=torch.int64, device=dev),
-            "slot_mapping": torch.full((max_bs,), -1, dtype=torch.int64, device=dev),
-            "seq_lens": torch.ones(max_bs, dtype=torch.int32, device=dev),
-            "block_tables": torch.zeros((max_bs, max_blocks), dtype=torch.int32, device=dev),
+        self.static = st = {
+            "input_ids": torch.zeros(max_tokens, dtype=torch.int64, device=dev),
+            "positions": torch.zeros(max_tokens, dtype=torch.int64, device=dev),
+            "slot_mapping": torch.full((max_tokens,), -1, dtype=torch.int64, device=dev),
+            "seq_lens": torch.ones(max_seqs, dtype=torch.int32, device=dev),
+            "block_tables": torch.zeros((max_seqs, max_blocks), dtype=torch.int32, device=dev),
+            "query_start_loc": torch.zeros(max_seqs + 1, dtype=torch.int32, device=dev),
+            "decode_lens": torch.zeros(max_seqs, dtype=torch.int32, device=dev),
+            "prefill_work": torch.full((max_work, 2), -1, dtype=torch.int32, device=dev),
         }
         shared = SharedPrefix(length=torch.zeros(1, dtype=torch.int32, device=dev),
                               blocks=torch.zeros(max_blocks, dtype=torch.int32, device=dev),
                               rows=torch.zeros(max_bs, dtype=torch.int32, device=dev))
         self.static_shared = shared
+        self.graphs, self.mixed_graphs, pool = {}, {}, None
+        for t in reversed(mixed_sizes):  # the largest first: the smaller ones reuse its memory
+            b = self.mixed_graph_seqs(t)
+            meta = AttentionMetadata(st["slot_mapping"][:t], st["query_start_loc"][:b + 1], st["seq_lens"][:b],
+                                     st["block_tables"][:b], num_decodes=0, max_query_len=t,
+                                     max_seq_len=self.max_model_len, decode_lens=st["decode_lens"][:b],
+                                     prefill_work=st["prefill_work"][:prefill_work_capacity(t, b)])
+            graph, hidden = self._capture(meta, lambda: self.model(st["input_ids"][:t], st["positions"][:t]), pool)
+            pool = graph.pool()
+            self.mixed_graphs[t] = (graph, hidden)
+        self.mixed_graphs = dict(sorted(self.mixed_graphs.items()))
         query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
-        self.graphs, pool = {}, None
         for bs in reversed(self.graph_sizes):
-            st = {k: v[:bs] for k, v in self.static.items()}
             cascades = [False] + [True] * (self.backend.supports_shared_prefix and bs >= self.cascade_min_seqs)
             for cascade in cascades:
-                meta = AttentionMetadata(st["slot_mapping"], query_start_loc[:bs + 1], st["seq_lens"],
-                                         st["block_tables"], num_decodes=bs, max_query_len=1,
+                meta = AttentionMetadata(st["slot_mapping"][:bs], query_start_loc[:bs + 1], st["seq_lens"][:bs],
+                                         st["block_tables"][:bs], num_decodes=bs, max_query_len=1,
                                          max_seq_len=self.max_model_len,
                                          shared_prefix=SharedPrefix(shared.length, shared.blocks, shared.rows[:bs])
                                          if cascade else None)
-                with forward_context(meta):
-                    self.model.compute_logits(self.model(st["input_ids"], st["positions"]))  # warm-up
-                    graph = torch.cuda.CUDAGraph()
-                    with torch.cuda.graph(graph, pool):
-                        logits = self.model.compute_logits(self.model(st["input_ids"], st["positions"]))
+                graph, logits = self._capture(meta, lambda: self.model.compute_logits(
+                    self.model(st["input_ids"][:bs], st["positions"][:bs])), pool)
                 pool = graph.pool()
                 self.graphs[bs, cascade] = (graph, logits)
         torch.cuda.synchronize(dev)
+
+    @staticmethod
+    def _capture(meta: AttentionMetadata, run, pool) -> tuple:
+        """Run ``run`` once (warm-up), then capture it into a graph; returns (graph, output)."""
+        with forward_context(meta):
+            run()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool):
+                out = run()
+        return graph, out
 
     def _replay(self, step: StepInput, dev: dict[str, torch.Tensor]) -> torch.Tensor:
         n = len(step.input_ids)
@@ -432,3 +514,16 @@ class ModelRunner:
         graph, logits = self.graphs[bs, cascade]
         graph.replay()
         return logits[:n] if len(step.logits_indices) == n else logits[dev["logits_indices"]]
+
+    def _replay_mixed(self, step: StepInput, dev: dict[str, torch.Tensor], num_tokens: int, num_seqs: int):
+        """``step`` is already in the graph's layout (``graph_layout``): its arrays fill the
+        input buffers' first rows; the rows past them are never read."""
+        st = self.static
+        for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "decode_lens",
+                     "prefill_work"):
+            st[name][:len(dev[name])].copy_(dev[name])
+        rows, width = step.block_tables.shape
+        st["block_tables"][:rows, :width].copy_(dev["block_tables"])
+        graph, hidden = self.mixed_graphs[num_tokens]
+        graph.replay()
+        return self.model.compute_logits(hidden[dev["logits_indices"]])

@@ -47,6 +47,11 @@ class AttentionMetadata:
     # keys some decode rows share (None: nothing shared): a hint that a backend with
     # ``supports_shared_prefix`` uses to read them once for all those rows
     shared_prefix: SharedPrefix | None = None
+    # a step laid out for a CUDA graph (backends with ``supports_mixed_cuda_graphs``): the
+    # decodes' context lengths with 0 for every other row, and the prefill kernel's work list
+    # (seq, query tile) padded with -1; host values (num_decodes, max_*) are then not read
+    decode_lens: torch.Tensor | None = None  # [num_seqs] int32
+    prefill_work: torch.Tensor | None = None  # [W, 2] int32
     # host copies, for backends that loop over sequences
     query_start_loc_cpu: list[int] | None = None
     seq_lens_cpu: list[int] | None = None
@@ -65,6 +70,8 @@ class AttentionBackend:
     supports_cuda_graphs = True
     # reads ``meta.shared_prefix`` (cascade attention); others attend over each context in full
     supports_shared_prefix = False
+    # reads ``meta.decode_lens``/``prefill_work``, so steps with prefill tokens can be captured too
+    supports_mixed_cuda_graphs = False
 
     def forward(
         self,

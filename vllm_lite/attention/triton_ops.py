@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import inspect
 
+import numpy as np
 import torch
 import triton
 import triton.language as tl
@@ -27,6 +28,8 @@ _LOG2E = 1.4426950408889634
 # a decode split keeps at least this many keys, so partial results stay a small share of traffic
 _MIN_SPLIT_TOKENS = 128
 _MAX_SPLITS = 64
+# query rows per program of the prefill kernel
+PREFILL_BLOCK_M = 64
 
 
 # Triton compiles a variant per specialization of each argument (an int equal to 1 or divisible
@@ -376,22 +379,30 @@ def paged_decode_attention(
 # ----------------------------------------------------------------------------- prefill
 
 
-@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_METADATA_PTRS)
+@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_METADATA_PTRS + ["work_ptr"])
 def _prefill_kernel(
     q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr,
+    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, work_ptr,
     scale_log2,
     stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
     stride_cb, stride_cs, stride_ch,
     GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    DOT_PRECISION: tl.constexpr, USE_WORK: tl.constexpr,
 ):
     """Program (query tile, query head, seq): the tile's queries sit at the end of the context
-    and attend causally to every key up to their position, cached prefix included."""
-    tile = tl.program_id(0)
+    and attend causally to every key up to their position, cached prefix included. USE_WORK:
+    program (work item, query head) instead, the item's (seq, tile) read from ``work`` [W, 2]
+    (seq -1: nothing to do), so that the grid does not depend on the step (CUDA graphs)."""
+    if USE_WORK:
+        seq = tl.load(work_ptr + 2 * tl.program_id(0))
+        tile = tl.load(work_ptr + 2 * tl.program_id(0) + 1)
+        if seq < 0:
+            return
+    else:
+        tile = tl.program_id(0)
+        seq = tl.program_id(2)
     head = tl.program_id(1)
-    seq = tl.program_id(2)
     kv_head = head // GROUP
 
     q_start = tl.load(query_start_loc_ptr + seq)
@@ -428,31 +439,54 @@ def paged_prefill_attention(
     max_query_len: int,
     scale: float,
     out: torch.Tensor | None = None,
+    work: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed query chunks over all their keys in the paged cache; serves
-    chunked prefill and prefix caching. Only the rows named by query_start_loc are written."""
+    chunked prefill and prefix caching. Only the rows named by query_start_loc are written.
+    ``work`` ([W, 2] int32 from ``prefill_work``): the (seq, query tile) pairs to compute, -1
+    rows skipped; the grid is then W programs per head whatever the step (``max_query_len`` is
+    not read), so the call can be graph-captured with W an upper bound."""
     if out is None:
         out = torch.empty_like(q)
     num_seqs = seq_lens.shape[0]
     num_heads, head_dim = q.shape[1], q.shape[2]
-    if num_seqs == 0 or max_query_len == 0:
+    if num_seqs == 0 or (work is None and max_query_len == 0):
         return out
     _check_layout(q, out, k_cache, v_cache)
     assert k_cache.stride() == v_cache.stride()
     _, block_size, num_kv_heads, _ = k_cache.shape
-    block_m = 64
-    grid = (triton.cdiv(max_query_len, block_m), num_heads, num_seqs)
+    if work is None:
+        grid = (triton.cdiv(max_query_len, PREFILL_BLOCK_M), num_heads, num_seqs)
+    else:
+        grid = (work.shape[0], num_heads, 1)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens,
+        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, seq_lens if work is None else work,
         scale * _LOG2E,
         q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
         GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=block_m, BLOCK_N=64 if head_dim <= 128 else 32, BLOCK_D=_pow2(head_dim, 16),
-        DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=64 if head_dim <= 128 else 32, BLOCK_D=_pow2(head_dim, 16),
+        DOT_PRECISION=_dot_precision(q.dtype), USE_WORK=work is not None,
         num_warps=4,
     )
     return out
+
+
+def prefill_work(query_lens: np.ndarray, first_seq: int, capacity: int | None = None) -> np.ndarray:
+    """The (seq, query tile) pairs of the sequences ``first_seq, first_seq + 1, ...`` with these
+    query lengths, [W, 2] int32, padded with -1 rows up to ``capacity``."""
+    tiles = -(-np.asarray(query_lens, np.int64) // PREFILL_BLOCK_M)
+    total = int(tiles.sum())
+    work = np.full((max(total, capacity or 0), 2), -1, np.int32)
+    work[:total, 0] = np.repeat(np.arange(first_seq, first_seq + len(tiles)), tiles)
+    work[:total, 1] = np.arange(total) - np.repeat(np.cumsum(tiles) - tiles, tiles)
+    return work
+
+
+def prefill_work_capacity(num_tokens: int, num_seqs: int) -> int:
+    """An upper bound on ``prefill_work``'s rows for up to ``num_tokens`` query tokens in up to
+    ``num_seqs`` sequences: each sequence adds at most one partial tile."""
+    return triton.cdiv(num_tokens, PREFILL_BLOCK_M) + num_seqs
 
 
 # ----------------------------------------------------------------------------- backend
@@ -471,6 +505,7 @@ class TritonBackend(AttentionBackend):
 
     name = "triton"
     supports_shared_prefix = True
+    supports_mixed_cuda_graphs = True
 
     def forward(
         self,
@@ -488,6 +523,8 @@ class TritonBackend(AttentionBackend):
             raise ValueError(f"block table of {meta.block_tables.shape[1]} blocks cannot hold "
                              f"max_seq_len {meta.max_seq_len} at block_size {k_cache.shape[1]}")
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
+        if meta.prefill_work is not None:
+            return self._forward_graph_layout(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
         nd = meta.num_decodes
         if nd > 0:
@@ -510,6 +547,20 @@ class TritonBackend(AttentionBackend):
             paged_prefill_attention(q, k_cache, v_cache, meta.block_tables[nd:],
                                     meta.query_start_loc[nd:], meta.seq_lens[nd:],
                                     meta.max_query_len, scale, out=out)
+        return out
+
+    @staticmethod
+    def _forward_graph_layout(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+        """A step whose grids depend only on its padded shapes (a captured mixed step). The
+        decode kernel runs over every sequence row with ``decode_lens`` (0: writes zeros to that
+        row, which is a prefill token's or padding); the prefill kernel then writes every prefill
+        token's row from its work list. Padding rows stay zero."""
+        out = torch.zeros_like(q)
+        rows = meta.decode_lens.shape[0]  # <= the step's tokens: every sequence has one
+        paged_decode_attention(q[:rows], k_cache, v_cache, meta.block_tables, meta.decode_lens, scale,
+                               out=out[:rows], num_splits=1)
+        paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
+                                0, scale, out=out, work=meta.prefill_work)
         return out
 
     @staticmethod
