@@ -46,7 +46,6 @@ class EngineConfig:
     # execution
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # no CUDA graphs
-    disable_custom_all_reduce: bool = False  # tensor parallel on CUDA: NCCL for every all-reduce
     attention_backend: str = "auto"
 
     def __post_init__(self) -> None:

@@ -45,13 +45,7 @@ import torch.multiprocessing as mp
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.model_runner import ModelRunner, StepInput, resolve_device
-from vllm_lite.parallel_state import (
-    close_symmetric_all_reduce,
-    init_symmetric_all_reduce,
-    set_tp,
-    tp_rank,
-    tp_size,
-)
+from vllm_lite.parallel_state import set_tp, tp_rank, tp_size
 
 TIMEOUT_ENV = "VLLM_LITE_TP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 30.0
@@ -142,7 +136,6 @@ def leave_process_group(runner: ModelRunner | None, graceful: bool) -> None:
         return
     if runner is not None:
         runner.drop_cuda_graphs()
-    close_symmetric_all_reduce()
     if dist.get_backend() == "nccl":
         if graceful:
             torch.cuda.synchronize()  # nothing is stuck: let the last step finish
@@ -189,8 +182,6 @@ def _worker_main(rank: int, tp: int, store_port: int, backend: str, timeout_s: f
         dist.init_process_group(backend, store=store, rank=rank, world_size=tp, timeout=timeout)
         set_tp(rank, tp)
         runner = ModelRunner(config, hf_config, model_path, device)
-        if not config.disable_custom_all_reduce:
-            init_symmetric_all_reduce(device, runner.dtype)  # with every rank
         results.send(("ready", param_bytes(runner.model)))
         while True:
             try:
@@ -473,8 +464,6 @@ class TPExecutor:
         self._building_own_model = True
         with _as_rank(0, tp):
             self.runner = ModelRunner(config, hf_config, model_path, self.device)
-            if not config.disable_custom_all_reduce:
-                init_symmetric_all_reduce(self.device, self.runner.dtype)  # with every rank
         self._building_own_model = False
         self.dtype = self.runner.dtype
         workers.runner = weakref.ref(self.runner)
