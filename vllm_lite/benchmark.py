@@ -271,12 +271,12 @@ def bench_main(argv: list[str]) -> int:
             if tokenizer_path is not None:
                 args["tokenizer_path"] = tokenizer_path
     folder = args["model_path"]
-    if dataset == "nano-vllm":  # its bench.py's LLM(path, max_model_len=4096)
-        args.setdefault("max_model_len", max(4096, in_range[1] + out_range[1]))
+    hf_config = AutoConfig.from_pretrained(folder)
+    if dataset == "nano-vllm":  # its bench.py's LLM(path, max_model_len=4096), within the model's limit
+        args.setdefault("max_model_len", max(min(4096, hf_config.max_position_embeddings), in_range[1] + out_range[1]))
     args.setdefault("max_model_len", in_range[1] + out_range[1] + (prefix_len if dataset == "shared-prefix" else 0))
     config = EngineConfig(**args)
 
-    hf_config = AutoConfig.from_pretrained(folder)
     if dataset == "nano-vllm":
         work = Workload.nano_vllm(num, in_range, out_range, hf_config.vocab_size)
     elif dataset == "shared-prefix":
