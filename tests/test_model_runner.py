@@ -97,3 +97,22 @@ def test_a_mixed_step_in_the_graph_layout_gives_the_eager_logits(tmp_path):
     assert len(padded.input_ids) == 48 and len(padded.decode_lens) == 6
     torch.testing.assert_close(logits, eager, rtol=1e-4, atol=1e-4)
     assert torch.equal(runner.kv_cache, written)  # the padding tokens wrote nothing
+
+
+def test_a_step_with_prefill_tokens_takes_the_smallest_captured_size_that_holds_it():
+    runner = SimpleNamespace(config=SimpleNamespace(max_num_seqs=4, max_num_batched_tokens=8192),
+                             mixed_graphs={t: None for t in (16, 32, 64)})
+    runner.mixed_graph_seqs = lambda t: ModelRunner.mixed_graph_seqs(runner, t)
+
+    def shape(num_tokens, num_seqs, num_decodes):
+        step = SimpleNamespace(input_ids=np.zeros(num_tokens), seq_lens=np.zeros(num_seqs), num_decodes=num_decodes,
+                               prefill_work=None)
+        return ModelRunner.mixed_graph_shape(runner, step)
+
+    assert shape(17, 3, 2) == (32, 4)  # 2 decodes + a 15-token chunk; sequence rows: max_num_seqs
+    assert shape(16, 1, 0) == (16, 4)
+    assert shape(65, 2, 1) is None  # larger than every graph: eager
+    assert shape(3, 3, 3) is None  # decodes only: the decode graphs
+    assert ModelRunner.mixed_graph_token_sizes(runner)[-3:] == [1536, 1792, 2048]
+    runner.config.max_num_batched_tokens = 300
+    assert ModelRunner.mixed_graph_token_sizes(runner) == [16, 32, 64, 128, 256]
