@@ -313,10 +313,14 @@ def test_paged_prefill_over_the_shape_grid(head_dim, group, num_kv_heads, block_
     k_cache, v_cache, block_tables = make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype)
     qsl = cumsum0(query_lens)
     q = torch.randn(qsl[-1], group * num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
-    out = torch.full_like(q, float("nan"))
-    paged_prefill_attention(q, k_cache, v_cache, block_tables, int32(qsl), int32(seq_lens), max(query_lens),
-                            head_dim ** -0.5, out=out)
-    assert_close(out, reference(q, k_cache, v_cache, block_tables, qsl, seq_lens, head_dim ** -0.5).to(dtype))
+    ref = reference(q, k_cache, v_cache, block_tables, qsl, seq_lens, head_dim ** -0.5).to(dtype)
+    # the launch of eager steps, then the one of captured steps (a work list padded with -1)
+    work = torch.from_numpy(prefill_work(query_lens, 0, prefill_work_capacity(len(q), 4))).to(DEVICE)
+    for grid_work in (None, work):
+        out = torch.full_like(q, float("nan"))
+        paged_prefill_attention(q, k_cache, v_cache, block_tables, int32(qsl), int32(seq_lens), max(query_lens),
+                                head_dim ** -0.5, out=out, work=grid_work)
+        assert_close(out, ref)
 
 
 def test_triton_backend_refuses_a_block_table_narrower_than_the_context():
