@@ -60,6 +60,12 @@ def main() -> None:
         if rows:
             print(f"  {kind}: {len(rows)} steps, {sum(r[2] for r in rows):.0f} ms, "
                   f"{sum(r[0] for r in rows)} prefill tokens, mean {sum(r[1] for r in rows) / len(rows):.0f} decode rows")
+    buckets: dict[int, list[float]] = {}
+    for p, d, ms in kinds["decode only"]:
+        buckets.setdefault(min(d // 32, 7), []).append(ms)
+    for b, times in sorted(buckets.items()):
+        print(f"    decode rows {32 * b:3d}..{32 * b + 31 if b < 7 else 'max'}: {len(times):4d} steps, "
+              f"{sum(times):6.0f} ms, {sum(times) / len(times):.2f} ms per step")
     print("first 12 steps (prefill tokens, decode rows, wall ms):",
           ", ".join(f"({p}, {d}, {ms:.1f})" for p, d, ms in steps[:12]))
 
