@@ -376,173 +376,6 @@ def paged_decode_attention(
     return out
 
 
-# ------------------------------------------------------------------- balanced decode
-
-# programs per SM of the balanced decode kernel (per KV head: divided by their count); a span
-# (the keys one program reads) is at least _MIN_SPAN keys, so partial results stay a small share
-_BALANCED_PROGRAMS_PER_SM = 4
-_MIN_SPAN = 128
-
-
-@triton.jit(do_not_specialize=["num_seqs", "min_span", "stride_bt"],
-            do_not_specialize_on_alignment=["block_tables_ptr", "seq_lens_ptr"])
-def _balanced_decode_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr,
-    out_ptr, part_o_ptr, part_lse_ptr, first_last_ptr,
-    num_seqs, min_span, scale_log2,
-    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
-    stride_cb, stride_cs, stride_ch,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_B: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
-):
-    """Program (p, kv head) of P: the keys of all sequences, laid end to end, are cut into P
-    equal spans and program p reads span p, whatever sequences it crosses, so every program
-    has the same work however unequal the contexts are (one long context is shared by all P
-    programs; many short ones are packed). A sequence whose keys all lie in the span gets its
-    output here; otherwise each piece (sequence s in span p) writes its normalized output and
-    log2-sum-exp to slot p + s for ``_balanced_reduce_kernel``, and the programs holding a
-    sequence's first and last key note p in ``first_last`` [2, num_seqs]."""
-    p = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    offs_b = tl.arange(0, BLOCK_B)
-    total = tl.cast(0, tl.int32)
-    for c in range(0, num_seqs, BLOCK_B):
-        total += tl.sum(tl.load(seq_lens_ptr + c + offs_b, mask=c + offs_b < num_seqs, other=0))
-    span = tl.maximum(tl.cdiv(total, tl.num_programs(0)), min_span)
-    lo = p * span
-    hi = tl.minimum(lo + span, total)
-    # the first sequence that reaches into the span, and the keys of those before it
-    s = tl.cast(0, tl.int32)
-    base = tl.cast(0, tl.int32)
-    run = tl.cast(0, tl.int32)
-    for c in range(0, num_seqs, BLOCK_B):
-        lens = tl.load(seq_lens_ptr + c + offs_b, mask=c + offs_b < num_seqs, other=0)
-        before = (run + tl.cumsum(lens, 0) <= lo) & (c + offs_b < num_seqs)
-        s += tl.sum(before.to(tl.int32))
-        base += tl.sum(tl.where(before, lens, 0))
-        run += tl.sum(lens)
-
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    heads = kv_head * GROUP + offs_g
-    g_mask = offs_g < GROUP
-    gd_mask = g_mask[:, None] & (offs_d[None, :] < HEAD_DIM)
-    pos = lo
-    while pos < hi:
-        seq_len = tl.load(seq_lens_ptr + s)
-        seg_lo = pos - base
-        seg_hi = tl.minimum(seq_len, hi - base)
-        q = tl.load(q_ptr + s * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gd_mask, other=0.0)
-        acc, m_i, l_i = _attend(q, seg_lo, seg_hi, block_tables_ptr + s * stride_bt, k_cache_ptr, v_cache_ptr,
-                                kv_head, stride_cb, stride_cs, stride_ch, scale_log2, seg_lo,
-                                HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, DOT_PRECISION)
-        # an empty sequence (length 0) gives an empty piece: nothing is written for it
-        some = seg_hi > seg_lo
-        whole = some & (seg_lo == 0) & (seg_hi == seq_len)
-        piece = some & ((seg_lo > 0) | (seg_hi < seq_len))
-        l_safe = tl.where(l_i > 0, l_i, 1.0)
-        acc = acc / l_safe[:, None]
-        tl.store(out_ptr + s * stride_ob + heads[:, None] * stride_oh + offs_d[None, :],
-                 acc.to(out_ptr.dtype.element_ty), mask=gd_mask & whole)
-        slot = (p + s) * NUM_HEADS + heads  # part_o is [P + num_seqs, Hq, BLOCK_D]
-        tl.store(part_o_ptr + slot[:, None] * BLOCK_D + offs_d[None, :], acc, mask=gd_mask & piece)
-        tl.store(part_lse_ptr + slot, m_i + tl.log2(l_safe), mask=g_mask & piece)
-        tl.store(first_last_ptr + s, p, mask=some & (seg_lo == 0) & (kv_head == 0))
-        tl.store(first_last_ptr + num_seqs + s, p, mask=some & (seg_hi == seq_len) & (kv_head == 0))
-        base += seq_len
-        pos = base
-        s += 1
-
-
-@triton.jit(do_not_specialize=["num_seqs"], do_not_specialize_on_alignment=["seq_lens_ptr"])
-def _balanced_reduce_kernel(
-    part_o_ptr, part_lse_ptr, first_last_ptr, seq_lens_ptr, out_ptr,
-    num_seqs, stride_ob, stride_oh,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_D: tl.constexpr,
-):
-    """Program (seq, kv head): merges the pieces of a sequence that crossed spans, weighting each
-    by its share of the softmax mass; writes zeros for an empty sequence."""
-    s = tl.program_id(0)
-    kv_head = tl.program_id(1)
-    offs_g = tl.arange(0, BLOCK_G)
-    offs_d = tl.arange(0, BLOCK_D)
-    heads = kv_head * GROUP + offs_g
-    gd_mask = (offs_g[:, None] < GROUP) & (offs_d[None, :] < HEAD_DIM)
-    o_ptrs = out_ptr + s * stride_ob + heads[:, None] * stride_oh + offs_d[None, :]
-    if tl.load(seq_lens_ptr + s) == 0:
-        tl.store(o_ptrs, tl.zeros([BLOCK_G, BLOCK_D], tl.float32).to(out_ptr.dtype.element_ty), mask=gd_mask)
-    else:
-        first = tl.load(first_last_ptr + s)
-        last = tl.load(first_last_ptr + num_seqs + s)
-        if last > first:
-            m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-            l_i = tl.zeros([BLOCK_G], tl.float32)
-            acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
-            for p in range(first, last + 1):
-                slot = (p + s) * NUM_HEADS + heads
-                lse = tl.load(part_lse_ptr + slot, mask=offs_g < GROUP, other=0.0)
-                o = tl.load(part_o_ptr + slot[:, None] * BLOCK_D + offs_d[None, :], mask=gd_mask, other=0.0)
-                m_new = tl.maximum(m_i, lse)
-                alpha = tl.exp2(m_i - m_new)
-                w = tl.exp2(lse - m_new)
-                acc = acc * alpha[:, None] + w[:, None] * o
-                l_i = l_i * alpha + w
-                m_i = m_new
-            tl.store(o_ptrs, (acc / l_i[:, None]).to(out_ptr.dtype.element_ty), mask=gd_mask)
-
-
-def balanced_decode_programs(num_kv_heads: int, device: torch.device) -> int:
-    """Programs per KV head of the balanced decode kernel: a few per SM (the CPU interpreter
-    runs programs one by one: there, fewer is faster)."""
-    return triton.cdiv(_BALANCED_PROGRAMS_PER_SM * _num_sms(device), num_kv_heads)
-
-
-def balanced_decode_attention(
-    q: torch.Tensor,  # [B, Hq, D], one query per sequence, at its last position
-    k_cache: torch.Tensor,  # [num_blocks, block_size, Hkv, D]
-    v_cache: torch.Tensor,
-    block_tables: torch.Tensor,  # [B, max_blocks] int32
-    seq_lens: torch.Tensor,  # [B] int32; 0: the row's output is zeros
-    scale: float,
-    out: torch.Tensor | None = None,
-    num_programs: int | None = None,
-    min_span: int = _MIN_SPAN,
-) -> torch.Tensor:
-    """Decode attention over the paged cache with the same work for every program (see
-    ``_balanced_decode_kernel``): its grids depend only on shapes, so it can be graph-captured."""
-    if out is None:
-        out = torch.empty_like(q)
-    batch, num_heads, head_dim = q.shape
-    if batch == 0:
-        return out
-    _check_layout(q, out, k_cache, v_cache)
-    assert k_cache.stride() == v_cache.stride()
-    _, block_size, num_kv_heads, _ = k_cache.shape
-    group = num_heads // num_kv_heads
-    programs = num_programs or balanced_decode_programs(num_kv_heads, q.device)
-    block_d, block_g = _pow2(head_dim, 16), _pow2(group, 16)
-    part_o = torch.empty(programs + batch, num_heads, block_d, dtype=torch.float32, device=q.device)
-    part_lse = torch.empty(programs + batch, num_heads, dtype=torch.float32, device=q.device)
-    first_last = torch.empty(2, batch, dtype=torch.int32, device=q.device)
-    _balanced_decode_kernel[(programs, num_kv_heads)](
-        q, k_cache, v_cache, block_tables, seq_lens, out, part_o, part_lse, first_last,
-        batch, min_span, scale * _LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_B=256, BLOCK_G=block_g, BLOCK_N=64 if head_dim <= 128 else 32,
-        BLOCK_D=block_d, DOT_PRECISION=_dot_precision(q.dtype),
-        num_warps=4,
-    )
-    _balanced_reduce_kernel[(batch, num_kv_heads)](
-        part_o, part_lse, first_last, seq_lens, out, batch, out.stride(0), out.stride(1),
-        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_G=block_g, BLOCK_D=block_d,
-    )
-    return out
-
-
 # ----------------------------------------------------------------------------- prefill
 
 
@@ -673,8 +506,6 @@ class TritonBackend(AttentionBackend):
     name = "triton"
     supports_shared_prefix = True
     supports_mixed_cuda_graphs = True
-    # decode rows without a shared prefix: the balanced kernel (False: the split kernel)
-    balanced_decode = True
 
     def forward(
         self,
@@ -696,10 +527,7 @@ class TritonBackend(AttentionBackend):
             return self._forward_graph_layout(q, k_cache, v_cache, meta, scale)
         out = torch.empty_like(q)
         nd = meta.num_decodes
-        if nd > 0 and meta.shared_prefix is None and self.balanced_decode:
-            balanced_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                                      out=out[:nd])
-        elif nd > 0:
+        if nd > 0:
             # next to prefill work the GPU is busy anyway: one split, one compiled variant. Else
             # the split count follows the longest context (so the warm-up can meet each count)
             paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
@@ -721,16 +549,16 @@ class TritonBackend(AttentionBackend):
                                     meta.max_query_len, scale, out=out)
         return out
 
-    def _forward_graph_layout(self, q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    @staticmethod
+    def _forward_graph_layout(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
         """A step whose grids depend only on its padded shapes (a captured mixed step). The
         decode kernel runs over every sequence row with ``decode_lens`` (0: writes zeros to that
         row, which is a prefill token's or padding); the prefill kernel then writes every prefill
         token's row from its work list. Padding rows stay zero."""
         out = torch.zeros_like(q)
         rows = meta.decode_lens.shape[0]  # <= the step's tokens: every sequence has one
-        decode = balanced_decode_attention if self.balanced_decode else functools.partial(paged_decode_attention,
-                                                                                          num_splits=1)
-        decode(q[:rows], k_cache, v_cache, meta.block_tables, meta.decode_lens, scale, out=out[:rows])
+        paged_decode_attention(q[:rows], k_cache, v_cache, meta.block_tables, meta.decode_lens, scale,
+                               out=out[:rows], num_splits=1)
         paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
                                 0, scale, out=out, work=meta.prefill_work)
         return out
