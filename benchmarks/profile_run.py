@@ -9,10 +9,12 @@ GPU work of the step before it.
 from __future__ import annotations
 
 import argparse
+import time
 
 import torch
 
 from vllm_lite import LLM, SamplingParams
+from vllm_lite.model_runner import ModelRunner
 from vllm_lite.benchmark import DEFAULT_LENS, Workload, model_folder, record_steps
 
 
@@ -29,6 +31,35 @@ def run(llm: LLM, work: Workload, log: list) -> list[tuple[int, int, float]]:
     return [(tokens - decodes, decodes, 1e3 * seconds) for decodes, tokens, _, seconds in log]
 
 
+def prefill_phase(llm: LLM, work: Workload, profile: bool) -> None:
+    """Wall time of the steps until every prompt is computed (the run's prefill phase), and with
+    ``profile`` the GPU kernel time inside it: far less kernel time than wall time means the
+    host (or a gap between steps) is the bound there, not the GPU."""
+    engine = llm.engine
+    for prompt, n in zip(work.prompts, work.output_lens):
+        engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False))
+    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else None
+    torch.cuda.synchronize()
+    t0, steps = time.perf_counter(), 0
+    if prof:
+        prof.start()
+    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+        engine.step()
+        steps += 1
+    torch.cuda.synchronize()
+    wall = 1e3 * (time.perf_counter() - t0)
+    if prof:
+        prof.stop()
+    while engine.has_unfinished_requests():
+        engine.step()
+    line = f"prefill phase: {steps} steps, wall {wall:.0f} ms"
+    if prof:
+        events = prof.key_averages()
+        line += f" (profiled), GPU kernels {sum(e.self_device_time_total for e in events) / 1e3:.0f} ms"
+        print(events.table(sort_by="self_cuda_time_total", row_limit=8, max_name_column_width=60))
+    print(line)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-config", default="qwen3-0.6b")
@@ -36,7 +67,12 @@ def main() -> None:
     parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
                         help="every prompt: one N-token system prompt, then 128 own tokens")
     parser.add_argument("--no-enable-prefix-caching", dest="caching", action="store_false")
+    parser.add_argument("--prefill-phase", action="store_true",
+                        help="only the prefill phase: its wall time (3 runs), then its GPU kernel time")
+    parser.add_argument("--mixed-graph-max-tokens", type=int, help="ModelRunner.mixed_graph_max_tokens")
     args = parser.parse_args()
+    if args.mixed_graph_max_tokens:
+        ModelRunner.mixed_graph_max_tokens = args.mixed_graph_max_tokens
 
     llm = LLM(model_folder(args.model_config), load_format="dummy", max_model_len=4096,
               enable_prefix_caching=args.caching)
@@ -50,6 +86,12 @@ def main() -> None:
         work = Workload.random(256, (100, 1024), (100, 1024), vocab, 0)
     run(llm, Workload.random(16, (16, 64), (4, 8), vocab, 1), log)  # warm-up
     llm.engine.reset_prefix_cache()
+    if args.prefill_phase:
+        for profile in (False, False, False, True):
+            prefill_phase(llm, work, profile)
+            llm.engine.reset_prefix_cache()
+        llm.close()
+        return
     steps = run(llm, work, log)
     total = sum(ms for *_, ms in steps)
     print(f"{len(steps)} steps, {total:.0f} ms")

@@ -387,11 +387,15 @@ class ModelRunner:
         max_bs = min(self.config.max_num_seqs, 512)
         return [b for b in (1, 2, 4, 8) if b < max_bs] + list(range(16, max_bs, 16)) + [max_bs]
 
+    # mixed steps above this many tokens run eagerly
+    mixed_graph_max_tokens = 2048
+
     def mixed_graph_token_sizes(self) -> list[int]:
         """Token counts captured for steps with prefill tokens: 16 to 512 by doubling, then every
-        256 up to 2,048, within the token budget. Larger steps are GPU-bound and run eagerly."""
-        sizes = [16, 32, 64, 128, 256] + list(range(512, 2048 + 1, 256))
-        return [t for t in sizes if t <= self.config.max_num_batched_tokens]
+        256 up to 2,048, then every 1,024, within the token budget and mixed_graph_max_tokens."""
+        sizes = [16, 32, 64, 128, 256] + list(range(512, 2048, 256)) + list(range(2048, 65536 + 1, 1024))
+        limit = min(self.config.max_num_batched_tokens, self.mixed_graph_max_tokens)
+        return [t for t in sizes if t <= limit]
 
     def mixed_graph_seqs(self, num_tokens: int) -> int:
         """The sequence rows of the mixed graph of ``num_tokens`` tokens."""
