@@ -101,7 +101,7 @@ def test_a_mixed_step_in_the_graph_layout_gives_the_eager_logits(tmp_path):
 
 def test_a_step_with_prefill_tokens_takes_the_smallest_captured_size_that_holds_it():
     runner = SimpleNamespace(config=SimpleNamespace(max_num_seqs=4, max_num_batched_tokens=8192),
-                             mixed_graphs={t: None for t in (16, 32, 64)})
+                             mixed_graphs={t: None for t in (16, 32, 64)}, mixed_graph_max_tokens=2048)
     runner.mixed_graph_seqs = lambda t: ModelRunner.mixed_graph_seqs(runner, t)
 
     def shape(num_tokens, num_seqs, num_decodes):
