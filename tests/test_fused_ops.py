@@ -103,6 +103,30 @@ def test_rotary_on_strided_views(num_tokens, head_dim, dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("head_dim", [16, 128])
+def test_rotary_with_qk_norm_is_norm_then_rotary(num_tokens, head_dim, dtype):
+    """Qwen3's per-head q/k RMSNorm inside the rotary kernel gives what the norm kernel and then
+    the rotary kernel give, and what the plain torch layers give."""
+    config = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+    rope = RotaryEmbedding(config, head_dim, MAX_POS).to(DEVICE)
+    q_norm, k_norm = make_norm(head_dim, dtype), make_norm(head_dim, dtype)
+    q, k = qkv_views(num_tokens, 16, 8, head_dim, dtype)
+    positions = torch.randint(0, MAX_POS, (num_tokens,), device=DEVICE)
+
+    q_out, k_out = rotary(positions, q, k, rope.cos, rope.sin, (q_norm.weight, k_norm.weight), q_norm.eps)
+
+    q_two, k_two = rotary(positions, rms_norm(q, q_norm.weight, q_norm.eps), rms_norm(k, k_norm.weight, k_norm.eps),
+                          rope.cos, rope.sin)
+    q_ref, k_ref = rope.forward_native(positions, q_norm.forward_native(q), k_norm.forward_native(k))
+    for out, two, ref in ((q_out, q_two, q_ref), (k_out, k_two, k_ref)):
+        assert_close(out, two)
+        assert_close(out, ref)
+        if dtype != torch.float32:  # the same roundings: at most one unit in the last place apart
+            assert ((out.float() - two.float()).abs() <= two.float().abs() * 2 ** -7 + 1e-6).all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_tokens", TOKENS)
 @pytest.mark.parametrize("n", [32, 1500])  # 1500: more than one block per row, a ragged last one
 def test_silu_and_mul(num_tokens, n, dtype):
     x = torch.randn(num_tokens, 2 * n, dtype=dtype, device=DEVICE) * 3
@@ -220,6 +244,10 @@ def test_layers_dispatch_to_fused_on_cuda():
     q, k = qkv_views(7, 16, 8, 128, dtype)
     positions = torch.arange(7, device=DEVICE)
     for got, want in zip(rope(positions, q, k), rotary(positions, q, k, rope.cos, rope.sin)):
+        assert torch.equal(got, want)
+    q_norm, k_norm = make_norm(128, dtype), make_norm(128, dtype)
+    for got, want in zip(rope(positions, q, k, q_norm, k_norm),
+                         rotary(positions, q, k, rope.cos, rope.sin, (q_norm.weight, k_norm.weight), q_norm.eps)):
         assert torch.equal(got, want)
     gu = torch.randn(7, 2 * 384, dtype=dtype, device=DEVICE)
     assert torch.equal(SiluAndMul()(gu), silu_and_mul(gu))

@@ -112,21 +112,29 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, residual: torch.
 
 @triton.jit
 def _rotate_heads(
-    x_ptr, o_ptr, stride_x_h, stride_o_h, n_heads, half,
+    x_ptr, o_ptr, w_ptr, stride_x_h, stride_o_h, n_heads, half, eps,
     cos1, cos2, sin1, sin2,
-    BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
-    """All heads of one token: out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1)."""
+    """All heads of one token: out = x * cos + rotate_half(x) * sin, rotate_half(x) = (-x2, x1).
+    NORM: x is first RMS-normalized per head with weight ``w`` (Qwen3's q/k norm), rounded as
+    ``rms_norm`` rounds it."""
     heads = tl.arange(0, BLOCK_HEADS)
     d = tl.arange(0, BLOCK_HALF)
     mask = (heads < n_heads)[:, None] & (d < half)[None, :]
     x_off = heads[:, None] * stride_x_h + d[None, :]
+    dtype = o_ptr.dtype.element_ty
     x1 = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(tl.float32)
     x2 = tl.load(x_ptr + x_off + half, mask=mask, other=0.0).to(tl.float32)
+    if NORM:
+        rstd = 1.0 / tl.sqrt((tl.sum(x1 * x1, axis=1) + tl.sum(x2 * x2, axis=1)) / (2 * half) + eps)
+        w1 = tl.load(w_ptr + d, mask=d < half, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + half + d, mask=d < half, other=0.0).to(tl.float32)
+        x1 = (w1[None, :] * (x1 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
+        x2 = (w2[None, :] * (x2 * rstd[:, None]).to(dtype).to(tl.float32)).to(dtype).to(tl.float32)
     o1 = x1 * cos1[None, :] - x2 * sin1[None, :]
     o2 = x2 * cos2[None, :] + x1 * sin2[None, :]
     o_off = heads[:, None] * stride_o_h + d[None, :]
-    dtype = o_ptr.dtype.element_ty
     tl.store(o_ptr + o_off, o1.to(dtype), mask=mask)
     tl.store(o_ptr + o_off + half, o2.to(dtype), mask=mask)
 
@@ -134,11 +142,11 @@ def _rotate_heads(
 # positions may sit at any offset of the step's packed upload: alignment buys a scalar load nothing
 @triton.jit(do_not_specialize_on_alignment=["pos_ptr"])
 def _rotary_kernel(
-    pos_ptr, q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
-    n_q_heads, n_k_heads, half,
+    pos_ptr, q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr, q_w_ptr, k_w_ptr,
+    n_q_heads, n_k_heads, half, eps,
     stride_q_t, stride_q_h, stride_k_t, stride_k_h,
     stride_qo_t, stride_qo_h, stride_ko_t, stride_ko_h, stride_table,
-    BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
+    NORM: tl.constexpr, BLOCK_Q_HEADS: tl.constexpr, BLOCK_K_HEADS: tl.constexpr, BLOCK_HALF: tl.constexpr,
 ):
     """One program per token: its cos/sin row is read once and used for every q and k head."""
     t = tl.program_id(0).to(tl.int64)
@@ -151,23 +159,28 @@ def _rotary_kernel(
     cos2 = tl.load(cos_ptr + row + half, mask=d_mask, other=0.0).to(tl.float32)
     sin1 = tl.load(sin_ptr + row, mask=d_mask, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_ptr + row + half, mask=d_mask, other=0.0).to(tl.float32)
-    _rotate_heads(q_ptr + t * stride_q_t, q_out_ptr + t * stride_qo_t, stride_q_h, stride_qo_h,
-                  n_q_heads, half, cos1, cos2, sin1, sin2, BLOCK_Q_HEADS, BLOCK_HALF)
-    _rotate_heads(k_ptr + t * stride_k_t, k_out_ptr + t * stride_ko_t, stride_k_h, stride_ko_h,
-                  n_k_heads, half, cos1, cos2, sin1, sin2, BLOCK_K_HEADS, BLOCK_HALF)
+    _rotate_heads(q_ptr + t * stride_q_t, q_out_ptr + t * stride_qo_t, q_w_ptr, stride_q_h, stride_qo_h,
+                  n_q_heads, half, eps, cos1, cos2, sin1, sin2, NORM, BLOCK_Q_HEADS, BLOCK_HALF)
+    _rotate_heads(k_ptr + t * stride_k_t, k_out_ptr + t * stride_ko_t, k_w_ptr, stride_k_h, stride_ko_h,
+                  n_k_heads, half, eps, cos1, cos2, sin1, sin2, NORM, BLOCK_K_HEADS, BLOCK_HALF)
 
 
-def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+           norm_weights: tuple[torch.Tensor, torch.Tensor] | None = None, eps: float = 0.0):
     """``RotaryEmbedding.forward``: q ``[T, Hq, D]`` and k ``[T, Hkv, D]`` (strided views are
     fine if D is contiguous) rotated by the ``[max_pos, D]`` cos/sin rows at ``positions``
     (HF's rotate_half convention, fp32 math). Returns new contiguous (q, k); q, k untouched.
-    Positions are not bounds-checked (that would read them on the host)."""
+    ``norm_weights`` (q's, k's): RMSNorm each head first (Qwen3), as ``rms_norm`` would, in the
+    same kernel. Positions are not bounds-checked (that would read them on the host)."""
     assert q.dim() == 3 and k.dim() == 3 and q.shape[0] == k.shape[0] and q.shape[2] == k.shape[2]
     n_tokens, n_q_heads, head_dim = q.shape
     n_k_heads = k.shape[1]
     assert head_dim % 2 == 0 and cos.shape[-1] == head_dim and sin.shape == cos.shape
     assert q.stride(-1) == 1 and k.stride(-1) == 1 and cos.stride(-1) == 1 and sin.stride() == cos.stride()
     assert positions.shape == (n_tokens,)
+    if norm_weights is not None:
+        assert all(w.shape == (head_dim,) and w.is_contiguous() and w.dtype == q.dtype == k.dtype
+                   for w in norm_weights), "norm weights: [head_dim], the dtype of q and k"
     q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
     if n_tokens == 0:
@@ -176,12 +189,13 @@ def rotary(positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, cos: torch
     block_half = triton.next_power_of_2(half)
     block_q, block_k = triton.next_power_of_2(n_q_heads), triton.next_power_of_2(n_k_heads)
     num_warps = 4 if (block_q + block_k) * block_half <= 4096 else 8
+    q_w, k_w = norm_weights if norm_weights is not None else (cos, cos)  # (unused)
     _rotary_kernel[(n_tokens,)](
-        positions, q, k, q_out, k_out, cos, sin,
-        n_q_heads, n_k_heads, half,
+        positions, q, k, q_out, k_out, cos, sin, q_w, k_w,
+        n_q_heads, n_k_heads, half, eps,
         q.stride(0), q.stride(1), k.stride(0), k.stride(1),
         q_out.stride(0), q_out.stride(1), k_out.stride(0), k_out.stride(1), cos.stride(0),
-        BLOCK_Q_HEADS=block_q, BLOCK_K_HEADS=block_k, BLOCK_HALF=block_half,
+        NORM=norm_weights is not None, BLOCK_Q_HEADS=block_q, BLOCK_K_HEADS=block_k, BLOCK_HALF=block_half,
         num_warps=num_warps,
     )
     return q_out, k_out

@@ -30,11 +30,17 @@ class RotaryEmbedding(nn.Module):
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
-        """q, k: [num_tokens, heads, head_dim]; rotated in fp32 (HF's rotate_half convention)."""
-        if q.is_cuda:  # one fused Triton kernel for q and k; returns new tensors
+    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None):
+        """q, k: [num_tokens, heads, head_dim]; rotated in fp32 (HF's rotate_half convention).
+        ``q_norm``, ``k_norm`` (RMSNorm over head_dim, Qwen3): applied to each head first."""
+        if q.is_cuda:  # one fused Triton kernel for q and k (and their norms); returns new tensors
             from vllm_lite.layers.fused_ops import rotary
-            return rotary(positions, q, k, self.cos, self.sin)
+            if q_norm is None:
+                return rotary(positions, q, k, self.cos, self.sin)
+            assert q_norm.eps == k_norm.eps
+            return rotary(positions, q, k, self.cos, self.sin, (q_norm.weight, k_norm.weight), q_norm.eps)
+        if q_norm is not None:
+            q, k = q_norm(q), k_norm(k)
         return self.forward_native(positions, q, k)
 
     def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
