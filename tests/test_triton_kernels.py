@@ -207,11 +207,11 @@ def test_paged_prefill_from_a_padded_work_list(block_size, dtype):
     assert out[:qsl[2]].isnan().all() and out[qsl[-1]:].isnan().all()  # rows not listed: untouched
 
 
-def mixed_batch(block_size, num_heads, num_kv_heads, head_dim, dtype, fresh, cached=None):
+def mixed_batch(block_size, num_heads, num_kv_heads, head_dim, dtype, fresh):
     """2 decodes + 2 prefill chunks, then one padding token (slot -1), as the model runner
-    lays them out; the pool already holds the cached context (``cached``: its lengths)."""
+    lays them out; the pool already holds the cached context."""
     query_lens = [1, 1, 50, 33]
-    cached = cached or ([40, 130, 0, 0] if fresh else [40, 130, 0, 70])
+    cached = [40, 130, 0, 0] if fresh else [40, 130, 0, 70]
     seq_lens = [c + n for c, n in zip(cached, query_lens)]
     k_cache, v_cache, block_tables = make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype)
     slots = []
@@ -239,14 +239,10 @@ def mixed_batch(block_size, num_heads, num_kv_heads, head_dim, dtype, fresh, cac
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("cached", [[40, 130, 0, 0], [40, 130, 0, 70], [40, 130, 70, 0]],
-                         ids=["fresh", "cached-prefix", "continued-then-fresh"])
+@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "cached-prefix"])
 @pytest.mark.parametrize("block_size", [16, 256])
-def test_triton_backend_mixed_batch(block_size, cached, dtype):
-    """Decodes next to prompts; on CUDA the fresh prompts after the last one with cached
-    context go to FlashAttention, the others to the paged prefill kernel."""
-    q, k, v, k_cache, v_cache, meta = mixed_batch(block_size, 9, 3, 64, dtype, cached[3] == 0 and cached[2] == 0,
-                                                  cached)
+def test_triton_backend_mixed_batch(block_size, fresh, dtype):
+    q, k, v, k_cache, v_cache, meta = mixed_batch(block_size, 9, 3, 64, dtype, fresh)
     k_ref, v_ref = k_cache.float().clone(), v_cache.float().clone()  # fp32 reference pools
     scale = 0.125
 
@@ -257,13 +253,6 @@ def test_triton_backend_mixed_batch(block_size, cached, dtype):
     real = meta.query_start_loc_cpu[-1]  # the padding row's output is unspecified
     assert out.dtype == dtype
     assert_close(out[:real], ref[:real])
-
-
-@pytest.mark.parametrize("cached,first", [([40, 130, 0, 0], 2), ([40, 130, 0, 70], 4), ([40, 130, 70, 0], 3),
-                                          ([40, 130, 70, 9], 4)])
-def test_fresh_prompts_after_the_last_continued_one_are_the_flash_suffix(cached, first):
-    meta = mixed_batch(16, 4, 2, 16, torch.float32, cached[2:] == [0, 0], cached)[-1]
-    assert TritonBackend.fresh_suffix(meta) == first
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

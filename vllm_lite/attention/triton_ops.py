@@ -535,22 +535,18 @@ class TritonBackend(AttentionBackend):
                                    max_seq_len=meta.max_seq_len, shared=meta.shared_prefix)
         if meta.num_seqs == nd:
             return out
-        # prompts with no cached context at the end of the step (all of them, or those after a
-        # chunk that continues a prompt) go to FlashAttention; the rest to the paged kernel
-        flash = varlen_attn is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-        fresh = self.fresh_suffix(meta) if flash else meta.num_seqs
-        if fresh > nd:
-            paged_prefill_attention(q, k_cache, v_cache, meta.block_tables[nd:fresh],
-                                    meta.query_start_loc[nd:fresh + 1], meta.seq_lens[nd:fresh],
-                                    meta.max_query_len, scale, out=out)
-        if fresh < meta.num_seqs:
-            row = nd if fresh == nd else meta.query_start_loc_cpu[fresh]  # decodes own rows 0..nd-1
-            cu_seqlens = meta.query_start_loc[fresh:] - row
-            out[row:] = varlen_attn(
-                q[row:], k[row:], v[row:], cu_seqlens, cu_seqlens,
+        if self._use_varlen(q, meta):
+            # decodes own rows 0..nd-1, so the prefill part starts at row nd
+            cu_seqlens = meta.query_start_loc[nd:] - nd
+            out[nd:] = varlen_attn(
+                q[nd:], k[nd:], v[nd:], cu_seqlens, cu_seqlens,
                 meta.max_query_len, meta.max_query_len,
                 scale=scale, window_size=(-1, 0), **_VARLEN_GQA_KW,
             )
+        else:
+            paged_prefill_attention(q, k_cache, v_cache, meta.block_tables[nd:],
+                                    meta.query_start_loc[nd:], meta.seq_lens[nd:],
+                                    meta.max_query_len, scale, out=out)
         return out
 
     @staticmethod
@@ -568,14 +564,11 @@ class TritonBackend(AttentionBackend):
         return out
 
     @staticmethod
-    def fresh_suffix(meta: AttentionMetadata) -> int:
-        """The first sequence of the step's last run of fresh prompts (no cached context: they
-        attend only to their own keys, which FlashAttention can take); ``num_seqs`` if none."""
-        if meta.prefill_is_fresh:
-            return meta.num_decodes
-        qsl, lens, first = meta.query_start_loc_cpu, meta.seq_lens_cpu, meta.num_seqs
-        if qsl is None or lens is None:
-            return first
-        while first > meta.num_decodes and qsl[first] - qsl[first - 1] == lens[first - 1]:
-            first -= 1
-        return first
+    def _use_varlen(q: torch.Tensor, meta: AttentionMetadata) -> bool:
+        """FlashAttention needs CUDA and 16-bit inputs, and only sees the step's own keys."""
+        return (
+            varlen_attn is not None
+            and q.is_cuda
+            and q.dtype in (torch.float16, torch.bfloat16)
+            and meta.prefill_is_fresh
+        )
