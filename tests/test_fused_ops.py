@@ -121,8 +121,12 @@ def test_rotary_with_qk_norm_is_norm_then_rotary(num_tokens, head_dim, dtype):
     for out, two, ref in ((q_out, q_two, q_ref), (k_out, k_two, k_ref)):
         assert_close(out, two)
         assert_close(out, ref)
-        if dtype != torch.float32:  # the same roundings: at most one unit in the last place apart
-            assert ((out.float() - two.float()).abs() <= two.float().abs() * 2 ** -7 + 1e-6).all()
+        if dtype != torch.float32:
+            # the same roundings; only the fp32 sum of squares runs in another order, which can
+            # move a normalized value by one unit in the last place (before the rotation mixes
+            # two of them, so bound by the head's largest value)
+            scale = two.float().abs().amax(dim=-1, keepdim=True)
+            assert ((out.float() - two.float()).abs() <= scale * 2 ** -6).all()
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
