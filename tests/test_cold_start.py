@@ -47,8 +47,7 @@ def gpu_kernels(monkeypatch):
         monkeypatch.setattr(RMSNorm, "forward", lambda self, x, residual=None: fused_ops.rms_norm(
             x, self.weight, self.eps, residual))
         monkeypatch.setattr(SiluAndMul, "forward", lambda self, x: fused_ops.silu_and_mul(x))
-        monkeypatch.setattr(RotaryEmbedding, "forward", lambda self, positions, q, k: fused_ops.rotary(
-            positions, q, k, self.cos, self.sin))
+        monkeypatch.setattr(RotaryEmbedding, "forward", RotaryEmbedding.forward_fused)
         monkeypatch.setattr(triton_ops, "_num_sms", lambda device: H100_SMS)
         for module in (sampler, llm_engine):  # both call logprobs.token_logprobs
             monkeypatch.setattr(module, "token_logprobs", fused_ops.token_logprobs)

@@ -30,10 +30,12 @@ def tokenizer(request):
     return request.getfixturevalue(f"{request.param}_tokenizer")
 
 
-def detokenize(tokenizer, prompt_ids, output_ids, skip_special_tokens, use_stream=None):
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens, use_stream=use_stream)
+def detokenize(tokenizer, prompt_ids, output_ids, skip_special_tokens, use_stream=None, at_end=False):
+    detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens, use_stream=use_stream, at_end=at_end)
     pieces = [detok.add(t) for t in output_ids] + [detok.flush()]
     assert "".join(pieces) == detok.text
+    if at_end:  # nothing before the end
+        assert not any(pieces[:-1])
     return detok.text
 
 
@@ -50,17 +52,19 @@ def test_fast_tokenizers_take_the_decode_stream_path(tokenizer):
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
-@pytest.mark.parametrize("use_stream", [True, False])
+@pytest.mark.parametrize("use_stream,at_end", [(True, False), (False, False), (True, True), (False, True)],
+                         ids=["stream", "window", "at-end", "at-end-window"])
 @pytest.mark.parametrize("text", TEXTS)
-def test_text_equals_decode_of_the_output_ids(tokenizer, text, skip_special_tokens, use_stream):
+def test_text_equals_decode_of_the_output_ids(tokenizer, text, skip_special_tokens, use_stream, at_end):
     prompt = tokenizer.encode("Say something:", add_special_tokens=False)
     out = with_special_tokens(tokenizer, text)
     expected = tokenizer.decode(out, skip_special_tokens=skip_special_tokens)
-    assert detokenize(tokenizer, prompt, out, skip_special_tokens, use_stream) == expected
+    assert detokenize(tokenizer, prompt, out, skip_special_tokens, use_stream, at_end) == expected
 
 
+@pytest.mark.parametrize("at_end", [False, True], ids=["per-token", "at-end"])
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
-def test_random_token_streams_decode_exactly(tokenizer, skip_special_tokens):
+def test_random_token_streams_decode_exactly(tokenizer, skip_special_tokens, at_end):
     """Arbitrary ids: lone UTF-8 continuation bytes, truncated characters, special tokens."""
     rng = random.Random(0)
     vocab = len(tokenizer)
@@ -68,14 +72,15 @@ def test_random_token_streams_decode_exactly(tokenizer, skip_special_tokens):
         prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
         out = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
         expected = tokenizer.decode(out, skip_special_tokens=skip_special_tokens)
-        assert detokenize(tokenizer, prompt, out, skip_special_tokens) == expected, (prompt, out)
+        assert detokenize(tokenizer, prompt, out, skip_special_tokens, at_end=at_end) == expected, (prompt, out)
 
 
-def test_output_that_completes_a_character_begun_in_the_prompt_is_decoded_alone(tokenizer):
+@pytest.mark.parametrize("at_end", [False, True], ids=["per-token", "at-end"])
+def test_output_that_completes_a_character_begun_in_the_prompt_is_decoded_alone(tokenizer, at_end):
     ids = tokenizer.encode(" 東京🙂", add_special_tokens=False)
     for cut in range(1, len(ids)):
         prompt, out = ids[:cut], ids[cut:]
-        assert detokenize(tokenizer, prompt, out, True) == tokenizer.decode(out), cut
+        assert detokenize(tokenizer, prompt, out, True, at_end=at_end) == tokenizer.decode(out), cut
 
 
 def test_text_ending_mid_character_is_flushed_as_decode_gives_it(tokenizer):
@@ -95,6 +100,7 @@ def test_prompt_context_keeps_a_metaspace_tokenizers_leading_space():
     fast = PreTrainedTokenizerFast(tokenizer_object=tok)
     assert fast.decode([1]) == "world"  # alone, the first word loses its space
     assert detokenize(fast, [0], [1], True) == " world"  # after the prompt "hello" it keeps it
+    assert detokenize(fast, [0], [1, 0], True, at_end=True) == " world hello"
 
 
 def test_clean_up_tokenization_spaces_takes_the_decode_path():
@@ -138,6 +144,21 @@ def test_sampled_output_text_equals_decode_of_its_ids(llm, skip_special_tokens):
     for o in outs:
         ids = o.outputs[0].token_ids
         assert o.outputs[0].text == llm.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_offline_text_is_decoded_at_the_end_unless_a_stop_string_needs_it_per_token(llm):
+    engine = llm.engine
+    plain = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4))
+    stopping = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, stop=["zz"]))
+    assert plain.detok.at_end and not stopping.detok.at_end
+    engine.stream_text = True  # the server reads every request's text after each step
+    try:
+        streamed = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4))
+    finally:
+        engine.stream_text = False
+    assert not streamed.detok.at_end
+    while engine.has_unfinished_requests():
+        engine.step()
 
 
 def test_stop_string_is_cut_from_the_text(llm):

@@ -30,19 +30,25 @@ def rust_decode_is_exact(tokenizer) -> bool:
 
 class IncrementalDetokenizer:
     """The text of one sequence's output, token by token: ``add(token_id)`` returns the text that
-    token completes (may be empty), ``flush()`` the rest at the end, ``text`` all of it."""
+    token completes (may be empty), ``flush()`` the rest at the end, ``text`` all of it.
+
+    ``at_end``: nobody reads the text before the sequence ends (an offline request without stop
+    strings): ``add`` only keeps the token, and ``flush`` decodes the whole output in one call,
+    ~6x cheaper per token than a decode step per token, and off the step loop's per-token path."""
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
-                 use_stream: bool | None = None) -> None:
+                 use_stream: bool | None = None, at_end: bool = False) -> None:
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
+        self.at_end = at_end
         if use_stream is None:
             use_stream = rust_decode_is_exact(tokenizer)
         self._backend = tokenizer._tokenizer if use_stream else None
         self.window = self._context(list(prompt_token_ids[-CONTEXT_TOKENS:]))
         self.prefix_offset = 0
         self.read_offset = len(self.window)  # window[read_offset:]: tokens not yet emitted
-        self._stream = DecodeStream(self.window, skip_special_tokens=skip_special_tokens) if use_stream else None
+        stream = use_stream and not at_end
+        self._stream = DecodeStream(self.window, skip_special_tokens=skip_special_tokens) if stream else None
         self.text = ""
 
     def _decode(self, ids: list[int]) -> str:
@@ -56,8 +62,10 @@ class IncrementalDetokenizer:
         return [] if ids and self._decode(ids).endswith(REPLACEMENT) else ids
 
     def add(self, token_id: int) -> str:
-        """Append one token; return the text it completes (may be empty)."""
+        """Append one token; return the text it completes (may be empty; always, ``at_end``)."""
         self.window.append(token_id)
+        if self.at_end:
+            return ""
         if self._stream is not None:
             delta = self._stream.step(self._backend, token_id)
             if delta is None:

@@ -143,6 +143,10 @@ def resolve_model_path(config: EngineConfig) -> str:
 
 
 class LLMEngine:
+    # whether a caller reads each live request's text after every step (the server streams it);
+    # otherwise a request without stop strings gets its text decoded once, when it ends
+    stream_text = False
+
     def __init__(self, config: EngineConfig) -> None:
         from vllm_lite.models import get_model_class
 
@@ -246,7 +250,10 @@ class LLMEngine:
         if params.seed is not None:  # completion i of a seeded request: seed + i, as vLLM
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + seq.index)
         if params.detokenize and self.tokenizer is not None:
-            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens)
+            # text read only at the end (offline, no stop string to find): decoded once there
+            at_end = not (self.stream_text or params.stop_strings)
+            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens,
+                                               at_end=at_end)
 
     def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
         self.limits.check(token_ids, params)

@@ -156,6 +156,7 @@ def run_engine_core(config: EngineConfig, commands, outputs, with_metrics: bool)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     try:
         engine = LLMEngine(config)
+        engine.stream_text = True  # each step's new text is sent as it comes
     except BaseException as exc:  # noqa: BLE001 - the front end raises it in the server's process
         outputs.send(("failed", type(exc).__name__, str(exc), traceback.format_exc()))
         return

@@ -33,15 +33,19 @@ class RotaryEmbedding(nn.Module):
     def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None):
         """q, k: [num_tokens, heads, head_dim]; rotated in fp32 (HF's rotate_half convention).
         ``q_norm``, ``k_norm`` (RMSNorm over head_dim, Qwen3): applied to each head first."""
-        if q.is_cuda:  # one fused Triton kernel for q and k (and their norms); returns new tensors
-            from vllm_lite.layers.fused_ops import rotary
-            if q_norm is None:
-                return rotary(positions, q, k, self.cos, self.sin)
-            assert q_norm.eps == k_norm.eps
-            return rotary(positions, q, k, self.cos, self.sin, (q_norm.weight, k_norm.weight), q_norm.eps)
+        if q.is_cuda:
+            return self.forward_fused(positions, q, k, q_norm, k_norm)
         if q_norm is not None:
             q, k = q_norm(q), k_norm(k)
         return self.forward_native(positions, q, k)
+
+    def forward_fused(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None):
+        """One Triton kernel for q and k (and their norms); returns new tensors."""
+        from vllm_lite.layers.fused_ops import rotary
+        if q_norm is None:
+            return rotary(positions, q, k, self.cos, self.sin)
+        assert q_norm.eps == k_norm.eps
+        return rotary(positions, q, k, self.cos, self.sin, (q_norm.weight, k_norm.weight), q_norm.eps)
 
     def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """The plain PyTorch version (the reference for the fused kernel, and the CPU path)."""
