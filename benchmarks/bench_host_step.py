@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from vllm_lite.benchmark import CONFIG_DIR, EXTRAS, Workload, text_tokenizer_for_shape
+from vllm_lite.benchmark import CONFIG_DIR, EXTRAS, Workload, prompts_pending, text_tokenizer_for_shape
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.llm_engine import LLMEngine
 from vllm_lite.sampling_params import SamplingParams
@@ -113,7 +113,7 @@ def measure(shape: str, caching: bool, warmup: int, steps: int, width: int | Non
         engine.add_request(prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, **(extras or {})))
     running = engine.scheduler.running
     if not whole_run:
-        while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in running):
+        while prompts_pending(engine):
             engine.step()
         assert min(work.output_lens) > warmup + steps + 2, "a sequence would finish inside the window"
     rows = []

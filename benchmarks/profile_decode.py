@@ -14,7 +14,7 @@ import time
 import torch
 
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.benchmark import DEFAULT_LENS, EXTRAS, Workload, model_folder, weight_and_kv_bytes
+from vllm_lite.benchmark import DEFAULT_LENS, EXTRAS, Workload, model_folder, prompts_pending, weight_and_kv_bytes
 
 
 def main() -> None:
@@ -40,7 +40,7 @@ def main() -> None:
     for prompt in work.prompts:
         engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=1024, ignore_eos=True, detokenize=False,
                                                   **extras))
-    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+    while prompts_pending(engine):
         engine.step()
     engine.overlap = False  # drain the step in flight; the loop below runs steps one by one
     engine.step()

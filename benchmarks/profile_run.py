@@ -14,16 +14,20 @@ import time
 import torch
 
 from vllm_lite import LLM, SamplingParams
+from vllm_lite.benchmark import DEFAULT_LENS, Workload, model_folder, prompts_pending, record_steps
 from vllm_lite.model_runner import ModelRunner
-from vllm_lite.benchmark import DEFAULT_LENS, Workload, model_folder, record_steps
+
+
+def add_requests(llm: LLM, work: Workload) -> None:
+    for prompt, n in zip(work.prompts, work.output_lens):
+        llm.engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False))
 
 
 def run(llm: LLM, work: Workload, log: list) -> list[tuple[int, int, float]]:
     """(prefill tokens, decode rows, wall ms) of each step of one run of the workload; ``log``:
     ``record_steps(llm.engine)``."""
     engine = llm.engine
-    for prompt, n in zip(work.prompts, work.output_lens):
-        engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False))
+    add_requests(llm, work)
     log.clear()
     while engine.has_unfinished_requests():
         engine.step()
@@ -36,14 +40,13 @@ def prefill_phase(llm: LLM, work: Workload, profile: bool) -> None:
     ``profile`` the GPU kernel time inside it: far less kernel time than wall time means the
     host (or a gap between steps) is the bound there, not the GPU."""
     engine = llm.engine
-    for prompt, n in zip(work.prompts, work.output_lens):
-        engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False))
+    add_requests(llm, work)
     prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else None
     torch.cuda.synchronize()
     t0, steps = time.perf_counter(), 0
     if prof:
         prof.start()
-    while engine.scheduler.waiting or any(s.num_computed_tokens < s.num_prompt_tokens for s in engine.scheduler.running):
+    while prompts_pending(engine):
         engine.step()
         steps += 1
     torch.cuda.synchronize()

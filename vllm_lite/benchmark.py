@@ -123,6 +123,12 @@ def copy_bandwidth() -> float:
     return 10 * 2 * x.numel() * 4 / (start.elapsed_time(end) / 1e3)
 
 
+def prompts_pending(engine) -> bool:
+    """Whether some request still has prompt tokens to compute (the run's prefill phase)."""
+    return bool(engine.scheduler.waiting) or any(s.num_computed_tokens < s.num_prompt_tokens
+                                                 for s in engine.scheduler.running)
+
+
 def record_steps(engine) -> list[tuple[int, int, int, float]]:
     """From now on, every ``engine.step()`` appends (decode rows, tokens, context tokens, wall
     seconds) of the batch it scheduled to the returned list (steps overlap: a step's wall time
