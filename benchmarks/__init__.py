@@ -1,0 +1,1 @@
+"""Benchmarks as suites, one per question of BENCHMARKS.md: ``python -m benchmarks --list``."""
