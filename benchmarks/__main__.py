@@ -10,6 +10,7 @@ On the GPU machine, ``bash benchmarks/run.sh SUITE`` installs carried wheels fir
     python -m benchmarks throughput --shapes qwen3-0.6b    # some shapes only
     python -m benchmarks prefix --only "shared prefix, caching on"
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,8 +34,12 @@ HEADER = "| row | result | card | date | commit | command |\n| --- | --- | --- |
 def gpu_names() -> list[str]:
     if shutil.which("nvidia-smi") is None:
         return []
-    out = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
@@ -47,8 +52,13 @@ def card(names: list[str]) -> str:
 def commit() -> str:
     if os.environ.get("COMMIT"):
         return os.environ["COMMIT"]
-    out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                         text=True)
+    out = subprocess.run(
+        ["git", "rev-parse", "--short", "HEAD"],
+        cwd=REPO,
+        check=False,
+        capture_output=True,
+        text=True,
+    )
     return out.stdout.strip() or "?"
 
 
@@ -64,16 +74,20 @@ def shown(row: Row) -> str:
 
 def throughput_cell(r: dict) -> str:
     """One ``bench throughput --json`` result in a table cell."""
-    cell = (f"{r['output_tokens_per_s']:,.0f} out tok/s ({r['output_tokens_per_s_min']:,.0f}.."
-            f"{r['output_tokens_per_s_max']:,.0f}), {r['total_tokens_per_s']:,.0f} total, "
-            f"{r['elapsed_s']:.2f} s, median of {r['runs']}; text {'on' if r['text'] else 'off'}")
+    cell = (
+        f"{r['output_tokens_per_s']:,.0f} out tok/s ({r['output_tokens_per_s_min']:,.0f}.."
+        f"{r['output_tokens_per_s_max']:,.0f}), {r['total_tokens_per_s']:,.0f} total, "
+        f"{r['elapsed_s']:.2f} s, median of {r['runs']}; text {'on' if r['text'] else 'off'}"
+    )
     if r.get("fraction_of_floor"):
         cell += f"; {100 * r['fraction_of_floor']:.0f}% of the floor"
     if r.get("prefix_cache_hit_tokens"):
         cell += f"; {r['prefix_cache_hit_tokens']:,} prompt tokens from the cache"
     if "hf_output_tokens_per_s" in r:
-        cell += (f"; HF generate_batch {r['hf_output_tokens_per_s']:,.0f} tok/s "
-                 f"({r['speedup_vs_hf']:.1f}x)")
+        cell += (
+            f"; HF generate_batch {r['hf_output_tokens_per_s']:,.0f} tok/s "
+            f"({r['speedup_vs_hf']:.1f}x)"
+        )
     return cell
 
 
@@ -89,8 +103,15 @@ def run_row(row: Row, log_path: str) -> tuple[int, str, float]:
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         log.write(" ".join(argv) + "\n")
-        proc = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.PIPE,
-                                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            cwd=REPO,
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
         timer = threading.Timer(row.timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
         timer.start()
         for line in proc.stdout:
@@ -142,22 +163,33 @@ def run_suite(name: str, rows: list[Row], out_dir: str, only: list[str] | None) 
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("suites", nargs="*", metavar="SUITE", help=", ".join(SUITES))
     parser.add_argument("--list", action="store_true", help="print every suite's rows and commands")
     parser.add_argument("--only", nargs="+", metavar="ROW", help="run only these rows (by name)")
-    parser.add_argument("--shapes", nargs="+", help="the throughput suite's shapes (default SHAPES)")
-    parser.add_argument("--out", default=os.environ.get("OUT") or "/tmp/bench-out",
-                        help="logs and tables go here (default $OUT, else /tmp/bench-out)")
+    parser.add_argument(
+        "--shapes", nargs="+", help="the throughput suite's shapes (default SHAPES)"
+    )
+    parser.add_argument(
+        "--out",
+        default=os.environ.get("OUT") or "/tmp/bench-out",
+        help="logs and tables go here (default $OUT, else /tmp/bench-out)",
+    )
     args = parser.parse_args(argv)
     suites = dict(SUITES)
     if args.shapes:
         suites["throughput"] = throughput_rows(args.shapes)
     unknown = [s for s in args.suites if s not in suites]
     if unknown or not (args.suites or args.list):
-        parser.error(f"unknown suite(s) {unknown}; known: {', '.join(suites)}" if unknown
-                     else "name a suite, or --list")
+        parser.error(
+            f"unknown suite(s) {unknown}; known: {', '.join(suites)}"
+            if unknown
+            else "name a suite, or --list"
+        )
     if args.list:
         for name in args.suites or suites:
             print(name)

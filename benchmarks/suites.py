@@ -4,15 +4,17 @@ A row is one command (a separate process: a crash or a hang costs that row only)
 of its output that are its result. ``python -m benchmarks SUITE`` runs a suite's rows in order
 and prints each result as a Markdown table row with the card, date and commit.
 
-Adding a row is one line in ``SUITES`` below: ``bench(...)`` for a ``vllm-lite bench throughput``
-command (its result is read from the command's ``--json``), ``py(...)`` for any other module with
-a regular expression that picks its result lines. Adding a suite is one more key. Shapes of the
-throughput suite are ``SHAPES`` (a file in ``vllm_lite/model_configs`` each; ``--shapes`` overrides
-it for one run). Each suite is meant to finish within one 10-minute GPU call; ``--only`` runs
-some of its rows.
+Adding a row is one line in ``SUITES`` below: ``bench(name, flags)`` for a ``vllm-lite bench
+throughput`` command (its result is read from the command's ``--json``), ``py(name, "module
+args", keep=regex)`` for a module of ``benchmarks/`` (its result: the output lines matching
+``keep``). Adding a suite is one more key. The throughput suite's shapes are ``SHAPES`` (a file in
+``vllm_lite/model_configs`` each; ``--shapes`` overrides them for one run). Each suite is meant to
+finish within one 10-minute GPU call; ``--only`` runs some of its rows.
 """
+
 from __future__ import annotations
 
+import shlex
 from dataclasses import dataclass
 
 # the throughput suite's shapes (nano-vllm workload); add a model_configs name to measure it
@@ -22,40 +24,41 @@ SHAPES = ["qwen3-0.6b", "qwen2.5-1.5b", "llama-3.2-1b", "smollm2-135m"]
 @dataclass(frozen=True)
 class Row:
     name: str
-    module: str               # run as ``python -m module *args``
+    module: str  # run as ``python -m module *args``
     args: tuple[str, ...] = ()
-    keep: str = ""            # regular expression: the output lines that are the result
-    timeout: int = 150        # seconds
-    gpus: int = 1             # GPUs it needs (0: runs on a CPU); skipped where fewer are present
+    keep: str = ""  # regular expression: the output lines that are the result
+    timeout: int = 150  # seconds
+    gpus: int = 1  # GPUs it needs (0: runs on a CPU); skipped where fewer are present
     throughput_json: bool = False  # ``bench throughput``: the result comes from its ``--json``
 
 
-def bench(name: str, *args: str, timeout: int = 150, gpus: int = 1) -> Row:
-    """A ``vllm-lite bench throughput`` row."""
-    return Row(name, "vllm_lite.cli", ("bench", "throughput", *args), timeout=timeout, gpus=gpus,
-               throughput_json=True)
+def bench(name: str, flags: str, timeout: int = 150, gpus: int = 1) -> Row:
+    """A ``vllm-lite bench throughput FLAGS`` row."""
+    args = ("bench", "throughput", *shlex.split(flags))
+    return Row(name, "vllm_lite.cli", args, timeout=timeout, gpus=gpus, throughput_json=True)
 
 
-def py(name: str, module: str, *args: str, keep: str, timeout: int = 150, gpus: int = 1) -> Row:
-    """A row running ``python -m benchmarks.<module>`` (or a dotted path outside ``benchmarks``)."""
-    module = module if "." in module else f"benchmarks.{module}"
-    return Row(name, module, args, keep=keep, timeout=timeout, gpus=gpus)
+def py(name: str, command: str, keep: str, timeout: int = 150, gpus: int = 1) -> Row:
+    """A ``python -m benchmarks.MODULE ARGS`` row; ``command`` is "MODULE ARGS"."""
+    module, *args = shlex.split(command)
+    return Row(name, f"benchmarks.{module}", tuple(args), keep, timeout, gpus)
 
 
 def throughput_rows(shapes: list[str]) -> list[Row]:
-    nano = ("--dataset", "nano-vllm", "--runs", "3")
-    return [bench(shape, *nano, "--model-config", shape) for shape in shapes] + [
-        bench("qwen3-0.6b, default workload", "--model-config", "qwen3-0.6b", "--runs", "3"),
-        py("qwen3-0.6b, plain API", "plain_api", "--model-config", "qwen3-0.6b", keep=r" median "),
+    nano = "--dataset nano-vllm --runs 3 --model-config"
+    return [bench(shape, f"{nano} {shape}") for shape in shapes] + [
+        bench("qwen3-0.6b, default workload", "--model-config qwen3-0.6b --runs 3"),
+        py("qwen3-0.6b, plain API", "plain_api --model-config qwen3-0.6b", keep=r" median "),
     ]
 
 
-DECODE_STEP = r"^decode step|^  (host|GPU):|^all-reduce"
-Q3 = ("--model-config", "qwen3-0.6b")
-NANO_Q3 = ("--dataset", "nano-vllm", "--runs", "3", *Q3)
-SHARED_Q3 = ("--dataset", "shared-prefix", "--runs", "3", *Q3)
-Q7B = ("--model-config", "qwen2.5-7b", "--runs", "2")
+STEP = r"^decode step|^  (host|GPU):|^all-reduce"  # profile_decode's result lines
+NANO = "--dataset nano-vllm --runs 3 --model-config qwen3-0.6b"
+SHARED = "--dataset shared-prefix --runs 3 --model-config qwen3-0.6b"
+TP = "--model-config qwen2.5-7b --runs 2 --tensor-parallel-size"
+SERVE = "--num-prompts 256 --input-len 100 1024 --output-len 100 1024 --runs 1"
 
+# fmt: off
 SUITES: dict[str, list[Row]] = {
     # offline throughput per shape (nano-vllm's bench.py workload), the default workload against
     # its memory-traffic floor, and the plain API as a user calls it
@@ -63,70 +66,70 @@ SUITES: dict[str, list[Row]] = {
     # the peers we can run on the GPU machine: HF transformers' continuous batching offline, and
     # `transformers serve --continuous-batching` (needs the server wheels + accelerate carried)
     "peers": [
-        bench("qwen2.5-1.5b vs HF generate_batch", "--model-config", "qwen2.5-1.5b", "--runs", "1",
-              "--peer", "hf", timeout=400),
-        py("qwen3-0.6b served vs transformers serve", "serve_peer", *Q3, "--num-prompts", "32",
-           "--rates", "4", "inf", "--timeout", "90", keep=r"^(vllm-lite|transformers) ", timeout=330),
+        bench("qwen2.5-1.5b vs HF generate_batch", "--model-config qwen2.5-1.5b --runs 1 --peer hf",
+              timeout=400),
+        py("qwen3-0.6b served vs transformers serve",
+           "serve_peer --model-config qwen3-0.6b --num-prompts 32 --rates 4 inf --timeout 90",
+           keep=r"^(vllm-lite|transformers) ", timeout=330),
     ],
-    # the OpenAI server against the offline engine, time to first token, cold start
+    # cold start (first: on a fresh machine Triton's cache is still empty), the OpenAI server
+    # against the offline engine, time to first token
     "serving": [
-        py("qwen3-0.6b served / offline, 64 req/s", "serve_overhead", *Q3, "--num-prompts", "256",
-           "--input-len", "100", "1024", "--output-len", "100", "1024", "--runs", "1", "--rate", "64",
-           "--rate-prompts", "128", keep=r"^(offline|served)", timeout=240),
-        py("qwen3-0.6b TTFT at 4 and 16 req/s", "serve_peer", *Q3, "--servers", "vllm-lite",
-           "--rates", "4", "16", "--timeout", "90", keep=r"^vllm-lite ", timeout=200),
-        py("one request's prefill, graphs on/off", "cold_shapes", keep=r"^(mixed|GEMM)", timeout=150),
-        py("qwen3-0.6b cold start", "cold_start", *Q3, keep=r"^(LLM|first token|Triton binaries)",
-           timeout=120),
+        py("qwen3-0.6b cold start", "cold_start --model-config qwen3-0.6b",
+           keep=r"^(LLM|first token|Triton binaries)", timeout=120),
+        py("qwen3-0.6b served / offline, 64 req/s",
+           f"serve_overhead --model-config qwen3-0.6b {SERVE} --rate 64 --rate-prompts 128",
+           keep=r"^(offline|served)", timeout=240),
+        py("qwen3-0.6b TTFT at 4 and 16 req/s",
+           "serve_peer --model-config qwen3-0.6b --servers vllm-lite --rates 4 16 --timeout 90",
+           keep=r"^vllm-lite ", timeout=200),
+        py("one request's prefill, graphs on/off", "cold_shapes", keep=r"^(mixed|GEMM)"),
     ],
     # prefix caching: a shared 1,024-token system prompt, and a workload that shares nothing
     "prefix": [
-        bench("shared prefix, caching on", *SHARED_Q3, "--enable-prefix-caching"),
-        bench("shared prefix, caching off", *SHARED_Q3, "--no-enable-prefix-caching"),
-        bench("nothing shared, caching on", *NANO_Q3, "--enable-prefix-caching"),
-        bench("nothing shared, caching off", *NANO_Q3, "--no-enable-prefix-caching"),
-        py("shared-prefix decode step", "profile_decode", *Q3, "--shared-prefix", "1024",
-           keep=DECODE_STEP, timeout=100),
+        bench("shared prefix, caching on", f"{SHARED} --enable-prefix-caching"),
+        bench("shared prefix, caching off", f"{SHARED} --no-enable-prefix-caching"),
+        bench("nothing shared, caching on", f"{NANO} --enable-prefix-caching"),
+        bench("nothing shared, caching off", f"{NANO} --no-enable-prefix-caching"),
+        py("shared-prefix decode step", "profile_decode --shared-prefix 1024", keep=STEP),
     ],
     # what penalties + logprobs=5 on every request cost, and the sampler's kernels alone
     "sampling": [
-        bench("qwen3-0.6b, default sampling", *NANO_Q3, "--sampling", "default"),
-        bench("qwen3-0.6b, extras", *NANO_Q3, "--sampling", "extras"),
+        bench("qwen3-0.6b, default sampling", f"{NANO} --sampling default"),
+        bench("qwen3-0.6b, extras", f"{NANO} --sampling extras"),
         py("sampler kernels", "bench_sampler", keep=r"^  \S", timeout=60),
-        py("decode step with extras", "profile_decode", *Q3, "--sampling", "extras",
-           keep=DECODE_STEP, timeout=100),
+        py("decode step with extras", "profile_decode --sampling extras", keep=STEP),
     ],
     # tensor-parallel scaling on the Qwen2.5-7B shape, and where a tp-2 decode step goes
     "tp": [
-        bench("qwen2.5-7b tp 1", *Q7B, "--tensor-parallel-size", "1", timeout=130),
-        bench("qwen2.5-7b tp 2", *Q7B, "--tensor-parallel-size", "2", timeout=130, gpus=2),
-        bench("qwen2.5-7b tp 4", *Q7B, "--tensor-parallel-size", "4", timeout=130, gpus=4),
-        py("qwen2.5-7b tp 2 decode step", "profile_decode", "--model-config", "qwen2.5-7b",
-           "--tensor-parallel-size", "2", keep=DECODE_STEP, timeout=100, gpus=2),
+        bench("qwen2.5-7b tp 1", f"{TP} 1", timeout=130),
+        bench("qwen2.5-7b tp 2", f"{TP} 2", timeout=130, gpus=2),
+        bench("qwen2.5-7b tp 4", f"{TP} 4", timeout=130, gpus=4),
+        py("qwen2.5-7b tp 2 decode step",
+           "profile_decode --model-config qwen2.5-7b --tensor-parallel-size 2", keep=STEP, gpus=2),
     ],
     # kernels alone, against the copy bandwidth or torch's own kernels
     "kernels": [
-        py("paged attention", "bench_kernels", keep=r"^(decode|prefill)|auto|attention triton|store_kvcache triton",
-           timeout=120),
-        py("decode kernel per KV layout", "bench_decode_splits", keep=r"^\S|splits 1:", timeout=100),
-        py("prefill attention", "bench_prefill_attention", keep=r"^\S|^  8 x 1024", timeout=100),
-        py("fused RMSNorm/RoPE/SiLU", "bench_fused_ops", keep=r"all of it", timeout=100),
+        py("paged attention", "bench_kernels",
+           keep=r"^(decode|prefill)|auto|attention triton|store_kvcache triton"),
+        py("decode kernel per KV layout", "bench_decode_splits", keep=r"^\S|splits 1:"),
+        py("prefill attention", "bench_prefill_attention", keep=r"^\S|^  8 x 1024"),
+        py("fused RMSNorm/RoPE/SiLU", "bench_fused_ops", keep=r"all of it"),
         py("sampler kernels", "bench_sampler", keep=r"^  \S", timeout=60),
     ],
     # where the time of a step and of a whole run goes (torch profiler)
     "profile": [
-        py("qwen3-0.6b decode step", "profile_decode", *Q3, keep=DECODE_STEP, timeout=100),
-        py("qwen2.5-1.5b decode step", "profile_decode", "--model-config", "qwen2.5-1.5b",
-           keep=DECODE_STEP, timeout=100),
-        py("qwen3-0.6b prefill phase", "profile_run", *Q3, "--dataset", "nano-vllm",
-           "--prefill-phase", keep=r"prefill phase", timeout=150),
-        py("qwen3-0.6b shared-prefix run", "profile_run", "--shared-prefix", "1024",
-           keep=r"^\d+ steps|^  \w+: \d+ steps|^profiled run", timeout=150),
+        py("qwen3-0.6b decode step", "profile_decode --model-config qwen3-0.6b", keep=STEP),
+        py("qwen2.5-1.5b decode step", "profile_decode --model-config qwen2.5-1.5b", keep=STEP),
+        py("qwen3-0.6b prefill phase", "profile_run --dataset nano-vllm --prefill-phase",
+           keep=r"prefill phase"),
+        py("qwen3-0.6b shared-prefix run", "profile_run --shared-prefix 1024",
+           keep=r"^\d+ steps|^  \w+.*: \d+ steps|^profiled run"),
     ],
     # host (Python) time per step and detokenization, on a CPU
     "host": [
         py("host time of a decode step", "bench_host_step", keep=r"^  \w", timeout=300, gpus=0),
-        py("detokenization per token", "bench_detokenize", keep=r"us/token", timeout=120, gpus=0),
+        py("detokenization per token", "bench_detokenize", keep=r"us/token", gpus=0),
     ],
     # the GPU correctness check: GPU tests + the engine-level shape sweep (one 10-minute call)
     "correctness": [
@@ -134,10 +137,11 @@ SUITES: dict[str, list[Row]] = {
     ],
     # bf16 against fp32 transformers, and greedy parity and clean exits across tp sizes
     "parity": [
-        py("bf16 vs fp32 transformers", "bf16_agreement", keep=r"^\S|first difference", timeout=200),
-        py("tp exit", "gpu_tp_check", "exit", "--tp", "2", keep=r"^(normal|ctrl-c|kill-worker)",
-           timeout=150, gpus=2),
-        py("tp parity 1/2/4", "gpu_tp_check", "parity", "--tp", "1", "2", "4", keep=r"tp=|HANG|CRASH",
+        py("bf16 vs fp32 transformers", "bf16_agreement", keep=r"^\S|first difference",
+           timeout=200),
+        py("tp exit", "gpu_tp_check exit --tp 2", keep=r"^(normal|ctrl-c|kill-worker)", gpus=2),
+        py("tp parity 1/2/4", "gpu_tp_check parity --tp 1 2 4", keep=r"tp=|HANG|CRASH",
            timeout=330, gpus=4),
     ],
 }
+# fmt: on
