@@ -118,7 +118,7 @@ def run_row(row: Row, log_path: str) -> tuple[int, str, float]:
             log.write(line)
             last = line.strip()[:240] or last
             if row.keep and re.search(row.keep, line):
-                kept.append(line.strip()[:240])
+                kept.append(" ".join(line.split())[:240])
                 print("   ", kept[-1], flush=True)
         rc = proc.wait()
         timer.cancel()
