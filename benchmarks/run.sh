@@ -3,7 +3,8 @@
 #   bash benchmarks/run.sh SUITE [SUITE ...] [--only ROW ...] [--shapes SHAPE ...]
 # Wheels carried in .whl/ (any depth: the server's, accelerate for the peers, ...) are installed
 # into /tmp/site first (the GPU image reaches no registry); logs and tables go to $OUT when set.
-# COMMIT=<hash> names the commit in the tables (the GPU machine has no git history).
+# COMMIT=<hash> names the commit in the tables (the GPU machine has no git history); TOKENIZER=
+# <folder of SmolLM2's tokenizer files> turns text on for the smollm2-135m throughput row.
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
