@@ -62,8 +62,8 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
     (6, 2, 7, 16),
     (6, 1, 1, 32),  # five experts get nothing
 ])
-def test_alignment_puts_each_assignment_once_in_its_experts_padded_run(num_experts, top_k, num_tokens,
-                                                                      block_m):
+def test_alignment_puts_each_assignment_once_in_its_experts_padded_run(
+        num_experts, top_k, num_tokens, block_m):
     _, ids = random_routing(num_tokens, num_experts, top_k)
     sorted_ids, bounds = align_assignments(ids, num_experts, block_m)
     sorted_ids, bounds, flat = sorted_ids.cpu(), bounds.cpu().tolist(), ids.reshape(-1).cpu()
@@ -76,8 +76,6 @@ def test_alignment_puts_each_assignment_once_in_its_experts_padded_run(num_exper
         assert len(run) == -(-len(mine) // block_m) * block_m  # padded to BLOCK_M, no more
         assert torch.equal(run[:len(mine)], mine.to(run.dtype))  # every one, in order
         assert (run[len(mine):] == num_assign).all()  # the sentinel in the padding
-    assert sorted(sorted_ids[:bounds[-1]][sorted_ids[:bounds[-1]] < num_assign].tolist()) == list(
-        range(num_assign))
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -87,10 +85,12 @@ def test_alignment_puts_each_assignment_once_in_its_experts_padded_run(num_exper
     (5, 3, 33, 32, 48, None),
     (5, 3, 33, 48, 48, SMALL_TILES),
 ])
-def test_fused_experts_triton_matches_reference(num_experts, top_k, num_tokens, hidden, inter, dtype, config):
+def test_fused_experts_triton_matches_reference(
+        num_experts, top_k, num_tokens, hidden, inter, dtype, config):
     w13, w2 = make_experts(num_experts, hidden, inter, dtype)
     weights, ids = random_routing(num_tokens, num_experts, top_k)
-    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(1)).to(DEVICE, dtype)
+    x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(1))
+    x = x.to(DEVICE, dtype)
     out = fused_experts_triton(x, w13, w2, weights, ids, config)
     assert_close(out, fused_experts_torch(x, w13, w2, weights, ids))
 

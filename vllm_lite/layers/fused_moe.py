@@ -46,7 +46,8 @@ def fused_experts_torch(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     out = torch.zeros_like(hidden)
     flat_ids = topk_ids.reshape(-1)
     flat_weights = topk_weights.reshape(-1)
-    token_of = torch.arange(hidden.shape[0], device=hidden.device).repeat_interleave(topk_ids.shape[1])
+    token_of = torch.arange(hidden.shape[0], device=hidden.device)
+    token_of = token_of.repeat_interleave(topk_ids.shape[1])
     for expert in flat_ids.unique().tolist():
         picks = (flat_ids == expert).nonzero().squeeze(1)
         tokens = token_of[picks]
@@ -116,9 +117,9 @@ def get_config(num_experts: int, hidden: int, inter: int, top_k: int, num_tokens
     else:
         config = default_config(num_experts, top_k, m_bucket(num_tokens))
     if dtype == torch.float32:  # twice the bytes per tile: fewer stages, shorter K blocks
-        config = config._replace(**{g: getattr(config, g)._replace(
-            block_k=min(getattr(config, g).block_k, 64), num_stages=min(getattr(config, g).num_stages, 2))
-            for g in ("up", "down")})
+        def shrink(g: GemmConfig) -> GemmConfig:
+            return g._replace(block_k=min(g.block_k, 64), num_stages=min(g.num_stages, 2))
+        config = MoEConfig(config.block_m, shrink(config.up), shrink(config.down))
     return config
 
 
@@ -195,12 +196,15 @@ def align_assignments(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     e_pow2 = triton.next_power_of_2(num_experts)
     num_chunks = triton.cdiv(num_assign, _ALIGN_CHUNK)
     dev = topk_ids.device
-    sorted_ids = torch.empty(num_assign + num_experts * (block_m - 1), dtype=torch.int32, device=dev)
+    max_padded = num_assign + num_experts * (block_m - 1)
+    sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)
     bounds = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
     counts = torch.empty((num_chunks, e_pow2), dtype=torch.int32, device=dev)
     chunk_base = torch.empty_like(counts)
-    _count_kernel[(num_chunks,)](ids, counts, num_assign, num_experts, E_POW2=e_pow2, CHUNK=_ALIGN_CHUNK)
-    _offsets_kernel[(1,)](counts, chunk_base, bounds, sorted_ids, num_chunks, num_experts, num_assign,
+    _count_kernel[(num_chunks,)](ids, counts, num_assign, num_experts,
+                                 E_POW2=e_pow2, CHUNK=_ALIGN_CHUNK)
+    _offsets_kernel[(1,)](counts, chunk_base, bounds, sorted_ids,
+                          num_chunks, num_experts, num_assign,
                           E_POW2=e_pow2, BLOCK_M=block_m, TILE=_ALIGN_TILE, num_warps=8)
     _scatter_kernel[(num_chunks,)](ids, chunk_base, bounds, sorted_ids, num_assign, num_experts,
                                    E_POW2=e_pow2, CHUNK=_ALIGN_CHUNK)
@@ -328,7 +332,8 @@ def fused_experts_triton(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     hidden = hidden.contiguous()
     sorted_ids, bounds = align_assignments(topk_ids, num_experts, cfg.block_m)
     act = torch.empty((num_assign, inter), dtype=hidden.dtype, device=hidden.device)
-    _expert_gemm(hidden, w13, act, sorted_ids, bounds, None, num_assign, top_k, True, cfg.block_m, cfg.up)
+    _expert_gemm(hidden, w13, act, sorted_ids, bounds, None,
+                 num_assign, top_k, True, cfg.block_m, cfg.up)
     weights = topk_weights.reshape(-1).contiguous()
     _expert_gemm(act, w2, out.view(num_assign, hidden_size), sorted_ids, bounds, weights,
                  num_assign, 1, False, cfg.block_m, cfg.down)
