@@ -13,6 +13,7 @@
 
     python -m benchmarks.bench_fused_moe [--tune] [--budget-s 170]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -54,7 +55,7 @@ def experts_of(name: str):
     g = torch.Generator(device=DEVICE).manual_seed(0)
     w13 = torch.randn(num_experts, 2 * inter, hidden, device=DEVICE, dtype=DTYPE, generator=g)
     w2 = torch.randn(num_experts, hidden, inter, device=DEVICE, dtype=DTYPE, generator=g)
-    return w13.mul_(hidden ** -0.5), w2.mul_(inter ** -0.5)
+    return w13.mul_(hidden**-0.5), w2.mul_(inter**-0.5)
 
 
 def batch_of(name: str, num_tokens: int, seed: int):
@@ -71,7 +72,12 @@ def copy_bandwidth() -> float:
     """Device copy, bytes read + written per second: the ceiling to compare against."""
     src = torch.empty(1 << 30, dtype=torch.uint8, device=DEVICE)
     dst = torch.empty_like(src)
-    return 2 * src.numel() / triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median") / 1e-3
+    return (
+        2
+        * src.numel()
+        / triton.testing.do_bench(lambda: dst.copy_(src), return_mode="median")
+        / 1e-3
+    )
 
 
 def graph_ms(run) -> float:
@@ -85,8 +91,10 @@ def graph_ms(run) -> float:
 def time_shapes(copy_bw: float, label: str) -> bool:
     """Check and time every shape and batch; False if a check failed."""
     ok = True
-    log(f"{label}: {'shape':<18} {'T':>5} {'experts':>13} {'rel err':>8} {'us':>8} {'GB/s':>6} "
-        f"{'of copy':>7} {'TFLOP/s':>7}")
+    log(
+        f"{label}: {'shape':<18} {'T':>5} {'experts':>13} {'rel err':>8} {'us':>8} {'GB/s':>6} "
+        f"{'of copy':>7} {'TFLOP/s':>7}"
+    )
     for name, (num_experts, top_k, hidden, inter) in SHAPES.items():
         w13, w2 = experts_of(name)
         for num_tokens in BATCHES:
@@ -100,11 +108,11 @@ def time_shapes(copy_bw: float, label: str) -> bool:
             expected = num_experts * (1 - (1 - top_k / num_experts) ** num_tokens)
             nbytes = touched * 3 * hidden * inter * 2 + 2 * num_tokens * hidden * 2
             flops = 2 * num_tokens * top_k * 3 * hidden * inter
-            log(f"{label}: {name:<18} {num_tokens:>5} {touched:>5} ({expected:5.1f}) {err:8.1e}"
+            log(
+                f"{label}: {name:<18} {num_tokens:>5} {touched:>5} ({expected:5.1f}) {err:8.1e}"
                 f"{'' if err < 1e-2 else ' FAIL'} {ms * 1e3:8.1f} {nbytes / ms / 1e6:6.0f} "
-                f"{nbytes / ms / 1e-3 / copy_bw:6.0%} {flops / ms / 1e9:7.1f}")
-        del w13, w2
-        torch.cuda.empty_cache()
+                f"{nbytes / ms / 1e-3 / copy_bw:6.0%} {flops / ms / 1e9:7.1f}"
+            )
     return ok
 
 
@@ -124,13 +132,25 @@ def block_m_candidates(rows: float) -> list[int]:
 def gemm_candidates(block_m: int, gated: bool) -> list[GemmConfig]:
     """A few tiles per regime; gate/up holds two accumulators, so its BLOCK_N counts twice."""
     if block_m <= 32:  # a weight stream: many programs, long K blocks
-        return [GemmConfig(32, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4), GemmConfig(32, 256, 1, 4, 3),
-                GemmConfig(64, 64, 1, 4, 5) if gated else GemmConfig(128, 128, 1, 4, 3)]
+        return [
+            GemmConfig(32, 128, 1, 4, 4),
+            GemmConfig(64, 128, 1, 4, 4),
+            GemmConfig(32, 256, 1, 4, 3),
+            GemmConfig(64, 64, 1, 4, 5) if gated else GemmConfig(128, 128, 1, 4, 3),
+        ]
     if gated:
-        return [GemmConfig(64, 64, 8, 4, 3), GemmConfig(64, 64, 8, 8, 4), GemmConfig(128, 64, 8, 8, 3),
-                GemmConfig(64, 128, 8, 8, 3)]
-    return [GemmConfig(128, 64, 8, 4, 3), GemmConfig(128, 64, 8, 8, 4), GemmConfig(64, 64, 8, 4, 4),
-            GemmConfig(128, 128, 8, 8, 3)]
+        return [
+            GemmConfig(64, 64, 8, 4, 3),
+            GemmConfig(64, 64, 8, 8, 4),
+            GemmConfig(128, 64, 8, 8, 3),
+            GemmConfig(64, 128, 8, 8, 3),
+        ]
+    return [
+        GemmConfig(128, 64, 8, 4, 3),
+        GemmConfig(128, 64, 8, 8, 4),
+        GemmConfig(64, 64, 8, 4, 4),
+        GemmConfig(128, 128, 8, 8, 3),
+    ]
 
 
 def gemm_us(run) -> float:
@@ -154,11 +174,26 @@ def tune_one(name: str, w13, w2, num_tokens: int) -> tuple[MoEConfig, float, flo
         sorted_ids, bounds = align_assignments(ids, num_experts, block_m)
         ups, downs = gemm_candidates(block_m, True), gemm_candidates(block_m, False)
         if block_m == default.block_m:
-            ups, downs = list(dict.fromkeys([default.up] + ups)), list(dict.fromkeys([default.down] + downs))
-        up_us = {c: gemm_us(lambda c=c: _expert_gemm(x, w13, act, sorted_ids, bounds, None, num_assign,
-                                                     top_k, True, block_m, c)) for c in ups}
-        down_us = {c: gemm_us(lambda c=c: _expert_gemm(act, w2, out, sorted_ids, bounds, weights, num_assign,
-                                                       1, False, block_m, c)) for c in downs}
+            ups, downs = (
+                list(dict.fromkeys([default.up] + ups)),
+                list(dict.fromkeys([default.down] + downs)),
+            )
+        up_us = {
+            c: gemm_us(
+                lambda c=c: _expert_gemm(
+                    x, w13, act, sorted_ids, bounds, None, num_assign, top_k, True, block_m, c
+                )
+            )
+            for c in ups
+        }
+        down_us = {
+            c: gemm_us(
+                lambda c=c: _expert_gemm(
+                    act, w2, out, sorted_ids, bounds, weights, num_assign, 1, False, block_m, c
+                )
+            )
+            for c in downs
+        }
         up, down = min(up_us, key=up_us.get), min(down_us, key=down_us.get)
         if up_us[up] + down_us[down] < best_us:
             best, best_us = MoEConfig(block_m, up, down), up_us[up] + down_us[down]
@@ -178,24 +213,40 @@ def tune(deadline: float) -> dict:
                 log(f"tune: budget spent; {name} bucket {bucket} and later left to the defaults")
                 return table
             cfg, us, default_us = tune_one(name, *weights[name], bucket)
-            table[num_experts, hidden, inter, bucket] = (cfg.block_m, tuple(cfg.up), tuple(cfg.down))
-            log(f"tune: {name:<18} T={bucket:<5} gemms {default_us:8.1f} us (default) -> {us:8.1f} us "
-                f"{table[num_experts, hidden, inter, bucket]}")
+            table[num_experts, hidden, inter, bucket] = (
+                cfg.block_m,
+                tuple(cfg.up),
+                tuple(cfg.down),
+            )
+            log(
+                f"tune: {name:<18} T={bucket:<5} gemms {default_us:8.1f} us (default) -> "
+                f"{us:8.1f} us {table[num_experts, hidden, inter, bucket]}"
+            )
     return table
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--tune", action="store_true", help="sweep launch configs per shape and bucket")
-    parser.add_argument("--budget-s", type=float, default=170.0, help="stop tuning this long after start")
+    parser.add_argument(
+        "--tune", action="store_true", help="sweep launch configs per shape and bucket"
+    )
+    parser.add_argument(
+        "--budget-s", type=float, default=170.0, help="stop tuning this long after start"
+    )
     args = parser.parse_args()
     assert torch.cuda.is_available(), "a GPU benchmark"
     copy_bw = copy_bandwidth()
-    log(f"GPU: {torch.cuda.get_device_name()}, {DTYPE}, one layer; device copy {copy_bw / 1e9:.0f} GB/s")
+    log(
+        f"GPU: {torch.cuda.get_device_name()}, {DTYPE}, one layer; "
+        f"device copy {copy_bw / 1e9:.0f} GB/s"
+    )
     ok = time_shapes(copy_bw, "table")
     if args.tune:
         table = tune(START + args.budget_s)
-        print("\n# paste into vllm_lite/layers/fused_moe.py (H200, bf16):\nTUNED_CONFIGS = {", flush=True)
+        print(
+            "\n# paste into vllm_lite/layers/fused_moe.py (H200, bf16):\nTUNED_CONFIGS = {",
+            flush=True,
+        )
         for key, value in table.items():
             print(f"    {key}: {value},")
         print("}", flush=True)
