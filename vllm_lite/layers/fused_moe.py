@@ -15,8 +15,9 @@ tests it), the design vLLM and SGLang use:
    assignments, numbered ``t * k + slot``, are grouped by expert into ``sorted_ids``; each
    expert's run is padded to a multiple of ``BLOCK_M`` with the sentinel ``T * k``.
    ``bounds[e]`` is where expert e's run starts, ``bounds[E]`` the padded total. The buffer has
-   the static length ``T * k + E * (BLOCK_M - 1)``, so launch grids depend on shapes only (CUDA
-   graphs); programs past the real total read it and exit.
+   the static length ``T * k + min(E, T * k) * (BLOCK_M - 1)`` (at most that many experts get a
+   row), so launch grids depend on shapes only (CUDA graphs); programs past the real total read
+   it and exit (at one token of Qwen3-30B-A3B: 8 row blocks, not 121).
 2. *Gate/up*: one grouped-GEMM launch; each program takes BLOCK_M rows of one expert's run and
    computes the matching gate and up tiles, and writes ``silu(gate) * up`` ``[T * k, I]``.
 3. *Down*: one launch of the same kernel over the activations, the top-k weight multiplied in
@@ -131,7 +132,7 @@ _ALIGN_CHUNK = 64
 _ALIGN_TILE = 64
 
 
-@triton.jit(do_not_specialize=["num_assign"])
+@triton.jit(do_not_specialize=["num_assign"], do_not_specialize_on_alignment=["ids_ptr"])
 def _count_kernel(ids_ptr, counts_ptr, num_assign, num_experts,
                   E_POW2: tl.constexpr, CHUNK: tl.constexpr):
     """Program c: how many of assignments [c * CHUNK, (c + 1) * CHUNK) went to each expert."""
@@ -170,7 +171,7 @@ def _offsets_kernel(counts_ptr, chunk_base_ptr, bounds_ptr, sorted_ptr,
     tl.store(sorted_ptr + slots, sentinel, mask=slots < (starts + padded)[:, None])
 
 
-@triton.jit(do_not_specialize=["num_assign"])
+@triton.jit(do_not_specialize=["num_assign"], do_not_specialize_on_alignment=["ids_ptr"])
 def _scatter_kernel(ids_ptr, chunk_base_ptr, bounds_ptr, sorted_ptr, num_assign, num_experts,
                     E_POW2: tl.constexpr, CHUNK: tl.constexpr):
     """Program c: each of its assignments goes to its expert's start + the chunk's base + the
@@ -196,7 +197,7 @@ def align_assignments(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     e_pow2 = triton.next_power_of_2(num_experts)
     num_chunks = triton.cdiv(num_assign, _ALIGN_CHUNK)
     dev = topk_ids.device
-    max_padded = num_assign + num_experts * (block_m - 1)
+    max_padded = num_assign + min(num_experts, num_assign) * (block_m - 1)
     sorted_ids = torch.empty(max_padded, dtype=torch.int32, device=dev)
     bounds = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
     counts = torch.empty((num_chunks, e_pow2), dtype=torch.int32, device=dev)
@@ -214,7 +215,8 @@ def align_assignments(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 # ----------------------------------------------------------------------------- grouped GEMM
 
 
-@triton.jit(do_not_specialize=["num_assign"])
+# the router's outputs are read a row at a time: their alignment buys nothing
+@triton.jit(do_not_specialize=["num_assign"], do_not_specialize_on_alignment=["weights_ptr"])
 def _expert_gemm_kernel(
     a_ptr, b_ptr, c_ptr, sorted_ptr, bounds_ptr, weights_ptr,
     num_assign, N, K, num_experts,
