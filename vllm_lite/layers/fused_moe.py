@@ -103,11 +103,11 @@ def default_config(num_experts: int, top_k: int, num_tokens: int) -> MoEConfig:
     rows = num_tokens * top_k / num_experts
     if rows <= 16:
         return MoEConfig(16, GemmConfig(32, 128, 1, 4, 4), GemmConfig(64, 128, 1, 4, 4))
+    if rows <= 32:
+        return MoEConfig(32, GemmConfig(64, 128, 8, 4, 3), GemmConfig(128, 128, 8, 4, 3))
     if rows <= 64:
-        return MoEConfig(32, GemmConfig(64, 64, 8, 4, 4), GemmConfig(64, 64, 8, 4, 4))
-    if rows <= 256:
         return MoEConfig(64, GemmConfig(64, 64, 8, 4, 3), GemmConfig(128, 64, 8, 4, 3))
-    return MoEConfig(128, GemmConfig(64, 64, 8, 8, 3), GemmConfig(128, 64, 8, 8, 3))
+    return MoEConfig(128, GemmConfig(64, 64, 8, 8, 4), GemmConfig(128, 64, 8, 8, 4))
 
 
 def get_config(num_experts: int, hidden: int, inter: int, top_k: int, num_tokens: int,
