@@ -11,7 +11,7 @@
    for ``TUNED_CONFIGS`` in vllm_lite/layers/fused_moe.py, and re-times (2) with it. Stops
    tuning at ``--budget-s`` (counted from the start) and prints what it has.
 
-    python -m benchmarks.bench_fused_moe [--tune] [--budget-s 170]
+    python -m benchmarks.bench_fused_moe [--tune] [--budget-s 150]
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def main() -> None:
         "--tune", action="store_true", help="sweep launch configs per shape and bucket"
     )
     parser.add_argument(
-        "--budget-s", type=float, default=170.0, help="stop tuning this long after start"
+        "--budget-s", type=float, default=150.0, help="stop tuning this long after start"
     )
     args = parser.parse_args()
     assert torch.cuda.is_available(), "a GPU benchmark"
@@ -236,7 +236,8 @@ def main() -> None:
     if args.tune:
         table = tune(START + args.budget_s)
         print(
-            "\n# paste into vllm_lite/layers/fused_moe.py (H200, bf16):\nTUNED_CONFIGS = {",
+            "\n# paste into vllm_lite/layers/fused_moe.py (H200, bf16):\n"
+            "TUNED_CONFIGS: dict[tuple[int, int, int, int], tuple] = {",
             flush=True,
         )
         for key, value in table.items():
