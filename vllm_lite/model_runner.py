@@ -220,6 +220,10 @@ class ModelRunner:
             steps[-1].shared_rows, steps[-1].shared_blocks = np.ones(1, np.int32), np.zeros(1, np.int32)
         for step in steps:
             self.execute(step)
+        # the fused MoE kernels' launch config follows the token count: compile every bucket's
+        # (the steps above met the model's expert shapes)
+        from vllm_lite.layers.fused_moe import warm_up_fused_moe
+        warm_up_fused_moe(self.config.max_num_batched_tokens)
         # the sampler's kernels: logprobs read the model's logits; sampling reads them, or their
         # fp32 copy where penalties, bias or banned tokens changed them
         from vllm_lite.layers.fused_ops import gumbel_sample, token_logprobs

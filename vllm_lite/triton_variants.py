@@ -23,9 +23,9 @@ _binders: dict[int, object] = {}
 def engine_kernels() -> dict[str, KernelInterface]:
     """Every ``@triton.jit`` function of the engine, by name (device helpers included: never launched)."""
     from vllm_lite.attention import triton_ops
-    from vllm_lite.layers import fused_ops
+    from vllm_lite.layers import fused_moe, fused_ops
 
-    return {name: obj for module in (triton_ops, fused_ops) for name, obj in vars(module).items()
+    return {name: obj for module in (triton_ops, fused_ops, fused_moe) for name, obj in vars(module).items()
             if isinstance(obj, KernelInterface)}
 
 
