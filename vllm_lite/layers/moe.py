@@ -35,13 +35,12 @@ class FusedMoE(nn.Module):
 
     PARTS = {"w13": ("gate", "up"), "w2": ("down",)}
 
-    def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, dtype=None) -> None:
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, dtype=None) -> None:
         super().__init__()
         self.num_experts = num_experts
-        self.intermediate = _divide(intermediate_size, tp_size(), "moe intermediate size")
-        n = self.intermediate
-        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * n, hidden_size, dtype=dtype), requires_grad=False)
-        self.w2 = nn.Parameter(torch.empty(num_experts, hidden_size, n, dtype=dtype), requires_grad=False)
+        n = self.intermediate = _divide(intermediate, tp_size(), "moe intermediate size")
+        self.w13 = nn.Parameter(torch.empty(num_experts, 2 * n, hidden, dtype=dtype), False)
+        self.w2 = nn.Parameter(torch.empty(num_experts, hidden, n, dtype=dtype), False)
         for name, parts in self.PARTS.items():
             param = getattr(self, name)
             param.weight_loader = self.weight_loader
@@ -67,7 +66,7 @@ class FusedMoE(nn.Module):
             experts = range(self.num_experts)
         else:
             if not 0 <= expert < self.num_experts:
-                raise ValueError(f"checkpoint expert {expert} but the model has {self.num_experts} experts")
+                raise ValueError(f"checkpoint expert {expert}; the model has {self.num_experts}")
             if part == "down":
                 param.data[expert].copy_(torch.as_tensor(loaded[:, rows]))
             else:
@@ -78,7 +77,7 @@ class FusedMoE(nn.Module):
             for p in ("gate", "up") if part == "gate_up" else (part,):
                 param.missing_shards.discard((e, p))
 
-    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor):
         return fused_experts(hidden, self.w13, self.w2, topk_weights, topk_ids)
 
 

@@ -55,12 +55,13 @@ class DecoderAttention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU; ``reduce=False`` leaves the tensor-parallel sum to the caller (a shared expert)."""
 
-    def __init__(self, config, dtype, intermediate_size: int | None = None, reduce: bool = True) -> None:
+    def __init__(self, config, dtype, intermediate_size: int | None = None,
+                 reduce: bool = True) -> None:
         super().__init__()
-        bias = getattr(config, "mlp_bias", False)
+        bias, hidden = getattr(config, "mlp_bias", False), config.hidden_size
         size = intermediate_size or config.intermediate_size
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [size] * 2, bias=bias, dtype=dtype)
-        self.down_proj = RowParallelLinear(size, config.hidden_size, bias=bias, dtype=dtype, reduce=reduce)
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [size] * 2, bias=bias, dtype=dtype)
+        self.down_proj = RowParallelLinear(size, hidden, bias=bias, dtype=dtype, reduce=reduce)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -68,7 +69,7 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, rotary: RotaryEmbedding, dtype, mlp: nn.Module | None = None) -> None:
+    def __init__(self, config, rotary: RotaryEmbedding, dtype, mlp: nn.Module | None = None):
         super().__init__()
         self.self_attn = DecoderAttention(config, rotary, dtype)
         self.mlp = mlp if mlp is not None else MLP(config, dtype)
@@ -91,8 +92,9 @@ class LlamaModel(nn.Module):
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
         rotary = RotaryEmbedding(config, head_dim_of(config), config.max_position_embeddings)
-        self.layers = nn.ModuleList(DecoderLayer(config, rotary, dtype, mlp_of(i) if mlp_of else None)
-                                    for i in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, rotary, dtype, mlp_of(i) if mlp_of else None)
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:

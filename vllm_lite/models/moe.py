@@ -39,28 +39,30 @@ def moe_spec(config) -> MoESpec:
     for field, neutral in ROUTING_NEUTRAL.items():
         value = getattr(config, field, None)
         if value is not None and value != neutral:
-            raise ValueError(f"config field {field}={value!r} changes expert routing in a way this engine "
-                             f"does not implement (supported: {field}={neutral!r} or absent)")
+            raise ValueError(f"config field {field}={value!r} changes expert routing in a way "
+                             f"this engine does not implement ({field}={neutral!r} or absent is)")
     if getattr(config, "hidden_act", "silu") != "silu":
-        raise ValueError(f"hidden_act {config.hidden_act!r}: only silu (SwiGLU) experts are supported")
+        raise ValueError(f"hidden_act {config.hidden_act!r}: only silu (SwiGLU) experts run here")
     layers = range(config.num_hidden_layers)
     if config.model_type == "mixtral":
-        spec = MoESpec(config.num_local_experts, config.num_experts_per_tok, config.intermediate_size,
-                       renormalize=True, shared_expert_size=0, sparse_layers=frozenset(layers))
+        spec = MoESpec(config.num_local_experts, config.num_experts_per_tok,
+                       config.intermediate_size, renormalize=True, shared_expert_size=0,
+                       sparse_layers=frozenset(layers))
     elif config.model_type in ("qwen2_moe", "qwen3_moe"):
         step = config.decoder_sparse_step
         if step < 1:
             raise ValueError(f"decoder_sparse_step must be >= 1, got {step}")
         dense = set(config.mlp_only_layers or [])
-        sparse = frozenset(i for i in layers if i not in dense and config.num_experts > 0 and (i + 1) % step == 0)
+        sparse = frozenset(i for i in layers
+                           if i not in dense and config.num_experts > 0 and (i + 1) % step == 0)
         shared = config.shared_expert_intermediate_size if config.model_type == "qwen2_moe" else 0
         spec = MoESpec(config.num_experts, config.num_experts_per_tok, config.moe_intermediate_size,
                        bool(config.norm_topk_prob), shared, sparse)
     else:
         raise ValueError(f"no mixture-of-experts layout known for model_type {config.model_type!r}")
     if spec.sparse_layers and not 1 <= spec.top_k <= spec.num_experts:
-        raise ValueError(f"num_experts_per_tok ({spec.top_k}) must be between 1 and the number of experts "
-                         f"({spec.num_experts})")
+        raise ValueError(f"num_experts_per_tok ({spec.top_k}) must be between 1 and the number "
+                         f"of experts ({spec.num_experts})")
     return spec
 
 
@@ -76,13 +78,16 @@ class MoEForCausalLM(LlamaForCausalLM):
     }
 
     def __init__(self, config, dtype=torch.float32) -> None:
-        spec = self.spec = moe_spec(config)
+        spec = moe_spec(config)
 
         def mlp_of(layer: int):
             if layer not in spec.sparse_layers:
                 return MLP(config, dtype)
-            shared = MLP(config, dtype, spec.shared_expert_size, reduce=False) if spec.shared_expert_size else None
-            return SparseMoeBlock(config.hidden_size, spec.num_experts, spec.top_k, spec.intermediate_size,
-                                  spec.renormalize, shared, dtype)
+            shared = None
+            if spec.shared_expert_size:  # its partial sum joins the experts' in one all-reduce
+                shared = MLP(config, dtype, spec.shared_expert_size, reduce=False)
+            return SparseMoeBlock(config.hidden_size, spec.num_experts, spec.top_k,
+                                  spec.intermediate_size, spec.renormalize, shared, dtype)
 
         super().__init__(config, dtype, mlp_of)
+        self.spec = spec
