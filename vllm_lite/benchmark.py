@@ -258,7 +258,8 @@ def run_hf_peer(folder: str, work: Workload, dtype: torch.dtype) -> float:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     hf_config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="paged|sdpa").cuda().eval()
+    with torch.device("cuda"):  # built on the GPU: a 30B+ model's random init on the host takes minutes
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="paged|sdpa").eval()
     gen = GenerationConfig(max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=-1, pad_token_id=0)
     t0 = time.perf_counter()
     with model.continuous_batching_context_manager(generation_config=gen, block=True) as manager:
@@ -373,6 +374,13 @@ def bench_main(argv: list[str]) -> int:
                        "prefill_or_mixed_time_s": sum(s[3] for s in ours["steps"] if s not in decode_steps)})
         print(f"  memory-traffic floor {floor:.2f} s ({total_out / floor:.0f} output tokens/s at "
               f"{bw / 1e12:.2f} TB/s copy bandwidth): the median run is at {100 * floor / elapsed:.0f}% of it")
+        if weights.moe_layers:
+            batch = max((d[0] for d in decode_steps), default=1)
+            result.update({"weight_GB": weights.total / 1e9, "weight_GB_read_by_largest_decode_step":
+                           weights.read_by(batch) / 1e9})
+            print(f"  mixture of experts: {weights.total / 1e9:.1f} GB of weights; a decode step of 1 "
+                  f"token reads {weights.read_by(1) / 1e9:.2f} GB, of {batch} tokens "
+                  f"{weights.read_by(batch) / 1e9:.2f} GB (uniform routing)")
         if step_bw:
             print(f"  decode steps at the largest batch ({full[0][0]} seqs): median "
                   f"{100 * result['decode_step_bw_fraction_median']:.0f}% of copy bandwidth "
