@@ -1,5 +1,5 @@
 """GPU shape sweep: engine-level greedy parity with HF transformers over model shapes real
-models have (and odd ones), every case in a child process so that a crash is recorded, not
+models have (and odd ones; the mixture-of-experts families last), every case in a child process so that a crash is recorded, not
 fatal to the sweep.
 
 fp32 cases: our greedy tokens equal transformers' (same weights, on the GPU) token for token, or
@@ -80,17 +80,41 @@ def grid_cases(seed: int = 0) -> list[dict]:
     return cases
 
 
+# the mixture-of-experts families with their real routing (expert counts, top-k, shared expert,
+# a dense layer, norm_topk_prob) at a small width; expert width 96 is no power of two
+MOE = {
+    "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
+    "qwen2_moe": dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=96,
+                      shared_expert_intermediate_size=384, norm_topk_prob=False, mlp_only_layers=[1]),
+    "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=96, norm_topk_prob=True),
+}
+
+
+def moe_cases() -> list[dict]:
+    base = dict(hidden=256, inter=192, layers=3, heads=4, kv_heads=2, head_dim=64, vocab=4000, max_pos=4096,
+                tied=False, pool="default", max_num_seqs=64, lengths=[1, 7, 16, 17, 63, 128, 300],
+                new_tokens=16, std=0.08)
+    return [dict(base, name=f"moe-{arch}-b{block}-{dtype}{'-eager' if eager else ''}", arch=arch, moe=moe,
+                 block_size=block, dtype=dtype, eager=eager)
+            for arch, moe in MOE.items()
+            for dtype, block, eager in [("float32", 16, False), ("float32", 256, True), ("bfloat16", 16, False)]]
+
+
 def all_cases() -> list[dict]:
-    return issue_cases() + grid_cases()
+    return issue_cases() + grid_cases() + moe_cases()
 
 
 # ---- one case (child process) --------------------------------------------------------------
 def build_model(case: dict, path: str) -> None:
     import torch
-    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, Qwen2Config,
-                              Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+    from transformers import (LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM, MixtralConfig,
+                              MixtralForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen2MoeConfig,
+                              Qwen2MoeForCausalLM, Qwen3Config, Qwen3ForCausalLM, Qwen3MoeConfig,
+                              Qwen3MoeForCausalLM)
     classes = {"llama": (LlamaConfig, LlamaForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
-               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM)}
+               "qwen2": (Qwen2Config, Qwen2ForCausalLM), "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+               "mixtral": (MixtralConfig, MixtralForCausalLM), "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM),
+               "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM)}
     config_cls, model_cls = classes[case["arch"]]
     kw = dict(vocab_size=case["vocab"], hidden_size=case["hidden"], intermediate_size=case["inter"],
               num_hidden_layers=case["layers"], num_attention_heads=case["heads"],
@@ -100,6 +124,7 @@ def build_model(case: dict, path: str) -> None:
         kw["head_dim"] = case["head_dim"]
     if case["arch"] == "mistral":
         kw["sliding_window"] = None
+    kw.update(case.get("moe", {}))
     torch.manual_seed(0)
     model = model_cls(config_cls(**kw))
     with torch.no_grad():

@@ -70,8 +70,8 @@ def main() -> None:
                      start.elapsed_time(after_exec), after_exec.elapsed_time(after_sample),
                      sum(s.num_computed_tokens for s in batch.seqs)))
     med = [statistics.median(c) for c in zip(*rows)]
-    weight_bytes, kv_per_token = weight_and_kv_bytes(engine.hf_config)
-    floor_ms = (weight_bytes + med[6] * kv_per_token) / 3.0e12 * 1e3
+    weights, kv_per_token = weight_and_kv_bytes(engine.hf_config)
+    floor_ms = (weights.read_by(len(batch.seqs)) + med[6] * kv_per_token) / 3.0e12 * 1e3
     print(f"\ndecode step, {len(batch.seqs)} seqs, {med[6]:.0f} context tokens (median of {args.steps} steps)")
     print(f"  host: schedule+prepare {med[0]:.2f} ms | launch model+sampler {med[1]:.2f} ms | "
           f"wait for GPU {med[2]:.2f} ms | append/stop checks {med[3]:.2f} ms")

@@ -6,8 +6,8 @@ import pytest
 from transformers import AutoConfig
 
 from tiny_models import make_tiny_model
-from vllm_lite.benchmark import (Workload, bench_main, decode_floor_seconds, model_folder,
-                                 text_tokenizer_for_shape)
+from vllm_lite.benchmark import (WeightBytes, Workload, bench_main, decode_floor_seconds,
+                                 model_folder, text_tokenizer_for_shape, weight_and_kv_bytes)
 from vllm_lite.default_model import default_model_path
 
 
@@ -86,7 +86,26 @@ def test_decode_floor_counts_weights_every_step_and_live_kv():
     work = Workload(prompts=[[0] * 10, [0] * 20], output_lens=[1, 3])
     # step 0: both live (10 + 20 KV tokens); steps 1, 2: only the second (21, 22)
     expected = 3 * 100 + (30 + 21 + 22) * 2
-    assert decode_floor_seconds(work, weight_bytes=100, kv_per_token=2, bandwidth=1.0) == expected
+    floor = decode_floor_seconds(work, WeightBytes(always=100), kv_per_token=2, bandwidth=1.0)
+    assert floor == expected
+
+
+def test_decode_floor_counts_the_experts_a_steps_tokens_touch():
+    work = Workload(prompts=[[0] * 10, [0] * 20], output_lens=[1, 3])
+    # 2 MoE layers of 4 experts, top-1: 2 tokens touch 4 x (1 - (3/4)^2) = 1.75 experts a layer
+    weights = WeightBytes(always=100, per_expert=8, moe_layers=2, num_experts=4, top_k=1)
+    expected = (100 + 2 * 1.75 * 8 + 30 * 2) + 2 * (100 + 2 * 1 * 8) + (21 + 22) * 2
+    floor = decode_floor_seconds(work, weights, kv_per_token=2, bandwidth=1.0)
+    assert floor == pytest.approx(expected)
+    assert weights.total == 100 + 2 * 4 * 8
+
+
+@pytest.mark.parametrize("shape,billions", [("qwen3-30b-a3b", 30.5), ("mixtral-8x7b", 46.7),
+                                            ("qwen1.5-moe-a2.7b", 14.3)])
+def test_moe_shapes_count_the_weights_of_the_real_models(shape, billions):
+    """The published parameter counts; norms are left out of the byte count (< 0.01%)."""
+    weights, _ = weight_and_kv_bytes(AutoConfig.from_pretrained(model_folder(shape)))
+    assert weights.total / 2 / 1e9 == pytest.approx(billions, rel=0.01)
 
 
 def test_serving_peers_word_tokenizer_gives_back_exactly_the_ids_of_a_text():

@@ -8,6 +8,8 @@ import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM,
                           PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM)
+from transformers import (MixtralConfig, MixtralForCausalLM, Qwen2MoeConfig, Qwen2MoeForCausalLM,
+                          Qwen3MoeConfig, Qwen3MoeForCausalLM)
 
 CORPUS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -44,12 +46,28 @@ ARCHS = {
                                                   tie_word_embeddings=True)),
     "qwen3": (Qwen3Config, Qwen3ForCausalLM, dict(num_attention_heads=4, num_key_value_heads=2, head_dim=32,
                                                   tie_word_embeddings=True)),
+    # mixtures of experts, with odd shapes: expert counts that are not powers of two, top-k of
+    # 1 and 3, a dense layer among sparse ones, norm_topk_prob both ways
+    "mixtral": (MixtralConfig, MixtralForCausalLM, dict(
+        num_attention_heads=4, num_key_value_heads=2, intermediate_size=48, num_local_experts=5,
+        num_experts_per_tok=3, tie_word_embeddings=False, sliding_window=None)),
+    "qwen2_moe": (Qwen2MoeConfig, Qwen2MoeForCausalLM, dict(
+        num_attention_heads=4, num_key_value_heads=2, num_hidden_layers=3, intermediate_size=96,
+        num_experts=6, num_experts_per_tok=1, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, norm_topk_prob=False, mlp_only_layers=[1],
+        tie_word_embeddings=False)),
+    "qwen3_moe": (Qwen3MoeConfig, Qwen3MoeForCausalLM, dict(
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=7,
+        num_experts_per_tok=3, moe_intermediate_size=32, norm_topk_prob=True,
+        tie_word_embeddings=True)),
 }
 
 
 def make_tiny_model(path: str, arch: str = "llama", dtype=torch.float32, seed: int = 0,
-                    max_shard_size: str | None = None, **overrides) -> str:
-    """Save a 2-layer random model of ``arch`` with the tiny tokenizer into ``path``."""
+                    max_shard_size: str | None = None, save_original_format: bool = True,
+                    **overrides) -> str:
+    """Save a 2-layer random model of ``arch`` with the tiny tokenizer into ``path``.
+    ``save_original_format=False``: transformers 5's own layout (MoE experts fused per layer)."""
     config_cls, model_cls, arch_kwargs = ARCHS[arch]
     tok = make_tokenizer(path)
     kwargs = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -60,7 +78,8 @@ def make_tiny_model(path: str, arch: str = "llama", dtype=torch.float32, seed: i
     config = config_cls(**kwargs)
     torch.manual_seed(seed)
     model = model_cls(config).to(dtype)
-    model.save_pretrained(path, **({"max_shard_size": max_shard_size} if max_shard_size else {}))
+    model.save_pretrained(path, save_original_format=save_original_format,
+                          **({"max_shard_size": max_shard_size} if max_shard_size else {}))
     return path
 
 

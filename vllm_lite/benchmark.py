@@ -23,6 +23,8 @@ from dataclasses import dataclass
 import torch
 
 from vllm_lite.config import EngineConfig, add_config_flags
+from vllm_lite.models import get_model_class
+from vllm_lite.models.moe import MoEForCausalLM, moe_spec
 
 CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
 SMOLLM2_VOCAB = 49152  # a Llama shape with this vocabulary can use SmolLM2's tokenizer
@@ -88,22 +90,59 @@ def model_folder(model_config: str) -> str:
     return folder
 
 
-def weight_and_kv_bytes(hf_config, dtype_bytes: int = 2) -> tuple[int, int]:
-    """Bytes of all weights, and KV bytes per token (all layers, K and V)."""
+@dataclass(frozen=True)
+class WeightBytes:
+    """The weights a step reads: ``always`` (embeddings and head, attention, dense MLPs, routers,
+    shared experts) and, in each of ``moe_layers`` mixture-of-experts layers, every expert that
+    one of the step's tokens picked (``per_expert`` bytes each)."""
+    always: int
+    per_expert: int = 0
+    moe_layers: int = 0
+    num_experts: int = 0
+    top_k: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.always + self.moe_layers * self.num_experts * self.per_expert
+
+    def read_by(self, tokens: int) -> float:
+        """Bytes read by a step of ``tokens`` tokens, for uniform routing: an expert is missed by
+        one token's ``top_k`` picks with probability 1 - k/E, by all of them with its power."""
+        if not self.moe_layers:
+            return self.always
+        touched = self.num_experts * (1 - (1 - self.top_k / self.num_experts) ** tokens)
+        return self.always + self.moe_layers * touched * self.per_expert
+
+
+def weight_and_kv_bytes(hf_config, dtype_bytes: int = 2) -> tuple[WeightBytes, int]:
+    """The weights' bytes, and KV bytes per token (all layers, K and V). Norms are left out."""
     h, v, n = hf_config.hidden_size, hf_config.vocab_size, hf_config.num_hidden_layers
     hd = getattr(hf_config, "head_dim", None) or h // hf_config.num_attention_heads
     q, kv = hf_config.num_attention_heads * hd, hf_config.num_key_value_heads * hd
-    per_layer = h * (q + 2 * kv) + q * h + 3 * h * hf_config.intermediate_size
+    attention = h * (q + 2 * kv) + q * h
     embeddings = v * h * (1 if getattr(hf_config, "tie_word_embeddings", False) else 2)
-    return (n * per_layer + embeddings) * dtype_bytes, 2 * n * kv * dtype_bytes
+    dense_mlp = 3 * h * hf_config.intermediate_size
+    if get_model_class(hf_config) is not MoEForCausalLM:
+        weights = WeightBytes((n * (attention + dense_mlp) + embeddings) * dtype_bytes)
+        return weights, 2 * n * kv * dtype_bytes
+    spec = moe_spec(hf_config)
+    sparse = len(spec.sparse_layers)
+    shared = 3 * h * spec.shared_expert_size + h if spec.shared_expert_size else 0  # with its gate
+    router = spec.num_experts * h
+    always = n * attention + (n - sparse) * dense_mlp + sparse * (router + shared) + embeddings
+    weights = WeightBytes(always * dtype_bytes, 3 * h * spec.intermediate_size * dtype_bytes,
+                          sparse, spec.num_experts, spec.top_k)
+    return weights, 2 * n * kv * dtype_bytes
 
 
-def decode_floor_seconds(work: Workload, weight_bytes: int, kv_per_token: int, bandwidth: float) -> float:
-    """Every decode step reads all weights once and every live sequence's KV once."""
+def decode_floor_seconds(work: Workload, weights: WeightBytes, kv_per_token: int,
+                         bandwidth: float) -> float:
+    """Every decode step reads the weights its tokens need (all of a dense model's; the touched
+    experts of a mixture of experts) once, and every live sequence's KV once."""
     total, steps = 0, max(work.output_lens)
     for step in range(steps):
-        live_kv = sum(len(p) + step for p, o in zip(work.prompts, work.output_lens) if o > step)
-        total += weight_bytes + live_kv * kv_per_token
+        live = [len(p) + step for p, o in zip(work.prompts, work.output_lens) if o > step]
+        total += weights.read_by(len(live)) + sum(live) * kv_per_token
     return total / bandwidth
 
 
@@ -219,7 +258,8 @@ def run_hf_peer(folder: str, work: Workload, dtype: torch.dtype) -> float:
     from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
 
     hf_config = AutoConfig.from_pretrained(folder)
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="paged|sdpa").cuda().eval()
+    with torch.device("cuda"):  # built on the GPU: a 30B+ model's random init on the host takes minutes
+        model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype, attn_implementation="paged|sdpa").eval()
     gen = GenerationConfig(max_new_tokens=max(work.output_lens), do_sample=False, eos_token_id=-1, pad_token_id=0)
     t0 = time.perf_counter()
     with model.continuous_batching_context_manager(generation_config=gen, block=True) as manager:
@@ -237,7 +277,8 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("mode", choices=["throughput"])
     parser.add_argument("--model-config", default="qwen3-0.6b",
                         help="a shape in vllm_lite/model_configs (qwen3-0.6b, qwen2.5-1.5b, llama-3.2-1b, smollm2-135m, "
-                             "qwen2.5-7b) or a config.json path; weights are random (load_format dummy)")
+                             "qwen2.5-7b, and the mixtures of experts qwen3-30b-a3b, mixtral-8x7b, "
+                             "qwen1.5-moe-a2.7b) or a config.json path; weights are random (load_format dummy)")
     parser.add_argument("--dataset", choices=["random", "nano-vllm", "shared-prefix"], default="random",
                         help="random: ids uniform over the vocabulary, lengths uniform in --input-len/--output-len, "
                              "seed --seed; nano-vllm: nano-vllm's bench.py requests (random.seed(0), ids 0..10000, "
@@ -292,7 +333,7 @@ def bench_main(argv: list[str]) -> int:
     total_in, total_out = sum(map(len, work.prompts)), sum(work.output_lens)
 
     ours = run_ours(config, work, temperature, runs, dataset, profile_path, extras)
-    weight_bytes, kv_per_token = weight_and_kv_bytes(hf_config)
+    weights, kv_per_token = weight_and_kv_bytes(hf_config)
     elapsed = ours["median_elapsed"]
     per_run = sorted(total_out / e for e in ours["elapsed"])
     result = {"mode": mode, "dataset": dataset, "model_config": model_config, "num_prompts": num,
@@ -319,10 +360,11 @@ def bench_main(argv: list[str]) -> int:
           f"{ours['prefix_cache_hit_tokens']} of {ours['prefix_cache_query_tokens']} prompt tokens from the prefix cache)")
     if torch.cuda.is_available():
         bw = copy_bandwidth()
-        floor = decode_floor_seconds(work, weight_bytes, kv_per_token, bw)
+        floor = decode_floor_seconds(work, weights, kv_per_token, bw)
         decode_steps = [s for s in ours["steps"] if s[0] == s[1] and s[0] > 0]
         full = sorted(s for s in decode_steps if s[0] == max(d[0] for d in decode_steps))
-        step_bw = [(weight_bytes + ctx * kv_per_token) / sec / bw for _, _, ctx, sec in full]
+        step_bw = [(weights.read_by(rows) + ctx * kv_per_token) / sec / bw
+                   for rows, _, ctx, sec in full]
         step_bw.sort()
         result.update({"copy_bandwidth_TBps": bw / 1e12, "decode_floor_s": floor,
                        "floor_output_tokens_per_s": total_out / floor,
@@ -332,6 +374,13 @@ def bench_main(argv: list[str]) -> int:
                        "prefill_or_mixed_time_s": sum(s[3] for s in ours["steps"] if s not in decode_steps)})
         print(f"  memory-traffic floor {floor:.2f} s ({total_out / floor:.0f} output tokens/s at "
               f"{bw / 1e12:.2f} TB/s copy bandwidth): the median run is at {100 * floor / elapsed:.0f}% of it")
+        if weights.moe_layers:
+            batch = max((d[0] for d in decode_steps), default=1)
+            result.update({"weight_GB": weights.total / 1e9, "weight_GB_read_by_largest_decode_step":
+                           weights.read_by(batch) / 1e9})
+            print(f"  mixture of experts: {weights.total / 1e9:.1f} GB of weights; a decode step of 1 "
+                  f"token reads {weights.read_by(1) / 1e9:.2f} GB, of {batch} tokens "
+                  f"{weights.read_by(batch) / 1e9:.2f} GB (uniform routing)")
         if step_bw:
             print(f"  decode steps at the largest batch ({full[0][0]} seqs): median "
                   f"{100 * result['decode_step_bw_fraction_median']:.0f}% of copy bandwidth "

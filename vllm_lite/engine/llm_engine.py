@@ -156,7 +156,9 @@ class LLMEngine:
         self.tokenizer = self._load_tokenizer(config)
         model_max = getattr(self.hf_config, "max_position_embeddings", None) or 2048
         window = getattr(self.hf_config, "sliding_window", None)
-        if window and (self.hf_config.model_type == "mistral" or getattr(self.hf_config, "use_sliding_window", False)):
+        windowed = (self.hf_config.model_type in ("mistral", "mixtral")
+                    or getattr(self.hf_config, "use_sliding_window", False))
+        if window and windowed:
             model_max = min(model_max, window)  # no sliding-window attention here: stay inside the window
         if config.max_model_len is not None and config.max_model_len > model_max:
             raise ValueError(f"config key 'max_model_len' ({config.max_model_len}) exceeds the model's limit "

@@ -67,8 +67,10 @@ def check_tp_split(hf_config, tp: int) -> None:
         problems.append(f"num_attention_heads ({heads}) is not divisible by {tp}")
     if kv_heads % tp and tp % kv_heads:
         problems.append(f"num_key_value_heads ({kv_heads}) neither divides nor is divisible by {tp}")
-    if hf_config.intermediate_size % tp:
-        problems.append(f"intermediate_size ({hf_config.intermediate_size}) is not divisible by {tp}")
+    for field in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
+        size = getattr(hf_config, field, None)
+        if size and size % tp:
+            problems.append(f"{field} ({size}) is not divisible by {tp}")
     if problems:
         raise ValueError(f"tensor_parallel_size {tp} cannot split this model: " + "; ".join(problems))
 

@@ -33,6 +33,10 @@ class _ShardedLinear(nn.Module):
         return F.linear(x, self.weight, self.bias)
 
 
+class ReplicatedLinear(_ShardedLinear):
+    """Every rank holds the whole weight (a mixture-of-experts router: each rank routes alike)."""
+
+
 class ColumnParallelLinear(_ShardedLinear):
     """Output features split across ranks; no communication."""
 
@@ -88,10 +92,13 @@ class QKVParallelLinear(ColumnParallelLinear):
 
 
 class RowParallelLinear(_ShardedLinear):
-    """Input features split across ranks; the partial outputs are summed with one all-reduce."""
+    """Input features split across ranks; the partial outputs are summed with one all-reduce
+    (``reduce=False``: left to the caller, who adds more partial sums before one reduce)."""
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None) -> None:
+    def __init__(self, in_features: int, out_features: int, bias: bool = False, dtype=None,
+                 reduce: bool = True) -> None:
         super().__init__(_divide(in_features, tp_size(), "input features"), out_features, bias, dtype)
+        self.reduce = reduce
 
     def weight_loader(self, param, loaded, shard_id=None) -> None:
         if param.dim() == 1:  # bias: added once, on rank 0
@@ -101,4 +108,5 @@ class RowParallelLinear(_ShardedLinear):
         param.data.copy_(torch.as_tensor(loaded[:, tp_rank() * cols:(tp_rank() + 1) * cols]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return all_reduce(F.linear(x, self.weight, self.bias))
+        out = F.linear(x, self.weight, self.bias)
+        return all_reduce(out) if self.reduce else out

@@ -1,6 +1,7 @@
 """The decoder-only transformer of Llama, Mistral, Qwen2 (q/k/v bias) and Qwen3 (per-head q/k
 RMSNorm): pre-norm blocks of GQA attention with RoPE and a SwiGLU MLP. Tensor parallel through
-the layers it is built from; the attention backend is invisible here."""
+the layers it is built from; the attention backend is invisible here. The mixture-of-experts
+models (``models/moe.py``) are this transformer with another MLP in some layers (``mlp_of``)."""
 from __future__ import annotations
 
 import torch
@@ -22,7 +23,9 @@ class DecoderAttention(nn.Module):
     def __init__(self, config, rotary: RotaryEmbedding, dtype) -> None:
         super().__init__()
         head_dim = head_dim_of(config)
-        qkv_bias = getattr(config, "attention_bias", False) or config.model_type == "qwen2"
+        # Qwen2 and Qwen2-MoE: bias on q/k/v only; attention_bias (Llama, Qwen3): on all four
+        qkv_bias = (getattr(config, "attention_bias", False) or config.model_type == "qwen2"
+                    or getattr(config, "qkv_bias", False))
         self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
                                           config.num_key_value_heads, bias=qkv_bias, dtype=dtype)
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
@@ -30,7 +33,7 @@ class DecoderAttention(nn.Module):
         o_bias = getattr(config, "attention_bias", False) and config.model_type != "qwen2"
         self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
                                         bias=o_bias, dtype=dtype)
-        self.qk_norm = config.model_type == "qwen3"
+        self.qk_norm = config.model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype)
@@ -50,12 +53,15 @@ class DecoderAttention(nn.Module):
 
 
 class MLP(nn.Module):
-    def __init__(self, config, dtype) -> None:
+    """SwiGLU; ``reduce=False`` leaves the tensor-parallel sum to the caller (a shared expert)."""
+
+    def __init__(self, config, dtype, intermediate_size: int | None = None,
+                 reduce: bool = True) -> None:
         super().__init__()
-        bias = getattr(config, "mlp_bias", False)
-        self.gate_up_proj = MergedColumnParallelLinear(config.hidden_size, [config.intermediate_size] * 2,
-                                                       bias=bias, dtype=dtype)
-        self.down_proj = RowParallelLinear(config.intermediate_size, config.hidden_size, bias=bias, dtype=dtype)
+        bias, hidden = getattr(config, "mlp_bias", False), config.hidden_size
+        size = intermediate_size or config.intermediate_size
+        self.gate_up_proj = MergedColumnParallelLinear(hidden, [size] * 2, bias=bias, dtype=dtype)
+        self.down_proj = RowParallelLinear(size, hidden, bias=bias, dtype=dtype, reduce=reduce)
         self.act = SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -63,10 +69,10 @@ class MLP(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, config, rotary: RotaryEmbedding, dtype) -> None:
+    def __init__(self, config, rotary: RotaryEmbedding, dtype, mlp: nn.Module | None = None):
         super().__init__()
         self.self_attn = DecoderAttention(config, rotary, dtype)
-        self.mlp = MLP(config, dtype)
+        self.mlp = mlp if mlp is not None else MLP(config, dtype)
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
@@ -81,11 +87,14 @@ class DecoderLayer(nn.Module):
 
 
 class LlamaModel(nn.Module):
-    def __init__(self, config, dtype) -> None:
+    def __init__(self, config, dtype, mlp_of=None) -> None:
+        """``mlp_of(layer index)``: that layer's MLP module (default: the dense SwiGLU)."""
         super().__init__()
         self.embed_tokens = VocabParallelEmbedding(config.vocab_size, config.hidden_size, dtype)
         rotary = RotaryEmbedding(config, head_dim_of(config), config.max_position_embeddings)
-        self.layers = nn.ModuleList(DecoderLayer(config, rotary, dtype) for _ in range(config.num_hidden_layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(config, rotary, dtype, mlp_of(i) if mlp_of else None)
+            for i in range(config.num_hidden_layers))
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -103,10 +112,10 @@ class LlamaForCausalLM(nn.Module):
         "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
     }
 
-    def __init__(self, config, dtype=torch.float32) -> None:
+    def __init__(self, config, dtype=torch.float32, mlp_of=None) -> None:
         super().__init__()
         self.config = config
-        self.model = LlamaModel(config, dtype)
+        self.model = LlamaModel(config, dtype, mlp_of)
         self.lm_head = ParallelLMHead(config.vocab_size, config.hidden_size, dtype)
         self.tie_word_embeddings = bool(getattr(config, "tie_word_embeddings", False))
         if self.tie_word_embeddings:

@@ -1,10 +1,12 @@
 """Load HuggingFace safetensors (single file or sharded) straight into our parameters: the only
-translation is the packed q/k/v and gate/up names. Each parameter's ``weight_loader`` reads just
-this rank's slice of the tensor from disk."""
+translation is the packed q/k/v and gate/up names, and for mixture-of-experts models the experts'
+tensors stacked into one parameter per layer. Each parameter's ``weight_loader`` reads just this
+rank's slice of the tensor from disk."""
 from __future__ import annotations
 
 import glob
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -18,9 +20,28 @@ def _checkpoint_files(model_path: str) -> list[str]:
     return files
 
 
+# ``<layer>.experts.<e>.<name>[.weight]`` (one expert) or ``<layer>.experts.<name>`` (all, fused)
+_EXPERT_NAME = re.compile(r"^(.*\.experts)\.(?:(\d+)\.)?(\w+?)(?:\.weight)?$")
+
+
+def target_of(model: nn.Module, name: str) -> tuple[str, object]:
+    """Our parameter name for a checkpoint tensor, and the shard id its weight loader gets."""
+    for ckpt_part, our_part in getattr(model, "renamed_modules", {}).items():
+        name = name.replace(f".{ckpt_part}.", f".{our_part}.")
+    experts = getattr(model, "expert_modules", None)
+    match = _EXPERT_NAME.match(name) if experts else None
+    if match and match.group(3) in experts:
+        prefix, expert, part = match.groups()
+        param, shard = experts[part]
+        return f"{prefix}.{param}", (None if expert is None else int(expert), shard)
+    for ckpt_part, (our_part, sid) in getattr(model, "packed_modules", {}).items():
+        if f".{ckpt_part}." in name:
+            return name.replace(ckpt_part, our_part), sid
+    return name, None
+
+
 def load_weights(model: nn.Module, model_path: str) -> None:
     params = dict(model.named_parameters(remove_duplicate=False))
-    packed = getattr(model, "packed_modules", {})
     loaded: set[str] = set()
     for file in _checkpoint_files(model_path):
         with safe_open(file, framework="pt") as fh:
@@ -29,11 +50,7 @@ def load_weights(model: nn.Module, model_path: str) -> None:
                     continue
                 if name == "lm_head.weight" and getattr(model, "tie_word_embeddings", False):
                     continue
-                target, shard_id = name, None
-                for ckpt_part, (our_part, sid) in packed.items():
-                    if f".{ckpt_part}." in name:
-                        target, shard_id = name.replace(ckpt_part, our_part), sid
-                        break
+                target, shard_id = target_of(model, name)
                 if target not in params:
                     raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
                 param = params[target]
@@ -47,6 +64,10 @@ def load_weights(model: nn.Module, model_path: str) -> None:
     missing = {n for n in params if n not in loaded}
     if getattr(model, "tie_word_embeddings", False):
         missing.discard("lm_head.weight")
+    for name, param in params.items():  # stacked experts: every (expert, part) filled
+        left = sorted(getattr(param, "missing_shards", ()))
+        if left and name not in missing:
+            missing.add(f"{name} (expert, part) {left[:3]}{' ...' if len(left) > 3 else ''}")
     if missing:
         raise ValueError(f"weights missing from {model_path}: {sorted(missing)[:5]}")
 
