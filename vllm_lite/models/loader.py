@@ -1,6 +1,6 @@
 """Load HuggingFace safetensors (single file or sharded) straight into our parameters: the only
-translation is the packed q/k/v and gate/up names. Each parameter's ``weight_loader`` reads just
-this rank's slice of the tensor from disk."""
+translation is the packed q/k/v and gate/up names. The ``weight_loader`` of the module that owns
+a parameter reads just this rank's slice of the tensor from disk."""
 from __future__ import annotations
 
 import glob
@@ -37,7 +37,8 @@ def load_weights(model: nn.Module, model_path: str) -> None:
                 if target not in params:
                     raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
                 param = params[target]
-                loader = getattr(param, "weight_loader", None)
+                owner = model.get_submodule(target.rpartition(".")[0])
+                loader = getattr(owner, "weight_loader", None)
                 lazy = fh.get_slice(name)
                 if loader is None:
                     param.data.copy_(lazy[:])
