@@ -13,10 +13,11 @@ of a case's time, use a CPU core each); cases whose pool is "default" (all the m
 ``gpu_memory_utilization`` leaves, up to ~10^8 blocks) run one at a time after them.
 
     python -m benchmarks.gpu_sweep                 # the whole grid
-    python -m benchmarks.gpu_sweep --pool small    # only the small-pool cases (--pool default: the rest)
+    python -m benchmarks.gpu_sweep --pool small    # the small-pool cases (default: the others)
     python -m benchmarks.gpu_sweep --only 0,3      # some cases
     python -m benchmarks.gpu_sweep --list          # print the grid
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,9 +52,25 @@ def issue_cases() -> list[dict]:
     default KV pool (all free GPU memory), with CUDA graphs and without; and the 1-KV-head tied
     Qwen2 that sized a pool of 9.2M blocks. (The same shape as Llama and Qwen3 added nothing:
     their layers differ in what the grid covers.)"""
-    base = dict(hidden=128, inter=256, layers=2, heads=4, kv_heads=2, head_dim=32, vocab=49152, max_pos=4096,
-                tied=False, block_size=16, dtype="float32", eager=False, pool="default", max_num_seqs=256,
-                lengths=[1, 7, 16, 17, 63, 128, 200, 250], new_tokens=24, std=0.08)
+    base = dict(
+        hidden=128,
+        inter=256,
+        layers=2,
+        heads=4,
+        kv_heads=2,
+        head_dim=32,
+        vocab=49152,
+        max_pos=4096,
+        tied=False,
+        block_size=16,
+        dtype="float32",
+        eager=False,
+        pool="default",
+        max_num_seqs=256,
+        lengths=[1, 7, 16, 17, 63, 128, 200, 250],
+        new_tokens=24,
+        std=0.08,
+    )
     return [
         dict(base, name="issue-mistral", arch="mistral"),
         dict(base, name="issue-qwen3-eager", arch="qwen3", eager=True),
@@ -71,9 +88,22 @@ def grid_cases(seed: int = 0) -> list[dict]:
         rng.shuffle(out)
         return out
 
-    archs, head_dims, groups, block_sizes = axis(SWEEP_ARCHS), axis(HEAD_DIMS), axis(GROUPS), axis(BLOCK_SIZES)
-    kv, vocabs, max_poss = axis([1, 2, 2]), axis([400, 49152, 70000, 151936]), axis([2048, 4096, 32768])
-    tieds, eagers, pools = axis([True, False]), axis([True, False, False]), axis(["default", "small", "small"])
+    archs, head_dims, groups, block_sizes = (
+        axis(SWEEP_ARCHS),
+        axis(HEAD_DIMS),
+        axis(GROUPS),
+        axis(BLOCK_SIZES),
+    )
+    kv, vocabs, max_poss = (
+        axis([1, 2, 2]),
+        axis([400, 49152, 70000, 151936]),
+        axis([2048, 4096, 32768]),
+    )
+    tieds, eagers, pools = (
+        axis([True, False]),
+        axis([True, False, False]),
+        axis(["default", "small", "small"]),
+    )
     dtypes = axis(["float32"] * 4 + ["bfloat16", "float16"])
     cases = []
     for i in range(n):
@@ -86,13 +116,30 @@ def grid_cases(seed: int = 0) -> list[dict]:
         if max_pos <= 4096:  # one prompt that fills the context up to its last position
             lengths.add(max_pos - 13)
         lengths = sorted(lengths)
-        cases.append(dict(
-            name=f"g{i}-{arch}-d{head_dim}-q{heads}kv{kv_heads}-b{block_size}-{dtype}{'-eager' if eagers[i] else ''}",
-            arch=arch, hidden=hidden, inter=256, layers=2, heads=heads, kv_heads=kv_heads, head_dim=head_dim,
-            vocab=vocab, max_pos=max_pos, tied=tieds[i], block_size=block_size, dtype=dtype,
-            eager=eagers[i], pool=pools[i], max_num_seqs=16,
-            lengths=lengths, new_tokens=12, std=0.08,
-        ))
+        cases.append(
+            dict(
+                name=f"g{i}-{arch}-d{head_dim}-q{heads}kv{kv_heads}-b{block_size}-{dtype}"
+                + ("-eager" if eagers[i] else ""),
+                arch=arch,
+                hidden=hidden,
+                inter=256,
+                layers=2,
+                heads=heads,
+                kv_heads=kv_heads,
+                head_dim=head_dim,
+                vocab=vocab,
+                max_pos=max_pos,
+                tied=tieds[i],
+                block_size=block_size,
+                dtype=dtype,
+                eager=eagers[i],
+                pool=pools[i],
+                max_num_seqs=16,
+                lengths=lengths,
+                new_tokens=12,
+                std=0.08,
+            )
+        )
     return cases
 
 
@@ -103,13 +150,25 @@ def all_cases() -> list[dict]:
 # ---- one case (child process) --------------------------------------------------------------
 def build_model(case: dict, path: str) -> None:
     import torch
+
     sys.path.insert(0, os.path.join(REPO, "tests"))
     from tiny_models import ARCHS
+
     config_cls, model_cls, arch_kwargs = ARCHS[case["arch"]]
-    kw = dict(arch_kwargs, vocab_size=case["vocab"], hidden_size=case["hidden"], intermediate_size=case["inter"],
-              num_hidden_layers=case["layers"], num_attention_heads=case["heads"],
-              num_key_value_heads=case["kv_heads"], max_position_embeddings=case["max_pos"],
-              tie_word_embeddings=case["tied"], initializer_range=case["std"], eos_token_id=0, bos_token_id=1)
+    kw = dict(
+        arch_kwargs,
+        vocab_size=case["vocab"],
+        hidden_size=case["hidden"],
+        intermediate_size=case["inter"],
+        num_hidden_layers=case["layers"],
+        num_attention_heads=case["heads"],
+        num_key_value_heads=case["kv_heads"],
+        max_position_embeddings=case["max_pos"],
+        tie_word_embeddings=case["tied"],
+        initializer_range=case["std"],
+        eos_token_id=0,
+        bos_token_id=1,
+    )
     kw.pop("head_dim", None)
     if case["arch"] not in HEAD_DIM_FROM_HIDDEN:
         kw["head_dim"] = case["head_dim"]
@@ -131,12 +190,23 @@ def run_case(case: dict) -> dict:
     with tempfile.TemporaryDirectory() as path:
         build_model(case, path)
         gen = torch.Generator().manual_seed(1)
-        prompts = [torch.randint(2, case["vocab"], (n,), generator=gen).tolist() for n in case["lengths"]]
-        params = SamplingParams(temperature=0, max_tokens=case["new_tokens"], ignore_eos=True, detokenize=False)
-        kw = dict(dtype=dtype, block_size=case["block_size"], enforce_eager=case["eager"],
-                  max_num_seqs=case["max_num_seqs"])
+        prompts = [
+            torch.randint(2, case["vocab"], (n,), generator=gen).tolist() for n in case["lengths"]
+        ]
+        params = SamplingParams(
+            temperature=0, max_tokens=case["new_tokens"], ignore_eos=True, detokenize=False
+        )
+        kw = dict(
+            dtype=dtype,
+            block_size=case["block_size"],
+            enforce_eager=case["eager"],
+            max_num_seqs=case["max_num_seqs"],
+        )
         if case["pool"] == "small":
-            kw["num_blocks"] = -(-(sum(case["lengths"]) + len(prompts) * case["new_tokens"]) // case["block_size"]) + 4
+            kw["num_blocks"] = (
+                -(-(sum(case["lengths"]) + len(prompts) * case["new_tokens"]) // case["block_size"])
+                + 4
+            )
 
         def engine_tokens(**extra):
             llm = LLM(path, **kw, **extra)
@@ -154,24 +224,37 @@ def run_case(case: dict) -> dict:
         result = dict(num_blocks=num_blocks)
         if dtype == "float32":
             from transformers import AutoModelForCausalLM
+
             device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: a smoke run of the sweep
             hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(device).eval()
             bad = []
             with torch.no_grad():
                 for i, (p, mine) in enumerate(zip(prompts, ours)):
                     ids = torch.tensor([p], device=device)
-                    ref = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=case["new_tokens"],
-                                      do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist()
+                    ref = hf.generate(
+                        ids,
+                        attention_mask=torch.ones_like(ids),
+                        max_new_tokens=case["new_tokens"],
+                        do_sample=False,
+                        eos_token_id=None,
+                        pad_token_id=0,
+                    )[0, len(p) :].tolist()
                     if mine == ref:
                         continue
-                    first = next((j for j in range(min(len(mine), len(ref))) if mine[j] != ref[j]), None)
+                    first = next(
+                        (j for j in range(min(len(mine), len(ref))) if mine[j] != ref[j]), None
+                    )
                     if first is None:
                         bad.append(f"prompt {i}: lengths {len(mine)} vs {len(ref)}")
                         continue
-                    logits = hf(torch.tensor([p + ref[:first]], device=device)).logits[0, -1].float()
+                    logits = (
+                        hf(torch.tensor([p + ref[:first]], device=device)).logits[0, -1].float()
+                    )
                     gap = abs(logits[mine[first]] - logits[ref[first]]).item()
                     if gap >= 1e-4:
-                        bad.append(f"prompt {i} (len {len(p)}): diverged at {first}, logit gap {gap:.3g}")
+                        bad.append(
+                            f"prompt {i} (len {len(p)}): diverged at {first}, logit gap {gap:.3g}"
+                        )
             del hf
             result.update(ok=not bad, detail="; ".join(bad) or "token-equal or near-tie")
         else:
@@ -180,8 +263,11 @@ def run_case(case: dict) -> dict:
             same = sum(a == b for mine, r in zip(ours, ref) for a, b in zip(mine, r))
             first_equal = sum(m[:1] == r[:1] for m, r in zip(ours, ref))
             ok = first_equal >= len(prompts) - 1
-            result.update(ok=ok, detail=f"vs torch backend: {same}/{total} tokens equal, "
-                                        f"first token equal {first_equal}/{len(prompts)}")
+            result.update(
+                ok=ok,
+                detail=f"vs torch backend: {same}/{total} tokens equal, "
+                f"first token equal {first_equal}/{len(prompts)}",
+            )
         result["seconds"] = round(time.time() - t0, 1)
         return result
 
@@ -198,7 +284,12 @@ def worker(indices: list[int], results_path: str, deadline: float) -> None:
                 res = run_case(cases[i])
             except Exception as e:  # a Python error is a failure of this case, not of the sweep
                 import traceback
-                res = dict(ok=False, detail=f"{type(e).__name__}: {e}"[:500], trace=traceback.format_exc()[-2000:])
+
+                res = dict(
+                    ok=False,
+                    detail=f"{type(e).__name__}: {e}"[:500],
+                    trace=traceback.format_exc()[-2000:],
+                )
         with open(results_path, "a") as f:
             f.write(json.dumps({"index": i, **res}) + "\n")
 
@@ -212,8 +303,10 @@ class Reporter:
     def __call__(self, rec: dict) -> None:
         i, ok = rec["index"], rec["ok"]
         word = "SKIP" if ok is None else "PASS" if ok else "FAIL"
-        line = (f"{word} sweep/{i}-{self.cases[i]['name']} {rec.get('seconds', '-')}s "
-                f"blocks={rec.get('num_blocks', '-')} {rec['detail']}")
+        line = (
+            f"{word} sweep/{i}-{self.cases[i]['name']} {rec.get('seconds', '-')}s "
+            f"blocks={rec.get('num_blocks', '-')} {rec['detail']}"
+        )
         if not ok and rec.get("trace"):
             line += "\n    " + rec["trace"].replace("\n", "\n    ")
         with self.lock:
@@ -221,7 +314,9 @@ class Reporter:
             print(line, flush=True)
 
 
-def drive(indices: list[int], results_path: str, prefix: list[str], report: Reporter, deadline: float) -> None:
+def drive(
+    indices: list[int], results_path: str, prefix: list[str], report: Reporter, deadline: float
+) -> None:
     """Run the cases in a child, reporting each as it finishes; if the child dies (a crash),
     report the case it was in and go on with the next in a new child."""
     todo = list(indices)
@@ -229,8 +324,18 @@ def drive(indices: list[int], results_path: str, prefix: list[str], report: Repo
     open(log_path, "w").close()
     while todo:
         open(results_path, "w").close()
-        cmd = prefix + [sys.executable, "-m", "benchmarks.gpu_sweep", "--worker", "--results", results_path,
-                        "--deadline", str(deadline), "--only", ",".join(map(str, todo))]
+        cmd = prefix + [
+            sys.executable,
+            "-m",
+            "benchmarks.gpu_sweep",
+            "--worker",
+            "--results",
+            results_path,
+            "--deadline",
+            str(deadline),
+            "--only",
+            ",".join(map(str, todo)),
+        ]
         with open(log_path, "a") as log:
             log.write(f"$ {' '.join(cmd)}\n")
             log.flush()
@@ -240,7 +345,7 @@ def drive(indices: list[int], results_path: str, prefix: list[str], report: Repo
             exited = proc.poll() is not None
             with open(results_path) as f:
                 text = f.read()
-            complete = text[read:text.rfind("\n") + 1] if text.rfind("\n") >= read else ""
+            complete = text[read : text.rfind("\n") + 1] if text.rfind("\n") >= read else ""
             read += len(complete)
             for line in complete.splitlines():
                 rec = json.loads(line)
@@ -256,24 +361,43 @@ def drive(indices: list[int], results_path: str, prefix: list[str], report: Repo
         if started is not None:  # the child died inside this case
             with open(log_path) as log:
                 tail = log.read()[-1500:]
-            report(dict(index=started, ok=False, crash=True, detail=f"CRASH (exit {proc.returncode}): "
-                        + " | ".join(tail.splitlines()[-6:])))
+            report(
+                dict(
+                    index=started,
+                    ok=False,
+                    crash=True,
+                    detail=f"CRASH (exit {proc.returncode}): " + " | ".join(tail.splitlines()[-6:]),
+                )
+            )
             todo.remove(started)
         elif todo:  # exited between cases: nothing more will run
             for i in list(todo):
-                report(dict(index=i, ok=False, detail=f"child exited {proc.returncode} before the case"))
+                report(
+                    dict(
+                        index=i, ok=False, detail=f"child exited {proc.returncode} before the case"
+                    )
+                )
             todo.clear()
 
 
-def run_sweep(indices: list[int], workers: int, results: str, prefix: list[str], report: Reporter,
-              deadline: float) -> None:
+def run_sweep(
+    indices: list[int],
+    workers: int,
+    results: str,
+    prefix: list[str],
+    report: Reporter,
+    deadline: float,
+) -> None:
     """Small-pool cases on ``workers`` children at once, then default-pool cases one by one."""
     cases = all_cases()
     small = [i for i in indices if cases[i]["pool"] != "default"]
     default = [i for i in indices if cases[i]["pool"] == "default"]
     groups = [small[k::workers] for k in range(workers)]
-    threads = [threading.Thread(target=drive, args=(g, f"{results}.{k}", prefix, report, deadline))
-               for k, g in enumerate(groups) if g]
+    threads = [
+        threading.Thread(target=drive, args=(g, f"{results}.{k}", prefix, report, deadline))
+        for k, g in enumerate(groups)
+        if g
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -283,40 +407,72 @@ def run_sweep(indices: list[int], workers: int, results: str, prefix: list[str],
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--only", help="comma-separated case indices")
-    ap.add_argument("--pool", choices=["all", "small", "default"], default="all",
-                    help="only the cases with a small KV pool, or with the default one")
+    ap.add_argument(
+        "--pool",
+        choices=["all", "small", "default"],
+        default="all",
+        help="only the cases with a small KV pool, or with the default one",
+    )
     ap.add_argument("--workers", type=int, default=3, help="small-pool cases run at once")
-    ap.add_argument("--budget", type=float, default=float("inf"), help="seconds; later cases are not started")
+    ap.add_argument(
+        "--budget", type=float, default=float("inf"), help="seconds; later cases are not started"
+    )
     ap.add_argument("--list", action="store_true")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--deadline", type=float, default=float("inf"), help=argparse.SUPPRESS)
     ap.add_argument("--results", default=os.path.join(tempfile.gettempdir(), "gpu_sweep.jsonl"))
-    ap.add_argument("--sanitizer", action="store_true", help="run the children under compute-sanitizer")
+    ap.add_argument(
+        "--sanitizer", action="store_true", help="run the children under compute-sanitizer"
+    )
     ap.add_argument("--json", help="write every case's result here")
     args = ap.parse_args()
     cases = all_cases()
     indices = [int(x) for x in args.only.split(",")] if args.only else list(range(len(cases)))
     if args.pool != "all":
-        indices = [i for i in indices if (cases[i]["pool"] == "default") == (args.pool == "default")]
+        indices = [
+            i for i in indices if (cases[i]["pool"] == "default") == (args.pool == "default")
+        ]
     if args.list:
         for i in indices:
             print(i, json.dumps(cases[i]))
         return
     if args.worker:
         return worker(indices, args.results, args.deadline)
-    prefix = ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99"] if args.sanitizer else []
+    prefix = (
+        ["compute-sanitizer", "--tool", "memcheck", "--error-exitcode", "99"]
+        if args.sanitizer
+        else []
+    )
     start = time.time()
     report = Reporter(cases)
-    run_sweep(indices, max(1, args.workers), args.results, prefix, report, min(args.deadline, start + args.budget))
+    run_sweep(
+        indices,
+        max(1, args.workers),
+        args.results,
+        prefix,
+        report,
+        min(args.deadline, start + args.budget),
+    )
     failed = sum(not report.done[i]["ok"] for i in indices)
-    print(f"sweep: {len(indices)} cases, {len(indices) - failed} passed, {failed} failed or not run, "
-          f"{time.time() - start:.0f} s", flush=True)
+    print(
+        f"sweep: {len(indices)} cases, {len(indices) - failed} passed, {failed} failed or not run, "
+        f"{time.time() - start:.0f} s",
+        flush=True,
+    )
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cases": [cases[i] for i in indices], "results": [report.done[i] for i in indices]}, f,
-                      indent=1)
+            json.dump(
+                {
+                    "cases": [cases[i] for i in indices],
+                    "results": [report.done[i] for i in indices],
+                },
+                f,
+                indent=1,
+            )
     sys.exit(1 if failed else 0)
 
 

@@ -3,6 +3,7 @@ Triton compile of its own (about a second), so a full product of five axes costs
 it checks the same code paths many times; there the tests take a set of combinations in which
 every pair of values of any two axes occurs (pairwise covering: an error that needs two values
 together is still met). The CPU interpreter compiles nothing and keeps the full product."""
+
 from __future__ import annotations
 
 import itertools
@@ -16,12 +17,20 @@ def pairwise(*axes: list) -> list[tuple]:
     if len(axes) < 2:
         return list(itertools.product(*axes))
     combos = list(itertools.product(*(range(len(axis)) for axis in axes)))
-    todo = {(a, i, b, j) for a, b in itertools.combinations(range(len(axes)), 2)
-            for i in range(len(axes[a])) for j in range(len(axes[b]))}
+    todo = {
+        (a, i, b, j)
+        for a, b in itertools.combinations(range(len(axes)), 2)
+        for i in range(len(axes[a]))
+        for j in range(len(axes[b]))
+    }
     chosen = []
     while todo:
+
         def gain(c):
-            return sum((a, c[a], b, c[b]) in todo for a, b in itertools.combinations(range(len(c)), 2))
+            return sum(
+                (a, c[a], b, c[b]) in todo for a, b in itertools.combinations(range(len(c)), 2)
+            )
+
         best = max(combos, key=gain)  # the first of the best: deterministic
         chosen.append(best)
         todo -= {(a, best[a], b, best[b]) for a, b in itertools.combinations(range(len(best)), 2)}

@@ -1,6 +1,7 @@
 """An engine's memory is freed when its last reference goes: no reference cycle keeps the
 model, the KV pool or the runner alive until the garbage collector runs (in a notebook or a
 script that builds one ``LLM`` after another, the second would find the GPU still full)."""
+
 from __future__ import annotations
 
 import gc

@@ -26,7 +26,9 @@ from vllm_lite.sampler import Sampler, SamplingBatch  # noqa: E402
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp16 runs under the interpreter too and checks the 16-bit rounding order; bf16 only on a GPU,
 # as triton 3.6's interpreter truncates fp32 -> bf16 casts instead of rounding them to nearest
-DTYPE_VALUES = [torch.float32, torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else [])
+DTYPE_VALUES = [torch.float32, torch.float16]
+if torch.cuda.is_available():
+    DTYPE_VALUES.append(torch.bfloat16)
 TOKENS = [1, 37]  # 37: not a power of two, several row blocks
 MAX_POS = 64
 

@@ -129,7 +129,8 @@ def test_paged_decode(block_size, heads, head_dim, num_splits, dtype):
 
 @pytest.mark.parametrize("block_size,shared_blocks,heads,head_dim,dtype", [
     (*pool, *shape, dtype) for pool, shape, dtype in kernel_grid(
-        [(16, 5), (1, 70)], [((4, 4), 64), ((9, 3), 40), ((12, 2), 128), ((16, 2), 256)], GRID_DTYPE_VALUES)])
+        [(16, 5), (1, 70)], [((4, 4), 64), ((9, 3), 40), ((12, 2), 128), ((16, 2), 256)],
+        GRID_DTYPE_VALUES)])
 def test_paged_decode_with_a_shared_prefix(block_size, shared_blocks, heads, head_dim, dtype):
     """Cascade attention: five of seven sequences start with the same physical blocks;
     attending to them once for those five and merging gives plain attention over each context
@@ -161,7 +162,8 @@ def test_paged_decode_odd_head_dim_and_default_splits():
 
 
 @pytest.mark.parametrize("block_size,heads,head_dim,fresh,dtype",
-                         kernel_grid([1, 16, 256], HEADS, [32, 64], [True, False], GRID_DTYPE_VALUES))
+                         kernel_grid([1, 16, 256], HEADS, [32, 64], [True, False],
+                                     GRID_DTYPE_VALUES))
 def test_paged_prefill(block_size, heads, head_dim, fresh, dtype):
     num_heads, num_kv_heads = heads
     query_lens = [1, 37, 80]  # 80 spans two 64-row query tiles
@@ -282,12 +284,14 @@ def test_triton_backend_mixed_batch_in_the_graph_layout(fresh, dtype):
 
 # Head sizes, GQA ratios and block sizes of real models and odd ones. The CPU interpreter runs a
 # few shapes in fp32; the GPU every pair of head size, group, block size and dtype (kernel_grid).
-GRID_HEAD_DIMS, GRID_GROUPS, GRID_BLOCKS = [32, 48, 64, 80, 96, 128, 256], [1, 3, 5, 8], [1, 16, 32, 256]
+GRID_HEAD_DIMS, GRID_GROUPS = [32, 48, 64, 80, 96, 128, 256], [1, 3, 5, 8]
+GRID_BLOCKS, GRID_DTYPES = [1, 16, 32, 256], [torch.float32, torch.bfloat16, torch.float16]
 if torch.cuda.is_available():
-    GRID = kernel_grid(GRID_HEAD_DIMS, GRID_GROUPS, GRID_BLOCKS, [torch.float32, torch.bfloat16, torch.float16])
+    GRID = kernel_grid(GRID_HEAD_DIMS, GRID_GROUPS, GRID_BLOCKS, GRID_DTYPES)
 else:
     GRID = [(48, 5, 32, torch.float32), (80, 8, 256, torch.float32), (256, 3, 16, torch.float32)]
-GRID = [(d, g, 1 if g in (3, 5) else 2, b, dtype) for d, g, b, dtype in GRID]  # kv heads: 1 for odd groups
+# kv heads: 1 for odd groups
+GRID = [(d, g, 1 if g in (3, 5) else 2, b, dtype) for d, g, b, dtype in GRID]
 GRID_IDS = [f"d{d}-g{g}-kv{kv}-b{b}-{str(dtype)[6:]}" for d, g, kv, b, dtype in GRID]
 
 
