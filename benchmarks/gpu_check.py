@@ -7,9 +7,10 @@ up: ``GPU check: N cases, N passed, N failed, N skipped, T s``.
     python -m benchmarks.gpu_check --part tests    # the tests only
     python -m benchmarks.gpu_check --part sweep    # the sweep only
 
-Three phases: the kernel tests run next to the sweep's small-pool cases (both mostly compile
-Triton kernels, one CPU core each, and use little GPU memory); then the engine tests, which
-size KV pools to the free memory, run alone; then the sweep's default-pool cases, one by one.
+Two phases: the kernel tests run next to the sweep (both mostly compile Triton kernels, a CPU
+core per process; the kernel tests and the sweep's small-pool cases use a few GB of GPU memory,
+which fit beside the one default-pool sweep engine at a time); then the engine tests, some of
+which size their KV pool to the free memory, run alone.
 Past ``--budget`` seconds nothing new starts (a test is then reported as skipped: "time
 budget"), so a cut-off run still ends with its summary. This module is also the pytest plugin
 that prints the tests' lines (``-p benchmarks.gpu_check``).
@@ -200,7 +201,7 @@ def main() -> None:
         default=540.0,
         help="seconds after which nothing new starts (a child still running is killed 30 s later)",
     )
-    ap.add_argument("--sweep-workers", type=int, default=3)
+    ap.add_argument("--sweep-workers", type=int, default=2)
     args = ap.parse_args()
     start = time.time()
     deadline = start + args.budget
@@ -216,26 +217,15 @@ def main() -> None:
         )
     tally = Tally()
 
-    def sweep_cmd(pool: str) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "benchmarks.gpu_sweep",
-            "--pool",
-            pool,
-            "--workers",
-            str(args.sweep_workers),
-            "--budget",
-            str(max(0.0, deadline - time.time())),
-        ]
-
     existing = [f for f in KERNEL_TESTS + ENGINE_TESTS if os.path.exists(os.path.join(REPO, f))]
     phase1 = []
     if tests:
         files = [f for f in KERNEL_TESTS if f in existing]
         phase1.append(("kernel-tests", tests_cmd(files, deselect)))
     if sweep:
-        phase1.append(("sweep-small-pools", sweep_cmd("small")))
+        budget = str(max(0.0, deadline - time.time()))
+        sweep_args = ["--budget", budget, "--workers", str(args.sweep_workers)]
+        phase1.append(("sweep", [sys.executable, "-m", "benchmarks.gpu_sweep", *sweep_args]))
     threads = [
         threading.Thread(target=run_child, args=(label, cmd, tally, deadline, env))
         for label, cmd in phase1
@@ -245,15 +235,8 @@ def main() -> None:
     for t in threads:
         t.join()
     if tests:
-        run_child(
-            "engine-tests",
-            tests_cmd([f for f in ENGINE_TESTS if f in existing], deselect),
-            tally,
-            deadline,
-            env,
-        )
-    if sweep:
-        run_child("sweep-default-pools", sweep_cmd("default"), tally, deadline, env)
+        files = [f for f in ENGINE_TESTS if f in existing]
+        run_child("engine-tests", tests_cmd(files, deselect), tally, deadline, env)
 
     passed, failed, skipped = tally.count("PASS"), tally.count("FAIL"), tally.count("SKIP")
     late = len(tally.budget_skipped)
