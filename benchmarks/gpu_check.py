@@ -7,10 +7,11 @@ up: ``GPU check: N cases, N passed, N failed, N skipped, T s``.
     python -m benchmarks.gpu_check --part tests    # the tests only
     python -m benchmarks.gpu_check --part sweep    # the sweep only
 
-Two phases: the kernel tests run next to the sweep (both mostly compile Triton kernels, a CPU
-core per process; the kernel tests and the sweep's small-pool cases use a few GB of GPU memory,
-which fit beside the one default-pool sweep engine at a time); then the engine tests, some of
-which size their KV pool to the free memory, run alone.
+The kernel tests run from start to end next to the sweep and then the engine tests (all of them
+mostly compile Triton kernels, a CPU core per process). The kernel tests and the sweep's
+small-pool cases need a few GB of GPU memory, which fit beside one engine whose KV pool takes
+``gpu_memory_utilization`` (0.9) of the GPU; the sweep and the engine tests both build such
+engines, so they run one after the other.
 Past ``--budget`` seconds nothing new starts (a test is then reported as skipped: "time
 budget"), so a cut-off run still ends with its summary. This module is also the pytest plugin
 that prints the tests' lines (``-p benchmarks.gpu_check``).
@@ -218,25 +219,26 @@ def main() -> None:
     tally = Tally()
 
     existing = [f for f in KERNEL_TESTS + ENGINE_TESTS if os.path.exists(os.path.join(REPO, f))]
-    phase1 = []
+    kernel_files = [f for f in KERNEL_TESTS if f in existing]
+    engine_files = [f for f in ENGINE_TESTS if f in existing]
+
+    def sweep_then_engine_tests() -> None:  # each sizes KV pools to the free memory: not at once
+        if sweep:
+            budget = str(max(0.0, deadline - time.time()))
+            cmd = [sys.executable, "-m", "benchmarks.gpu_sweep", "--budget", budget]
+            cmd += ["--workers", str(args.sweep_workers)]
+            run_child("sweep", cmd, tally, deadline, env)
+        if tests:
+            run_child("engine-tests", tests_cmd(engine_files, deselect), tally, deadline, env)
+
+    threads = [threading.Thread(target=sweep_then_engine_tests)]
     if tests:
-        files = [f for f in KERNEL_TESTS if f in existing]
-        phase1.append(("kernel-tests", tests_cmd(files, deselect)))
-    if sweep:
-        budget = str(max(0.0, deadline - time.time()))
-        sweep_args = ["--budget", budget, "--workers", str(args.sweep_workers)]
-        phase1.append(("sweep", [sys.executable, "-m", "benchmarks.gpu_sweep", *sweep_args]))
-    threads = [
-        threading.Thread(target=run_child, args=(label, cmd, tally, deadline, env))
-        for label, cmd in phase1
-    ]
+        kernel_run = ("kernel-tests", tests_cmd(kernel_files, deselect), tally, deadline, env)
+        threads.append(threading.Thread(target=run_child, args=kernel_run))
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    if tests:
-        files = [f for f in ENGINE_TESTS if f in existing]
-        run_child("engine-tests", tests_cmd(files, deselect), tally, deadline, env)
 
     passed, failed, skipped = tally.count("PASS"), tally.count("FAIL"), tally.count("SKIP")
     late = len(tally.budget_skipped)
