@@ -14,6 +14,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from grids import kernel_grid  # noqa: E402
 from vllm_lite.layers import fused_ops  # noqa: E402
 from vllm_lite.layers.activation import SiluAndMul  # noqa: E402
 from vllm_lite.layers.fused_ops import gumbel_sample, rms_norm, rotary, silu_and_mul, token_logprobs  # noqa: E402
@@ -23,10 +24,11 @@ from vllm_lite.logprobs import token_logprobs_native  # noqa: E402
 from vllm_lite.sampler import Sampler, SamplingBatch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 checks need a GPU")
 # fp16 runs under the interpreter too and checks the 16-bit rounding order; bf16 only on a GPU,
 # as triton 3.6's interpreter truncates fp32 -> bf16 casts instead of rounding them to nearest
-DTYPES = [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=CUDA_ONLY)]
+DTYPE_VALUES = [torch.float32, torch.float16]
+if torch.cuda.is_available():
+    DTYPE_VALUES.append(torch.bfloat16)
 TOKENS = [1, 37]  # 37: not a power of two, several row blocks
 MAX_POS = 64
 
@@ -54,9 +56,8 @@ def make_norm(hidden: int, dtype) -> RMSNorm:
     return norm
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens", TOKENS)
-@pytest.mark.parametrize("hidden", [64, 96])  # 96: a row that does not fill its power-of-two block
+# hidden 96: a row that does not fill its power-of-two block
+@pytest.mark.parametrize("hidden,num_tokens,dtype", kernel_grid([64, 96], TOKENS, DTYPE_VALUES))
 def test_rms_norm(num_tokens, hidden, dtype):
     norm = make_norm(hidden, dtype)
     x = torch.randn(num_tokens, hidden, dtype=dtype, device=DEVICE)
@@ -71,9 +72,7 @@ def test_rms_norm(num_tokens, hidden, dtype):
     assert torch.equal(x, x_before) and torch.equal(residual, res_before)  # inputs untouched
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens", TOKENS)
-@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("head_dim,num_tokens,dtype", kernel_grid([16, 64], TOKENS, DTYPE_VALUES))
 def test_rms_norm_per_head_on_strided_views(num_tokens, head_dim, dtype):
     """Qwen3's q_norm / k_norm: over head_dim, on q and k straight from the qkv split."""
     q, k = qkv_views(num_tokens, 4, 2, head_dim, dtype)
@@ -85,9 +84,7 @@ def test_rms_norm_per_head_on_strided_views(num_tokens, head_dim, dtype):
         assert_close(out, norm.forward_native(x))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens", TOKENS)
-@pytest.mark.parametrize("head_dim", [16, 64])
+@pytest.mark.parametrize("head_dim,num_tokens,dtype", kernel_grid([16, 64], TOKENS, DTYPE_VALUES))
 def test_rotary_on_strided_views(num_tokens, head_dim, dtype):
     config = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 10000.0})
     rope = RotaryEmbedding(config, head_dim, MAX_POS).to(DEVICE)
@@ -101,9 +98,7 @@ def test_rotary_on_strided_views(num_tokens, head_dim, dtype):
     assert torch.equal(q, q_before) and torch.equal(k, k_before)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens", TOKENS)
-@pytest.mark.parametrize("head_dim", [16, 128])
+@pytest.mark.parametrize("head_dim,num_tokens,dtype", kernel_grid([16, 128], TOKENS, DTYPE_VALUES))
 def test_rotary_with_qk_norm_is_norm_then_rotary(num_tokens, head_dim, dtype):
     """Qwen3's per-head q/k RMSNorm inside the rotary kernel gives what the norm kernel and then
     the rotary kernel give, and what the plain torch layers give."""
@@ -129,9 +124,8 @@ def test_rotary_with_qk_norm_is_norm_then_rotary(num_tokens, head_dim, dtype):
             assert ((out.float() - two.float()).abs() <= scale * 2 ** -6).all()
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_tokens", TOKENS)
-@pytest.mark.parametrize("n", [32, 1500])  # 1500: more than one block per row, a ragged last one
+# n 1500: more than one block per row, a ragged last one
+@pytest.mark.parametrize("n,num_tokens,dtype", kernel_grid([32, 1500], TOKENS, DTYPE_VALUES))
 def test_silu_and_mul(num_tokens, n, dtype):
     x = torch.randn(num_tokens, 2 * n, dtype=dtype, device=DEVICE) * 3
     assert_close(silu_and_mul(x), SiluAndMul().forward_native(x))
@@ -150,9 +144,8 @@ def assert_logprobs_match(logits, rows, tokens, k):
     assert all(len(set(r)) == k for r in top_ids.tolist())
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("vocab", [7, 4096, 9001])  # one short chunk; exactly one; three, the last ragged
-@pytest.mark.parametrize("k", [0, 1, 5, 20])
+# vocab: one short chunk; exactly one; three, the last ragged
+@pytest.mark.parametrize("k,vocab,dtype", kernel_grid([0, 1, 5, 20], [7, 4096, 9001], DTYPE_VALUES))
 def test_token_logprobs(vocab, k, dtype):
     logits = (torch.randn(6, vocab, device=DEVICE) * 4).to(dtype)
     rows = torch.tensor([4, 0, 4, 5], device=DEVICE)  # a subset, one row twice

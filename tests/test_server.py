@@ -439,6 +439,31 @@ def test_prompt_too_long_is_400(client):
     assert exc.value.status_code == 400 and "max_model_len" in error_of(exc)["message"]
 
 
+def test_completion_past_max_model_len_is_400_with_vllms_message(client):
+    with pytest.raises(APIStatusError) as exc:
+        client.completions.create(model=NAME, prompt=[5], max_tokens=5000)
+    error = error_of(exc)
+    assert exc.value.status_code == 400 and error["param"] == "max_tokens"
+    assert error["message"] == (
+        "'max_tokens' or 'max_completion_tokens' is too large: 5000. This model's maximum context "
+        "length is 256 tokens and your request has 1 input tokens (5000 > 256 - 1).")
+
+
+def test_chat_past_max_model_len_is_400(client):
+    with pytest.raises(APIStatusError) as exc:
+        client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "Hi"}],
+                                       max_completion_tokens=ENGINE["max_model_len"])
+    assert exc.value.status_code == 400
+    assert "maximum context length is 256" in error_of(exc)["message"]
+
+
+def test_completion_that_ends_exactly_at_max_model_len_runs(client):
+    prompt = [5] * (ENGINE["max_model_len"] - 3)
+    out = client.completions.create(model=NAME, prompt=prompt, max_tokens=3, temperature=0,
+                                    extra_body={"ignore_eos": True})
+    assert out.usage.completion_tokens == 3
+
+
 def test_unknown_model_is_404(client):
     with pytest.raises(APIStatusError) as exc:
         client.completions.create(model="no-such-model", prompt="x")

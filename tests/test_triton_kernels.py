@@ -12,6 +12,7 @@ if not torch.cuda.is_available():
 
 import pytest  # noqa: E402
 
+from grids import kernel_grid  # noqa: E402
 from tiny_models import random_block_tables  # noqa: E402
 from vllm_lite.attention.metadata import AttentionMetadata, SharedPrefix  # noqa: E402
 from vllm_lite.attention.torch_ref import (  # noqa: E402
@@ -32,6 +33,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 checks need a GPU")
 DTYPES = [torch.float32, pytest.param(torch.bfloat16, marks=CUDA_ONLY)]
 HEADS = [(4, 4), (9, 3)]  # (q heads, kv heads): MHA, and GQA group 3 as in SmolLM2
+# the dtypes of kernel_grid's axes: bf16 on CUDA only
+GRID_DTYPE_VALUES = [torch.float32] + ([torch.bfloat16] if torch.cuda.is_available() else [])
 
 
 def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
@@ -106,11 +109,8 @@ def test_store_kvcache_strided_input_and_cast():
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_splits", [1, 4])
-@pytest.mark.parametrize("head_dim", [16, 64])
-@pytest.mark.parametrize("heads", HEADS)
-@pytest.mark.parametrize("block_size", [1, 16, 256])
+@pytest.mark.parametrize("block_size,heads,head_dim,num_splits,dtype",
+                         kernel_grid([1, 16, 256], HEADS, [16, 64], [1, 4], GRID_DTYPE_VALUES))
 def test_paged_decode(block_size, heads, head_dim, num_splits, dtype):
     num_heads, num_kv_heads = heads
     # 1 key, one partial tile, exactly two tiles, and a context spanning two 256-blocks
@@ -127,9 +127,10 @@ def test_paged_decode(block_size, heads, head_dim, num_splits, dtype):
     assert_close(out, ref)
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("heads,head_dim", [((4, 4), 64), ((9, 3), 40), ((12, 2), 128), ((16, 2), 256)])
-@pytest.mark.parametrize("block_size,shared_blocks", [(16, 5), (1, 70)])
+@pytest.mark.parametrize("block_size,shared_blocks,heads,head_dim,dtype", [
+    (*pool, *shape, dtype) for pool, shape, dtype in kernel_grid(
+        [(16, 5), (1, 70)], [((4, 4), 64), ((9, 3), 40), ((12, 2), 128), ((16, 2), 256)],
+        GRID_DTYPE_VALUES)])
 def test_paged_decode_with_a_shared_prefix(block_size, shared_blocks, heads, head_dim, dtype):
     """Cascade attention: five of seven sequences start with the same physical blocks;
     attending to them once for those five and merging gives plain attention over each context
@@ -160,11 +161,9 @@ def test_paged_decode_odd_head_dim_and_default_splits():
     assert_close(out, reference(q, k_cache, v_cache, block_tables, [0, 1, 2], seq_lens, 0.3))
 
 
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("fresh", [True, False], ids=["fresh", "cached-prefix"])
-@pytest.mark.parametrize("head_dim", [32, 64])
-@pytest.mark.parametrize("heads", HEADS)
-@pytest.mark.parametrize("block_size", [1, 16, 256])
+@pytest.mark.parametrize("block_size,heads,head_dim,fresh,dtype",
+                         kernel_grid([1, 16, 256], HEADS, [32, 64], [True, False],
+                                     GRID_DTYPE_VALUES))
 def test_paged_prefill(block_size, heads, head_dim, fresh, dtype):
     num_heads, num_kv_heads = heads
     query_lens = [1, 37, 80]  # 80 spans two 64-row query tiles
@@ -283,17 +282,20 @@ def test_triton_backend_mixed_batch_in_the_graph_layout(fresh, dtype):
     assert not out[qsl[-1]:].any()  # the padding row
 
 
-# Head sizes and GQA ratios of real models and odd ones, each with its own block size; the GPU
-# runs the whole grid in three dtypes, the CPU interpreter a few of the shapes.
-SHAPE_GRID = [(d, g, 1 if g in (3, 5) else 2, (1, 16, 32, 256)[i % 4])
-              for i, (d, g) in enumerate((d, g) for d in (32, 48, 64, 80, 96, 128, 256) for g in (1, 3, 5, 8))]
-GRID = SHAPE_GRID if torch.cuda.is_available() else [s for s in SHAPE_GRID if s[:2] in ((48, 5), (80, 8), (256, 3))]
-GRID_DTYPES = [torch.float32] + ([torch.bfloat16, torch.float16] if torch.cuda.is_available() else [])
-GRID_IDS = [f"d{d}-g{g}-kv{kv}-b{b}" for d, g, kv, b in GRID]
+# Head sizes, GQA ratios and block sizes of real models and odd ones. The CPU interpreter runs a
+# few shapes in fp32; the GPU every pair of head size, group, block size and dtype (kernel_grid).
+GRID_HEAD_DIMS, GRID_GROUPS = [32, 48, 64, 80, 96, 128, 256], [1, 3, 5, 8]
+GRID_BLOCKS, GRID_DTYPES = [1, 16, 32, 256], [torch.float32, torch.bfloat16, torch.float16]
+if torch.cuda.is_available():
+    GRID = kernel_grid(GRID_HEAD_DIMS, GRID_GROUPS, GRID_BLOCKS, GRID_DTYPES)
+else:
+    GRID = [(48, 5, 32, torch.float32), (80, 8, 256, torch.float32), (256, 3, 16, torch.float32)]
+# kv heads: 1 for odd groups
+GRID = [(d, g, 1 if g in (3, 5) else 2, b, dtype) for d, g, b, dtype in GRID]
+GRID_IDS = [f"d{d}-g{g}-kv{kv}-b{b}-{str(dtype)[6:]}" for d, g, kv, b, dtype in GRID]
 
 
-@pytest.mark.parametrize("dtype", GRID_DTYPES)
-@pytest.mark.parametrize("head_dim,group,num_kv_heads,block_size", GRID, ids=GRID_IDS)
+@pytest.mark.parametrize("head_dim,group,num_kv_heads,block_size,dtype", GRID, ids=GRID_IDS)
 def test_paged_decode_over_the_shape_grid(head_dim, group, num_kv_heads, block_size, dtype):
     seq_lens = [1, 70, 300]
     k_cache, v_cache, block_tables = make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype)
@@ -305,8 +307,7 @@ def test_paged_decode_over_the_shape_grid(head_dim, group, num_kv_heads, block_s
         assert_close(out, reference(q, k_cache, v_cache, block_tables, [0, 1, 2, 3], seq_lens, head_dim ** -0.5).to(dtype))
 
 
-@pytest.mark.parametrize("dtype", GRID_DTYPES)
-@pytest.mark.parametrize("head_dim,group,num_kv_heads,block_size", GRID, ids=GRID_IDS)
+@pytest.mark.parametrize("head_dim,group,num_kv_heads,block_size,dtype", GRID, ids=GRID_IDS)
 def test_paged_prefill_over_the_shape_grid(head_dim, group, num_kv_heads, block_size, dtype):
     query_lens, cached = [1, 70], [0, 33]
     seq_lens = [c + n for c, n in zip(cached, query_lens)]

@@ -5,6 +5,7 @@ step and samples."""
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +20,17 @@ from vllm_lite.models import get_model_class
 from vllm_lite.models.loader import init_dummy_weights, load_weights
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# every model runner of this process that is not yet collected: a new engine short of memory
+# says how much the others hold (a notebook's previous ``llm``, say)
+_LIVE_RUNNERS: weakref.WeakSet = weakref.WeakSet()
+
+
+def bytes_held_by_other_engines(runner: ModelRunner) -> int:
+    """Weights and KV pools of the live runners on ``runner``'s device, ``runner`` excepted."""
+    def same(d: torch.device) -> bool:
+        return d.type == runner.device.type and (d.index or 0) == (runner.device.index or 0)
+    return sum(r.device_bytes() for r in list(_LIVE_RUNNERS) if r is not runner and same(r.device))
 
 
 @dataclass
@@ -144,6 +156,13 @@ class ModelRunner:
         self._copied = [torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda" else []
         self._turn = 0
         self.block_tables = BlockTableRows(2 * config.max_num_seqs)
+        _LIVE_RUNNERS.add(self)
+
+    def device_bytes(self) -> int:
+        """Device memory this runner holds in weights and KV pool (0 once closed)."""
+        weights = 0 if self.model is None else sum(
+            p.numel() * p.element_size() for p in self.model.parameters())
+        return weights + (0 if self.kv_cache is None else self.kv_cache.nbytes)
 
     # ---- KV pool -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
@@ -161,10 +180,17 @@ class ModelRunner:
             budget -= torch.cuda.max_memory_allocated(self.device)
             num = int(budget // self.kv_bytes_per_block())
             if num < 1:
-                raise RuntimeError("no GPU memory left for the KV cache; raise gpu_memory_utilization")
+                raise RuntimeError(self._no_kv_memory_message())
             return num
         tokens = max(2 * self.max_model_len, 8192)
         return (tokens + self.block_size - 1) // self.block_size
+
+    def _no_kv_memory_message(self) -> str:
+        held = bytes_held_by_other_engines(self)
+        if held:
+            return (f"no GPU memory left for the KV cache: an engine in this process holds "
+                    f"{held / 1e9:.1f} GB: call llm.close() or use `with LLM(...) as llm:`")
+        return "no GPU memory left for the KV cache; raise gpu_memory_utilization"
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
         a = self.attn_layers[0]

@@ -4,6 +4,7 @@ incremental detokenization, and reclaiming finished sequences."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import warnings
 from dataclasses import dataclass, field
@@ -130,6 +131,13 @@ class RequestLimits:
                              f"(num_blocks {self.num_blocks} x block_size {self.block_size})")
 
 
+def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    host = torch.as_tensor(values, dtype=dtype)
+    if device.type == "cuda":  # pinned: the copy must not wait for the step in flight
+        host = host.pin_memory()
+    return host.to(device, non_blocking=True)
+
+
 def resolve_model_path(config: EngineConfig) -> str:
     if config.model_path is None:
         from vllm_lite.default_model import default_model_path
@@ -187,7 +195,9 @@ class LLMEngine:
         self.overlap = getattr(self.runner, "supports_overlap", False)
         self._token_texts: dict[int, str] = {}  # decoded_token of logprobs, per token id
         self._params: _ParamsBatch | None = None  # of the last sampling batch
-        self._history = TokenHistory(self.device, self._to_device)  # penalized sequences' tokens
+        # penalized sequences' tokens; given a function of the device, not a bound method: the
+        # engine must hold no reference cycle, so that dropping it frees its GPU memory at once
+        self._history = TokenHistory(self.device, functools.partial(to_device, device=self.device))
 
     def _load_tokenizer(self, config: EngineConfig):
         """The folder's tokenizer if it fits the model. A folder without one (a dummy-weight
@@ -503,10 +513,7 @@ class LLMEngine:
                          prompt_lens=tensor([s.num_prompt_tokens for s in seqs], torch.int64))
 
     def _to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
-        host = torch.as_tensor(values, dtype=dtype)
-        if self.device.type == "cuda":  # pinned: the copy must not wait for the step in flight
-            host = host.pin_memory()
-        return host.to(self.device, non_blocking=True)
+        return to_device(values, dtype, self.device)
 
     def _flat_index(self, lists) -> tuple[torch.Tensor, torch.Tensor]:
         """(i, x) for every item x of lists[i], as two device tensors: a [rows, vocab] index."""

@@ -98,6 +98,20 @@ def _engine_error_param(message: str, prompt_param: str) -> str | None:
     return None
 
 
+def context_length_error(num_prompt_tokens: int, max_tokens: int | None,
+                         max_model_len: int) -> str | None:
+    """vLLM's server rule: a request whose prompt fits but whose ``max_tokens`` would run past
+    ``max_model_len`` is refused, not cut short (the offline ``LLM`` stops at the limit instead,
+    as vLLM's does). The message is vLLM's word for word: clients parse its numbers."""
+    if max_tokens is None or num_prompt_tokens >= max_model_len or \
+            num_prompt_tokens + max_tokens <= max_model_len:
+        return None  # no limit asked, a prompt too long (the engine's error), or it fits
+    return (f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+            f"maximum context length is {max_model_len} tokens and your request has "
+            f"{num_prompt_tokens} input tokens ({max_tokens} > {max_model_len} - "
+            f"{num_prompt_tokens}).")
+
+
 # ---- the app ---------------------------------------------------------------------------------
 class ServerState:
     def __init__(self, async_llm: AsyncLLM, served_model_names: list[str], api_key: str | None,
@@ -227,6 +241,10 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
     def check(prompts: list[list[int]], params, prompt_param: str) -> None:
         for i, ids in enumerate(prompts):
             try:
+                too_long = context_length_error(len(ids), params.max_tokens,
+                                                info.limits.max_model_len)
+                if too_long:
+                    raise ValueError(too_long)
                 async_llm.check_request(ids, params)
             except ValueError as exc:
                 message = str(exc) if len(prompts) == 1 else f"prompt {i}: {exc}"

@@ -15,7 +15,6 @@ class VocabParallelEmbedding(nn.Module):
         self.shard_size = (vocab_size + tp_size() - 1) // tp_size()
         self.vocab_start = tp_rank() * self.shard_size
         self.weight = nn.Parameter(torch.zeros(self.shard_size, hidden_size, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         end = min(self.vocab_start + self.shard_size, self.vocab_size)

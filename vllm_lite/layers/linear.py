@@ -1,6 +1,9 @@
-"""Linear layers that know their tensor-parallel shard. Each parameter carries a
-``weight_loader(param, loaded, shard_id=None)`` that copies just this rank's slice out of the
-checkpoint tensor (``loaded`` may be a lazy safetensors slice, so only that slice is read)."""
+"""Linear layers that know their tensor-parallel shard. Each has a ``weight_loader(param,
+loaded, shard_id=None)`` that copies just this rank's slice of a checkpoint tensor into one of
+its parameters (``loaded`` may be a lazy safetensors slice, so only that slice is read). The
+loader finds it through the parameter's module: a bound method stored on the parameter would
+make a module -> parameter -> method -> module cycle that keeps the weights alive until the
+garbage collector runs."""
 from __future__ import annotations
 
 import torch
@@ -20,11 +23,9 @@ class _ShardedLinear(nn.Module):
     def __init__(self, in_features: int, out_features: int, bias: bool, dtype=None) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.empty(out_features, in_features, dtype=dtype), requires_grad=False)
-        self.weight.weight_loader = self.weight_loader
         self.bias = None
         if bias:
             self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False)
-            self.bias.weight_loader = self.weight_loader
 
     def weight_loader(self, param: nn.Parameter, loaded, shard_id=None) -> None:
         param.data.copy_(torch.as_tensor(loaded[:]))

@@ -43,7 +43,8 @@ class FusedMoE(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, n, dtype=dtype), False)
         for name, parts in self.PARTS.items():
             param = getattr(self, name)
-            param.weight_loader = self.weight_loader
+            # (the loader calls this module's weight_loader: a bound method stored on the
+            # parameter would be a reference cycle that keeps the engine's GPU memory alive)
             # what a checkpoint has not filled yet: (expert, part); the loader reports leftovers
             param.missing_shards = {(e, p) for e in range(num_experts) for p in parts}
 

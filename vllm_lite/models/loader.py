@@ -1,7 +1,7 @@
 """Load HuggingFace safetensors (single file or sharded) straight into our parameters: the only
 translation is the packed q/k/v and gate/up names, and for mixture-of-experts models the experts'
-tensors stacked into one parameter per layer. Each parameter's ``weight_loader`` reads just this
-rank's slice of the tensor from disk."""
+tensors stacked into one parameter per layer. The ``weight_loader`` of the module that owns a
+parameter reads just this rank's slice of the tensor from disk."""
 from __future__ import annotations
 
 import glob
@@ -54,7 +54,8 @@ def load_weights(model: nn.Module, model_path: str) -> None:
                 if target not in params:
                     raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
                 param = params[target]
-                loader = getattr(param, "weight_loader", None)
+                owner = model.get_submodule(target.rpartition(".")[0])
+                loader = getattr(owner, "weight_loader", None)
                 lazy = fh.get_slice(name)
                 if loader is None:
                     param.data.copy_(lazy[:])
