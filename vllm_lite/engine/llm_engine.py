@@ -30,7 +30,8 @@ PROMPT_LOGPROBS_CHUNK = 512
 class _InFlight:
     """A launched step: which sequences sample, where their token goes, the device tokens, and
     the sampled tokens' logprobs for the rows that asked (``logprob_rows[i]``: row of sequence i
-    in those tensors, -1 if none)."""
+    in those tensors, -1 if none). ``constrained``: some row has a grammar (read back at once)."""
+    constrained = False
 
     def __init__(self, seqs: list[Sequence], positions: list[int], tokens: torch.Tensor,
                  logprobs: tuple | None = None, logprob_rows: list[int] | None = None) -> None:
@@ -63,6 +64,7 @@ class _ParamsBatch:
     batch: SamplingBatch  # no min_tokens bans; penalties, if any, without their step's tokens
     min_tokens_rows: list[tuple[int, list[int]]]  # rows with min_tokens > 0, and their stop ids
     penalized: list[int]  # rows with penalties
+    grammar_rows: list[int] = field(default_factory=list)  # rows with structured outputs
 
 
 @dataclass
@@ -186,6 +188,7 @@ class LLMEngine:
         self._token_texts: dict[int, str] = {}  # decoded_token of logprobs, per token id
         self._params: _ParamsBatch | None = None  # of the last sampling batch
         self._history = TokenHistory(self.device, self._to_device)  # penalized sequences' tokens
+        self._structured = None  # StructuredOutputManager, made for the first structured request
 
     def _load_tokenizer(self, config: EngineConfig):
         """The folder's tokenizer if it fits the model. A folder without one (a dummy-weight
@@ -247,6 +250,8 @@ class LLMEngine:
 
     def _give_generator_and_detokenizer(self, seq: Sequence) -> None:
         params = seq.params
+        if params.structured_outputs is not None:  # one matcher per completion
+            seq.grammar = self.structured_output_manager().matcher(params.structured_outputs)
         if params.seed is not None:  # completion i of a seeded request: seed + i, as vLLM
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + seq.index)
         if params.detokenize and self.tokenizer is not None:
@@ -257,6 +262,16 @@ class LLMEngine:
 
     def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
         self.limits.check(token_ids, params)
+        if params.structured_outputs is not None and self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer; this model folder has none")
+
+    def structured_output_manager(self):
+        """The grammar compiler for this tokenizer and vocabulary (made on first use)."""
+        if self._structured is None:
+            from vllm_lite.structured_output import StructuredOutputManager
+            self._structured = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size,
+                                                       self.eos_token_ids)
+        return self._structured
 
     def abort_request(self, request_id: str) -> None:
         seq = self.sequences.pop(request_id, None)
@@ -273,13 +288,18 @@ class LLMEngine:
         the host's bookkeeping runs while the GPU computes. A sampled token is a placeholder
         (-1) in ``seq.token_ids`` until it is read back; the model runner feeds it to the next
         step straight from the device. A sequence that turns out to have stopped costs one
-        wasted token of compute, which is discarded."""
+        wasted token of compute, which is discarded.
+
+        A step that samples for a request with structured outputs is read back at once (it does
+        not overlap with the next): a grammar's mask needs the token before it, so a
+        constrained sequence never holds a placeholder when a step is launched, and every
+        token it samples was allowed by its matcher's state after all its earlier tokens."""
         batch = self.scheduler.schedule()
         previous, self.inflight = self.inflight, None
         if batch:
             self.inflight = self._launch(batch, previous)
         outputs = self._process(previous) if previous else []
-        if self.inflight is not None and not self.overlap:
+        if self.inflight is not None and (not self.overlap or self.inflight.constrained):
             outputs += self._process(self.inflight)
             self.inflight = None
         return outputs
@@ -325,7 +345,9 @@ class LLMEngine:
             positions.append(len(seq.token_ids))
             seq.token_ids.append(PLACEHOLDER)
             seq.inflight_index = i
-        return _InFlight(sampling_seqs, positions, out.tokens, out.logprobs, logprob_rows)
+        inflight = _InFlight(sampling_seqs, positions, out.tokens, out.logprobs, logprob_rows)
+        inflight.constrained = sampling.grammar is not None
+        return inflight
 
     def _fork(self, parent: Sequence) -> Sequence:
         """The parent's next completion, right after the parent's prompt was computed. It shares
@@ -412,6 +434,11 @@ class LLMEngine:
         for i, (seq, pos, token_id) in enumerate(zip(inflight.seqs, inflight.positions, token_ids)):
             if seq.is_finished:  # stopped on an earlier token, or aborted: this one is void
                 continue
+            if seq.grammar is not None and not seq.grammar.accept_token(token_id):
+                self._reject_token(seq, pos, token_id)
+                if all(s.is_finished for s in seq.group):
+                    outputs.append(self._output(seq))
+                continue
             seq.token_ids[pos] = token_id
             if seq.logprobs is not None:
                 j, k = inflight.logprob_rows[i], seq.params.logprobs
@@ -439,13 +466,17 @@ class LLMEngine:
         params = self._params
         banned = [(row, stop_ids) for row, stop_ids in params.min_tokens_rows
                   if seqs[row].num_output_tokens < seqs[row].params.min_tokens]
-        penalties = params.batch.penalties
+        penalties, grammar = params.batch.penalties, None
         if penalties is not None:
             tokens, lengths = self._history.update([seqs[r] for r in params.penalized], prev_tokens)
             penalties = dataclasses.replace(penalties, tokens=tokens, lengths=lengths)
-        elif not banned:
+        if params.grammar_rows:  # filled while the device runs the step's forward pass
+            rows = params.grammar_rows
+            bitmask = self._structured.bitmask([seqs[r].grammar for r in rows], rows, len(seqs), self.device)
+            grammar = (bitmask, None if len(rows) == len(seqs) else rows)
+        elif penalties is None and not banned:
             return params.batch
-        return dataclasses.replace(params.batch, banned=banned, penalties=penalties)
+        return dataclasses.replace(params.batch, banned=banned, penalties=penalties, grammar=grammar)
 
     def _params_batch(self, seqs: list[Sequence], seq_ids: list[int]) -> _ParamsBatch:
         """Upload what the sampling of ``seqs`` takes from their parameters (on CUDA each
@@ -468,8 +499,9 @@ class LLMEngine:
             any_min_p=any(p.min_p > 0 for p in ps),
             any_greedy=any(p.greedy for p in ps),
         )
+        grammar_rows = [r for r, s in enumerate(seqs) if s.grammar is not None]
         if not any(p.needs_extras for p in ps):
-            return _ParamsBatch(seq_ids, batch, min_tokens_rows, [])
+            return _ParamsBatch(seq_ids, batch, min_tokens_rows, [], grammar_rows)
         # the extras, each only when some row uses it
         allowed = [r for r, p in enumerate(ps) if p.allowed_token_ids is not None]
         if allowed:
@@ -488,7 +520,7 @@ class LLMEngine:
         if penalized:
             rows = None if len(penalized) == len(ps) else tensor(penalized, torch.int64)  # None: all
             batch.penalties = self._penalties([seqs[r] for r in penalized], rows)
-        return _ParamsBatch(seq_ids, batch, min_tokens_rows, penalized)
+        return _ParamsBatch(seq_ids, batch, min_tokens_rows, penalized, grammar_rows)
 
     def _penalties(self, seqs: list[Sequence], rows: torch.Tensor | None) -> Penalties:
         """The penalized rows' penalties; their tokens are written to the history every step."""
@@ -514,6 +546,8 @@ class LLMEngine:
     def _accept_token(self, seq: Sequence, pos: int, token_id: int) -> None:
         """Stop checks for the token at ``pos`` (later positions may hold placeholders)."""
         p = seq.params
+        if seq.grammar is not None and seq.grammar.is_terminated():  # it ended with a stop token
+            return self._finish(seq, "stop", token_id, pos)
         num_output = pos + 1 - seq.num_prompt_tokens
         can_stop = num_output >= p.min_tokens
         if can_stop and (token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids)):
@@ -532,6 +566,14 @@ class LLMEngine:
                     return self._finish(seq, "stop", stop, pos)
         if seq.at_length_limit(pos + 1, self.config.max_model_len):
             return self._finish(seq, "length", None, pos)
+
+    def _reject_token(self, seq: Sequence, pos: int, token_id: int) -> None:
+        """A token its grammar refuses (only when other constraints, min_tokens or allowed ids,
+        left no allowed token) never reaches the output: the sequence ends before it, with
+        "stop" if its output is a complete match, else "abort"."""
+        warnings.warn(f"request {seq.request_id}: token {token_id} breaks its structured output; "
+                      "it ends there", stacklevel=2)
+        self._finish(seq, "stop" if seq.grammar.is_completed() else "abort", None, pos - 1)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None, pos: int | None = None) -> None:
         """End ``seq``: tokens after ``pos`` (placeholders of a step already launched) are dropped."""
