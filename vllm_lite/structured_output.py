@@ -103,6 +103,22 @@ def _parse(kind: str, spec: str) -> None:
         xgr.Grammar.from_ebnf(spec)
 
 
+# xgrammar 0.2.9 writes the characters of a string with minLength/maxLength as [^"\\\r\n]:
+# control characters, which JSON forbids unescaped (json.loads refuses them), get through
+_LENGTH_BOUNDED_CHAR = r'[^\"\\\r\n]'
+_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+
+
+def json_schema_grammar(schema: str, any_whitespace: bool):
+    """xgrammar's grammar of a JSON schema, with string characters as JSON allows them."""
+    xgr = _xgr()
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=any_whitespace)
+    text = str(grammar)
+    if _LENGTH_BOUNDED_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR))
+
+
 class StructuredOutputManager:
     """The engine's compiler (one per tokenizer, its grammars cached by spec) and the step's
     bitmask: one row per sampling row of the batch, filled for the constrained rows only."""
@@ -125,7 +141,7 @@ class StructuredOutputManager:
             kind, spec, compact = key
             start = time.perf_counter()
             if kind == "json":
-                grammar = self.compiler.compile_json_schema(spec, any_whitespace=not compact)
+                grammar = self.compiler.compile_grammar(json_schema_grammar(spec, not compact))
             elif kind == "regex":
                 grammar = self.compiler.compile_regex(spec)
             else:
