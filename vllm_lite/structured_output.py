@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -125,6 +126,7 @@ class StructuredOutputManager:
 
     def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int], max_threads: int = 8) -> None:
         xgr = _xgr()
+        max_threads = max(1, min(max_threads, os.cpu_count() or 1))
         self.vocab_size = vocab_size
         self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
                                                        stop_token_ids=sorted(stop_token_ids))
