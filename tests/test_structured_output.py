@@ -13,6 +13,7 @@ import jsonschema
 import pytest
 from openai import BadRequestError, OpenAI
 from pydantic import BaseModel, Field
+from transformers import AutoTokenizer
 
 from tiny_models import make_tiny_model
 from vllm_lite import LLM, GuidedDecodingParams, SamplingParams, StructuredOutputsParams
@@ -43,7 +44,11 @@ COMPACT = dict(disable_any_whitespace=True)  # a random model may emit whitespac
 
 @pytest.fixture(scope="module")
 def model_path(tmp_path_factory):
-    return make_tiny_model(str(tmp_path_factory.mktemp("structured")), "llama")
+    path = make_tiny_model(str(tmp_path_factory.mktemp("structured")), "llama")
+    tokenizer = AutoTokenizer.from_pretrained(path)  # a template that shows the tools it is given
+    tokenizer.chat_template = ("{% if tools %}<tools>{{ tools | tojson }}\n{% endif %}" + tokenizer.chat_template)
+    tokenizer.save_pretrained(path)
+    return path
 
 
 @pytest.fixture(scope="module")
@@ -223,7 +228,8 @@ def test_auto_tool_choice_without_a_parser_is_a_400():
 # ---- the server ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def client(model_path):
-    llm = AsyncLLM.from_config(EngineConfig(model_path=model_path, **ENGINE))
+    llm = AsyncLLM.from_config(EngineConfig(model_path=model_path, **{**ENGINE, "max_model_len": 1024,
+                                                                      "num_blocks": 128}))  # tools in prompts
     sock = bind("127.0.0.1", 0)
     srv = make_server(build_app(llm, ["tiny"], None, None, tool_call_parser="hermes"), drain_timeout=5,
                       log_level="warning")
@@ -347,3 +353,10 @@ def test_assistant_tool_calls_and_tool_answers_are_accepted_in_the_history(clien
         {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
     r = client.chat.completions.create(model="tiny", messages=history, tools=TOOLS, max_tokens=5, temperature=0)
     assert r.choices[0].finish_reason in ("stop", "length", "tool_calls")
+
+
+def test_tools_reach_the_chat_template(client):
+    plain = client.chat.completions.create(model="tiny", messages=HI, max_tokens=1)
+    with_tools = client.chat.completions.create(model="tiny", messages=HI, max_tokens=1, tools=TOOLS,
+                                                tool_choice="none")
+    assert with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 50  # the definitions, as JSON
