@@ -135,6 +135,21 @@ def test_a_constrained_neighbour_leaves_an_unconstrained_output_unchanged(llm):
     assert re.fullmatch("[ab]*", mixed[1].outputs[0].text)
 
 
+def test_constrained_steps_stay_overlapped_and_no_placeholder_reaches_the_output(llm):
+    engine = llm.engine
+    so = StructuredOutputsParams(regex="[a-z]{5}-[0-9]{5}")
+    for prompt in PROMPTS[:2]:
+        engine.add_request(prompt, SamplingParams(temperature=0, max_tokens=20, structured_outputs=so))
+    overlapped, outputs = 0, []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()
+        # a step in flight whose tokens the host has not read yet: the pipeline did not stall
+        overlapped += engine.inflight is not None and any(-1 in s.token_ids for s in engine.inflight.seqs)
+    assert overlapped >= 10
+    for out in outputs:
+        assert re.fullmatch("[a-z]{5}-[0-9]{5}", out.outputs[0].text) and -1 not in out.outputs[0].token_ids
+
+
 def test_structured_outputs_survive_preemption(model_path, llm):
     so = StructuredOutputsParams(json=SCHEMA, **COMPACT)
     params = SamplingParams(temperature=0, max_tokens=120, structured_outputs=so)

@@ -30,8 +30,8 @@ PROMPT_LOGPROBS_CHUNK = 512
 class _InFlight:
     """A launched step: which sequences sample, where their token goes, the device tokens, and
     the sampled tokens' logprobs for the rows that asked (``logprob_rows[i]``: row of sequence i
-    in those tensors, -1 if none). ``constrained``: some row has a grammar (read back at once)."""
-    constrained = False
+    in those tensors, -1 if none). ``outputs``: set once it is read back (``_process``)."""
+    outputs: list | None = None
 
     def __init__(self, seqs: list[Sequence], positions: list[int], tokens: torch.Tensor,
                  logprobs: tuple | None = None, logprob_rows: list[int] | None = None) -> None:
@@ -290,16 +290,17 @@ class LLMEngine:
         step straight from the device. A sequence that turns out to have stopped costs one
         wasted token of compute, which is discarded.
 
-        A step that samples for a request with structured outputs is read back at once (it does
-        not overlap with the next): a grammar's mask needs the token before it, so a
-        constrained sequence never holds a placeholder when a step is launched, and every
-        token it samples was allowed by its matcher's state after all its earlier tokens."""
+        A step that samples for a request with structured outputs reads the previous step back
+        between its forward pass and its sampling (``_sampling_batch``): a grammar's mask needs
+        the token before it. The host advances the matchers and fills the mask while the
+        device runs the forward pass, so every sampled token was allowed by its matcher's
+        state after all its earlier tokens; no placeholder ever reaches a matcher."""
         batch = self.scheduler.schedule()
         previous, self.inflight = self.inflight, None
         if batch:
             self.inflight = self._launch(batch, previous)
         outputs = self._process(previous) if previous else []
-        if self.inflight is not None and (not self.overlap or self.inflight.constrained):
+        if self.inflight is not None and not self.overlap:
             outputs += self._process(self.inflight)
             self.inflight = None
         return outputs
@@ -333,7 +334,7 @@ class LLMEngine:
                 sample_rows.append(sample_rows[i])  # their first token is drawn from the same logits
         if len(sample_rows) != len(logits):
             logits = logits[torch.tensor(sample_rows, device=logits.device)]
-        sampling = self._sampling_batch(sampling_seqs, previous.tokens if previous is not None else None)
+        sampling = self._sampling_batch(sampling_seqs, previous)
         out = self.sampler.sample(logits, sampling, self.generator)
         logprob_rows = None
         if out.logprobs is not None:
@@ -343,11 +344,10 @@ class LLMEngine:
         positions = []
         for i, seq in enumerate(sampling_seqs):
             positions.append(len(seq.token_ids))
-            seq.token_ids.append(PLACEHOLDER)
+            if not seq.is_finished:  # (one the previous step ended, read back by _sampling_batch)
+                seq.token_ids.append(PLACEHOLDER)
             seq.inflight_index = i
-        inflight = _InFlight(sampling_seqs, positions, out.tokens, out.logprobs, logprob_rows)
-        inflight.constrained = sampling.grammar is not None
-        return inflight
+        return _InFlight(sampling_seqs, positions, out.tokens, out.logprobs, logprob_rows)
 
     def _fork(self, parent: Sequence) -> Sequence:
         """The parent's next completion, right after the parent's prompt was computed. It shares
@@ -427,7 +427,9 @@ class LLMEngine:
 
     def _process(self, inflight: _InFlight) -> list[RequestOutput]:
         """Read back one launched step's tokens, fill its placeholders, run the stop checks."""
-        outputs = []
+        if inflight.outputs is not None:  # read back already, by a constrained step's sampling
+            return inflight.outputs
+        outputs = inflight.outputs = []
         token_ids = inflight.host_tokens()
         logprobs = inflight.host_logprobs()
         self.num_generated_tokens += len(token_ids)
@@ -454,12 +456,12 @@ class LLMEngine:
         pending = self.inflight is not None and not all(s.is_finished for s in self.inflight.seqs)
         return self.scheduler.has_unfinished() or pending
 
-    def _sampling_batch(self, seqs: list[Sequence], prev_tokens: torch.Tensor | None = None) -> SamplingBatch:
+    def _sampling_batch(self, seqs: list[Sequence], previous: _InFlight | None = None) -> SamplingBatch:
         """The step's sampling parameters as device tensors. What depends only on the requests'
         parameters is built once per batch (the same sequences in the same rows, as most decode
         steps are) and kept on the device; min_tokens bans and penalties follow the output, so
-        they are redone every step. ``prev_tokens``: the step in flight's sampled tokens, where
-        an output token is still a placeholder (penalties)."""
+        they are redone every step. ``previous``: the step in flight, whose sampled tokens are
+        still placeholders (penalties read them on the device; grammars need them read back)."""
         seq_ids = [s.seq_id for s in seqs]
         if self._params is None or seq_ids != self._params.seq_ids:
             self._params = self._params_batch(seqs, seq_ids)
@@ -468,12 +470,16 @@ class LLMEngine:
                   if seqs[row].num_output_tokens < seqs[row].params.min_tokens]
         penalties, grammar = params.batch.penalties, None
         if penalties is not None:
+            prev_tokens = previous.tokens if previous is not None else None
             tokens, lengths = self._history.update([seqs[r] for r in params.penalized], prev_tokens)
             penalties = dataclasses.replace(penalties, tokens=tokens, lengths=lengths)
-        if params.grammar_rows:  # filled while the device runs the step's forward pass
-            rows = params.grammar_rows
-            bitmask = self._structured.bitmask([seqs[r].grammar for r in rows], rows, len(seqs), self.device)
-            grammar = (bitmask, None if len(rows) == len(seqs) else rows)
+        if params.grammar_rows:  # while the device runs the step's forward pass
+            if previous is not None:
+                self._process(previous)  # the matchers take the tokens before this step's
+            rows = [r for r in params.grammar_rows if not seqs[r].is_finished]  # (others: void)
+            if rows:
+                bitmask = self._structured.bitmask([seqs[r].grammar for r in rows], rows, len(seqs), self.device)
+                grammar = (bitmask, None if len(rows) == len(seqs) else rows)
         elif penalties is None and not banned:
             return params.batch
         return dataclasses.replace(params.batch, banned=banned, penalties=penalties, grammar=grammar)
