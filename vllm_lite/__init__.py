@@ -7,6 +7,6 @@ from vllm_lite.llm import LLM
 from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.structured_output import GuidedDecodingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "LLMEngine", "RequestOutput", "CompletionOutput", "Logprob",
-           "StructuredOutputsParams", "GuidedDecodingParams"]
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "LLMEngine", "RequestOutput",
+           "CompletionOutput", "Logprob", "StructuredOutputsParams", "GuidedDecodingParams"]
 __version__ = "0.1.0"

@@ -39,7 +39,8 @@ def bench_schema(min_items: int = 64, field: str = "name") -> dict:
     ``min_items`` long: at ~20 tokens a record it never ends before 256 output tokens."""
     record = {"type": "object", "additionalProperties": False,
               "properties": {"id": {"type": "integer"}, field: {"type": "string", "maxLength": 16},
-                             "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]}, "maxItems": 4},
+                             "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                      "maxItems": 4},
                              "ok": {"type": "boolean"}},
               "required": ["id", field, "tags", "ok"]}
     return {"type": "array", "items": record, "minItems": min_items}
@@ -356,8 +357,9 @@ def bench_main(argv: list[str]) -> int:
           f"structured output {'json_schema' if structured else 'none'}")
     if structured:
         first, each = ours["grammar_compile_s"][0], sorted(ours["grammar_compile_s"][1:])
-        print(f"  grammar: first structured generate (compile + 8 tokens) {first:.3f} s; compile per schema "
-              f"median {1e3 * each[len(each) // 2]:.1f} ms (max {1e3 * each[-1]:.1f} ms, {len(each)} schemas)")
+        print(f"  grammar: first structured generate (compile + 8 tokens) {first:.3f} s; "
+              f"compile per schema median {1e3 * each[len(each) // 2]:.1f} ms "
+              f"(max {1e3 * each[-1]:.1f} ms, {len(each)} schemas)")
     print(f"  median of {runs} run(s): {elapsed:.2f} s, {result['output_tokens_per_s']:.0f} output tokens/s "
           f"(runs {per_run[0]:.0f}..{per_run[-1]:.0f}), {result['requests_per_s']:.2f} requests/s, "
           f"{result['total_tokens_per_s']:.0f} total tokens/s  ({len(ours['steps'])} steps, "

@@ -9,6 +9,7 @@ the step's forward pass); the sampler sets every other logit to -inf in those ro
 tokens are allowed only where the grammar may end, and a matcher that reaches its end finishes
 the request with "stop". A batch without grammars never touches any of it.
 """
+
 from __future__ import annotations
 
 import functools
@@ -22,6 +23,7 @@ import torch
 
 def _xgr():
     import xgrammar  # imported on first use: a batch without grammars never loads it
+
     return xgrammar
 
 
@@ -30,6 +32,7 @@ class StructuredOutputsParams:
     """Exactly one of: ``json`` (a JSON schema, dict or text), ``json_object`` (any JSON
     object), ``regex``, ``choice`` (one of these strings) or ``grammar`` (EBNF, xgrammar's
     GBNF dialect). ``disable_any_whitespace``: JSON without free whitespace between tokens."""
+
     json: str | dict | None = None
     regex: str | None = None
     choice: list[str] | None = None
@@ -59,18 +62,37 @@ class StructuredOutputsParams:
 
     def validate(self) -> None:
         """ValueError naming the field and xgrammar's reason; runs before a request is queued."""
-        given = [name for name in ("json", "regex", "choice", "grammar") if getattr(self, name) is not None]
+        given = [
+            name
+            for name in ("json", "regex", "choice", "grammar")
+            if getattr(self, name) is not None
+        ]
         given += ["json_object"] if self.json_object else []
         if len(given) != 1:
-            raise ValueError(f"structured_outputs needs exactly one of json, json_object, regex, choice, "
-                             f"grammar; got {given or 'none'}")
+            raise ValueError(
+                f"structured_outputs needs exactly one of json, json_object, regex, choice, "
+                f"grammar; got {given or 'none'}"
+            )
         name = given[0]
-        kinds = {"json": (str, dict), "regex": str, "choice": list, "grammar": str, "json_object": bool}
+        kinds = {
+            "json": (str, dict),
+            "regex": str,
+            "choice": list,
+            "grammar": str,
+            "json_object": bool,
+        }
         if not isinstance(getattr(self, name), kinds[name]):
-            raise ValueError(f"structured_outputs.{name} has the wrong type: {type(getattr(self, name)).__name__}")
-        if name == "choice" and (not self.choice or any(not isinstance(c, str) or not c for c in self.choice)):
-            raise ValueError("structured_outputs.choice must be a non-empty list of non-empty strings")
-        if name in ("regex", "grammar") and (not getattr(self, name) or "\x00" in getattr(self, name)):
+            kind = type(getattr(self, name)).__name__
+            raise ValueError(f"structured_outputs.{name} has the wrong type: {kind}")
+        if name == "choice" and (
+            not self.choice or any(not isinstance(c, str) or not c for c in self.choice)
+        ):
+            raise ValueError(
+                "structured_outputs.choice must be a non-empty list of non-empty strings"
+            )
+        if name in ("regex", "grammar") and (
+            not getattr(self, name) or "\x00" in getattr(self, name)
+        ):
             raise ValueError(f"structured_outputs.{name} must be a non-empty string without NUL")
         kind, spec, _ = self.key
         try:
@@ -78,7 +100,9 @@ class StructuredOutputsParams:
         except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar raises RuntimeError
             what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}[kind]
             reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
-            raise ValueError(f"structured_outputs.{name}: invalid {what}: {_clean(reason)}") from None
+            raise ValueError(
+                f"structured_outputs.{name}: invalid {what}: {_clean(reason)}"
+            ) from None
 
 
 GuidedDecodingParams = StructuredOutputsParams  # vLLM's older name
@@ -106,8 +130,8 @@ def _parse(kind: str, spec: str) -> None:
 
 # xgrammar 0.2.9 writes the characters of a string with minLength/maxLength as [^"\\\r\n]:
 # control characters, which JSON forbids unescaped (json.loads refuses them), get through
-_LENGTH_BOUNDED_CHAR = r'[^\"\\\r\n]'
-_JSON_STRING_CHAR = r'[^\0-\x1f\"\\\r\n]'
+_LENGTH_BOUNDED_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n]"
 
 
 def json_schema_grammar(schema: str, any_whitespace: bool):
@@ -124,12 +148,15 @@ class StructuredOutputManager:
     """The engine's compiler (one per tokenizer, its grammars cached by spec) and the step's
     bitmask: one row per sampling row of the batch, filled for the constrained rows only."""
 
-    def __init__(self, tokenizer, vocab_size: int, stop_token_ids: set[int], max_threads: int = 8) -> None:
+    def __init__(
+        self, tokenizer, vocab_size: int, stop_token_ids: set[int], max_threads: int = 8
+    ) -> None:
         xgr = _xgr()
         max_threads = max(1, min(max_threads, os.cpu_count() or 1))
         self.vocab_size = vocab_size
-        self.info = xgr.TokenizerInfo.from_huggingface(tokenizer, vocab_size=vocab_size,
-                                                       stop_token_ids=sorted(stop_token_ids))
+        self.info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)
+        )
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=True)
         self.batch_matcher = xgr.BatchGrammarMatcher(max_threads)
         self.grammars: dict[tuple, object] = {}  # key -> CompiledGrammar
@@ -156,12 +183,16 @@ class StructuredOutputManager:
         """A fresh matcher of ``params``' grammar: one per completion."""
         return _xgr().GrammarMatcher(self.compiled(params))
 
-    def bitmask(self, matchers: list, rows: list[int], num_rows: int, device: torch.device) -> torch.Tensor:
+    def bitmask(
+        self, matchers: list, rows: list[int], num_rows: int, device: torch.device
+    ) -> torch.Tensor:
         """[num_rows, ceil(vocab / 32)] int32 on ``device``: row ``rows[i]`` allows the tokens
         ``matchers[i]`` accepts next (other rows are not filled: the sampler skips them).
         Filled by xgrammar's threads; the copy to the device does not wait for the step."""
         if self._host.shape[0] < num_rows:
-            host = _xgr().allocate_token_bitmask(max(num_rows, 2 * self._host.shape[0]), self.vocab_size)
+            host = _xgr().allocate_token_bitmask(
+                max(num_rows, 2 * self._host.shape[0]), self.vocab_size
+            )
             self._host = host.pin_memory() if device.type == "cuda" else host
         host = self._host[:num_rows]
         self.batch_matcher.batch_fill_next_token_bitmask(matchers, host, rows)

@@ -456,7 +456,8 @@ class LLMEngine:
         pending = self.inflight is not None and not all(s.is_finished for s in self.inflight.seqs)
         return self.scheduler.has_unfinished() or pending
 
-    def _sampling_batch(self, seqs: list[Sequence], previous: _InFlight | None = None) -> SamplingBatch:
+    def _sampling_batch(self, seqs: list[Sequence],
+                        previous: _InFlight | None = None) -> SamplingBatch:
         """The step's sampling parameters as device tensors. What depends only on the requests'
         parameters is built once per batch (the same sequences in the same rows, as most decode
         steps are) and kept on the device; min_tokens bans and penalties follow the output, so
@@ -478,11 +479,13 @@ class LLMEngine:
                 self._process(previous)  # the matchers take the tokens before this step's
             rows = [r for r in params.grammar_rows if not seqs[r].is_finished]  # (others: void)
             if rows:
-                bitmask = self._structured.bitmask([seqs[r].grammar for r in rows], rows, len(seqs), self.device)
+                matchers = [seqs[r].grammar for r in rows]
+                bitmask = self._structured.bitmask(matchers, rows, len(seqs), self.device)
                 grammar = (bitmask, None if len(rows) == len(seqs) else rows)
         elif penalties is None and not banned:
             return params.batch
-        return dataclasses.replace(params.batch, banned=banned, penalties=penalties, grammar=grammar)
+        return dataclasses.replace(params.batch, banned=banned, penalties=penalties,
+                                   grammar=grammar)
 
     def _params_batch(self, seqs: list[Sequence], seq_ids: list[int]) -> _ParamsBatch:
         """Upload what the sampling of ``seqs`` takes from their parameters (on CUDA each

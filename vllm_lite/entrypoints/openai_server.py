@@ -34,7 +34,8 @@ from vllm_lite.entrypoints.async_engine import AsyncLLM, EngineDeadError, Engine
 from vllm_lite.entrypoints.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from vllm_lite.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                             RequestError, TokenizeRequest, message_text, to_sampling_params)
-from vllm_lite.entrypoints.tool_calls import TOOL_PARSERS, parse_tool_calls, template_messages, tool_stream
+from vllm_lite.entrypoints.tool_calls import (TOOL_PARSERS, parse_tool_calls, template_messages,
+                                              tool_stream)
 
 logger = logging.getLogger("vllm_lite.server")
 MIN_LOGPROB = -9999.0  # JSON has no -inf (vLLM's clamp)
@@ -166,7 +167,8 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
               metrics: ServerMetrics | None = None, tool_call_parser: str | None = None) -> FastAPI:
     """``tool_call_parser``: how "auto" tool calls are read from the text (``TOOL_PARSERS``)."""
     if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
-        raise ValueError(f"unknown tool call parser {tool_call_parser!r}; known: {sorted(TOOL_PARSERS)}")
+        raise ValueError(f"unknown tool call parser {tool_call_parser!r}; "
+                         f"known: {sorted(TOOL_PARSERS)}")
     state = ServerState(async_llm, served_model_names, api_key, metrics)
 
     @contextlib.asynccontextmanager
@@ -224,8 +226,9 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
         tools = getattr(req, "tools", None)
         extra = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=bool(req.add_generation_prompt), **extra)
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=bool(req.add_generation_prompt),
+                **extra)
         except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation
             raise RequestError(f"the chat template rejected the messages: {exc}", param="messages") from None
         return text, tokenizer.encode(text, add_special_tokens=False)
@@ -442,7 +445,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                 async for _, delta in job.run():
                     for cd in delta.outputs:
                         message, finish_reason = {"content": cd.text}, cd.finish_reason
-                        if tool_reader is not None:  # calls found in the text become tool-call deltas
+                        if tool_reader is not None:  # calls in the text: tool-call deltas
                             if cd.index not in readers:
                                 readers[cd.index] = tool_stream(req, tool_call_parser)
                             reader = readers[cd.index]
@@ -453,9 +456,12 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                                 finish_reason = tool_finish_reason(reader.calls, finish_reason)
                             if not (content or calls or finish_reason or cd.logprobs):
                                 continue  # held back: maybe the start of a call
-                            message = {"content": content, **({"tool_calls": calls} if calls else {})}
+                            message = {"content": content}
+                            if calls:
+                                message["tool_calls"] = calls
                         yield sse(chunk([{"index": cd.index, "delta": message,
-                                          "logprobs": logprobs_of(cd), "finish_reason": finish_reason,
+                                          "logprobs": logprobs_of(cd),
+                                          "finish_reason": finish_reason,
                                           "stop_reason": cd.stop_reason}]))
                 if include_usage:
                     out = chunk([])
@@ -480,7 +486,8 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                                      "finish_reason": "abort", "stop_reason": None})
         if tool_reader is not None:
             for c in choices.values():
-                content, calls = parse_tool_calls(tool_stream(req, tool_call_parser), c["message"]["content"])
+                reader = tool_stream(req, tool_call_parser)
+                content, calls = parse_tool_calls(reader, c["message"]["content"])
                 c["message"]["content"] = content
                 if calls:
                     c["message"]["tool_calls"] = calls
@@ -700,10 +707,11 @@ def serve_main(argv: list[str]) -> int:
                         help="on SIGTERM, seconds running requests may take to finish (default 30)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     parser.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS),
-                        help='how "auto" tool calls are read from the model\'s text (vLLM\'s names): hermes '
-                             "(Qwen2.5/Qwen3 <tool_call>...</tool_call>) or llama3_json")
+                        help='how "auto" tool calls are read from the model\'s text (vLLM\'s '
+                             "names): hermes (Qwen2.5/Qwen3 <tool_call>...</tool_call>) or "
+                             "llama3_json")
     parser.add_argument("--enable-auto-tool-choice", action="store_true",
-                        help="accepted for vLLM's command line; --tool-call-parser enables \"auto\"")
+                        help="accepted as vLLM's; --tool-call-parser enables \"auto\"")
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
     model_arg = args.pop("model_arg")

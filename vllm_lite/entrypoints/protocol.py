@@ -2,10 +2,11 @@
 engine's ``SamplingParams``.
 
 Models are strict (a string where a number belongs is a 400, not coerced) and forbid unknown
-fields: a field this server does not implement is a 400 naming it, never silently ignored. Sampling fields use OpenAI's names where OpenAI has one and
-vLLM's extra names otherwise. Whether the engine supports a sampling field is decided per
-request from ``dataclasses.fields(SamplingParams)``: a field the engine lacks is a 400 naming it
-unless its value is the neutral one (``presence_penalty: 0`` asks for nothing).
+fields: a field this server does not implement is a 400 naming it, never silently ignored.
+Sampling fields use OpenAI's names where OpenAI has one and vLLM's extra names otherwise.
+Whether the engine supports a sampling field is decided per request from
+``dataclasses.fields(SamplingParams)``: a field the engine lacks is a 400 naming it unless its
+value is the neutral one (``presence_penalty: 0`` asks for nothing).
 """
 from __future__ import annotations
 
@@ -301,19 +302,20 @@ def structured_outputs_of(req: _SamplingRequest, extra: StructuredOutputsParams 
         given = so.model_dump(exclude_none=True, exclude={"disable_any_whitespace"})
         options = {"disable_any_whitespace": bool(so.disable_any_whitespace)}
         if given:
-            sources.append(("structured_outputs", {"json": so.json_, "regex": so.regex, "choice": so.choice,
-                                                   "grammar": so.grammar, "json_object": so.json_object}))
+            spec = {"json": so.json_, "regex": so.regex, "choice": so.choice, "grammar": so.grammar,
+                    "json_object": so.json_object}
+            sources.append(("structured_outputs", spec))
     rf = req.response_format
     if rf is not None and rf.type != "text":
         if rf.type == "json_object":
             sources.append(("response_format", {"json_object": True}))
         else:
             if rf.json_schema is None or rf.json_schema.json_schema is None:
-                raise RequestError("response_format of type 'json_schema' needs 'json_schema.schema'",
-                                   param="response_format")
+                raise RequestError("response_format of type 'json_schema' needs "
+                                   "'json_schema.schema'", param="response_format")
             sources.append(("response_format", {"json": rf.json_schema.json_schema}))
-    for name, key in (("guided_json", "json"), ("guided_regex", "regex"), ("guided_choice", "choice"),
-                      ("guided_grammar", "grammar")):
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                      ("guided_choice", "choice"), ("guided_grammar", "grammar")):
         if getattr(req, name) is not None:
             sources.append((name, {key: getattr(req, name)}))
     if extra is not None:  # tool_choice "required" / a named function

@@ -12,6 +12,7 @@ Every parser reads the text as it streams (``feed``, then ``finish``) and return
 to show and OpenAI's tool-call deltas; the full response runs the same parser over the whole
 text. A call that does not parse stays in the content as text.
 """
+
 from __future__ import annotations
 
 import json
@@ -36,15 +37,31 @@ def tool_choice_constraint(req: ChatCompletionRequest) -> StructuredOutputsParam
     if isinstance(choice, NamedToolChoice):
         by_name = {t.function.name: t for t in tools}
         if choice.function.name not in by_name:
-            raise RequestError(f"tool_choice names '{choice.function.name}', which is not among the tools "
-                               f"{sorted(by_name)}", param="tool_choice")
+            raise RequestError(
+                f"tool_choice names '{choice.function.name}', which is not among the tools "
+                f"{sorted(by_name)}",
+                param="tool_choice",
+            )
         return StructuredOutputsParams(json=_parameters(by_name[choice.function.name]))
     if choice != "required":
         return None
-    call = [{"type": "object", "properties": {"name": {"type": "string", "enum": [t.function.name]},
-                                              "parameters": _parameters(t)},
-             "required": ["name", "parameters"], "additionalProperties": False} for t in tools]
-    schema = {"type": "array", "minItems": 1, "items": call[0] if len(call) == 1 else {"anyOf": call}}
+    call = [
+        {
+            "type": "object",
+            "properties": {
+                "name": {"type": "string", "enum": [t.function.name]},
+                "parameters": _parameters(t),
+            },
+            "required": ["name", "parameters"],
+            "additionalProperties": False,
+        }
+        for t in tools
+    ]
+    schema = {
+        "type": "array",
+        "minItems": 1,
+        "items": call[0] if len(call) == 1 else {"anyOf": call},
+    }
     if req.parallel_tool_calls is False:
         schema["maxItems"] = 1
     return StructuredOutputsParams(json=schema)
@@ -61,9 +78,17 @@ def template_messages(req: ChatCompletionRequest, text_of) -> list[dict]:
         if m.tool_call_id is not None:
             message["tool_call_id"] = m.tool_call_id
         if m.tool_calls:
-            message["tool_calls"] = [{"id": c.id, "type": "function", "function": {
-                "name": c.function.name, "arguments": _loads_or_text(c.function.arguments)}}
-                for c in m.tool_calls]
+            message["tool_calls"] = [
+                {
+                    "id": c.id,
+                    "type": "function",
+                    "function": {
+                        "name": c.function.name,
+                        "arguments": _loads_or_text(c.function.arguments),
+                    },
+                }
+                for c in m.tool_calls
+            ]
         out.append(message)
     return out
 
@@ -91,8 +116,11 @@ class ToolCallStream:
         """Record a complete call; its delta (OpenAI's streamed shape)."""
         if not isinstance(arguments, str):
             arguments = json.dumps(arguments, ensure_ascii=False)
-        call = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-                "function": {"name": name, "arguments": arguments}}
+        call = {
+            "id": f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": name, "arguments": arguments},
+        }
         self.calls.append(call)
         return {"index": len(self.calls) - 1, **call}
 
@@ -107,6 +135,7 @@ def _call_fields(obj) -> tuple[str, object] | None:
 
 class HermesToolParser(ToolCallStream):
     """``<tool_call>{"name": ..., "arguments": {...}}</tool_call>``, anywhere in the text."""
+
     start, end = "<tool_call>", "</tool_call>"
 
     def __init__(self) -> None:
@@ -120,8 +149,14 @@ class HermesToolParser(ToolCallStream):
             if not self.in_call:
                 at = self.pending.find(self.start)
                 if at < 0:  # keep a tail that may be the start of a tag
-                    keep = next((k for k in range(len(self.start) - 1, 0, -1)
-                                 if self.pending.endswith(self.start[:k])), 0)
+                    keep = next(
+                        (
+                            k
+                            for k in range(len(self.start) - 1, 0, -1)
+                            if self.pending.endswith(self.start[:k])
+                        ),
+                        0,
+                    )
                     cut = len(self.pending) - keep
                     content.append(self.pending[:cut])
                     self.pending = self.pending[cut:]
@@ -131,16 +166,19 @@ class HermesToolParser(ToolCallStream):
             at = self.pending.find(self.end)
             if at < 0:
                 break
-            block, self.pending, self.in_call = self.pending[:at + len(self.end)], \
-                self.pending[at + len(self.end):], False
-            self._block(block, block[len(self.start):-len(self.end)], content, deltas)
+            block, self.pending, self.in_call = (
+                self.pending[: at + len(self.end)],
+                self.pending[at + len(self.end) :],
+                False,
+            )
+            self._block(block, block[len(self.start) : -len(self.end)], content, deltas)
         return "".join(content), deltas
 
     def finish(self) -> tuple[str, list[dict]]:
         content, deltas, rest = [], [], self.pending
         self.pending = ""
         if self.in_call:  # the model stopped before closing its last call
-            self._block(rest, rest[len(self.start):], content, deltas)
+            self._block(rest, rest[len(self.start) :], content, deltas)
         else:
             content.append(rest)
         return "".join(content), deltas
@@ -159,6 +197,7 @@ class HermesToolParser(ToolCallStream):
 class Llama3JsonToolParser(ToolCallStream):
     """Llama 3's JSON calls: the whole output is ``{"name": ..., "parameters": {...}}`` (after
     an optional ``<|python_tag|>``), several joined by ``;``. Anything else is text."""
+
     tag = "<|python_tag|>"
 
     def __init__(self) -> None:
@@ -255,9 +294,12 @@ def tool_stream(req: ChatCompletionRequest, parser_name: str | None) -> ToolCall
     if choice == "required":
         return RequiredStream()
     if parser_name is None:
-        raise RequestError('"auto" tool choice needs a server started with --tool-call-parser '
-                           f"({' or '.join(TOOL_PARSERS)}); or use tool_choice \"required\", a named "
-                           'function, or "none"', param="tool_choice")
+        raise RequestError(
+            '"auto" tool choice needs a server started with --tool-call-parser '
+            f'({" or ".join(TOOL_PARSERS)}); or use tool_choice "required", a named '
+            'function, or "none"',
+            param="tool_choice",
+        )
     return TOOL_PARSERS[parser_name]()
 
 
