@@ -574,3 +574,19 @@ def test_tools_reach_the_chat_template(client):
     assert (
         with_tools.usage.prompt_tokens > plain.usage.prompt_tokens + 50
     )  # the definitions, as JSON
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_auto_tool_choice_reads_the_models_hermes_calls(client, stream):
+    # the text is forced (a choice) to what a Hermes-format model writes: text, then a call
+    said = 'Sure. <tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
+    kwargs = dict(model="tiny", messages=HI, tools=TOOLS, tool_choice="auto", max_tokens=120,
+                  temperature=0, extra_body={"structured_outputs": {"choice": [said]}})
+    if not stream:
+        choice = client.chat.completions.create(**kwargs).choices[0]
+    else:
+        with client.chat.completions.stream(**kwargs) as s:
+            choice = s.get_final_completion().choices[0]
+    assert choice.finish_reason == "tool_calls" and choice.message.content.strip() == "Sure."
+    check_calls(choice.message.tool_calls, ["add"])
+    assert json.loads(choice.message.tool_calls[0].function.arguments) == {"a": 1, "b": 2}
