@@ -116,3 +116,19 @@ def test_serving_peers_word_tokenizer_gives_back_exactly_the_ids_of_a_text():
     text = tokenizer.decode(ids)
     assert text == "w2 w20 w200 w2000 w2999 w0 w7 w20 w1"
     assert tokenizer(text)["input_ids"] == ids
+
+
+def test_structured_output_benchmark_makes_every_token_and_reports_compile_times(tmp_path, capsys):
+    folder = make_tiny_model(str(tmp_path / "m"), "llama")
+    out = tmp_path / "result.json"
+    bench_main(["throughput", "--model-config", folder, "--dataset", "nano-vllm",
+                "--num-prompts", "4", "--input-len", "4", "20", "--output-len", "20", "40",
+                "--runs", "1",
+                "--structured-output", "json_schema", "--json", str(out)])
+    result = json.loads(out.read_text())
+    random.seed(0)
+    [random.randint(0, 399) for _ in range(4) for _ in range(random.randint(4, 20))]
+    # every request made its max_tokens: the schema never ends early
+    assert result["output_tokens"] == sum(random.randint(20, 40) for _ in range(4))
+    assert result["structured_output"] == "json_schema" and len(result["grammar_compile_s"]) == 9
+    assert "compile per schema" in capsys.readouterr().out

@@ -420,8 +420,8 @@ def test_invalid_sampling_value_is_400_naming_it(client):
 def test_unknown_field_is_400_not_ignored(client):
     with pytest.raises(APIStatusError) as exc:
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "x"}],
-                                       response_format={"type": "json_object"})
-    assert exc.value.status_code == 400 and error_of(exc)["param"] == "response_format"
+                                       prediction={"type": "content", "content": "x"})
+    assert exc.value.status_code == 400 and error_of(exc)["param"] == "prediction"
 
 
 def test_sampling_field_the_engine_lacks_is_400_naming_it(client, monkeypatch):

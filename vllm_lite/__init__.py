@@ -5,6 +5,8 @@ from vllm_lite.engine.llm_engine import CompletionOutput, LLMEngine, RequestOutp
 from vllm_lite.logprobs import Logprob
 from vllm_lite.llm import LLM
 from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.structured_output import GuidedDecodingParams, StructuredOutputsParams
 
-__all__ = ["LLM", "SamplingParams", "EngineConfig", "LLMEngine", "RequestOutput", "CompletionOutput", "Logprob"]
+__all__ = ["LLM", "SamplingParams", "EngineConfig", "LLMEngine", "RequestOutput",
+           "CompletionOutput", "Logprob", "StructuredOutputsParams", "GuidedDecodingParams"]
 __version__ = "0.1.0"

@@ -5,7 +5,10 @@ shared-prefix`` (every request starts with the same system prompt: prefix cachin
 times on the user's path (default SamplingParams, so text is detokenized wherever a tokenizer
 fits the model), with its memory-traffic floor and, with ``--peer hf``, HF transformers'
 continuous batching on the same requests in the same call. ``--sampling extras`` puts penalties
-and ``logprobs=5`` on every request (the cost of the sampling extras)."""
+and ``logprobs=5`` on every request (the cost of the sampling extras). ``--structured-output
+json_schema`` holds every request to one JSON schema (the cost of structured outputs; the schema
+cannot be complete within 256 tokens, so each request still makes its max_tokens), and reports
+the grammar compile time per schema."""
 from __future__ import annotations
 
 import argparse
@@ -31,6 +34,30 @@ SMOLLM2_VOCAB = 49152  # a Llama shape with this vocabulary can use SmolLM2's to
 DEFAULT_TEMPERATURE = {"random": 1.0, "nano-vllm": 0.6, "shared-prefix": 1.0}
 DEFAULT_LENS = {"shared-prefix": ((128, 128), (128, 128))}  # question and output lengths; else 100..1024
 EXTRAS = dict(repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5, logprobs=5)
+
+
+def bench_schema(min_items: int = 64, field: str = "name") -> dict:
+    """An array of records (integers, bounded strings, enums, nested arrays, booleans) at least
+    ``min_items`` long: at ~20 tokens a record it never ends before 256 output tokens."""
+    record = {"type": "object", "additionalProperties": False,
+              "properties": {"id": {"type": "integer"}, field: {"type": "string", "maxLength": 16},
+                             "tags": {"type": "array", "items": {"enum": ["red", "green", "blue"]},
+                                      "maxItems": 4},
+                             "ok": {"type": "boolean"}},
+              "required": ["id", field, "tags", "ok"]}
+    return {"type": "array", "items": record, "minItems": min_items}
+
+
+def compile_seconds(engine, count: int = 8) -> list[float]:
+    """First-compile time of ``count`` schemas of the benchmark's shape, each different."""
+    from vllm_lite import StructuredOutputsParams
+    manager = engine.structured_output_manager()
+    out = []
+    for i in range(count):
+        so = StructuredOutputsParams(json=bench_schema(64 + i, f"field_{i}"))
+        manager.compiled(so)
+        out.append(manager.compile_seconds[so.key])
+    return out
 
 
 @dataclass
@@ -193,14 +220,19 @@ def record_steps(engine) -> list[tuple[int, int, int, float]]:
 
 
 def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int = 1,
-             dataset: str = "random", profile_path: str | None = None, extras: dict | None = None) -> dict:
+             dataset: str = "random", profile_path: str | None = None, extras: dict | None = None,
+             structured: bool = False) -> dict:
     """Build the engine, warm it up, then time ``llm.generate`` on the workload ``runs`` times
     with default SamplingParams (detokenized when the engine has a tokenizer), plus ``extras``;
     then run it once more, untimed, recording every step."""
     from vllm_lite import LLM, SamplingParams
 
     llm = LLM(config=config)
-    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, **(extras or {}))
+    extras = dict(extras or {})
+    if structured:
+        from vllm_lite import StructuredOutputsParams
+        extras["structured_outputs"] = StructuredOutputsParams(json=bench_schema())
+    params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, **extras)
               for n in work.output_lens]
     engine = llm.engine
     if dataset == "nano-vllm":
@@ -215,6 +247,11 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int
         budget, engine.scheduler.max_num_batched_tokens = engine.scheduler.max_num_batched_tokens, 64
         llm.generate(work.prompts[:4], warm, use_tqdm=False)
         engine.scheduler.max_num_batched_tokens = budget
+    compile_s = []
+    if structured:  # the grammar compiled, the mask kernels warmed up, outside the timed runs
+        t0 = time.perf_counter()
+        llm.generate(work.prompts[:4], SamplingParams(max_tokens=8, **extras), use_tqdm=False)
+        compile_s = [time.perf_counter() - t0] + compile_seconds(engine)
     elapsed, cpu, preemptions, cache_hits = [], [], [], []
     for run in range(runs):
         before = engine.scheduler.num_preemptions
@@ -244,7 +281,7 @@ def run_ours(config: EngineConfig, work: Workload, temperature: float, runs: int
     result = {"elapsed": elapsed, "cpu_s": cpu, "median_elapsed": statistics.median(elapsed), "steps": steps,
               "num_blocks": engine.block_manager.num_blocks, "preemptions": preemptions[median_run],
               "prefix_cache_hit_tokens": cache_hits[median_run][0], "prefix_cache_query_tokens": cache_hits[median_run][1],
-              "dtype": str(engine.runner.dtype), "text": text,
+              "dtype": str(engine.runner.dtype), "text": text, "grammar_compile_s": compile_s,
               "tokenizer": (config.tokenizer_path or engine.model_path) if text else None}
     del llm, engine
     gc.collect()
@@ -291,6 +328,8 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument("--prefix-len", type=int, default=1024, help="shared-prefix: the system prompt's length")
     parser.add_argument("--sampling", choices=["default", "extras"], default="default",
                         help="extras: " + ", ".join(f"{k}={v}" for k, v in EXTRAS.items()) + " on every request")
+    parser.add_argument("--structured-output", choices=["none", "json_schema"], default="none",
+                        help="json_schema: every request held to one JSON schema (bench_schema)")
     parser.add_argument("--temperature", type=float, help="default: 1.0 (random, shared-prefix), 0.6 (nano-vllm)")
     parser.add_argument("--runs", type=int, default=3, help="timed runs after one warm-up; median and spread")
     parser.add_argument("--peer", choices=["none", "hf"], default="none")
@@ -305,6 +344,7 @@ def bench_main(argv: list[str]) -> int:
     in_range, out_range = tuple(in_range or default_in), tuple(out_range or default_out)
     prefix_len, extras = args.pop("prefix_len"), EXTRAS if args.pop("sampling") == "extras" else None
     temperature = args.pop("temperature")
+    structured = args.pop("structured_output") == "json_schema"
     temperature = DEFAULT_TEMPERATURE[dataset] if temperature is None else temperature
     if runs < 1:
         raise SystemExit("--runs must be >= 1")
@@ -332,13 +372,15 @@ def bench_main(argv: list[str]) -> int:
         work = Workload.random(num, in_range, out_range, hf_config.vocab_size, config.seed)
     total_in, total_out = sum(map(len, work.prompts)), sum(work.output_lens)
 
-    ours = run_ours(config, work, temperature, runs, dataset, profile_path, extras)
+    ours = run_ours(config, work, temperature, runs, dataset, profile_path, extras, structured)
     weights, kv_per_token = weight_and_kv_bytes(hf_config)
     elapsed = ours["median_elapsed"]
     per_run = sorted(total_out / e for e in ours["elapsed"])
     result = {"mode": mode, "dataset": dataset, "model_config": model_config, "num_prompts": num,
               "temperature": temperature, "text": ours["text"], "tokenizer": ours["tokenizer"],
               "sampling": extras or "default", "prefix_caching": config.enable_prefix_caching,
+              "structured_output": "json_schema" if structured else "none",
+              "grammar_compile_s": ours["grammar_compile_s"],
               "prefix_cache_hit_tokens": ours["prefix_cache_hit_tokens"],
               "input_tokens": total_in, "output_tokens": total_out, "runs": runs,
               "elapsed_s": elapsed, "elapsed_s_runs": ours["elapsed"],
@@ -352,7 +394,13 @@ def bench_main(argv: list[str]) -> int:
             "text OFF: token ids only, no tokenizer fits this model shape (detokenization not measured)")
     print(f"\nvllm-lite  {model_config}, dataset {dataset}: {num} requests, {total_in} input + {total_out} output "
           f"tokens, temperature {temperature}, {text}, sampling {'extras' if extras else 'default'}, "
-          f"prefix caching {'on' if config.enable_prefix_caching else 'off'}")
+          f"prefix caching {'on' if config.enable_prefix_caching else 'off'}, "
+          f"structured output {'json_schema' if structured else 'none'}")
+    if structured:
+        first, each = ours["grammar_compile_s"][0], sorted(ours["grammar_compile_s"][1:])
+        print(f"  grammar: first structured generate (compile + 8 tokens) {first:.3f} s; "
+              f"compile per schema median {1e3 * each[len(each) // 2]:.1f} ms "
+              f"(max {1e3 * each[-1]:.1f} ms, {len(each)} schemas)")
     print(f"  median of {runs} run(s): {elapsed:.2f} s, {result['output_tokens_per_s']:.0f} output tokens/s "
           f"(runs {per_run[0]:.0f}..{per_run[-1]:.0f}), {result['requests_per_s']:.2f} requests/s, "
           f"{result['total_tokens_per_s']:.0f} total tokens/s  ({len(ours['steps'])} steps, "

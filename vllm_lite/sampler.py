@@ -11,6 +11,7 @@ import torch
 
 from vllm_lite.engine.sequence import PLACEHOLDER, SequenceRows
 from vllm_lite.logprobs import token_logprobs
+from vllm_lite.structured_output import apply_bitmask
 
 
 @dataclass
@@ -105,6 +106,9 @@ class SamplingBatch:
     logprob_rows: torch.Tensor | None = None  # rows that want logprobs
     num_logprobs: int = 0  # the most top logprobs any of those rows wants
     any_greedy: bool = True  # False: no row is greedy, so no argmax of the processed logits is needed
+    # structured outputs: (bitmask [B, vocab / 32] of the tokens the grammars allow, the rows
+    # that have a grammar, None: all); set every step (``StructuredOutputManager.bitmask``)
+    grammar: tuple[torch.Tensor, list[int] | None] | None = None
 
     @property
     def changes_logits(self) -> bool:
@@ -129,6 +133,8 @@ class Sampler:
     @torch.inference_mode()
     def sample(self, logits: torch.Tensor, batch: SamplingBatch, default_generator=None) -> SamplerOutput:
         rows, processed = batch.logprob_rows, logits
+        if batch.grammar is not None:  # first, and before logprobs are read (as in vLLM)
+            apply_bitmask(logits, *batch.grammar)
         if batch.changes_logits:
             # logprobs are vLLM's "raw_logprobs", from the logits before any processing, which
             # writes in place: into a copy where .float() makes none

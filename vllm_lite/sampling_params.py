@@ -4,6 +4,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from vllm_lite.structured_output import StructuredOutputsParams
+
 
 @dataclass
 class SamplingParams:
@@ -26,6 +28,11 @@ class SamplingParams:
     ``n`` completions of one prompt share the prompt's KV blocks; with a ``seed``, completion
     ``i`` draws from its own generator seeded ``seed + i`` (vLLM's rule), so the n outputs are
     reproducible and differ from each other.
+
+    ``structured_outputs`` (``StructuredOutputsParams``; vLLM's older ``guided_decoding`` is
+    taken as the same) holds the output to a JSON schema, regex, choice or grammar: the
+    grammar's mask comes first, before everything above, and logprobs are read after it (as in
+    vLLM, whose runner masks the logits before its sampler sees them).
     """
     n: int = 1  # completions per prompt
     presence_penalty: float = 0.0  # [-2, 2], output tokens: minus this once a token has appeared
@@ -48,6 +55,8 @@ class SamplingParams:
     include_stop_str_in_output: bool = False
     logit_bias: dict[int, float] | None = None  # {token id: bias added to its logit}, bias in [-100, 100]
     allowed_token_ids: list[int] | None = None  # only these tokens can be sampled
+    structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice, grammar
+    guided_decoding: StructuredOutputsParams | None = None  # vLLM's older name of the same
     _stop: list[str] = field(init=False, repr=False)
     # set by validate(): any of penalties, bias, allowed ids, logprobs (the sampler's extra work)
     needs_extras: bool = field(init=False, repr=False, default=False)
@@ -62,6 +71,8 @@ class SamplingParams:
                 pass  # validate() names the field
         if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, (str, bytes)):
             self.allowed_token_ids = list(self.allowed_token_ids)
+        if self.guided_decoding is not None and self.structured_outputs is None:
+            self.structured_outputs, self.guided_decoding = self.guided_decoding, None
         self.validate()
 
     @property
@@ -129,5 +140,11 @@ class SamplingParams:
             if (not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
                     or any(not is_int(t) or t < 0 for t in self.allowed_token_ids)):
                 bad("allowed_token_ids", "must be None or a non-empty list of token ids (ints >= 0)")
+        if self.guided_decoding is not None:
+            bad("guided_decoding", "is the old name of structured_outputs: give one of them")
+        if self.structured_outputs is not None:
+            if not isinstance(self.structured_outputs, StructuredOutputsParams):
+                bad("structured_outputs", "must be a StructuredOutputsParams")
+            self.structured_outputs.validate()
         self.needs_extras = (self.has_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
                              or self.logprobs is not None)

@@ -31,7 +31,8 @@ PROMPT_LOGPROBS_CHUNK = 512
 class _InFlight:
     """A launched step: which sequences sample, where their token goes, the device tokens, and
     the sampled tokens' logprobs for the rows that asked (``logprob_rows[i]``: row of sequence i
-    in those tensors, -1 if none)."""
+    in those tensors, -1 if none). ``outputs``: set once it is read back (``_process``)."""
+    outputs: list | None = None
 
     def __init__(self, seqs: list[Sequence], positions: list[int], tokens: torch.Tensor,
                  logprobs: tuple | None = None, logprob_rows: list[int] | None = None) -> None:
@@ -64,6 +65,7 @@ class _ParamsBatch:
     batch: SamplingBatch  # no min_tokens bans; penalties, if any, without their step's tokens
     min_tokens_rows: list[tuple[int, list[int]]]  # rows with min_tokens > 0, and their stop ids
     penalized: list[int]  # rows with penalties
+    grammar_rows: list[int] = field(default_factory=list)  # rows with structured outputs
 
 
 @dataclass
@@ -198,6 +200,7 @@ class LLMEngine:
         # penalized sequences' tokens; given a function of the device, not a bound method: the
         # engine must hold no reference cycle, so that dropping it frees its GPU memory at once
         self._history = TokenHistory(self.device, functools.partial(to_device, device=self.device))
+        self._structured = None  # StructuredOutputManager, made for the first structured request
 
     def _load_tokenizer(self, config: EngineConfig):
         """The folder's tokenizer if it fits the model. A folder without one (a dummy-weight
@@ -259,6 +262,8 @@ class LLMEngine:
 
     def _give_generator_and_detokenizer(self, seq: Sequence) -> None:
         params = seq.params
+        if params.structured_outputs is not None:  # one matcher per completion
+            seq.grammar = self.structured_output_manager().matcher(params.structured_outputs)
         if params.seed is not None:  # completion i of a seeded request: seed + i, as vLLM
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + seq.index)
         if params.detokenize and self.tokenizer is not None:
@@ -269,6 +274,16 @@ class LLMEngine:
 
     def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
         self.limits.check(token_ids, params)
+        if params.structured_outputs is not None and self.tokenizer is None:
+            raise ValueError("structured outputs need a tokenizer; this model folder has none")
+
+    def structured_output_manager(self):
+        """The grammar compiler for this tokenizer and vocabulary (made on first use)."""
+        if self._structured is None:
+            from vllm_lite.structured_output import StructuredOutputManager
+            self._structured = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size,
+                                                       self.eos_token_ids)
+        return self._structured
 
     def abort_request(self, request_id: str) -> None:
         seq = self.sequences.pop(request_id, None)
@@ -285,7 +300,13 @@ class LLMEngine:
         the host's bookkeeping runs while the GPU computes. A sampled token is a placeholder
         (-1) in ``seq.token_ids`` until it is read back; the model runner feeds it to the next
         step straight from the device. A sequence that turns out to have stopped costs one
-        wasted token of compute, which is discarded."""
+        wasted token of compute, which is discarded.
+
+        A step that samples for a request with structured outputs reads the previous step back
+        between its forward pass and its sampling (``_sampling_batch``): a grammar's mask needs
+        the token before it. The host advances the matchers and fills the mask while the
+        device runs the forward pass, so every sampled token was allowed by its matcher's
+        state after all its earlier tokens; no placeholder ever reaches a matcher."""
         batch = self.scheduler.schedule()
         previous, self.inflight = self.inflight, None
         if batch:
@@ -325,7 +346,7 @@ class LLMEngine:
                 sample_rows.append(sample_rows[i])  # their first token is drawn from the same logits
         if len(sample_rows) != len(logits):
             logits = logits[torch.tensor(sample_rows, device=logits.device)]
-        sampling = self._sampling_batch(sampling_seqs, previous.tokens if previous is not None else None)
+        sampling = self._sampling_batch(sampling_seqs, previous)
         out = self.sampler.sample(logits, sampling, self.generator)
         logprob_rows = None
         if out.logprobs is not None:
@@ -335,7 +356,8 @@ class LLMEngine:
         positions = []
         for i, seq in enumerate(sampling_seqs):
             positions.append(len(seq.token_ids))
-            seq.token_ids.append(PLACEHOLDER)
+            if not seq.is_finished:  # (one the previous step ended, read back by _sampling_batch)
+                seq.token_ids.append(PLACEHOLDER)
             seq.inflight_index = i
         return _InFlight(sampling_seqs, positions, out.tokens, out.logprobs, logprob_rows)
 
@@ -417,12 +439,19 @@ class LLMEngine:
 
     def _process(self, inflight: _InFlight) -> list[RequestOutput]:
         """Read back one launched step's tokens, fill its placeholders, run the stop checks."""
-        outputs = []
+        if inflight.outputs is not None:  # read back already, by a constrained step's sampling
+            return inflight.outputs
+        outputs = inflight.outputs = []
         token_ids = inflight.host_tokens()
         logprobs = inflight.host_logprobs()
         self.num_generated_tokens += len(token_ids)
         for i, (seq, pos, token_id) in enumerate(zip(inflight.seqs, inflight.positions, token_ids)):
             if seq.is_finished:  # stopped on an earlier token, or aborted: this one is void
+                continue
+            if seq.grammar is not None and not seq.grammar.accept_token(token_id):
+                self._reject_token(seq, pos, token_id)
+                if all(s.is_finished for s in seq.group):
+                    outputs.append(self._output(seq))
                 continue
             seq.token_ids[pos] = token_id
             if seq.logprobs is not None:
@@ -439,25 +468,36 @@ class LLMEngine:
         pending = self.inflight is not None and not all(s.is_finished for s in self.inflight.seqs)
         return self.scheduler.has_unfinished() or pending
 
-    def _sampling_batch(self, seqs: list[Sequence], prev_tokens: torch.Tensor | None = None) -> SamplingBatch:
+    def _sampling_batch(self, seqs: list[Sequence],
+                        previous: _InFlight | None = None) -> SamplingBatch:
         """The step's sampling parameters as device tensors. What depends only on the requests'
         parameters is built once per batch (the same sequences in the same rows, as most decode
         steps are) and kept on the device; min_tokens bans and penalties follow the output, so
-        they are redone every step. ``prev_tokens``: the step in flight's sampled tokens, where
-        an output token is still a placeholder (penalties)."""
+        they are redone every step. ``previous``: the step in flight, whose sampled tokens are
+        still placeholders (penalties read them on the device; grammars need them read back)."""
         seq_ids = [s.seq_id for s in seqs]
         if self._params is None or seq_ids != self._params.seq_ids:
             self._params = self._params_batch(seqs, seq_ids)
         params = self._params
         banned = [(row, stop_ids) for row, stop_ids in params.min_tokens_rows
                   if seqs[row].num_output_tokens < seqs[row].params.min_tokens]
-        penalties = params.batch.penalties
+        penalties, grammar = params.batch.penalties, None
         if penalties is not None:
+            prev_tokens = previous.tokens if previous is not None else None
             tokens, lengths = self._history.update([seqs[r] for r in params.penalized], prev_tokens)
             penalties = dataclasses.replace(penalties, tokens=tokens, lengths=lengths)
-        elif not banned:
+        if params.grammar_rows:  # while the device runs the step's forward pass
+            if previous is not None:
+                self._process(previous)  # the matchers take the tokens before this step's
+            rows = [r for r in params.grammar_rows if not seqs[r].is_finished]  # (others: void)
+            if rows:
+                matchers = [seqs[r].grammar for r in rows]
+                bitmask = self._structured.bitmask(matchers, rows, len(seqs), self.device)
+                grammar = (bitmask, None if len(rows) == len(seqs) else rows)
+        elif penalties is None and not banned:
             return params.batch
-        return dataclasses.replace(params.batch, banned=banned, penalties=penalties)
+        return dataclasses.replace(params.batch, banned=banned, penalties=penalties,
+                                   grammar=grammar)
 
     def _params_batch(self, seqs: list[Sequence], seq_ids: list[int]) -> _ParamsBatch:
         """Upload what the sampling of ``seqs`` takes from their parameters (on CUDA each
@@ -480,8 +520,9 @@ class LLMEngine:
             any_min_p=any(p.min_p > 0 for p in ps),
             any_greedy=any(p.greedy for p in ps),
         )
+        grammar_rows = [r for r, s in enumerate(seqs) if s.grammar is not None]
         if not any(p.needs_extras for p in ps):
-            return _ParamsBatch(seq_ids, batch, min_tokens_rows, [])
+            return _ParamsBatch(seq_ids, batch, min_tokens_rows, [], grammar_rows)
         # the extras, each only when some row uses it
         allowed = [r for r, p in enumerate(ps) if p.allowed_token_ids is not None]
         if allowed:
@@ -500,7 +541,7 @@ class LLMEngine:
         if penalized:
             rows = None if len(penalized) == len(ps) else tensor(penalized, torch.int64)  # None: all
             batch.penalties = self._penalties([seqs[r] for r in penalized], rows)
-        return _ParamsBatch(seq_ids, batch, min_tokens_rows, penalized)
+        return _ParamsBatch(seq_ids, batch, min_tokens_rows, penalized, grammar_rows)
 
     def _penalties(self, seqs: list[Sequence], rows: torch.Tensor | None) -> Penalties:
         """The penalized rows' penalties; their tokens are written to the history every step."""
@@ -523,6 +564,8 @@ class LLMEngine:
     def _accept_token(self, seq: Sequence, pos: int, token_id: int) -> None:
         """Stop checks for the token at ``pos`` (later positions may hold placeholders)."""
         p = seq.params
+        if seq.grammar is not None and seq.grammar.is_terminated():  # it ended with a stop token
+            return self._finish(seq, "stop", token_id, pos)
         num_output = pos + 1 - seq.num_prompt_tokens
         can_stop = num_output >= p.min_tokens
         if can_stop and (token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids)):
@@ -541,6 +584,14 @@ class LLMEngine:
                     return self._finish(seq, "stop", stop, pos)
         if seq.at_length_limit(pos + 1, self.config.max_model_len):
             return self._finish(seq, "length", None, pos)
+
+    def _reject_token(self, seq: Sequence, pos: int, token_id: int) -> None:
+        """A token its grammar refuses (only when other constraints, min_tokens or allowed ids,
+        left no allowed token) never reaches the output: the sequence ends before it, with
+        "stop" if its output is a complete match, else "abort"."""
+        warnings.warn(f"request {seq.request_id}: token {token_id} breaks its structured output; "
+                      "it ends there", stacklevel=2)
+        self._finish(seq, "stop" if seq.grammar.is_completed() else "abort", None, pos - 1)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None, pos: int | None = None) -> None:
         """End ``seq``: tokens after ``pos`` (placeholders of a step already launched) are dropped."""

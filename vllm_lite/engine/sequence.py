@@ -42,6 +42,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.generator = None  # per-request torch.Generator for seeded sampling
         self.detok = None  # incremental detokenizer; None when the request wants token ids only
+        self.grammar = None  # xgrammar GrammarMatcher of its structured output, advanced per token
         self.num_preemptions = 0
         self.inflight_index = -1  # row of its token in the step in flight (overlapped steps)
         self.max_chunk_tokens = MAX_CHUNK  # tokens one step may compute for it (prompt_logprobs: fewer)

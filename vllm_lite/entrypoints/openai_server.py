@@ -1,7 +1,8 @@
 """``vllm-lite serve``: an OpenAI-compatible HTTP server (FastAPI + uvicorn) on ``AsyncLLM``.
 
 Routes: POST /v1/completions, POST /v1/chat/completions (both with ``stream: true`` as
-server-sent events ending in ``data: [DONE]``), GET /v1/models, GET /health, GET /metrics
+server-sent events ending in ``data: [DONE]``; structured outputs on both, tool calls on chat:
+``tool_calls.py``), GET /v1/models, GET /health, GET /metrics
 (Prometheus), POST /tokenize, POST /detokenize. Errors have OpenAI's shape
 ``{"error": {"message", "type", "param", "code"}}``. With an API key every route but /health
 needs ``Authorization: Bearer KEY``. SIGTERM (or Ctrl-C) drains: new requests get 503, running
@@ -33,6 +34,8 @@ from vllm_lite.entrypoints.async_engine import AsyncLLM, EngineDeadError, Engine
 from vllm_lite.entrypoints.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from vllm_lite.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
                                             RequestError, TokenizeRequest, message_text, to_sampling_params)
+from vllm_lite.entrypoints.tool_calls import (TOOL_PARSERS, parse_tool_calls, template_messages,
+                                              tool_stream)
 
 logger = logging.getLogger("vllm_lite.server")
 MIN_LOGPROB = -9999.0  # JSON has no -inf (vLLM's clamp)
@@ -175,7 +178,11 @@ def sse(data) -> str:
 
 
 def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str | None = None,
-              metrics: ServerMetrics | None = None) -> FastAPI:
+              metrics: ServerMetrics | None = None, tool_call_parser: str | None = None) -> FastAPI:
+    """``tool_call_parser``: how "auto" tool calls are read from the text (``TOOL_PARSERS``)."""
+    if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
+        raise ValueError(f"unknown tool call parser {tool_call_parser!r}; "
+                         f"known: {sorted(TOOL_PARSERS)}")
     state = ServerState(async_llm, served_model_names, api_key, metrics)
 
     @contextlib.asynccontextmanager
@@ -229,11 +236,13 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
     def chat_prompt(req) -> tuple[str, list[int]]:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
             raise RequestError("this model has no chat template: use /v1/completions", param="messages")
-        messages = [{"role": m.role, "content": message_text(m), **({"name": m.name} if m.name else {})}
-                    for m in req.messages]
+        messages = template_messages(req, message_text)
+        tools = getattr(req, "tools", None)
+        extra = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
         try:
-            text = tokenizer.apply_chat_template(messages, tokenize=False,
-                                                 add_generation_prompt=bool(req.add_generation_prompt))
+            text = tokenizer.apply_chat_template(
+                messages, tokenize=False, add_generation_prompt=bool(req.add_generation_prompt),
+                **extra)
         except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation
             raise RequestError(f"the chat template rejected the messages: {exc}", param="messages") from None
         return text, tokenizer.encode(text, add_special_tokens=False)
@@ -412,6 +421,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
     async def chat_completions(req: ChatCompletionRequest, raw: Request):
         model = state.check_model(req.model)
         params = to_sampling_params(req)
+        tool_reader = tool_stream(req, tool_call_parser)  # "auto" without a parser: 400 here
         prompt_text, ids = chat_prompt(req)
         check([ids], params, "messages")
         request_id = f"chatcmpl-{uuid.uuid4().hex}"
@@ -449,10 +459,27 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                 for i in range(n):
                     yield sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
                                       "finish_reason": None}]))
+                readers: dict[int, object] = {}
                 async for _, delta in job.run():
                     for cd in delta.outputs:
-                        yield sse(chunk([{"index": cd.index, "delta": {"content": cd.text},
-                                          "logprobs": logprobs_of(cd), "finish_reason": cd.finish_reason,
+                        message, finish_reason = {"content": cd.text}, cd.finish_reason
+                        if tool_reader is not None:  # calls in the text: tool-call deltas
+                            if cd.index not in readers:
+                                readers[cd.index] = tool_stream(req, tool_call_parser)
+                            reader = readers[cd.index]
+                            content, calls = reader.feed(cd.text)
+                            if finish_reason is not None:
+                                more, more_calls = reader.finish()
+                                content, calls = content + more, calls + more_calls
+                                finish_reason = tool_finish_reason(reader.calls, finish_reason)
+                            if not (content or calls or finish_reason or cd.logprobs):
+                                continue  # held back: maybe the start of a call
+                            message = {"content": content}
+                            if calls:
+                                message["tool_calls"] = calls
+                        yield sse(chunk([{"index": cd.index, "delta": message,
+                                          "logprobs": logprobs_of(cd),
+                                          "finish_reason": finish_reason,
                                           "stop_reason": cd.stop_reason}]))
                 if include_usage:
                     out = chunk([])
@@ -475,6 +502,14 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
         for idx in range(n):
             choices.setdefault(idx, {"index": idx, "message": {"role": "assistant", "content": ""}, "logprobs": None,
                                      "finish_reason": "abort", "stop_reason": None})
+        if tool_reader is not None:
+            for c in choices.values():
+                reader = tool_stream(req, tool_call_parser)
+                content, calls = parse_tool_calls(reader, c["message"]["content"])
+                c["message"]["content"] = content
+                if calls:
+                    c["message"]["tool_calls"] = calls
+                c["finish_reason"] = tool_finish_reason(calls, c["finish_reason"])
         out = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
                "choices": [choices[i] for i in sorted(choices)],
                "usage": job.usage(len(ids))}
@@ -483,6 +518,11 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
         return out
 
     return app
+
+
+def tool_finish_reason(calls: list, finish_reason: str | None) -> str | None:
+    """OpenAI's "tool_calls" for an output that ended on its own with calls in it."""
+    return "tool_calls" if calls and finish_reason == "stop" else finish_reason
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
@@ -684,11 +724,19 @@ def serve_main(argv: list[str]) -> int:
     parser.add_argument("--drain-timeout", type=float, default=30.0,
                         help="on SIGTERM, seconds running requests may take to finish (default 30)")
     parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    parser.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS),
+                        help='how "auto" tool calls are read from the model\'s text (vLLM\'s '
+                             "names): hermes (Qwen2.5/Qwen3 <tool_call>...</tool_call>) or "
+                             "llama3_json")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="accepted as vLLM's; --tool-call-parser enables \"auto\"")
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
     model_arg = args.pop("model_arg")
     host, port, api_key = args.pop("host"), args.pop("port"), args.pop("api_key")
     names, drain_timeout, log_level = args.pop("served_model_name"), args.pop("drain_timeout"), args.pop("log_level")
+    tool_call_parser = args.pop("tool_call_parser")
+    args.pop("enable_auto_tool_choice")
     if not 0 <= port <= 65535:
         parser.error(f"argument --port: must be in 0..65535, got {port}")
     if drain_timeout < 0:
@@ -709,7 +757,7 @@ def serve_main(argv: list[str]) -> int:
     model_names = names or [os.path.basename(os.path.normpath(model_path))]
     metrics = ServerMetrics(model_names[0])
     async_llm = AsyncLLM(config, metrics)  # the engine, in a process of its own
-    app = build_app(async_llm, model_names, api_key, metrics)
+    app = build_app(async_llm, model_names, api_key, metrics, tool_call_parser)
     server = make_server(app, drain_timeout, log_level)
     shown = f"[{host}]" if ":" in host else host
     print(f"vllm-lite serve: {model_names[0]} on http://{shown}:{sock.getsockname()[1]}"

@@ -2,20 +2,22 @@
 engine's ``SamplingParams``.
 
 Models are strict (a string where a number belongs is a 400, not coerced) and forbid unknown
-fields: a field this server does not implement (``tools``, ``response_format``, ...) is a 400
-naming it, never silently ignored. Sampling fields use OpenAI's names where OpenAI has one and
-vLLM's extra names otherwise. Whether the engine supports a sampling field is decided per
-request from ``dataclasses.fields(SamplingParams)``: a field the engine lacks is a 400 naming it
-unless its value is the neutral one (``presence_penalty: 0`` asks for nothing).
+fields: a field this server does not implement is a 400 naming it, never silently ignored.
+Sampling fields use OpenAI's names where OpenAI has one and vLLM's extra names otherwise.
+Whether the engine supports a sampling field is decided per request from
+``dataclasses.fields(SamplingParams)``: a field the engine lacks is a 400 naming it unless its
+value is the neutral one (``presence_penalty: 0`` asks for nothing).
 """
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.structured_output import StructuredOutputsParams
 
 
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs: top-k logprobs cost a sort over the vocabulary
@@ -37,6 +39,31 @@ class _Strict(BaseModel):
 class StreamOptions(_Strict):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = False  # vLLM: usage on every chunk
+
+
+class JsonSchemaFormat(_Strict):
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
+    name: str
+    description: str | None = None
+    json_schema: dict | None = Field(default=None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    """OpenAI's ``response_format``: plain text, any JSON object, or JSON of a schema."""
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+
+class StructuredOutputsRequest(_Strict):
+    """vLLM's extra ``structured_outputs`` (one of json, regex, choice, grammar, json_object)."""
+    json_: dict | str | None = Field(default=None, alias="json")
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool | None = None
+    model_config = ConfigDict(strict=True, extra="forbid", populate_by_name=True)
 
 
 class _SamplingRequest(_Strict):
@@ -66,6 +93,13 @@ class _SamplingRequest(_Strict):
     include_stop_str_in_output: bool | None = None
     allowed_token_ids: list[int] | None = None
     prompt_logprobs: int | None = None
+    # structured outputs: OpenAI's response_format, vLLM's structured_outputs (and older guided_*)
+    response_format: ResponseFormat | None = None
+    structured_outputs: StructuredOutputsRequest | None = None
+    guided_json: dict | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
 
 class CompletionRequest(_SamplingRequest):
@@ -81,10 +115,45 @@ class ContentPart(_Strict):
     text: str
 
 
+class FunctionCall(_Strict):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class ToolCall(_Strict):
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(_Strict):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCall] | None = None  # an assistant's earlier calls
+    tool_call_id: str | None = None  # a tool's answer to that call
+    refusal: str | None = None
+
+
+class FunctionDefinition(_Strict):
+    name: str = Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")
+    description: str | None = None
+    parameters: dict | None = None  # a JSON schema of the arguments object
+    strict: bool | None = None
+
+
+class ChatTool(_Strict):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class NamedFunction(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: NamedFunction
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -93,6 +162,9 @@ class ChatCompletionRequest(_SamplingRequest):
     logprobs: bool | None = False
     top_logprobs: int | None = None
     add_generation_prompt: bool | None = True  # vLLM's extra
+    tools: list[ChatTool] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = True
     # accepted OpenAI fields that change nothing in generation
     metadata: dict[str, str] | None = None
     store: bool | None = None
@@ -187,6 +259,13 @@ def to_sampling_params(req: _SamplingRequest) -> SamplingParams:
         put("logprobs", "logprobs", req.logprobs)
         if req.echo and req.logprobs is not None and req.prompt_logprobs is None:
             put("logprobs", "prompt_logprobs", req.logprobs)  # echo's prompt tokens get logprobs too
+    tool_constraint = None
+    if isinstance(req, ChatCompletionRequest):
+        from vllm_lite.entrypoints.tool_calls import tool_choice_constraint
+        tool_constraint = tool_choice_constraint(req)
+    structured = structured_outputs_of(req, tool_constraint)
+    if structured is not None:
+        put(structured[0], "structured_outputs", structured[1])
     if max_tokens is None:
         kwargs["max_tokens"] = None  # chat's default: up to max_model_len
     else:
@@ -209,6 +288,51 @@ def to_sampling_params(req: _SamplingRequest) -> SamplingParams:
                 message = api_name + message[len(f"SamplingParams.{sp_name}"):]
                 break
         raise RequestError(message, param=param) from None
+
+
+def structured_outputs_of(req: _SamplingRequest, extra: StructuredOutputsParams | None = None):
+    """(request field, StructuredOutputsParams) of the request's constraint, or None. One source
+    at most: ``response_format`` (json_object, json_schema), ``structured_outputs`` or the
+    older ``guided_*`` fields; ``structured_outputs`` holding only ``disable_any_whitespace``
+    sets that option of the others. RequestError (400) naming the field."""
+    sources = []
+    options = {}
+    so = req.structured_outputs
+    if so is not None:
+        given = so.model_dump(exclude_none=True, exclude={"disable_any_whitespace"})
+        options = {"disable_any_whitespace": bool(so.disable_any_whitespace)}
+        if given:
+            spec = {"json": so.json_, "regex": so.regex, "choice": so.choice, "grammar": so.grammar,
+                    "json_object": so.json_object}
+            sources.append(("structured_outputs", spec))
+    rf = req.response_format
+    if rf is not None and rf.type != "text":
+        if rf.type == "json_object":
+            sources.append(("response_format", {"json_object": True}))
+        else:
+            if rf.json_schema is None or rf.json_schema.json_schema is None:
+                raise RequestError("response_format of type 'json_schema' needs "
+                                   "'json_schema.schema'", param="response_format")
+            sources.append(("response_format", {"json": rf.json_schema.json_schema}))
+    for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
+                      ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+        if getattr(req, name) is not None:
+            sources.append((name, {key: getattr(req, name)}))
+    if extra is not None:  # tool_choice "required" / a named function
+        sources.append(("tool_choice", {"json": extra.json}))
+    if not sources:
+        return None
+    if len(sources) > 1:
+        names = [name for name, _ in sources]
+        raise RequestError(f"give one structured output constraint, got {names}", param=names[1])
+    name, spec = sources[0]
+    try:
+        return name, StructuredOutputsParams(**spec, **options)
+    except ValueError as exc:
+        message = str(exc)
+        if name != "structured_outputs":  # name the field the client sent
+            message = re.sub(r"^structured_outputs(\.\w+)?", name, message)
+        raise RequestError(message, param=name) from None
 
 
 def message_text(message: ChatMessage) -> str:

@@ -1,0 +1,205 @@
+"""Structured outputs with vLLM's names: a request's output held to a JSON schema, any JSON
+object, a regex, one of a list of strings, or an EBNF grammar, through xgrammar.
+
+Each spec is compiled once for the engine's tokenizer (``StructuredOutputManager``: cached by
+the spec's text) into a token-level automaton; every completion gets a ``GrammarMatcher`` of
+its own, advanced with each token it accepts. Before a step samples, the matchers of its
+constrained rows fill a bitmask of the tokens allowed next (on the host, while the device runs
+the step's forward pass); the sampler sets every other logit to -inf in those rows only. Stop
+tokens are allowed only where the grammar may end, and a matcher that reaches its end finishes
+the request with "stop". A batch without grammars never touches any of it.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import time
+from dataclasses import dataclass
+
+import torch
+
+
+def _xgr():
+    import xgrammar  # imported on first use: a batch without grammars never loads it
+
+    return xgrammar
+
+
+@dataclass
+class StructuredOutputsParams:
+    """Exactly one of: ``json`` (a JSON schema, dict or text), ``json_object`` (any JSON
+    object), ``regex``, ``choice`` (one of these strings) or ``grammar`` (EBNF, xgrammar's
+    GBNF dialect). ``disable_any_whitespace``: JSON without free whitespace between tokens."""
+
+    json: str | dict | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    disable_any_whitespace: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.choice, tuple):
+            self.choice = list(self.choice)
+        self.validate()
+
+    @property
+    def key(self) -> tuple[str, str, bool]:
+        """(kind, spec as text): what a compiled grammar is cached by."""
+        if self.json is not None:
+            spec = self.json if isinstance(self.json, str) else json.dumps(self.json)
+            return "json", spec, self.disable_any_whitespace
+        if self.json_object:
+            return "json", '{"type": "object"}', self.disable_any_whitespace
+        if self.regex is not None:
+            return "regex", self.regex, False
+        if self.choice is not None:
+            # EBNF string literals take JSON's escapes (quotes, backslashes, \n, \uXXXX)
+            return "grammar", "root ::= " + " | ".join(json.dumps(c) for c in self.choice), False
+        return "grammar", self.grammar, False
+
+    def validate(self) -> None:
+        """ValueError naming the field and xgrammar's reason; runs before a request is queued."""
+        given = [
+            name
+            for name in ("json", "regex", "choice", "grammar")
+            if getattr(self, name) is not None
+        ]
+        given += ["json_object"] if self.json_object else []
+        if len(given) != 1:
+            raise ValueError(
+                f"structured_outputs needs exactly one of json, json_object, regex, choice, "
+                f"grammar; got {given or 'none'}"
+            )
+        name = given[0]
+        kinds = {
+            "json": (str, dict),
+            "regex": str,
+            "choice": list,
+            "grammar": str,
+            "json_object": bool,
+        }
+        if not isinstance(getattr(self, name), kinds[name]):
+            kind = type(getattr(self, name)).__name__
+            raise ValueError(f"structured_outputs.{name} has the wrong type: {kind}")
+        if name == "choice" and (
+            not self.choice or any(not isinstance(c, str) or not c for c in self.choice)
+        ):
+            raise ValueError(
+                "structured_outputs.choice must be a non-empty list of non-empty strings"
+            )
+        if name in ("regex", "grammar") and (
+            not getattr(self, name) or "\x00" in getattr(self, name)
+        ):
+            raise ValueError(f"structured_outputs.{name} must be a non-empty string without NUL")
+        kind, spec, _ = self.key
+        try:
+            _parse(kind, spec)
+        except (RuntimeError, ValueError, TypeError) as exc:  # xgrammar raises RuntimeError
+            what = {"json": "JSON schema", "regex": "regex", "grammar": "grammar"}[kind]
+            reason = str(exc).strip().splitlines()[-1] if str(exc).strip() else type(exc).__name__
+            raise ValueError(
+                f"structured_outputs.{name}: invalid {what}: {_clean(reason)}"
+            ) from None
+
+
+GuidedDecodingParams = StructuredOutputsParams  # vLLM's older name
+
+
+def _clean(message: str) -> str:
+    """xgrammar's messages start with '[time] /path/file.cc:line: '; the reason follows."""
+    if message.startswith("[") and ".cc:" in message:
+        message = message.split(": ", 1)[-1]
+    return message
+
+
+@functools.lru_cache(maxsize=256)
+def _parse(kind: str, spec: str) -> None:
+    """Parse a spec without a tokenizer (cheap): the front end's check. Cached by spec."""
+    xgr = _xgr()
+    if kind == "json":
+        json.loads(spec)
+        xgr.Grammar.from_json_schema(spec)
+    elif kind == "regex":
+        xgr.Grammar.from_regex(spec)
+    else:
+        xgr.Grammar.from_ebnf(spec)
+
+
+# xgrammar 0.2.9 writes the characters of a string with minLength/maxLength as [^"\\\r\n]:
+# control characters, which JSON forbids unescaped (json.loads refuses them), get through
+_LENGTH_BOUNDED_CHAR = r"[^\"\\\r\n]"
+_JSON_STRING_CHAR = r"[^\0-\x1f\"\\\r\n]"
+
+
+def json_schema_grammar(schema: str, any_whitespace: bool):
+    """xgrammar's grammar of a JSON schema, with string characters as JSON allows them."""
+    xgr = _xgr()
+    grammar = xgr.Grammar.from_json_schema(schema, any_whitespace=any_whitespace)
+    text = str(grammar)
+    if _LENGTH_BOUNDED_CHAR not in text:
+        return grammar
+    return xgr.Grammar.from_ebnf(text.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR))
+
+
+class StructuredOutputManager:
+    """The engine's compiler (one per tokenizer, its grammars cached by spec) and the step's
+    bitmask: one row per sampling row of the batch, filled for the constrained rows only."""
+
+    def __init__(
+        self, tokenizer, vocab_size: int, stop_token_ids: set[int], max_threads: int = 8
+    ) -> None:
+        xgr = _xgr()
+        max_threads = max(1, min(max_threads, os.cpu_count() or 1))
+        self.vocab_size = vocab_size
+        self.info = xgr.TokenizerInfo.from_huggingface(
+            tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)
+        )
+        self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=True)
+        self.batch_matcher = xgr.BatchGrammarMatcher(max_threads)
+        self.grammars: dict[tuple, object] = {}  # key -> CompiledGrammar
+        self.compile_seconds: dict[tuple, float] = {}  # key -> seconds its first compile took
+        self._host = torch.empty((0, 0), dtype=torch.int32)
+
+    def compiled(self, params: StructuredOutputsParams):
+        key = params.key
+        grammar = self.grammars.get(key)
+        if grammar is None:
+            kind, spec, compact = key
+            start = time.perf_counter()
+            if kind == "json":
+                grammar = self.compiler.compile_grammar(json_schema_grammar(spec, not compact))
+            elif kind == "regex":
+                grammar = self.compiler.compile_regex(spec)
+            else:
+                grammar = self.compiler.compile_grammar(spec)
+            self.grammars[key] = grammar
+            self.compile_seconds[key] = time.perf_counter() - start
+        return grammar
+
+    def matcher(self, params: StructuredOutputsParams):
+        """A fresh matcher of ``params``' grammar: one per completion."""
+        return _xgr().GrammarMatcher(self.compiled(params))
+
+    def bitmask(
+        self, matchers: list, rows: list[int], num_rows: int, device: torch.device
+    ) -> torch.Tensor:
+        """[num_rows, ceil(vocab / 32)] int32 on ``device``: row ``rows[i]`` allows the tokens
+        ``matchers[i]`` accepts next (other rows are not filled: the sampler skips them).
+        Filled by xgrammar's threads; the copy to the device does not wait for the step."""
+        if self._host.shape[0] < num_rows:
+            host = _xgr().allocate_token_bitmask(
+                max(num_rows, 2 * self._host.shape[0]), self.vocab_size
+            )
+            self._host = host.pin_memory() if device.type == "cuda" else host
+        host = self._host[:num_rows]
+        self.batch_matcher.batch_fill_next_token_bitmask(matchers, host, rows)
+        # the previous step that used the buffer was read back before this one launched
+        return host.to(device, non_blocking=True) if device.type == "cuda" else host
+
+
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None) -> None:
+    """-inf in place at every token a grammar forbids, in ``rows`` (None: all rows)."""
+    _xgr().apply_token_bitmask_inplace(logits, bitmask, indices=rows)
