@@ -46,14 +46,14 @@ def with_special_tokens(tokenizer, text):
     return ids[:half] + [tokenizer.eos_token_id, tokenizer.bos_token_id] + ids[half:] + [tokenizer.eos_token_id]
 
 
-def test_fast_tokenizers_take_the_decode_stream_path(tokenizer):
+def test_fast_tokenizers_take_the_rust_decode_path(tokenizer):
     assert rust_decode_is_exact(tokenizer)
-    assert IncrementalDetokenizer(tokenizer, [], True)._stream is not None
+    assert IncrementalDetokenizer(tokenizer, [], True).batch._rust is not None
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 @pytest.mark.parametrize("use_stream,at_end", [(True, False), (False, False), (True, True), (False, True)],
-                         ids=["stream", "window", "at-end", "at-end-window"])
+                         ids=["rust", "python", "at-end", "at-end-python"])
 @pytest.mark.parametrize("text", TEXTS)
 def test_text_equals_decode_of_the_output_ids(tokenizer, text, skip_special_tokens, use_stream, at_end):
     prompt = tokenizer.encode("Say something:", add_special_tokens=False)
@@ -150,13 +150,8 @@ def test_offline_text_is_decoded_at_the_end_unless_a_stop_string_needs_it_per_to
     engine = llm.engine
     plain = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4))
     stopping = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, stop=["zz"]))
-    assert plain.detok.at_end and not stopping.detok.at_end
-    engine.stream_text = True  # the server reads every request's text after each step
-    try:
-        streamed = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4))
-    finally:
-        engine.stream_text = False
-    assert not streamed.detok.at_end
+    requests = engine.output_processor.requests
+    assert not requests[plain.request_id].per_token and requests[stopping.request_id].per_token
     while engine.has_unfinished_requests():
         engine.step()
 
