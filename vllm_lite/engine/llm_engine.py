@@ -32,6 +32,11 @@ from vllm_lite.sampling_params import SamplingParams
 # Prompt chunks of a request that wants prompt_logprobs: the logits of every row are kept, so a
 # chunk is capped (512 rows x a 150k vocabulary is 150 MB in bf16, not 2.5 GB for 8192 rows).
 PROMPT_LOGPROBS_CHUNK = 512
+# Offline, the tokens of a request with stop strings go to the output processor (its text, the
+# stop check) every this many steps, not every step: a batched decode of a few tokens costs
+# about what one token's does. A stop string is then found up to this many tokens late; the
+# core computes them for nothing, and they are dropped (the text ends where it would have).
+TEXT_EVERY = 8
 
 
 class _InFlight:
@@ -166,6 +171,10 @@ class LLMEngine:
         self.inflight: _InFlight | None = None
         self.overlap = getattr(self.runner, "supports_overlap", False)
         self.output_processor = OutputProcessor(self.tokenizer) if output_processor else None
+        # every accepted token goes out with its step (a server's core); else only those that
+        # carry logprobs, the rest when the text needs them (TEXT_EVERY) or the sequence ends
+        self.report_every_token = not output_processor
+        self._num_steps = 0
         self._outputs = CoreOutputs()  # of the step being processed
         self._params: _ParamsBatch | None = None  # of the last sampling batch
         self._history = TokenHistory(self.device, self._to_device)  # penalized sequences' tokens
@@ -287,10 +296,31 @@ class LLMEngine:
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """One engine step and its output processing; returns the requests that finished."""
-        processed = self.output_processor.process(self.core_step())
+        outputs = self.core_step()
+        self._num_steps += 1
+        if self._num_steps % TEXT_EVERY == 0:
+            self._hand_over_text_tokens(outputs)
+        processed = self.output_processor.process(outputs)
         for request_id, index in processed.stops:
             self.stop_completion(request_id, index)
         return processed.finished
+
+    def _hand_over_text_tokens(self, outputs: CoreOutputs) -> None:
+        """The accepted tokens not yet handed over of every request whose text is watched (stop
+        strings)."""
+        for first in self.sequences.values():
+            p = first.params
+            if not (p.stop_strings and p.detokenize) or p.logprobs is not None:
+                continue
+            for seq in first.group:
+                tokens, num_prompt = seq.token_ids, seq.num_prompt_tokens
+                end = len(tokens)
+                while end > num_prompt and tokens[end - 1] == PLACEHOLDER:  # not read back yet
+                    end -= 1
+                start = num_prompt + seq.num_reported
+                if end > start and not seq.is_finished:
+                    outputs.token_lists.append((seq.request_id, seq.index, tokens[start:end]))
+                    seq.num_reported = end - num_prompt
 
     def core_step(self) -> CoreOutputs:
         """One engine step; returns the token ids it accepted (and the completions that ended).
@@ -434,7 +464,10 @@ class LLMEngine:
             if seq.is_finished:  # stopped on an earlier token, or aborted: this one is void
                 continue
             seq.token_ids[pos] = token_id
-            row = out.add(seq.request_id, seq.index, token_id)
+            report = self.report_every_token or seq.params.logprobs is not None
+            if report:
+                row = out.add(seq.request_id, seq.index, token_id)
+                seq.num_reported += 1
             if pos == seq.num_prompt_tokens and seq.index == 0:  # its first token
                 out.num_cached_tokens.append((seq.request_id, seq.num_cached_tokens))
                 if seq.prompt_logprobs is not None:
@@ -443,6 +476,11 @@ class LLMEngine:
                 out.logprobs.append((row, tuple(x[inflight.logprob_rows[i]] for x in logprobs)))
             self._accept_token(seq, pos, token_id)
             if seq.is_finished:
+                if not report:  # what was not handed over yet, then the end
+                    out.token_lists.append((seq.request_id, seq.index,
+                                            seq.token_ids[seq.num_prompt_tokens + seq.num_reported:]))
+                    seq.num_reported = seq.num_output_tokens
+                    row = out.add(seq.request_id, seq.index, -1)
                 out.finished.append((row, seq.finish_reason, seq.stop_reason))
                 if all(s.is_finished for s in seq.group) and len(seq.group) >= seq.params.n:
                     self.sequences.pop(seq.request_id, None)

@@ -31,13 +31,16 @@ class CoreOutputs:
     indexes: list[int] = field(default_factory=list)
     token_ids: list[int] = field(default_factory=list)
     finished: list[tuple[int, str, int | None]] = field(default_factory=list)  # (row, reason, stop id)
+    # (request id, completion index, its tokens): several tokens at once, ahead of the rows (the
+    # offline engine hands over a completion's tokens only when its text is needed)
+    token_lists: list[tuple[str, int, list[int]]] = field(default_factory=list)
     logprobs: list[tuple[int, tuple]] = field(default_factory=list)  # (row, (lp, rank, top lps, top ids))
     prompt_logprobs: list[tuple[str, FlatLogprobs]] = field(default_factory=list)  # once, when scored
     num_cached_tokens: list[tuple[str, int]] = field(default_factory=list)  # at a request's first token
 
     def __reduce__(self):  # pickled as its lists
-        return CoreOutputs, (self.req_ids, self.indexes, self.token_ids, self.finished, self.logprobs,
-                             self.prompt_logprobs, self.num_cached_tokens)
+        return CoreOutputs, (self.req_ids, self.indexes, self.token_ids, self.finished, self.token_lists,
+                             self.logprobs, self.prompt_logprobs, self.num_cached_tokens)
 
     def add(self, request_id: str, index: int, token_id: int) -> int:
         self.req_ids.append(request_id)
@@ -173,9 +176,7 @@ class OutputProcessor:
         return len(self.requests)
 
     def process(self, core: CoreOutputs) -> ProcessedStep:
-        requests, changed, detoks, rows = self.requests, {}, [], []
-        finishing = {row: (reason, stop_id) for row, reason, stop_id in core.finished}
-        logprobs = dict(core.logprobs)
+        requests, changed, touched = self.requests, {}, {}
         for request_id, flat in core.prompt_logprobs:
             req = requests.get(request_id)
             if req is not None:
@@ -186,6 +187,16 @@ class OutputProcessor:
             req = requests.get(request_id)
             if req is not None:
                 req.num_cached_tokens = num
+        for request_id, index, tokens in core.token_lists:  # several tokens of one completion
+            req = requests.get(request_id)
+            if req is not None and req.completions[index].finish_reason is None:
+                c = req.completions[index]
+                touched.setdefault(id(c), (req, c, len(c.token_ids), len(c.detok.ids) if c.detok else 0))
+                changed[request_id] = req
+                c.token_ids += tokens
+                if c.detok is not None:
+                    c.detok.ids += tokens
+        logprobs = dict(core.logprobs) if core.logprobs else None
         for row, (request_id, index, token_id) in enumerate(zip(core.req_ids, core.indexes, core.token_ids)):
             req = requests.get(request_id)
             if req is None:
@@ -194,25 +205,23 @@ class OutputProcessor:
             if c.finish_reason is not None:  # a stop string ended it: the core ran on for a step
                 continue
             changed[request_id] = req
-            end = finishing.get(row)
             if token_id >= 0:
+                if id(c) not in touched:
+                    touched[id(c)] = (req, c, len(c.token_ids), len(c.detok.ids) if c.detok else 0)
                 c.token_ids.append(token_id)
-                lp = logprobs.get(row)
-                if lp is not None:
-                    self._add_logprobs(c, token_id, req.params.logprobs, *lp)
-                if c.detok is not None and (end is None or end[1] is None or req.params.include_stop_str_in_output):
-                    c.detok.ids.append(token_id)  # a stop token's text only with include_stop_str_in_output
-                    if req.per_token:
-                        detoks.append(c.detok)
-                        rows.append((req, c))
-            if end is not None:
-                c.finish_reason, c.stop_reason = end
-        stops = []
-        if detoks:
-            for (req, c), delta in zip(rows, self.detokenizer.step(detoks)):
-                p = req.params
-                if delta and p.stop_strings and len(c.token_ids) > p.min_tokens:
-                    self._check_stop_strings(req, c, delta, stops)
+                if logprobs is not None and row in logprobs:
+                    self._add_logprobs(c, token_id, req.params.logprobs, *logprobs[row])
+                if c.detok is not None:
+                    c.detok.ids.append(token_id)
+        for row, reason, stop_id in core.finished:
+            req = requests.get(core.req_ids[row])
+            c = req.completions[core.indexes[row]] if req is not None else None
+            if c is None or c.finish_reason is not None:
+                continue
+            c.finish_reason, c.stop_reason = reason, stop_id
+            if stop_id is not None and c.detok is not None and not req.params.include_stop_str_in_output:
+                c.detok.ids.pop()  # a stop token's text only with include_stop_str_in_output
+        stops = self._detokenize([t for t in touched.values() if t[0].per_token and t[1].detok is not None])
         finished, deltas = [], []
         self._now = time.monotonic()  # system-wide on Linux: comparable with the arrival times
         for req in changed.values():
@@ -230,7 +239,49 @@ class OutputProcessor:
                 finished.append(self._output(req))
         return ProcessedStep(finished, deltas, stops)
 
-    def _check_stop_strings(self, req: _Request, c: _Completion, delta: str, stops: list) -> None:
+    def _detokenize(self, touched: list[tuple[_Request, _Completion, int, int]]) -> list[tuple[str, int]]:
+        """The new text of every touched completion in one batched decode, then the stop
+        strings. Several new tokens of a completion with stop strings are checked together; a
+        possible match there is replayed token by token, so the text ends where a check after
+        every token would have ended it. Returns the completions a stop string ended."""
+        if not touched:
+            return []
+        states = [c.detok for _, c, _, _ in touched]
+        before = [(s.prefix, s.read, s.prefix_len, len(s.text)) for s in states]
+        stops = []
+        for (req, c, num_before, ids_before), state, delta, snap in zip(touched, states, self.detokenizer.step(states),
+                                                                         before):
+            p = req.params
+            if not (delta and p.stop_strings and len(c.token_ids) > p.min_tokens):
+                continue
+            if len(c.token_ids) - num_before == 1:
+                self._check_stop_strings(req, c, delta, stops)
+            elif self._stop_string_in(p.stop_strings, state.text, len(delta)):
+                self._replay(req, c, num_before, ids_before, snap, stops)
+        return stops
+
+    @staticmethod
+    def _stop_string_in(stop_strings: list[str], text: str, num_new: int) -> bool:
+        return any(text.find(stop, max(0, len(text) - num_new - len(stop) + 1)) >= 0 for stop in stop_strings)
+
+    def _replay(self, req: _Request, c: _Completion, num_before: int, ids_before: int, snap: tuple,
+                stops: list) -> None:
+        """Decode ``c``'s tokens after its first ``num_before`` again (its text's after the
+        first ``ids_before`` ids), one at a time, checking the stop strings after each."""
+        s = c.detok
+        new_ids = s.ids[ids_before:]
+        del s.ids[ids_before:]
+        s.prefix, s.read, s.prefix_len, text_len = snap
+        s.text = s.text[:text_len]
+        for j, token_id in enumerate(new_ids):
+            s.ids.append(token_id)
+            delta = self.detokenizer.step([s])[0]
+            if delta and num_before + j + 1 > req.params.min_tokens and \
+                    self._check_stop_strings(req, c, delta, stops):
+                del c.token_ids[num_before + j + 1:]  # tokens after the one that ended it are void
+                return
+
+    def _check_stop_strings(self, req: _Request, c: _Completion, delta: str, stops: list) -> bool:
         p, text = req.params, c.detok.text
         for stop in p.stop_strings:
             at = text.find(stop, max(0, len(text) - len(delta) - len(stop) + 1))
@@ -239,7 +290,8 @@ class OutputProcessor:
                 if c.finish_reason is None:  # the core has not ended it on its own (length)
                     stops.append((req.request_id, c.index))
                 c.finish_reason, c.stop_reason = "stop", stop
-                return
+                return True
+        return False
 
     # ---- building outputs -------------------------------------------------------------------
     def _delta(self, req: _Request, done: bool) -> RequestDelta | None:

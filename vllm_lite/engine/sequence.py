@@ -42,6 +42,7 @@ class Sequence:
         self.stop_reason: int | str | None = None
         self.generator = None  # per-request torch.Generator for seeded sampling
         self.num_preemptions = 0
+        self.num_reported = 0  # output tokens handed to the output processor
         self.inflight_index = -1  # row of its token in the step in flight (overlapped steps)
         self.max_chunk_tokens = MAX_CHUNK  # tokens one step may compute for it (prompt_logprobs: fewer)
         self.index = 0  # which of the request's n completions
