@@ -205,3 +205,37 @@ def test_stop_token_text_is_in_the_output_only_with_include_stop_str_in_output(l
     out = seeded_run(llm, stop_token_ids=[ids[k]], include_stop_str_in_output=include, skip_special_tokens=False)
     assert out.token_ids == ids[:k + 1]
     assert out.text == llm.tokenizer.decode(ids[:k + 1] if include else ids[:k], skip_special_tokens=False)
+
+
+def test_one_batched_step_equals_each_sequence_stepped_alone(tokenizer):
+    """The batch's windows differ in length and skip flag; each gets the text it would alone."""
+    from vllm_lite.engine.detokenizer import BatchDetokenizer
+
+    rng = random.Random(1)
+    batch = BatchDetokenizer(tokenizer)
+    vocab = len(tokenizer)
+    seqs = [([rng.randrange(vocab) for _ in range(4)], [rng.randrange(vocab) for _ in range(30)], i % 2 == 0)
+            for i in range(6)]
+    states = [batch.new_state(prompt, skip) for prompt, _, skip in seqs]
+    for step in range(30):
+        for s, (_, out, _) in zip(states, seqs):
+            s.ids.append(out[step])
+        batch.step(states)
+    for s, (prompt, out, skip) in zip(states, seqs):
+        batch.flush(s)
+        assert s.text == detokenize(tokenizer, prompt, out, skip)
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_offline_stop_string_checked_every_few_steps_ends_where_a_check_per_token_does(llm, monkeypatch, include):
+    from vllm_lite.engine import llm_engine
+
+    full = seeded_run(llm).text
+    stops = [clean_substring(full, len(full) // 2, 2), clean_substring(full, len(full) // 4, 1)]
+    every_step = []
+    for every in (1, llm_engine.TEXT_EVERY):
+        monkeypatch.setattr(llm_engine, "TEXT_EVERY", every)
+        out = seeded_run(llm, stop=stops, include_stop_str_in_output=include)
+        every_step.append((out.text, out.token_ids, out.finish_reason, out.stop_reason))
+    assert every_step[0] == every_step[1]
+    assert every_step[0][3] == stops[1]

@@ -18,7 +18,8 @@ The core deals in token ids only: text, stop strings and logprob dicts are the f
   ``("step", CoreOutputs, errors, EngineState)`` per loop turn that did anything: the step's
   accepted token ids of all requests as a few flat lists (one small pickle, not an object per
   request), ``errors`` as ``(request_id, message)`` for requests the engine refused;
-  ``("reply", token, value)``; at the end ``("stopped",)`` or ``("dead", message)``.
+  ``("reply", token, value)``; at the end ``("stopped",)`` or ``("dead", message)``. A thread
+  of the core writes them, so a step never waits for the front end to read.
 
 Each turn takes every queued command (a new request joins the running batch at the next step,
 an abort frees its KV blocks before it), then runs ``LLMEngine.core_step()`` (its overlapped GPU
@@ -82,9 +83,13 @@ def run_engine_core(config: EngineConfig, commands, outputs) -> None:
     outputs.send(("ready", info))
     core = EngineCore(engine, outputs)
     threading.Thread(target=core.receive, args=(commands,), name="vllm-lite-commands", daemon=True).start()
+    sender = threading.Thread(target=core.send_outputs, name="vllm-lite-outputs", daemon=True)
+    sender.start()
     try:
         core.run()
     finally:
+        core.outbox.put(None)
+        sender.join(30)
         engine.close()
     with contextlib.suppress(Exception):  # skip torch's slow interpreter teardown
         outputs.close()
@@ -95,6 +100,7 @@ class EngineCore:
     def __init__(self, engine: LLMEngine, outputs) -> None:
         self.engine, self.outputs = engine, outputs
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
+        self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup = threading.Event()
 
     def receive(self, commands) -> None:
@@ -107,6 +113,15 @@ class EngineCore:
             self.commands.put(command)
             self.wakeup.set()
             if command[0] == "stop":
+                return
+
+    def send_outputs(self) -> None:
+        """The output thread: pickles and writes the messages (None: no more), so a step never
+        waits for the front end to read the last one."""
+        while (message := self.outbox.get()) is not None:
+            try:
+                self.outputs.send(message)
+            except OSError:  # the front end is gone
                 return
 
     def run(self) -> None:
@@ -124,15 +139,13 @@ class EngineCore:
                 if not running:
                     self._send(("stopped",))
                     return
-        except BrokenPipeError:  # the front end is gone: nobody to tell
-            return
         except BaseException as exc:  # noqa: BLE001 - every waiting client must hear of it
             logger.exception("engine failed")
             with contextlib.suppress(OSError):
                 self._send(("dead", f"engine stopped on an error: {exc!r}"))
 
     def _send(self, message) -> None:
-        self.outputs.send(message)
+        self.outbox.put(message)
 
     def _take_commands(self) -> tuple[list, int, bool]:
         """Apply every queued command: (errors for the front end, how many commands were
