@@ -12,6 +12,7 @@ token, a stop string that never matches) offline, and served all at once.
     python -m benchmarks.serve_suite                  # the whole table
     python -m benchmarks.serve_suite --runs 2 --skip-smollm2
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,11 +32,27 @@ from vllm_lite.benchmark import Workload, model_folder
 from vllm_lite.config import EngineConfig
 
 LLAMA_SMOLLM2_VOCAB = {
-    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": 2048, "num_hidden_layers": 16,
-    "num_attention_heads": 32, "num_key_value_heads": 8, "head_dim": 64, "intermediate_size": 8192,
-    "vocab_size": 49152, "tie_word_embeddings": True, "max_position_embeddings": 8192, "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0, "hidden_act": "silu", "torch_dtype": "bfloat16", "bos_token_id": 1, "eos_token_id": 2}
-NEVER = "\u2063never\u2063"  # a stop string random tokens do not produce: per-token text, no early end
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "intermediate_size": 8192,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+NEVER = (
+    "\u2063never\u2063"  # a stop string random tokens do not produce: per-token text, no early end
+)
 
 
 def shape_folder(config: dict) -> str:
@@ -45,7 +62,9 @@ def shape_folder(config: dict) -> str:
     return folder
 
 
-def offline_runs(config: EngineConfig, work: Workload, temperature: float, variants: dict, runs: int) -> dict:
+def offline_runs(
+    config: EngineConfig, work: Workload, temperature: float, variants: dict, runs: int
+) -> dict:
     """``LLM(...)`` once, then ``runs`` rounds of ``generate`` over the variants (extra
     SamplingParams each), alternating; no warm-up generate: a variant's first run is the first
     a user times. Returns per variant the elapsed seconds of each run and the steps of the last."""
@@ -58,12 +77,15 @@ def offline_runs(config: EngineConfig, work: Workload, temperature: float, varia
     def counted():
         steps[0] += 1
         return step()
+
     engine.step = counted
     out = {name: {"elapsed": []} for name in variants}
     for _ in range(runs):
         for name, extra in variants.items():
-            params = [SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, **extra)
-                      for n in work.output_lens]
+            params = [
+                SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, **extra)
+                for n in work.output_lens
+            ]
             assert llm.reset_prefix_cache()
             steps[0] = 0
             t0 = time.perf_counter()
@@ -80,14 +102,23 @@ def offline_runs(config: EngineConfig, work: Workload, temperature: float, varia
     return out
 
 
-def served(config: EngineConfig, overrides: dict, work: Workload, temperature: float, rates: list[float],
-           runs: int) -> dict:
-    proc, url = start_server(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), config.model_path,
-                             overrides)
+def served(
+    config: EngineConfig,
+    overrides: dict,
+    work: Workload,
+    temperature: float,
+    rates: list[float],
+    runs: int,
+) -> dict:
+    proc, url = start_server(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), config.model_path, overrides
+    )
     try:
         warm = Workload(work.prompts[:32], [16] * 32)
         asyncio.run(run_benchmark(url, None, warm, temperature, float("inf"), None, None, seed=0))
-        result = {"all": [served_run(url, proc.pid, work, temperature, float("inf")) for _ in range(runs)]}
+        result = {
+            "all": [served_run(url, proc.pid, work, temperature, float("inf")) for _ in range(runs)]
+        }
         for rate in rates:
             result[rate] = served_run(url, proc.pid, work, temperature, rate)
         httpx.get(url + "/metrics")
@@ -100,14 +131,20 @@ def served(config: EngineConfig, overrides: dict, work: Workload, temperature: f
 def describe(r: dict) -> str:
     tokens = r["total_output_tokens"]
     busy = r["cpu_engine_process_s"] / r["duration_s"]
-    return (f"{r['output_throughput']:,.0f} tok/s, TTFT p50 {r['p50_ttft_ms']:.1f} ms p99 {r['p99_ttft_ms']:.1f} ms, "
-            f"TPOT p50 {r['p50_tpot_ms']:.2f} ms | front end {1e6 * r['cpu_server_s'] / tokens:.1f} us CPU/token, "
-            f"engine process busy {100 * busy:.0f}%, {r['failed']} failed")
+    return (
+        f"{r['output_throughput']:,.0f} tok/s, TTFT p50 {r['p50_ttft_ms']:.1f} ms p99 {r['p99_ttft_ms']:.1f} ms, "
+        f"TPOT p50 {r['p50_tpot_ms']:.2f} ms | front end {1e6 * r['cpu_server_s'] / tokens:.1f} us CPU/token, "
+        f"engine process busy {100 * busy:.0f}%, {r['failed']} failed"
+    )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", type=int, default=3, help="offline generates per variant (the first is cold)")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="offline generates per variant (the first is cold)"
+    )
     parser.add_argument("--served-runs", type=int, default=2, help="all-at-once served runs")
     parser.add_argument("--rates", type=float, nargs="*", default=[64.0, 16.0])
     parser.add_argument("--num-prompts", type=int, default=256)
@@ -124,34 +161,67 @@ def main() -> None:
     for name, folder in shapes:
         vocab = AutoConfig.from_pretrained(folder).vocab_size
         work = Workload.nano_vllm(args.num_prompts, vocab=vocab)
-        overrides = {"model_path": folder, "load_format": "dummy", "tokenizer_path": tokenizer, "max_model_len": 4096}
+        overrides = {
+            "model_path": folder,
+            "load_format": "dummy",
+            "tokenizer_path": tokenizer,
+            "max_model_len": 4096,
+        }
         config = EngineConfig(**overrides)
         variants = {"text at end": {}}
         if name.startswith("smollm2"):
-            variants = {"text off": {"detokenize": False}, "text at end": {}, "stop string": {"stop": [NEVER]}}
+            variants = {
+                "text off": {"detokenize": False},
+                "text at end": {},
+                "stop string": {"stop": [NEVER]},
+            }
         off = offline_runs(config, work, temperature, variants, args.runs)
-        srv = served(config, overrides, work, temperature, args.rates if name.startswith("llama") else [],
-                     args.served_runs)
+        srv = served(
+            config,
+            overrides,
+            work,
+            temperature,
+            args.rates if name.startswith("llama") else [],
+            args.served_runs,
+        )
         result[name] = {"offline": off, "served": {str(k): v for k, v in srv.items()}}
         base = off["text at end"]
-        rows.append((f"{name}: offline, first generate after LLM(...) / the next (median)",
-                     f"{base['first_tok_s']:,.0f} / {base['warm_tok_s']:,.0f} tok/s "
-                     f"(first {100 * (base['warm_tok_s'] / base['first_tok_s'] - 1):+.1f}% slower); "
-                     f"{base['steps']} steps, {base['step_ms']:.2f} ms a step"))
+        rows.append(
+            (
+                f"{name}: offline, first generate after LLM(...) / the next (median)",
+                f"{base['first_tok_s']:,.0f} / {base['warm_tok_s']:,.0f} tok/s "
+                f"(first {100 * (base['warm_tok_s'] / base['first_tok_s'] - 1):+.1f}% slower); "
+                f"{base['steps']} steps, {base['step_ms']:.2f} ms a step",
+            )
+        )
         for variant, r in off.items():
             if variant != "text at end":
-                rows.append((f"{name}: offline, {variant}",
-                             f"{r['warm_tok_s']:,.0f} tok/s (first run {r['first_tok_s']:,.0f}), "
-                             f"{100 * (r['warm_tok_s'] / off['text off']['warm_tok_s'] - 1):+.1f}% vs text off"
-                             if "text off" in off else f"{r['warm_tok_s']:,.0f} tok/s"))
+                rows.append(
+                    (
+                        f"{name}: offline, {variant}",
+                        f"{r['warm_tok_s']:,.0f} tok/s (first run {r['first_tok_s']:,.0f}), "
+                        f"{100 * (r['warm_tok_s'] / off['text off']['warm_tok_s'] - 1):+.1f}% vs text off"
+                        if "text off" in off
+                        else f"{r['warm_tok_s']:,.0f} tok/s",
+                    )
+                )
         if "text off" in off:
-            rows.append((f"{name}: offline, text at end", f"{base['warm_tok_s']:,.0f} tok/s, "
-                         f"{100 * (base['warm_tok_s'] / off['text off']['warm_tok_s'] - 1):+.1f}% vs text off"))
+            rows.append(
+                (
+                    f"{name}: offline, text at end",
+                    f"{base['warm_tok_s']:,.0f} tok/s, "
+                    f"{100 * (base['warm_tok_s'] / off['text off']['warm_tok_s'] - 1):+.1f}% vs text off",
+                )
+            )
         best = max(srv["all"], key=lambda r: r["output_throughput"])
         ratio = statistics.median(r["output_throughput"] for r in srv["all"]) / base["warm_tok_s"]
-        rows.append((f"{name}: served, all at once (median of {len(srv['all'])})",
-                     f"{100 * ratio:.0f}% of offline; best run {describe(best)}; TPOT p50 / offline step "
-                     f"{best['p50_tpot_ms'] / base['step_ms']:.2f}"))
+        rows.append(
+            (
+                f"{name}: served, all at once (median of {len(srv['all'])})",
+                f"{100 * ratio:.0f}% of offline; best run {describe(best)}; TPOT p50 / offline step "
+                f"{best['p50_tpot_ms'] / base['step_ms']:.2f}",
+            )
+        )
         for rate in args.rates if name.startswith("llama") else []:
             rows.append((f"{name}: served, {rate:g} req/s", describe(srv[rate])))
     print("\n| what | result |\n|---|---|")

@@ -12,6 +12,7 @@ last emission is the new text. The last emission's text is a cached one-token de
 common case (one token emitted), so a step costs one short decode per sequence. A slow (Python)
 tokenizer, or one whose ``decode`` post-processes the Rust text (``clean_up_tokenization_spaces``
 on a non-BPE model), decodes each window through ``tokenizer.decode``."""
+
 from __future__ import annotations
 
 CONTEXT_TOKENS = 5  # prompt tokens that seed the decoder
@@ -26,14 +27,15 @@ def rust_decode_is_exact(tokenizer) -> bool:
         return False
     if not getattr(tokenizer, "clean_up_tokenization_spaces", False):
         return True
-    return (type(backend.model).__name__ == "BPE"
-            and not getattr(tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output",
-                            False))
+    return type(backend.model).__name__ == "BPE" and not getattr(
+        tokenizer, "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output", False
+    )
 
 
 class DetokenizerState:
     """One sequence's text so far. ``ids``: seed context + output tokens; ``ids[prefix:read]``
     (the last emission) decodes to ``prefix_len`` characters; ``ids[read:]`` are not emitted."""
+
     __slots__ = ("ids", "prefix", "read", "prefix_len", "skip", "text")
 
     def __init__(self, context: list[int], context_len: int, skip: bool) -> None:
@@ -67,7 +69,9 @@ class BatchDetokenizer:
             text = cache[token_id] = self.decode([token_id], skip)
         return text
 
-    def new_state(self, prompt_token_ids: list[int], skip_special_tokens: bool = True) -> DetokenizerState:
+    def new_state(
+        self, prompt_token_ids: list[int], skip_special_tokens: bool = True
+    ) -> DetokenizerState:
         """Seeded with the prompt's last tokens; none where they end inside a character: the
         output's first token would complete a character that belongs to the prompt."""
         context = list(prompt_token_ids[-CONTEXT_TOKENS:])
@@ -84,7 +88,7 @@ class BatchDetokenizer:
         for i, (s, full) in enumerate(zip(states, texts)):
             if len(full) <= s.prefix_len or full[-1] == REPLACEMENT:
                 continue
-            delta = deltas[i] = full[s.prefix_len:]
+            delta = deltas[i] = full[s.prefix_len :]
             s.text += delta
             ids = s.ids
             s.prefix, s.read = s.read, len(ids)
@@ -99,7 +103,7 @@ class BatchDetokenizer:
 
     def _decode_windows(self, states: list[DetokenizerState], end: bool = False) -> list[str]:
         """``ids[prefix:]`` (or ``ids[prefix:read]``) of every state, one call per skip flag."""
-        windows = [s.ids[s.prefix:s.read] if end else s.ids[s.prefix:] for s in states]
+        windows = [s.ids[s.prefix : s.read] if end else s.ids[s.prefix :] for s in states]
         skip = states[0].skip if states else True
         if all(s.skip is skip for s in states):
             return self.decode_batch(windows, skip)
@@ -114,7 +118,7 @@ class BatchDetokenizer:
         """At the end of a sequence: emit whatever was held back, complete or not."""
         if s.read == len(s.ids):
             return ""
-        delta = self.decode(s.ids[s.prefix:], s.skip)[s.prefix_len:]
+        delta = self.decode(s.ids[s.prefix :], s.skip)[s.prefix_len :]
         s.prefix = s.read = len(s.ids)
         s.text += delta
         return delta
@@ -126,8 +130,14 @@ class IncrementalDetokenizer:
     nobody reads the text before the end; ``add`` only keeps the token and ``flush`` decodes
     the whole output in one call."""
 
-    def __init__(self, tokenizer, prompt_token_ids: list[int], skip_special_tokens: bool = True,
-                 use_stream: bool | None = None, at_end: bool = False) -> None:
+    def __init__(
+        self,
+        tokenizer,
+        prompt_token_ids: list[int],
+        skip_special_tokens: bool = True,
+        use_stream: bool | None = None,
+        at_end: bool = False,
+    ) -> None:
         self.batch = BatchDetokenizer(tokenizer, use_rust=use_stream)
         self.state = self.batch.new_state(prompt_token_ids, skip_special_tokens)
         self.at_end = at_end

@@ -12,7 +12,7 @@ import dataclasses
 import gc
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -20,8 +20,8 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.block_manager import BlockManager
-from vllm_lite.engine.output_processor import (CompletionOutput, CoreOutputs, OutputProcessor,  # noqa: F401
-                                               RequestOutput)
+from vllm_lite.engine.output_processor import CompletionOutput  # noqa: F401 - re-exported
+from vllm_lite.engine.output_processor import CoreOutputs, OutputProcessor, RequestOutput
 from vllm_lite.engine.scheduler import Scheduler
 from vllm_lite.engine.sequence import MAX_CHUNK, PLACEHOLDER, Sequence
 from vllm_lite.logprobs import token_logprobs
@@ -190,11 +190,13 @@ class LLMEngine:
         grow with the batch (block-table and sampling rows, pinned copies) reach full size and
         the allocator holds the blocks of a full step after the KV pool took its share."""
         n = self.config.max_num_seqs
-        prompt_len = max(1, min(self.config.max_num_batched_tokens // n, self.config.max_model_len // 2))
+        cfg = self.config
+        prompt_len = max(1, min(cfg.max_num_batched_tokens // n, cfg.max_model_len // 2))
         for i in range(n):
-            params = SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=4, ignore_eos=True,
-                                    detokenize=False)
-            self.add_request([i % self.hf_config.vocab_size] * prompt_len, params, request_id=f"warm-up-{i}")
+            params = SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=4,
+                                    ignore_eos=True, detokenize=False)
+            prompt = [i % self.hf_config.vocab_size] * prompt_len
+            self.add_request(prompt, params, request_id=f"warm-up-{i}")
         while self.has_unfinished_requests():
             outputs = self.core_step()
             if self.output_processor is not None:
@@ -267,7 +269,8 @@ class LLMEngine:
 
     def _give_generator(self, seq: Sequence) -> None:
         if seq.params.seed is not None:  # completion i of a seeded request: seed + i, as vLLM
-            seq.generator = torch.Generator(device=self.device).manual_seed(seq.params.seed + seq.index)
+            seed = seq.params.seed + seq.index
+            seq.generator = torch.Generator(device=self.device).manual_seed(seed)
 
     def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
         self.limits.check(token_ids, params)
@@ -281,7 +284,8 @@ class LLMEngine:
         for s in seq.group if seq is not None else ():
             if not s.is_finished:
                 self.scheduler.finish(s, "abort")
-                self._outputs.finished.append((self._outputs.add(s.request_id, s.index, -1), "abort", None))
+                row = self._outputs.add(s.request_id, s.index, -1)
+                self._outputs.finished.append((row, "abort", None))
 
     def stop_completion(self, request_id: str, index: int) -> None:
         """A stop string ended completion ``index`` (the output processor found it): free it now;
@@ -381,7 +385,8 @@ class LLMEngine:
         logprob_rows = None
         if out.logprobs is not None:
             logprob_rows = [-1] * len(sampling_seqs)
-            for j, i in enumerate(i for i, s in enumerate(sampling_seqs) if s.params.logprobs is not None):
+            wanting = (i for i, s in enumerate(sampling_seqs) if s.params.logprobs is not None)
+            for j, i in enumerate(wanting):
                 logprob_rows[i] = j
         positions = []
         for i, seq in enumerate(sampling_seqs):
@@ -447,8 +452,9 @@ class LLMEngine:
         for seq, _, c in plan:
             kk = seq.params.prompt_logprobs
             for _ in range(c):  # texts are the output processor's
-                seq.prompt_logprobs.append(targets[i], token_lp[i], rank[i], top_ids[i][:kk], top_lp[i][:kk],
-                                           [None] * (1 + min(kk, len(top_ids[i]))))
+                top = top_ids[i][:kk]
+                seq.prompt_logprobs.append(targets[i], token_lp[i], rank[i], top, top_lp[i][:kk],
+                                           [None] * (1 + len(top)))
                 i += 1
             if len(seq.prompt_logprobs) == seq.num_prompt_tokens:  # all scored: chunks as usual again
                 seq.max_chunk_tokens = MAX_CHUNK
@@ -477,8 +483,8 @@ class LLMEngine:
             self._accept_token(seq, pos, token_id)
             if seq.is_finished:
                 if not report:  # what was not handed over yet, then the end
-                    out.token_lists.append((seq.request_id, seq.index,
-                                            seq.token_ids[seq.num_prompt_tokens + seq.num_reported:]))
+                    rest = seq.token_ids[seq.num_prompt_tokens + seq.num_reported:]
+                    out.token_lists.append((seq.request_id, seq.index, rest))
                     seq.num_reported = seq.num_output_tokens
                     row = out.add(seq.request_id, seq.index, -1)
                 out.finished.append((row, seq.finish_reason, seq.stop_reason))
@@ -577,8 +583,8 @@ class LLMEngine:
         """Token-level stop checks for the token at ``pos`` (later positions may hold
         placeholders); stop strings are the output processor's."""
         p = seq.params
-        if pos + 1 - seq.num_prompt_tokens >= p.min_tokens and (
-                token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids)):
+        stops = token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids)
+        if stops and pos + 1 - seq.num_prompt_tokens >= p.min_tokens:
             return self._finish(seq, "stop", token_id, pos)
         if seq.at_length_limit(pos + 1, self.config.max_model_len):
             return self._finish(seq, "length", None, pos)

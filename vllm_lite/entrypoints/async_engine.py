@@ -30,8 +30,8 @@ from collections.abc import AsyncIterator
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.tp_executor import pipe
-from vllm_lite.engine.output_processor import (CompletionDelta, OutputProcessor, RequestDelta,  # noqa: F401
-                                               merge_deltas)
+from vllm_lite.engine.output_processor import CompletionDelta  # noqa: F401 - re-exported
+from vllm_lite.engine.output_processor import OutputProcessor, RequestDelta, merge_deltas
 from vllm_lite.entrypoints.engine_core import EngineInfo, EngineState, run_engine_core
 from vllm_lite.sampling_params import SamplingParams
 
