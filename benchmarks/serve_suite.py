@@ -149,18 +149,25 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="*", default=[64.0, 16.0])
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--skip-smollm2", action="store_true", help="only the Llama shape")
+    parser.add_argument("--smoke", action="store_true", help="a 2-layer Llama, 8 short requests (CPU)")
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args()
     from vllm_lite.default_model import default_model_path
 
     tokenizer = default_model_path()
     temperature, rows, result = 0.6, [], {}
-    shapes = [("llama-2048 (SmolLM2 vocab)", shape_folder(LLAMA_SMOLLM2_VOCAB))]
+    llama = LLAMA_SMOLLM2_VOCAB
+    if args.smoke:  # the same path on a CPU in a few minutes: a 2-layer model, a few short requests
+        llama = {**llama, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128}
+        args.num_prompts, args.runs, args.served_runs, args.rates = 8, 2, 1, [16.0]
+    shapes = [("llama-2048 (SmolLM2 vocab)", shape_folder(llama))]
     if not args.skip_smollm2:
         shapes.append(("smollm2-135m", model_folder("smollm2-135m")))
     for name, folder in shapes:
         vocab = AutoConfig.from_pretrained(folder).vocab_size
-        work = Workload.nano_vllm(args.num_prompts, vocab=vocab)
+        lens = ((16, 64), (8, 32)) if args.smoke else ((100, 1024), (100, 1024))
+        work = Workload.nano_vllm(args.num_prompts, *lens, vocab=vocab)
         overrides = {
             "model_path": folder,
             "load_format": "dummy",
