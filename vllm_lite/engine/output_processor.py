@@ -178,7 +178,6 @@ class _Request:
         "prompt_token_ids",
         "params",
         "completions",
-        "num_unfinished",
         "prompt_logprobs",
         "num_cached_tokens",
         "holdback",
@@ -192,7 +191,6 @@ class _Request:
         self.request_id, self.prompt, self.prompt_token_ids = request_id, prompt, prompt_token_ids
         self.params, self.arrival = params, arrival
         self.completions: list[_Completion] = []
-        self.num_unfinished = params.n
         self.prompt_logprobs: FlatLogprobs | None = None
         self.num_cached_tokens = 0
         stops = params.stop_strings if not params.include_stop_str_in_output else []
@@ -205,9 +203,8 @@ class _Request:
 class ProcessedStep:
     finished: list[RequestOutput]  # requests whose completions all ended (stream=False)
     deltas: list[RequestDelta]  # per request that changed (stream=True)
-    stops: list[
-        tuple[str, int]
-    ]  # (request id, completion index) that a stop string ended: stop them in the core
+    # (request id, completion index) that a stop string ended: the caller stops them in the core
+    stops: list[tuple[str, int]]
 
 
 class OutputProcessor:
@@ -241,10 +238,6 @@ class OutputProcessor:
 
     def abort_request(self, request_id: str) -> None:
         self.requests.pop(request_id, None)
-
-    @property
-    def num_unfinished(self) -> int:
-        return len(self.requests)
 
     def process(self, core: CoreOutputs) -> ProcessedStep:
         requests, changed, touched = self.requests, {}, {}
@@ -345,7 +338,8 @@ class OutputProcessor:
             if not (delta and p.stop_strings and len(c.token_ids) > p.min_tokens):
                 continue
             if len(c.token_ids) - num_before == 1:
-                self._check_stop_strings(req, c, delta, stops)
+                if not isinstance(c.stop_reason, int):  # a stop token's text never ends one
+                    self._check_stop_strings(req, c, delta, stops)
             elif self._stop_string_in(p.stop_strings, state.text, len(delta)):
                 self._replay(req, c, num_before, ids_before, snap, stops)
         return stops
@@ -373,11 +367,14 @@ class OutputProcessor:
         del s.ids[ids_before:]
         s.prefix, s.read, s.prefix_len, text_len = snap
         s.text = s.text[:text_len]
+        stop_token_kept = isinstance(c.stop_reason, int) and req.params.include_stop_str_in_output
+        last = len(new_ids) - 1 if stop_token_kept else -1  # a stop token's text ends no stop string
         for j, token_id in enumerate(new_ids):
             s.ids.append(token_id)
             delta = self.detokenizer.step([s])[0]
             if (
                 delta
+                and j != last
                 and num_before + j + 1 > req.params.min_tokens
                 and self._check_stop_strings(req, c, delta, stops)
             ):
