@@ -368,7 +368,7 @@ class OutputProcessor:
         s.prefix, s.read, s.prefix_len, text_len = snap
         s.text = s.text[:text_len]
         stop_token_kept = isinstance(c.stop_reason, int) and req.params.include_stop_str_in_output
-        last = len(new_ids) - 1 if stop_token_kept else -1  # a stop token's text ends no stop string
+        last = len(new_ids) - 1 if stop_token_kept else -1  # its text ends no stop string
         for j, token_id in enumerate(new_ids):
             s.ids.append(token_id)
             delta = self.detokenizer.step([s])[0]
