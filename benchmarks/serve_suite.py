@@ -197,7 +197,7 @@ def main() -> None:
             (
                 f"{name}: offline, first generate after LLM(...) / the next (median)",
                 f"{base['first_tok_s']:,.0f} / {base['warm_tok_s']:,.0f} tok/s "
-                f"(first {100 * (base['warm_tok_s'] / base['first_tok_s'] - 1):+.1f}% slower); "
+                f"(first {100 * (1 - base['first_tok_s'] / base['warm_tok_s']):.1f}% below the next); "
                 f"{base['steps']} steps, {base['step_ms']:.2f} ms a step",
             )
         )
