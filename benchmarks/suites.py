@@ -89,6 +89,9 @@ SUITES: dict[str, list[Row]] = {
            "serve_peer --model-config qwen3-0.6b --servers vllm-lite --rates 4 16 --timeout 90",
            keep=r"^vllm-lite ", timeout=200),
         py("one request's prefill, graphs on/off", "cold_shapes", keep=r"^(mixed|GEMM)"),
+        # issue 23's table: text on (SmolLM2's tokenizer; $TOKENIZER where the embedded model
+        # is not installed), offline first/next run, served all at once, at 64 and 16 req/s
+        py("text on: served vs offline (serve_suite)", "serve_suite", keep=r"^\| ", timeout=560),
     ],
     # prefix caching: a shared 1,024-token system prompt, and a workload that shares nothing
     "prefix": [

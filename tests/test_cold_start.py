@@ -158,3 +158,21 @@ def test_variant_key_follows_tritons_specialization_rules():
         fused_ops.rms_norm(x[:, :, 1:], w, 1e-6)  # x 4 bytes off alignment
         fused_ops.rms_norm(x[:1, :, :32], w, 1e-6)  # n_rows is not specialized: same as the first
     assert len(seen) == 3
+
+
+def test_the_full_batch_warm_up_leaves_no_trace(path):
+    """On CUDA ``LLMEngine`` runs a full batch of throw-away requests at start-up (what a first
+    ``generate`` paid over the second); nothing of it may show in what users get."""
+    params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+    prompts = [[5, 6, 7, 8] * 5, [9, 10, 11]]
+    with LLM(path, num_blocks=64, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=128) as llm:
+        expected = llm.generate(prompts, params, use_tqdm=False)
+        llm.reset_prefix_cache()
+        engine = llm.engine
+        engine._warm_up_full_batch()
+        assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
+        assert engine.num_generated_tokens == engine.scheduler.prefix_cache_queries == 0
+        assert not engine.sequences and not engine.output_processor.requests
+        again = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.outputs[0].token_ids for o in again] == [o.outputs[0].token_ids for o in expected]
+    assert [o.num_cached_tokens for o in again] == [0, 0]

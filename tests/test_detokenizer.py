@@ -46,14 +46,14 @@ def with_special_tokens(tokenizer, text):
     return ids[:half] + [tokenizer.eos_token_id, tokenizer.bos_token_id] + ids[half:] + [tokenizer.eos_token_id]
 
 
-def test_fast_tokenizers_take_the_decode_stream_path(tokenizer):
+def test_fast_tokenizers_take_the_rust_decode_path(tokenizer):
     assert rust_decode_is_exact(tokenizer)
-    assert IncrementalDetokenizer(tokenizer, [], True)._stream is not None
+    assert IncrementalDetokenizer(tokenizer, [], True).batch._rust is not None
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 @pytest.mark.parametrize("use_stream,at_end", [(True, False), (False, False), (True, True), (False, True)],
-                         ids=["stream", "window", "at-end", "at-end-window"])
+                         ids=["rust", "python", "at-end", "at-end-python"])
 @pytest.mark.parametrize("text", TEXTS)
 def test_text_equals_decode_of_the_output_ids(tokenizer, text, skip_special_tokens, use_stream, at_end):
     prompt = tokenizer.encode("Say something:", add_special_tokens=False)
@@ -150,13 +150,8 @@ def test_offline_text_is_decoded_at_the_end_unless_a_stop_string_needs_it_per_to
     engine = llm.engine
     plain = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4))
     stopping = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4, stop=["zz"]))
-    assert plain.detok.at_end and not stopping.detok.at_end
-    engine.stream_text = True  # the server reads every request's text after each step
-    try:
-        streamed = engine.add_request([5, 6, 7], SamplingParams(max_tokens=4))
-    finally:
-        engine.stream_text = False
-    assert not streamed.detok.at_end
+    requests = engine.output_processor.requests
+    assert not requests[plain.request_id].per_token and requests[stopping.request_id].per_token
     while engine.has_unfinished_requests():
         engine.step()
 
@@ -210,3 +205,37 @@ def test_stop_token_text_is_in_the_output_only_with_include_stop_str_in_output(l
     out = seeded_run(llm, stop_token_ids=[ids[k]], include_stop_str_in_output=include, skip_special_tokens=False)
     assert out.token_ids == ids[:k + 1]
     assert out.text == llm.tokenizer.decode(ids[:k + 1] if include else ids[:k], skip_special_tokens=False)
+
+
+def test_one_batched_step_equals_each_sequence_stepped_alone(tokenizer):
+    """The batch's windows differ in length and skip flag; each gets the text it would alone."""
+    from vllm_lite.engine.detokenizer import BatchDetokenizer
+
+    rng = random.Random(1)
+    batch = BatchDetokenizer(tokenizer)
+    vocab = len(tokenizer)
+    seqs = [([rng.randrange(vocab) for _ in range(4)], [rng.randrange(vocab) for _ in range(30)], i % 2 == 0)
+            for i in range(6)]
+    states = [batch.new_state(prompt, skip) for prompt, _, skip in seqs]
+    for step in range(30):
+        for s, (_, out, _) in zip(states, seqs):
+            s.ids.append(out[step])
+        batch.step(states)
+    for s, (prompt, out, skip) in zip(states, seqs):
+        batch.flush(s)
+        assert s.text == detokenize(tokenizer, prompt, out, skip)
+
+
+@pytest.mark.parametrize("include", [False, True])
+def test_offline_stop_string_checked_every_few_steps_ends_where_a_check_per_token_does(llm, monkeypatch, include):
+    from vllm_lite.engine import llm_engine
+
+    full = seeded_run(llm).text
+    stops = [clean_substring(full, len(full) // 2, 2), clean_substring(full, len(full) // 4, 1)]
+    every_step = []
+    for every in (1, llm_engine.TEXT_EVERY):
+        monkeypatch.setattr(llm_engine, "TEXT_EVERY", every)
+        out = seeded_run(llm, stop=stops, include_stop_str_in_output=include)
+        every_step.append((out.text, out.token_ids, out.finish_reason, out.stop_reason))
+    assert every_step[0] == every_step[1]
+    assert every_step[0][3] == stops[1]

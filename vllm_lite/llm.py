@@ -44,8 +44,8 @@ class LLM:
                 raise ValueError(f"prompt {i}: {e}") from None
         ids_of = {}
         for prompt, ids, p in zip(prompts, encoded, params):
-            seq = self.engine.add_request(ids, p)
-            seq.prompt = prompt if isinstance(prompt, str) else None
+            text = prompt if isinstance(prompt, str) else None
+            seq = self.engine.add_request(ids, p, prompt_text=text)
             ids_of[seq.request_id] = len(ids_of)
         return self._run(ids_of, use_tqdm and len(prompts) > 1)
 

@@ -1,13 +1,19 @@
 """The engine's brain (the seed's executor): the request queue, one scheduling + model step at a
-time, sampling (with logprobs, and the fork of a request's n completions), stop checks,
-incremental detokenization, and reclaiming finished sequences."""
+time, sampling (with logprobs, and the fork of a request's n completions), token-level stop
+checks (stop tokens, EOS, length), and reclaiming finished sequences.
+
+The core part (``core_step``) deals in token ids only; text, stop strings and the outputs a user
+reads are the output processor's (``output_processor.py``): ``step`` runs both in one process
+(the offline ``LLM``); a server runs the core in a process of its own and the output processor
+in its front end."""
 from __future__ import annotations
 
 import dataclasses
 import functools
+import gc
 import os
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -15,10 +21,11 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.block_manager import BlockManager
-from vllm_lite.engine.detokenizer import IncrementalDetokenizer
+from vllm_lite.engine.output_processor import CompletionOutput  # noqa: F401 - re-exported
+from vllm_lite.engine.output_processor import CoreOutputs, OutputProcessor, RequestOutput
 from vllm_lite.engine.scheduler import Scheduler
 from vllm_lite.engine.sequence import MAX_CHUNK, PLACEHOLDER, Sequence
-from vllm_lite.logprobs import FlatLogprobs, token_logprobs
+from vllm_lite.logprobs import token_logprobs
 from vllm_lite.sampler import Penalties, Sampler, SamplingBatch, TokenHistory
 from vllm_lite.sampling_params import SamplingParams
 
@@ -26,13 +33,18 @@ from vllm_lite.sampling_params import SamplingParams
 # Prompt chunks of a request that wants prompt_logprobs: the logits of every row are kept, so a
 # chunk is capped (512 rows x a 150k vocabulary is 150 MB in bf16, not 2.5 GB for 8192 rows).
 PROMPT_LOGPROBS_CHUNK = 512
+# Offline, the tokens of a request with stop strings go to the output processor (its text, the
+# stop check) every this many steps, not every step: a batched decode of a few tokens costs
+# about what one token's does. A stop string is then found up to this many tokens late; the
+# core computes them for nothing, and they are dropped (the text ends where it would have).
+TEXT_EVERY = 8
 
 
 class _InFlight:
     """A launched step: which sequences sample, where their token goes, the device tokens, and
     the sampled tokens' logprobs for the rows that asked (``logprob_rows[i]``: row of sequence i
-    in those tensors, -1 if none). ``outputs``: set once it is read back (``_process``)."""
-    outputs: list | None = None
+    in those tensors, -1 if none). ``processed``: read back already (``_process``)."""
+    processed = False
 
     def __init__(self, seqs: list[Sequence], positions: list[int], tokens: torch.Tensor,
                  logprobs: tuple | None = None, logprob_rows: list[int] | None = None) -> None:
@@ -66,28 +78,6 @@ class _ParamsBatch:
     min_tokens_rows: list[tuple[int, list[int]]]  # rows with min_tokens > 0, and their stop ids
     penalized: list[int]  # rows with penalties
     grammar_rows: list[int] = field(default_factory=list)  # rows with structured outputs
-
-
-@dataclass
-class CompletionOutput:
-    index: int  # which of the request's n completions
-    text: str
-    token_ids: list[int]
-    cumulative_logprob: float | None = None  # sum of the tokens' logprobs, when logprobs were asked
-    logprobs: FlatLogprobs | None = None  # per token {token id: Logprob}: the sampled and the top-k tokens
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
-    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
-
-
-@dataclass
-class RequestOutput:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    prompt_logprobs: FlatLogprobs | None = None  # the same per prompt token, None for the first
-    outputs: list[CompletionOutput] = field(default_factory=list)
-    finished: bool = False
-    num_cached_tokens: int | None = None  # prompt tokens found in the prefix cache when first scheduled
 
 
 @dataclass(frozen=True)
@@ -153,11 +143,8 @@ def resolve_model_path(config: EngineConfig) -> str:
 
 
 class LLMEngine:
-    # whether a caller reads each live request's text after every step (the server streams it);
-    # otherwise a request without stop strings gets its text decoded once, when it ends
-    stream_text = False
-
-    def __init__(self, config: EngineConfig) -> None:
+    def __init__(self, config: EngineConfig, output_processor: bool = True) -> None:
+        """``output_processor``: False in a server's engine-core process (its front end has it)."""
         from vllm_lite.models import get_model_class
 
         self.model_path = resolve_model_path(config)
@@ -195,12 +182,44 @@ class LLMEngine:
         self.num_generated_tokens = 0
         self.inflight: _InFlight | None = None
         self.overlap = getattr(self.runner, "supports_overlap", False)
-        self._token_texts: dict[int, str] = {}  # decoded_token of logprobs, per token id
+        self.output_processor = OutputProcessor(self.tokenizer) if output_processor else None
+        # every accepted token goes out with its step (a server's core); else only those that
+        # carry logprobs, the rest when the text needs them (TEXT_EVERY) or the sequence ends
+        self.report_every_token = not output_processor
+        self._num_steps = 0
+        self._outputs = CoreOutputs()  # of the step being processed
         self._params: _ParamsBatch | None = None  # of the last sampling batch
         # penalized sequences' tokens; given a function of the device, not a bound method: the
         # engine must hold no reference cycle, so that dropping it frees its GPU memory at once
         self._history = TokenHistory(self.device, functools.partial(to_device, device=self.device))
         self._structured = None  # StructuredOutputManager, made for the first structured request
+        if self.device.type == "cuda":
+            self._warm_up_full_batch()
+            gc.collect()
+            gc.freeze()  # what start-up built is never garbage: later collections skip it (as vLLM)
+
+    def _warm_up_full_batch(self) -> None:
+        """What a first ``generate`` paid over the second that the runner's kernel warm-up does
+        not cover, paid here on throw-away requests: a full batch (``max_num_seqs``) filling
+        the token budget, then decoding with both sampling paths, so that the host arrays that
+        grow with the batch (block-table and sampling rows, pinned copies) reach full size and
+        the allocator holds the blocks of a full step after the KV pool took its share."""
+        n = self.config.max_num_seqs
+        cfg = self.config
+        prompt_len = max(1, min(cfg.max_num_batched_tokens // n, cfg.max_model_len // 2))
+        for i in range(n):
+            params = SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=4,
+                                    ignore_eos=True, detokenize=False)
+            prompt = [i % self.hf_config.vocab_size] * prompt_len
+            self.add_request(prompt, params, request_id=f"warm-up-{i}")
+        while self.has_unfinished_requests():
+            outputs = self.core_step()
+            if self.output_processor is not None:
+                self.output_processor.process(outputs)
+        self.block_manager.reset_prefix_cache()
+        self.num_generated_tokens = 0
+        s = self.scheduler
+        s.num_preemptions = s.prefix_cache_queries = s.prefix_cache_hits = 0
 
     def _load_tokenizer(self, config: EngineConfig):
         """The folder's tokenizer if it fits the model. A folder without one (a dummy-weight
@@ -238,39 +257,39 @@ class LLMEngine:
 
     # ---- requests ------------------------------------------------------------------------
     def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None) -> Sequence:
-        """Validate and queue one request. Bad input raises ValueError and changes nothing."""
+                    request_id: str | None = None, prompt_text: str | None = None) -> Sequence:
+        """Validate and queue one request. Bad input raises ValueError and changes nothing.
+        ``prompt_text``: the text of a prompt given as token ids, for its output."""
         params = params or SamplingParams()
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("this model folder has no tokenizer: pass prompts as token ids")
             text, token_ids = prompt, self.tokenizer.encode(prompt)
         else:
-            text, token_ids = None, list(prompt)
+            text, token_ids = prompt_text, list(prompt)
         self.check_request(token_ids, params)
         if request_id is not None and request_id in self.sequences:
             raise ValueError(f"request id {request_id!r} is already in use")
         if self.tokenizer is None and (params.detokenize and params.stop_strings):
             raise ValueError("stop strings need a tokenizer; this model folder has none")
         seq = Sequence(token_ids, params, request_id, text)
-        self._give_generator_and_detokenizer(seq)
+        self._give_generator(seq)
         if params.prompt_logprobs is not None and len(token_ids) > 1:
             seq.max_chunk_tokens = PROMPT_LOGPROBS_CHUNK
         self.sequences[seq.request_id] = seq
         self.scheduler.add(seq)
+        if self.output_processor is not None:
+            self.output_processor.add_request(seq.request_id, text, seq.prompt_token_ids, params)
         return seq
 
-    def _give_generator_and_detokenizer(self, seq: Sequence) -> None:
+    def _give_generator(self, seq: Sequence) -> None:
+        """Its random generator (seeded requests) and its grammar matcher (structured outputs):
+        one each per completion."""
         params = seq.params
-        if params.structured_outputs is not None:  # one matcher per completion
+        if params.structured_outputs is not None:
             seq.grammar = self.structured_output_manager().matcher(params.structured_outputs)
         if params.seed is not None:  # completion i of a seeded request: seed + i, as vLLM
             seq.generator = torch.Generator(device=self.device).manual_seed(params.seed + seq.index)
-        if params.detokenize and self.tokenizer is not None:
-            # text read only at the end (offline, no stop string to find): decoded once there
-            at_end = not (self.stream_text or params.stop_strings)
-            seq.detok = IncrementalDetokenizer(self.tokenizer, seq.prompt_token_ids, params.skip_special_tokens,
-                                               at_end=at_end)
 
     def check_request(self, token_ids: list[int], params: SamplingParams) -> None:
         self.limits.check(token_ids, params)
@@ -286,14 +305,58 @@ class LLMEngine:
         return self._structured
 
     def abort_request(self, request_id: str) -> None:
+        """End a request's unfinished completions; reported as aborted in the next step's
+        outputs."""
         seq = self.sequences.pop(request_id, None)
+        if self.output_processor is not None:  # in-process: nobody reads an aborted request
+            self.output_processor.abort_request(request_id)
         for s in seq.group if seq is not None else ():
             if not s.is_finished:
                 self.scheduler.finish(s, "abort")
+                row = self._outputs.add(s.request_id, s.index, -1)
+                self._outputs.finished.append((row, "abort", None))
+
+    def stop_completion(self, request_id: str, index: int) -> None:
+        """A stop string ended completion ``index`` (the output processor found it): free it now;
+        the tokens it may still get from a step in flight are dropped."""
+        seq = self.sequences.get(request_id)
+        if seq is None or index >= len(seq.group) or seq.group[index].is_finished:
+            return
+        self.scheduler.finish(seq.group[index], "stop")
+        if all(s.is_finished for s in seq.group) and len(seq.group) >= seq.params.n:
+            self.sequences.pop(request_id, None)
 
     # ---- the loop ------------------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """One engine step; returns the requests that finished.
+        """One engine step and its output processing; returns the requests that finished."""
+        outputs = self.core_step()
+        self._num_steps += 1
+        if self._num_steps % TEXT_EVERY == 0:
+            self._hand_over_text_tokens(outputs)
+        processed = self.output_processor.process(outputs)
+        for request_id, index in processed.stops:
+            self.stop_completion(request_id, index)
+        return processed.finished
+
+    def _hand_over_text_tokens(self, outputs: CoreOutputs) -> None:
+        """The accepted tokens not yet handed over of every request whose text is watched (stop
+        strings)."""
+        for first in self.sequences.values():
+            p = first.params
+            if not (p.stop_strings and p.detokenize) or p.logprobs is not None:
+                continue
+            for seq in first.group:
+                tokens, num_prompt = seq.token_ids, seq.num_prompt_tokens
+                end = len(tokens)
+                while end > num_prompt and tokens[end - 1] == PLACEHOLDER:  # not read back yet
+                    end -= 1
+                start = num_prompt + seq.num_reported
+                if end > start and not seq.is_finished:
+                    outputs.token_lists.append((seq.request_id, seq.index, tokens[start:end]))
+                    seq.num_reported = end - num_prompt
+
+    def core_step(self) -> CoreOutputs:
+        """One engine step; returns the token ids it accepted (and the completions that ended).
 
         With overlap (one device, the default) the step is pipelined: the next batch is
         scheduled and launched *before* the previous batch's sampled tokens are read back, so
@@ -311,10 +374,16 @@ class LLMEngine:
         previous, self.inflight = self.inflight, None
         if batch:
             self.inflight = self._launch(batch, previous)
-        outputs = self._process(previous) if previous else []
+        if previous:
+            self._process(previous)
         if self.inflight is not None and not self.overlap:
-            outputs += self._process(self.inflight)
+            self._process(self.inflight)
             self.inflight = None
+        return self.take_outputs()
+
+    def take_outputs(self) -> CoreOutputs:
+        """What was reported since the last step (the step's tokens, aborts)."""
+        outputs, self._outputs = self._outputs, CoreOutputs()
         return outputs
 
     def _launch(self, batch, previous: _InFlight | None) -> _InFlight | None:
@@ -351,7 +420,8 @@ class LLMEngine:
         logprob_rows = None
         if out.logprobs is not None:
             logprob_rows = [-1] * len(sampling_seqs)
-            for j, i in enumerate(i for i, s in enumerate(sampling_seqs) if s.logprobs is not None):
+            wanting = (i for i, s in enumerate(sampling_seqs) if s.params.logprobs is not None)
+            for j, i in enumerate(wanting):
                 logprob_rows[i] = j
         positions = []
         for i, seq in enumerate(sampling_seqs):
@@ -372,7 +442,7 @@ class LLMEngine:
         num_full = parent.num_prompt_tokens // self.block_manager.block_size
         self.block_manager.share(child, parent.block_table[:num_full])
         child.num_computed_tokens = num_full * self.block_manager.block_size
-        self._give_generator_and_detokenizer(child)
+        self._give_generator(child)
         self.scheduler.add_forked(child)
         return child
 
@@ -417,31 +487,22 @@ class LLMEngine:
         i = 0
         for seq, _, c in plan:
             kk = seq.params.prompt_logprobs
-            for _ in range(c):
-                self._add_logprobs(seq, seq.prompt_logprobs, targets[i], token_lp[i], rank[i], top_lp[i][:kk],
-                                   top_ids[i][:kk])
+            for _ in range(c):  # texts are the output processor's
+                top = top_ids[i][:kk]
+                seq.prompt_logprobs.append(targets[i], token_lp[i], rank[i], top, top_lp[i][:kk],
+                                           [None] * (1 + len(top)))
                 i += 1
             if len(seq.prompt_logprobs) == seq.num_prompt_tokens:  # all scored: chunks as usual again
                 seq.max_chunk_tokens = MAX_CHUNK
 
-    def _add_logprobs(self, seq: Sequence, into: FlatLogprobs, token_id: int, logprob: float, rank: int,
-                      top_logprobs: list[float], top_ids: list[int]) -> None:
-        """vLLM's layout: the chosen token first, then the top-k (ranks 1..k)."""
-        texts = [self._token_text(t) for t in (token_id, *top_ids)] if seq.detok is not None else \
-            [None] * (1 + len(top_ids))
-        into.append(token_id, logprob, rank, top_ids, top_logprobs, texts)
-
-    def _token_text(self, token_id: int) -> str:
-        text = self._token_texts.get(token_id)
-        if text is None:
-            text = self._token_texts[token_id] = self.tokenizer.decode([token_id])
-        return text
-
-    def _process(self, inflight: _InFlight) -> list[RequestOutput]:
-        """Read back one launched step's tokens, fill its placeholders, run the stop checks."""
-        if inflight.outputs is not None:  # read back already, by a constrained step's sampling
-            return inflight.outputs
-        outputs = inflight.outputs = []
+    def _process(self, inflight: _InFlight) -> None:
+        """Read back one launched step's tokens, fill its placeholders, run the stop checks;
+        the accepted tokens go into this step's ``CoreOutputs``. Once per step: a constrained
+        step's sampling may have read it back already."""
+        if inflight.processed:
+            return
+        inflight.processed = True
+        out = self._outputs
         token_ids = inflight.host_tokens()
         logprobs = inflight.host_logprobs()
         self.num_generated_tokens += len(token_ids)
@@ -450,19 +511,35 @@ class LLMEngine:
                 continue
             if seq.grammar is not None and not seq.grammar.accept_token(token_id):
                 self._reject_token(seq, pos, token_id)
-                if all(s.is_finished for s in seq.group):
-                    outputs.append(self._output(seq))
+                self._report_finished(seq, None)
                 continue
             seq.token_ids[pos] = token_id
-            if seq.logprobs is not None:
-                j, k = inflight.logprob_rows[i], seq.params.logprobs
-                token_lp, rank, top_lp, top_ids = (x[j] for x in logprobs)
-                self._add_logprobs(seq, seq.logprobs, token_id, token_lp, rank, top_lp[:k], top_ids[:k])
-                seq.cumulative_logprob += token_lp
+            report = self.report_every_token or seq.params.logprobs is not None
+            if report:
+                row = out.add(seq.request_id, seq.index, token_id)
+                seq.num_reported += 1
+            if pos == seq.num_prompt_tokens and seq.index == 0:  # its first token
+                out.num_cached_tokens.append((seq.request_id, seq.num_cached_tokens))
+                if seq.prompt_logprobs is not None:
+                    out.prompt_logprobs.append((seq.request_id, seq.prompt_logprobs))
+            if seq.params.logprobs is not None:
+                out.logprobs.append((row, tuple(x[inflight.logprob_rows[i]] for x in logprobs)))
             self._accept_token(seq, pos, token_id)
-            if seq.is_finished and all(s.is_finished for s in seq.group):
-                outputs.append(self._output(seq))
-        return outputs
+            if seq.is_finished:
+                self._report_finished(seq, row if report else None)
+
+    def _report_finished(self, seq: Sequence, row: int | None) -> None:
+        """A completion's end into this step's outputs; ``row``: its last token's row, None
+        when its tokens were not handed over yet (they go now, then the end)."""
+        out = self._outputs
+        if row is None:
+            rest = seq.token_ids[seq.num_prompt_tokens + seq.num_reported:]
+            out.token_lists.append((seq.request_id, seq.index, rest))
+            seq.num_reported = seq.num_output_tokens
+            row = out.add(seq.request_id, seq.index, -1)
+        out.finished.append((row, seq.finish_reason, seq.stop_reason))
+        if all(s.is_finished for s in seq.group) and len(seq.group) >= seq.params.n:
+            self.sequences.pop(seq.request_id, None)
 
     def has_unfinished_requests(self) -> bool:
         pending = self.inflight is not None and not all(s.is_finished for s in self.inflight.seqs)
@@ -562,26 +639,14 @@ class LLMEngine:
         return self._to_device(rows, torch.int64), self._to_device([x for items in lists for x in items], torch.int64)
 
     def _accept_token(self, seq: Sequence, pos: int, token_id: int) -> None:
-        """Stop checks for the token at ``pos`` (later positions may hold placeholders)."""
+        """Token-level stop checks for the token at ``pos`` (later positions may hold
+        placeholders); stop strings are the output processor's."""
         p = seq.params
         if seq.grammar is not None and seq.grammar.is_terminated():  # it ended with a stop token
             return self._finish(seq, "stop", token_id, pos)
-        num_output = pos + 1 - seq.num_prompt_tokens
-        can_stop = num_output >= p.min_tokens
-        if can_stop and (token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids)):
-            if seq.detok is not None and p.include_stop_str_in_output:  # vLLM: the stop token's text too
-                seq.detok.add(token_id)
+        stops = token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids)
+        if stops and pos + 1 - seq.num_prompt_tokens >= p.min_tokens:
             return self._finish(seq, "stop", token_id, pos)
-        delta = seq.detok.add(token_id) if seq.detok is not None else ""
-        if delta and p.stop_strings and num_output > p.min_tokens:
-            # vLLM's rule: the first stop string (in the given order) that ends inside this
-            # token's text; text of the first min_tokens tokens never ends one
-            text = seq.detok.text
-            for stop in p.stop_strings:
-                at = text.find(stop, max(0, len(text) - len(delta) - len(stop) + 1))
-                if at >= 0:
-                    seq.detok.text = text[:at + len(stop)] if p.include_stop_str_in_output else text[:at]
-                    return self._finish(seq, "stop", stop, pos)
         if seq.at_length_limit(pos + 1, self.config.max_model_len):
             return self._finish(seq, "length", None, pos)
 
@@ -597,22 +662,8 @@ class LLMEngine:
         """End ``seq``: tokens after ``pos`` (placeholders of a step already launched) are dropped."""
         if pos is not None:
             del seq.token_ids[pos + 1:]
-        if seq.detok is not None and not isinstance(stop_reason, str):  # a stop string already cut the text
-            seq.detok.flush()
         seq.stop_reason = stop_reason
         self.scheduler.finish(seq, reason)
-
-    def _output(self, seq: Sequence) -> RequestOutput:
-        """The request of ``seq`` once all its completions are finished."""
-        completions = [
-            CompletionOutput(s.index, s.detok.text if s.detok is not None else "", s.output_token_ids,
-                             s.cumulative_logprob if s.logprobs is not None else None, s.logprobs,
-                             s.finish_reason, s.stop_reason)
-            for s in seq.group]
-        first = seq.group[0]
-        self.sequences.pop(first.request_id, None)
-        return RequestOutput(first.request_id, first.prompt, first.prompt_token_ids, first.prompt_logprobs,
-                             completions, True, first.num_cached_tokens)
 
     # ---- the prefix cache ----------------------------------------------------------------
     @property

@@ -41,17 +41,15 @@ class Sequence:
         self.finish_reason: str | None = None
         self.stop_reason: int | str | None = None
         self.generator = None  # per-request torch.Generator for seeded sampling
-        self.detok = None  # incremental detokenizer; None when the request wants token ids only
         self.grammar = None  # xgrammar GrammarMatcher of its structured output, advanced per token
         self.num_preemptions = 0
+        self.num_reported = 0  # output tokens handed to the output processor
         self.inflight_index = -1  # row of its token in the step in flight (overlapped steps)
         self.max_chunk_tokens = MAX_CHUNK  # tokens one step may compute for it (prompt_logprobs: fewer)
         self.index = 0  # which of the request's n completions
         self.group: list[Sequence] = [self]  # the request's completions, in index order (shared list)
-        # per output token {token id: Logprob}, when params.logprobs is set; per prompt token
-        # (None for the first), when params.prompt_logprobs is set (shared by the group)
-        self.logprobs: FlatLogprobs | None = FlatLogprobs() if params.logprobs is not None else None
-        self.cumulative_logprob = 0.0
+        # per prompt token {token id: Logprob} (None for the first), when params.prompt_logprobs
+        # is set (shared by the group; texts are the output processor's)
         self.prompt_logprobs: FlatLogprobs | None = None
         if params.prompt_logprobs is not None:
             self.prompt_logprobs = FlatLogprobs()

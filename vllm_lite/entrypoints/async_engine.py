@@ -1,17 +1,21 @@
 """``AsyncLLM``: the asyncio face of the engine core for a server (vLLM's AsyncLLM).
 
 The engine steps in a process of its own (``engine_core.py`` says why and what crosses the
-pipes). This side, on the server's event loop, owns one output stream per request:
+pipes); it reports token ids. This side, on the server's event loop, owns the text (the output
+processor: batched detokenization, stop strings, logprob dicts) and one output stream per
+request:
 - ``generate()`` checks a request against the engine's limits, sends it to the core and yields
   its ``RequestDelta``s; a consumer that fell behind gets what queued up as one delta.
-- The core's per-step messages are read by a reader on the event loop (no thread): each delta
-  goes to its request's asyncio queue, the metrics hooks the core called are replayed on the
-  server's ``ServerMetrics``, and ``engine_state`` is the scheduler and KV pool after that step.
+- The core's per-step messages are read by a reader on the event loop (no thread): the output
+  processor turns each into one delta per request that changed, each to its request's asyncio
+  queue; a request that hit a stop string is stopped in the core; the server's
+  ``ServerMetrics`` are recorded here, and ``engine_state`` is the scheduler and KV pool after
+  that step.
 - A request whose consumer goes away (client disconnect: the generator is closed or
   cancelled) is aborted; the engine frees its blocks before its next step.
 - The core exiting on its own (an error, a kill) fails every stream with ``EngineDeadError``.
 
-The offline ``LLM`` does not use any of this; ``LLMEngine`` is shared as it is.
+The offline ``LLM`` runs the same core and output processor in one process (``LLMEngine.step``).
 """
 from __future__ import annotations
 
@@ -26,8 +30,9 @@ from collections.abc import AsyncIterator
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.tp_executor import pipe
-from vllm_lite.entrypoints.engine_core import (CompletionDelta, EngineInfo, EngineState, RequestDelta,  # noqa: F401
-                                                merge_deltas, run_engine_core)
+from vllm_lite.engine.output_processor import CompletionDelta  # noqa: F401 - re-exported
+from vllm_lite.engine.output_processor import OutputProcessor, RequestDelta, merge_deltas
+from vllm_lite.entrypoints.engine_core import EngineInfo, EngineState, run_engine_core
 from vllm_lite.sampling_params import SamplingParams
 
 logger = logging.getLogger("vllm_lite.server")
@@ -57,7 +62,7 @@ class AsyncLLM:
         commands_out, self._commands = pipe()
         self._outputs, outputs_in = pipe()
         self._process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(config, commands_out, outputs_in, metrics is not None),
+            target=run_engine_core, args=(config, commands_out, outputs_in),
             name="vllm-lite-engine")  # not a daemon: with tensor parallelism it starts the other ranks
         try:
             self._process.start()
@@ -73,6 +78,7 @@ class AsyncLLM:
             atexit.unregister(self._close_pipes)
             raise
         self.config, self.tokenizer = self.info.config, self.info.tokenizer
+        self.processor = OutputProcessor(self.tokenizer, stream=True, metrics=metrics)
 
     @classmethod
     def from_config(cls, config: EngineConfig, metrics=None) -> AsyncLLM:
@@ -165,7 +171,11 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         stream: asyncio.Queue = asyncio.Queue()
         self._streams[request_id] = stream
-        self._send(("add", request_id, list(prompt_token_ids), params, time.monotonic()))
+        prompt_token_ids = list(prompt_token_ids)
+        self.processor.add_request(request_id, None, prompt_token_ids, params, time.monotonic())
+        if self.metrics is not None:
+            self.metrics.request_added(len(prompt_token_ids))
+        self._send(("add", request_id, prompt_token_ids, params))
         finished = False
         try:
             while True:
@@ -213,14 +223,21 @@ class AsyncLLM:
     def _handle(self, message: tuple) -> None:
         kind = message[0]
         if kind == "step":
-            _, items, metric_calls, state = message
-            for request_id, item in items:
-                stream = self._streams.get(request_id)
+            _, outputs, errors, state = message
+            streams = self._streams
+            for request_id, error in errors:
+                self.processor.abort_request(request_id)
+                stream = streams.get(request_id)
                 if stream is not None:
-                    stream.put_nowait(item)
+                    stream.put_nowait(ValueError(error))
+            processed = self.processor.process(outputs)
+            if processed.stops:
+                self._send(("stop_completions", processed.stops))
+            for delta in processed.deltas:
+                stream = streams.get(delta.request_id)
+                if stream is not None:
+                    stream.put_nowait(delta)
             if self.metrics is not None:
-                for hook, args in metric_calls:
-                    getattr(self.metrics, hook)(*args)
                 self._record_engine_state(state)
             self.engine_state = state
         elif kind == "reply":

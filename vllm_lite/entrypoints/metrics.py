@@ -14,8 +14,8 @@ E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 4
 
 
 class ServerMetrics:
-    """Lives in the server's process: the engine process records its hook calls each step
-    (``engine_core.MetricCalls``) and ``AsyncLLM`` replays them here; read by ``/metrics``."""
+    """Lives in the server's process: the output processor (``AsyncLLM``'s, on the event
+    loop) records each request's tokens and latencies here; read by ``/metrics``."""
 
     def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry()

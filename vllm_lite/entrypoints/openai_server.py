@@ -25,6 +25,11 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 
+try:
+    import orjson
+except ImportError:  # the plain json module does the same, slower
+    orjson = None
+
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
@@ -173,8 +178,12 @@ class _SSE(StreamingResponse):
             self._on_close()
 
 
-def sse(data) -> str:
-    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n"
+def sse(data) -> bytes:
+    """One server-sent event. orjson where installed: ~10x cheaper than json.dumps per chunk,
+    and a chunk per request per engine step is most of the front end's CPU."""
+    if orjson is not None:
+        return b"data: " + orjson.dumps(data) + b"\n\n"
+    return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
 def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str | None = None,

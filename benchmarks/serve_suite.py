@@ -1,0 +1,245 @@
+"""Issue 23's table in one command (GPU, ~5 minutes on an H200): serving at the engine's speed with
+text on. A Llama shape with SmolLM2's vocabulary (hidden 2048, 16 layers, 32 / 8 heads, head_dim
+64, intermediate 8192, vocabulary 49,152, tied; dummy weights) and SmolLM2's real tokenizer, so
+text is on everywhere; nano-vllm's bench.py workload (256 requests, temperature 0.6).
+
+Rows: offline ``LLM.generate`` (its first run after ``LLM(...)``, and the median of the next
+ones, steps and step time); ``vllm-lite serve`` loaded by ``bench serve``'s client all at once,
+at 64 and at 16 requests/s (TTFT, TPOT; CPU seconds of the front end per output token and the
+engine process' busy share); then the SmolLM2-135M shape (text off / decoded at the end / per
+token, a stop string that never matches) offline, and served all at once.
+
+    python -m benchmarks.serve_suite                  # the whole table
+    python -m benchmarks.serve_suite --runs 2 --skip-smollm2
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import statistics
+import tempfile
+import time
+
+import httpx
+from transformers import AutoConfig
+
+from benchmarks.serve_overhead import served_run, start_server
+from vllm_lite.bench_serve import run_benchmark
+from vllm_lite.benchmark import Workload, model_folder
+from vllm_lite.config import EngineConfig
+
+LLAMA_SMOLLM2_VOCAB = {
+    "architectures": ["LlamaForCausalLM"],
+    "model_type": "llama",
+    "hidden_size": 2048,
+    "num_hidden_layers": 16,
+    "num_attention_heads": 32,
+    "num_key_value_heads": 8,
+    "head_dim": 64,
+    "intermediate_size": 8192,
+    "vocab_size": 49152,
+    "tie_word_embeddings": True,
+    "max_position_embeddings": 8192,
+    "rms_norm_eps": 1e-5,
+    "rope_theta": 500000.0,
+    "hidden_act": "silu",
+    "torch_dtype": "bfloat16",
+    "bos_token_id": 1,
+    "eos_token_id": 2,
+}
+NEVER = (
+    "\u2063never\u2063"  # a stop string random tokens do not produce: per-token text, no early end
+)
+
+
+def shape_folder(config: dict) -> str:
+    folder = tempfile.mkdtemp(prefix="vllm-lite-shape-")
+    with open(os.path.join(folder, "config.json"), "w") as fh:
+        json.dump(config, fh)
+    return folder
+
+
+def offline_runs(
+    config: EngineConfig, work: Workload, temperature: float, variants: dict, runs: int
+) -> dict:
+    """``LLM(...)`` once, then ``runs`` rounds of ``generate`` over the variants (extra
+    SamplingParams each), alternating; no warm-up generate: a variant's first run is the first
+    a user times. Returns per variant the elapsed seconds of each run and the steps of the last."""
+    from vllm_lite import LLM, SamplingParams
+
+    llm = LLM(config=config)
+    engine, steps = llm.engine, [0]
+    step = engine.step
+
+    def counted():
+        steps[0] += 1
+        return step()
+
+    engine.step = counted
+    out = {name: {"elapsed": []} for name in variants}
+    for _ in range(runs):
+        for name, extra in variants.items():
+            params = [
+                SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, **extra)
+                for n in work.output_lens
+            ]
+            assert llm.reset_prefix_cache()
+            steps[0] = 0
+            t0 = time.perf_counter()
+            outputs = llm.generate(work.prompts, params, use_tqdm=False)
+            out[name]["elapsed"].append(time.perf_counter() - t0)
+            out[name]["steps"] = steps[0]
+            assert [len(o.outputs[0].token_ids) for o in outputs] == work.output_lens
+    llm.close()
+    total = sum(work.output_lens)
+    for r in out.values():
+        warm = r["elapsed"][1:] or r["elapsed"]
+        r["first_tok_s"], r["warm_tok_s"] = total / r["elapsed"][0], total / statistics.median(warm)
+        r["step_ms"] = 1e3 * statistics.median(warm) / r["steps"]
+    return out
+
+
+def served(
+    config: EngineConfig,
+    overrides: dict,
+    work: Workload,
+    temperature: float,
+    rates: list[float],
+    runs: int,
+) -> dict:
+    proc, url = start_server(
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), config.model_path, overrides
+    )
+    try:
+        warm = Workload(work.prompts[:32], [16] * 32)
+        asyncio.run(run_benchmark(url, None, warm, temperature, float("inf"), None, None, seed=0))
+        result = {
+            "all": [served_run(url, proc.pid, work, temperature, float("inf")) for _ in range(runs)]
+        }
+        for rate in rates:
+            result[rate] = served_run(url, proc.pid, work, temperature, rate)
+        httpx.get(url + "/metrics")
+    finally:
+        proc.terminate()
+        proc.wait(60)
+    return result
+
+
+def describe(r: dict) -> str:
+    tokens = r["total_output_tokens"]
+    busy = r["cpu_engine_process_s"] / r["duration_s"]
+    return (
+        f"{r['output_throughput']:,.0f} tok/s, TTFT p50 {r['p50_ttft_ms']:.1f} ms p99 {r['p99_ttft_ms']:.1f} ms, "
+        f"TPOT p50 {r['p50_tpot_ms']:.2f} ms | front end {1e6 * r['cpu_server_s'] / tokens:.1f} us CPU/token, "
+        f"engine process busy {100 * busy:.0f}%, {r['failed']} failed"
+    )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--runs", type=int, default=3, help="offline generates per variant (the first is cold)"
+    )
+    parser.add_argument("--served-runs", type=int, default=2, help="all-at-once served runs")
+    parser.add_argument("--rates", type=float, nargs="*", default=[64.0, 16.0])
+    parser.add_argument("--num-prompts", type=int, default=256)
+    parser.add_argument("--skip-smollm2", action="store_true", help="only the Llama shape")
+    parser.add_argument("--smoke", action="store_true", help="a 2-layer Llama, 8 short requests (CPU)")
+    parser.add_argument("--json", help="write the results here")
+    parser.add_argument("--tokenizer-path", default=os.environ.get("TOKENIZER"),
+                        help="a folder of SmolLM2's tokenizer files (default: the embedded model's)")
+    args = parser.parse_args()
+    from vllm_lite.default_model import default_model_path
+
+    tokenizer = args.tokenizer_path or default_model_path()
+    temperature, rows, result = 0.6, [], {}
+    llama = LLAMA_SMOLLM2_VOCAB
+    if args.smoke:  # the same path on a CPU in a few minutes: a 2-layer model, a few short requests
+        llama = {**llama, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+                 "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128}
+        args.num_prompts, args.runs, args.served_runs, args.rates = 8, 2, 1, [16.0]
+    shapes = [("llama-2048 (SmolLM2 vocab)", shape_folder(llama))]
+    if not args.skip_smollm2:
+        shapes.append(("smollm2-135m", model_folder("smollm2-135m")))
+    for name, folder in shapes:
+        vocab = AutoConfig.from_pretrained(folder).vocab_size
+        lens = ((16, 64), (8, 32)) if args.smoke else ((100, 1024), (100, 1024))
+        work = Workload.nano_vllm(args.num_prompts, *lens, vocab=vocab)
+        overrides = {
+            "model_path": folder,
+            "load_format": "dummy",
+            "tokenizer_path": tokenizer,
+            "max_model_len": 4096,
+        }
+        config = EngineConfig(**overrides)
+        variants = {"text at end": {}}
+        if name.startswith("smollm2"):
+            variants = {
+                "text off": {"detokenize": False},
+                "text at end": {},
+                "stop string": {"stop": [NEVER]},
+            }
+        off = offline_runs(config, work, temperature, variants, args.runs)
+        srv = served(
+            config,
+            overrides,
+            work,
+            temperature,
+            args.rates if name.startswith("llama") else [],
+            args.served_runs,
+        )
+        result[name] = {"offline": off, "served": {str(k): v for k, v in srv.items()}}
+        base = off["text at end"]
+        rows.append(
+            (
+                f"{name}: offline, first generate after LLM(...) / the next (median)",
+                f"{base['first_tok_s']:,.0f} / {base['warm_tok_s']:,.0f} tok/s "
+                f"(first {100 * (1 - base['first_tok_s'] / base['warm_tok_s']):.1f}% below the next); "
+                f"{base['steps']} steps, {base['step_ms']:.2f} ms a step",
+            )
+        )
+        for variant, r in off.items():
+            if variant != "text at end":
+                rows.append(
+                    (
+                        f"{name}: offline, {variant}",
+                        f"{r['warm_tok_s']:,.0f} tok/s (first run {r['first_tok_s']:,.0f}), "
+                        f"{100 * (r['warm_tok_s'] / off['text off']['warm_tok_s'] - 1):+.1f}% vs text off"
+                        if "text off" in off
+                        else f"{r['warm_tok_s']:,.0f} tok/s",
+                    )
+                )
+        if "text off" in off:
+            rows.append(
+                (
+                    f"{name}: offline, text at end",
+                    f"{base['warm_tok_s']:,.0f} tok/s, "
+                    f"{100 * (base['warm_tok_s'] / off['text off']['warm_tok_s'] - 1):+.1f}% vs text off",
+                )
+            )
+        best = max(srv["all"], key=lambda r: r["output_throughput"])
+        ratio = statistics.median(r["output_throughput"] for r in srv["all"]) / base["warm_tok_s"]
+        rows.append(
+            (
+                f"{name}: served, all at once (median of {len(srv['all'])})",
+                f"{100 * ratio:.0f}% of offline; best run {describe(best)}; TPOT p50 / offline step "
+                f"{best['p50_tpot_ms'] / base['step_ms']:.2f}",
+            )
+        )
+        for rate in args.rates if name.startswith("llama") else []:
+            rows.append((f"{name}: served, {rate:g} req/s", describe(srv[rate])))
+    print("\n| what | result |\n|---|---|")
+    for what, value in rows:
+        print(f"| {what} | {value} |")
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(result, fh, indent=2, default=str)
+
+
+if __name__ == "__main__":
+    main()
