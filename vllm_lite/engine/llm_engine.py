@@ -13,7 +13,7 @@ import functools
 import gc
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
