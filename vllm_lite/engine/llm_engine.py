@@ -15,8 +15,9 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.block_manager import BlockManager
 from vllm_lite.engine.detokenizer import IncrementalDetokenizer
-from vllm_lite.engine.scheduler import Scheduler
+from vllm_lite.engine.scheduler import ScheduledBatch, Scheduler
 from vllm_lite.engine.sequence import MAX_CHUNK, PLACEHOLDER, Sequence
+from vllm_lite.engine.tracer import StepTracer
 from vllm_lite.logprobs import FlatLogprobs, token_logprobs
 from vllm_lite.sampler import Penalties, Sampler, SamplingBatch, TokenHistory
 from vllm_lite.sampling_params import SamplingParams
@@ -186,6 +187,7 @@ class LLMEngine:
         self._token_texts: dict[int, str] = {}  # decoded_token of logprobs, per token id
         self._params: _ParamsBatch | None = None  # of the last sampling batch
         self._history = TokenHistory(self.device, self._to_device)  # penalized sequences' tokens
+        self.tracer = StepTracer(config.trace, self) if config.trace else None
 
     def _load_tokenizer(self, config: EngineConfig):
         """The folder's tokenizer if it fits the model. A folder without one (a dummy-weight
@@ -274,7 +276,12 @@ class LLMEngine:
         (-1) in ``seq.token_ids`` until it is read back; the model runner feeds it to the next
         step straight from the device. A sequence that turns out to have stopped costs one
         wasted token of compute, which is discarded."""
-        batch = self.scheduler.schedule()
+        if self.tracer is not None:  # times the step and writes what it did (engine/tracer.py)
+            return self.tracer.step(self)
+        return self.run_batch(self.scheduler.schedule())
+
+    def run_batch(self, batch: ScheduledBatch) -> list[RequestOutput]:
+        """Launch ``batch``, the scheduler's decision, and process the step before it."""
         previous, self.inflight = self.inflight, None
         if batch:
             self.inflight = self._launch(batch, previous)
@@ -570,6 +577,8 @@ class LLMEngine:
         return self.block_manager.reset_prefix_cache()
 
     def close(self) -> None:
+        if self.tracer is not None:
+            self.tracer.close()
         close = getattr(self.runner, "close", None)
         if close is not None:
             close()
