@@ -190,13 +190,13 @@ def write_png(trace: Trace, analysis: Analysis, path: str) -> None:
     steps = range(len(analysis.pool))
     free, cached, used, shared = (list(c) for c in zip(*analysis.pool)) if analysis.pool else ([],) * 4
     plain_free = [f - c for f, c in zip(free, cached)]
-    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 5.2), sharex=True, dpi=90)
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 5.2), sharex=True, dpi=90)
     ax1.stackplot(steps, used, cached, plain_free, colors=["#4c72b0", "#a5c8a0", "#e6e6e6"], step="post",
                   labels=["used", "cached-free (prefix kept)", "free"])
     ax1.plot(steps, shared, color="#c44e52", lw=1.2, drawstyle="steps-post", label="shared (ref > 1)")
     ax1.set_ylabel("KV blocks")
     ax1.set_ylim(0, trace.header["num_blocks"])
-    ax1.legend(loc="upper right", fontsize=8, ncol=2)
+    ax1.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     ax1.set_title("KV block pool", fontsize=10)
     ax2.bar(steps, analysis.decode, width=1.0, color="#4c72b0", label="decode tokens")
     ax2.bar(steps, analysis.prefill, width=1.0, bottom=analysis.decode, color="#dd8452", label="prefill tokens")
@@ -206,7 +206,7 @@ def write_png(trace: Trace, analysis: Analysis, path: str) -> None:
             ax.axvline(s, color="black", ls=":", lw=1, label="preemption" if i == 0 and ax is ax2 else None)
     ax2.set_ylabel("tokens per step")
     ax2.set_xlabel("engine step")
-    ax2.legend(loc="upper right", fontsize=8, ncol=2)
+    ax2.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     ax2.set_title("batch: prefill vs decode tokens", fontsize=10)
     fig.tight_layout()
     fig.savefig(path)
