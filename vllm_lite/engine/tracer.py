@@ -42,7 +42,8 @@ class StepTracer:
         self.refs = [0] * bm.num_blocks  # the block tables as the trace has told them
         self.num_shared = 0
         self.cached_free: set[int] = set()
-        self.tables: dict[int, tuple[Sequence, list[int], int]] = {}  # seq_id -> (seq, table, preemptions)
+        # sequences holding blocks: seq_id -> (seq, its table as last written, its preemptions)
+        self.tables: dict[int, tuple[Sequence, list[int], int]] = {}
         self.live: dict[int, Sequence] = {}  # seen, not finished
         self.num_steps = 0
         self.start = time.perf_counter()
@@ -77,14 +78,12 @@ class StepTracer:
         for seq in reversed(waiting):
             if seq.seq_id in self.live:
                 break
-            if not seq.is_finished:
-                new.append(seq)
+            new.append(seq)
         if new:
             record["add"] = [self._added(s) for s in reversed(new)]
 
     def _added(self, seq: Sequence) -> list:
         self.live[seq.seq_id] = seq
-        self.tables[seq.seq_id] = (seq, [], seq.num_preemptions)
         return [seq.seq_id, seq.request_id, seq.num_prompt_tokens, seq.index]
 
     def _record(self, engine, batch, record: dict) -> None:
@@ -100,13 +99,13 @@ class StepTracer:
             record.setdefault("add", []).extend(self._added(s) for s in forks)
         # every sequence whose table may have changed: held blocks before, or runs now
         seqs = {s.seq_id: s for s in engine.scheduler.running}
-        seqs.update((i, seq) for i, (seq, table, _) in self.tables.items() if table)
+        seqs.update((i, seq) for i, (seq, _, _) in self.tables.items())
         seqs.update((s.seq_id, s) for s in batch.seqs)
         deltas, preempted, freed = [], [], []
         admitted, unseen_blocks = set(), False
         bs = self.block_manager.block_size
         for seq_id, seq in seqs.items():
-            _, old, num_preemptions = self.tables.get(seq_id) or (seq, [], 0)
+            _, old, num_preemptions = self.tables.get(seq_id) or (seq, [], seq.num_preemptions)
             new = seq.block_table
             # finished within the step after taking a block in it: the block came and went unseen
             unseen_blocks |= seq.is_finished and seq.num_computed_tokens > len(old) * bs
@@ -121,12 +120,14 @@ class StepTracer:
                     keep += 1
                 deltas.append([seq_id, keep, new[keep:]])
                 freed += self._move_refs(old[keep:], new[keep:])
-            self.tables[seq_id] = (seq, list(new), seq.num_preemptions)
+            if new:
+                self.tables[seq_id] = (seq, list(new), seq.num_preemptions)
+            else:
+                self.tables.pop(seq_id, None)
         hits = [[s.seq_id, (s.num_computed_tokens - n) // bs] for s, n in zip(batch.seqs, batch.num_new_tokens)
                 if s.seq_id in admitted and s.num_computed_tokens - n >= bs]
         finished = [s for s in seqs.values() if s.is_finished]
         for seq in finished:
-            del self.tables[seq.seq_id]
             self.live.pop(seq.seq_id, None)
         for key, value in (("p", prefill), ("d", decode), ("pre", preempted), ("hit", hits), ("bt", deltas)):
             if value:
