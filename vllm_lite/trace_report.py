@@ -1,6 +1,7 @@
 """``vllm-lite report TRACE``: read a step trace (engine/tracer.py wrote it), print a summary,
 write one self-contained HTML page (the pool and the batch over time, the block map of the step
 under a slider, the requests), and optionally a PNG of the two plots (matplotlib)."""
+
 from __future__ import annotations
 
 import argparse
@@ -70,6 +71,7 @@ class BlockMap:
 @dataclass
 class Request:
     """One completion (a sequence) of a request, as the trace saw it."""
+
     seq: int
     request_id: str
     index: int
@@ -152,16 +154,19 @@ def summary(trace: Trace, analysis: Analysis) -> str:
     peak_used = max((p[2] for p in analysis.pool), default=0)
     peak_shared = max((p[3] for p in analysis.pool), default=0)
     ttft = [r.ttft_ms for r in reqs if r.index == 0 and r.ttft_ms is not None]
+    num_out = sum(r.output_tokens or 0 for r in finished)
+    preempted = analysis.preempted_steps
+    more = " ..." if len(preempted) > 10 else ""
     lines = [
-        f"trace of {h.get('model')}: {len(steps)} steps in {span:.2f} s; pool {h['num_blocks']} blocks x "
-        f"{h['block_size']} tokens, token budget {h['max_num_batched_tokens']} per step",
-        f"sequences: {len(reqs)} ({len(finished)} finished), {sum(r.output_tokens or 0 for r in finished)} "
-        f"output tokens; prompts {prompt} tokens, {cached} found in the prefix cache",
-        f"computed: {sum(analysis.prefill)} prefill tokens in {sum(r.chunks for r in reqs)} chunks "
-        f"({chunked} prompts chunked), {sum(analysis.decode)} decode tokens",
+        f"trace of {h.get('model')}: {len(steps)} steps in {span:.2f} s; pool "
+        f"{h['num_blocks']} blocks x {h['block_size']} tokens, token budget "
+        f"{h['max_num_batched_tokens']} per step",
+        f"sequences: {len(reqs)} ({len(finished)} finished), {num_out} output tokens; "
+        f"prompts {prompt} tokens, {cached} found in the prefix cache",
+        f"computed: {sum(analysis.prefill)} prefill tokens in {sum(r.chunks for r in reqs)} "
+        f"chunks ({chunked} prompts chunked), {sum(analysis.decode)} decode tokens",
         f"prefix-cache hits: {analysis.hit_blocks} blocks reused on admission; preemptions: "
-        f"{sum(r.preemptions for r in reqs)} (steps {analysis.preempted_steps[:10]}"
-        f"{' ...' if len(analysis.preempted_steps) > 10 else ''})",
+        f"{sum(r.preemptions for r in reqs)} (steps {preempted[:10]}{more})",
         f"pool: peak used {peak_used} of {h['num_blocks']} blocks, peak shared {peak_shared}",
         f"step wall time (ms): {_quantiles(wall)}; time to first token (ms): {_quantiles(ttft)}",
     ]
@@ -169,13 +174,20 @@ def summary(trace: Trace, analysis: Analysis) -> str:
 
 
 def write_html(trace: Trace, analysis: Analysis, path: str) -> None:
-    data = {"header": trace.header, "steps": trace.steps, "summary": summary(trace, analysis),
-            "requests": [dict(asdict(r), ttft_ms=r.ttft_ms) for r in analysis.requests.values()]}
+    data = {
+        "header": trace.header,
+        "steps": trace.steps,
+        "summary": summary(trace, analysis),
+        "requests": [dict(asdict(r), ttft_ms=r.ttft_ms) for r in analysis.requests.values()],
+    }
     with open(PAGE) as fh:
         page = fh.read()
     blob = json.dumps(data, separators=(",", ":")).replace("</", "<\\/")  # no "</script>" inside
+    slot = '<script id="trace-data" type="application/json">null</script>'
+    if slot not in page:
+        raise RuntimeError(f"{PAGE} has lost its data slot: {slot}")
     with open(path, "w") as fh:
-        fh.write(page.replace("/*TRACE_DATA*/null", blob, 1))
+        fh.write(page.replace(slot, slot.replace("null", blob), 1))
 
 
 def write_png(trace: Trace, analysis: Analysis, path: str) -> None:
@@ -188,22 +200,44 @@ def write_png(trace: Trace, analysis: Analysis, path: str) -> None:
     import matplotlib.pyplot as plt
 
     steps = range(len(analysis.pool))
-    free, cached, used, shared = (list(c) for c in zip(*analysis.pool)) if analysis.pool else ([],) * 4
+    free, cached, used, shared = (
+        (list(c) for c in zip(*analysis.pool)) if analysis.pool else ([],) * 4
+    )
     plain_free = [f - c for f, c in zip(free, cached)]
     fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(10, 5.2), sharex=True, dpi=90)
-    ax1.stackplot(steps, used, cached, plain_free, colors=["#4c72b0", "#a5c8a0", "#e6e6e6"], step="post",
-                  labels=["used", "cached-free (prefix kept)", "free"])
-    ax1.plot(steps, shared, color="#c44e52", lw=1.2, drawstyle="steps-post", label="shared (ref > 1)")
+    ax1.stackplot(
+        steps,
+        used,
+        cached,
+        plain_free,
+        colors=["#4c72b0", "#a5c8a0", "#e6e6e6"],
+        step="post",
+        labels=["used", "cached-free (prefix kept)", "free"],
+    )
+    ax1.plot(
+        steps, shared, color="#c44e52", lw=1.2, drawstyle="steps-post", label="shared (ref > 1)"
+    )
     ax1.set_ylabel("KV blocks")
     ax1.set_ylim(0, trace.header["num_blocks"])
     ax1.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
     ax1.set_title("KV block pool", fontsize=10)
     ax2.bar(steps, analysis.decode, width=1.0, color="#4c72b0", label="decode tokens")
-    ax2.bar(steps, analysis.prefill, width=1.0, bottom=analysis.decode, color="#dd8452", label="prefill tokens")
-    ax2.axhline(trace.header["max_num_batched_tokens"], color="#c44e52", ls="--", lw=1, label="token budget")
+    ax2.bar(
+        steps,
+        analysis.prefill,
+        width=1.0,
+        bottom=analysis.decode,
+        color="#dd8452",
+        label="prefill tokens",
+    )
+    ax2.axhline(
+        trace.header["max_num_batched_tokens"], color="#c44e52", ls="--", lw=1, label="token budget"
+    )
     for i, s in enumerate(analysis.preempted_steps):
         for ax in (ax1, ax2):
-            ax.axvline(s, color="black", ls=":", lw=1, label="preemption" if i == 0 and ax is ax2 else None)
+            ax.axvline(
+                s, color="black", ls=":", lw=1, label="preemption" if i == 0 and ax is ax2 else None
+            )
     ax2.set_ylabel("tokens per step")
     ax2.set_xlabel("engine step")
     ax2.legend(loc="upper left", bbox_to_anchor=(1.01, 1), fontsize=8)
@@ -224,7 +258,7 @@ def report_main(argv: list[str]) -> int:
     trace = read_trace(args.trace)
     analysis = analyze(trace)
     print(summary(trace, analysis))
-    base = args.trace[:-3] if args.trace.endswith(".gz") else args.trace
+    base = args.trace.removesuffix(".gz")
     html = args.output or os.path.splitext(base)[0] + ".html"
     write_html(trace, analysis, html)
     print(f"report: {html}")

@@ -23,6 +23,7 @@ step's wall time) and, when not empty:
 - ``pool``: ``[free, cached-free, used, shared]`` block counts after the step (cached-free
   blocks are among the free ones; shared: held by more than one sequence).
 """
+
 from __future__ import annotations
 
 import atexit
@@ -36,7 +37,9 @@ from vllm_lite.engine.sequence import Sequence
 class StepTracer:
     def __init__(self, path: str, engine) -> None:
         self.path = path
-        self.file = gzip.open(path, "wt", compresslevel=6) if path.endswith(".gz") else open(path, "w")
+        self.file = (
+            gzip.open(path, "wt", compresslevel=6) if path.endswith(".gz") else open(path, "w")
+        )
         bm, config = engine.block_manager, engine.config
         self.block_manager = bm
         self.refs = [0] * bm.num_blocks  # the block tables as the trace has told them
@@ -48,11 +51,19 @@ class StepTracer:
         self.num_steps = 0
         self.start = time.perf_counter()
         self.last_flush = self.start
-        self._write({"trace": "vllm-lite", "version": 1, "model": engine.model_path,
-                     "num_blocks": bm.num_blocks, "block_size": bm.block_size,
-                     "max_num_batched_tokens": config.max_num_batched_tokens,
-                     "max_num_seqs": config.max_num_seqs, "prefix_caching": bm.enable_prefix_caching,
-                     "started": time.time()})
+        self._write(
+            {
+                "trace": "vllm-lite",
+                "version": 1,
+                "model": engine.model_path,
+                "num_blocks": bm.num_blocks,
+                "block_size": bm.block_size,
+                "max_num_batched_tokens": config.max_num_batched_tokens,
+                "max_num_seqs": config.max_num_seqs,
+                "prefix_caching": bm.enable_prefix_caching,
+                "started": time.time(),
+            }
+        )
         atexit.register(self.close)
 
     def step(self, engine) -> list:
@@ -124,12 +135,21 @@ class StepTracer:
                 self.tables[seq_id] = (seq, list(new), seq.num_preemptions)
             else:
                 self.tables.pop(seq_id, None)
-        hits = [[s.seq_id, (s.num_computed_tokens - n) // bs] for s, n in zip(batch.seqs, batch.num_new_tokens)
-                if s.seq_id in admitted and s.num_computed_tokens - n >= bs]
+        hits = [
+            [s.seq_id, (s.num_computed_tokens - n) // bs]
+            for s, n in zip(batch.seqs, batch.num_new_tokens)
+            if s.seq_id in admitted and s.num_computed_tokens - n >= bs
+        ]
         finished = [s for s in seqs.values() if s.is_finished]
         for seq in finished:
             self.live.pop(seq.seq_id, None)
-        for key, value in (("p", prefill), ("d", decode), ("pre", preempted), ("hit", hits), ("bt", deltas)):
+        for key, value in (
+            ("p", prefill),
+            ("d", decode),
+            ("pre", preempted),
+            ("hit", hits),
+            ("bt", deltas),
+        ):
             if value:
                 record[key] = value
         self._record_cached_free(freed, unseen_blocks, record)
@@ -181,7 +201,12 @@ class StepTracer:
             return
         gone = [s for s in self.live.values() if s.is_finished]
         if gone:
-            self._write({"step": self.num_steps, "t": round((time.perf_counter() - self.start) * 1e3, 3),
-                         "fin": [self._finished(s) for s in gone]})
+            self._write(
+                {
+                    "step": self.num_steps,
+                    "t": round((time.perf_counter() - self.start) * 1e3, 3),
+                    "fin": [self._finished(s) for s in gone],
+                }
+            )
         self.file.close()
         atexit.unregister(self.close)
