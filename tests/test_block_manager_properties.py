@@ -122,6 +122,7 @@ class PrefixCachingMachine(RuleBasedStateMachine):
             assert self.bm.block_key[block] == key and self.bm.block_prefix[block]
             assert PLACEHOLDER not in key[1], "a block keyed before its last token was read back"
         assert sum(k is not None for k in self.bm.block_key) == len(cached)
+        assert self.bm.num_cached_free_blocks == len(cached & free)  # the trace's cached-free count
         if not self.enable_prefix_caching:
             assert not cached and not any(self.bm.block_prefix)
 

@@ -1,5 +1,6 @@
 """Command line: ``vllm-lite generate`` (what ``python main.py`` runs), ``vllm-lite serve`` (the
-OpenAI-compatible server) and ``vllm-lite bench throughput|serve``."""
+OpenAI-compatible server), ``vllm-lite bench throughput|serve`` and ``vllm-lite report TRACE``
+(the page of a run traced with ``--trace FILE``)."""
 from __future__ import annotations
 
 import argparse
@@ -61,16 +62,19 @@ def generate_main(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``vllm-lite [generate|serve|bench] ...``; a bad flag or config value is one line on
+    """``vllm-lite [generate|serve|bench|report] ...``; a bad flag or config value is one line on
     stderr and exit status 2 (vllm_lite/entrypoints/cli_util.py)."""
     from vllm_lite.entrypoints.cli_util import one_line_errors
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    command = argv.pop(0) if argv and argv[0] in ("generate", "bench", "serve") else "generate"
+    command = argv.pop(0) if argv and argv[0] in ("generate", "bench", "serve", "report") else "generate"
     with one_line_errors(f"vllm-lite {command}"):
         if command == "serve":
             from vllm_lite.entrypoints.openai_server import serve_main
             return serve_main(argv)
+        if command == "report":
+            from vllm_lite.trace_report import report_main
+            return report_main(argv)
         if command == "bench" and argv and argv[0] == "serve":
             from vllm_lite.bench_serve import bench_serve_main
             return bench_serve_main(argv[1:])

@@ -47,6 +47,7 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # no CUDA graphs
     attention_backend: str = "auto"
+    trace: str | None = None  # write a step trace here (JSON lines; .gz: gzipped) for `vllm-lite report`
 
     def __post_init__(self) -> None:
         self.validate()

@@ -31,6 +31,7 @@ class BlockManager:
         self.block_key: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
         self.block_prefix: list[int] = [0] * num_blocks  # prefix id of the tokens up to the block's end; 0: none
         self._prefix_ids = itertools.count(1)
+        self.num_cached_free_blocks = 0  # free blocks that still hold a cached prefix's K/V
 
     @property
     def num_free_blocks(self) -> int:
@@ -68,8 +69,9 @@ class BlockManager:
         No one writes into a full block again, so a shared block is never copied."""
         assert not seq.block_table
         for block in blocks:
-            if self.ref_counts[block] == 0:
+            if self.ref_counts[block] == 0:  # a cached free block (only those are found free)
                 del self.free_blocks[block]
+                self.num_cached_free_blocks -= 1
             self.ref_counts[block] += 1
         seq.block_table = list(blocks)
 
@@ -82,6 +84,7 @@ class BlockManager:
             self.ref_counts[block] -= 1
             if self.ref_counts[block] == 0:
                 self.free_blocks[block] = None
+                self.num_cached_free_blocks += self.block_key[block] is not None
         seq.block_table = []
         seq.num_cached_blocks = 0
 
@@ -127,8 +130,9 @@ class BlockManager:
 
     def _forget(self, block: int) -> None:
         key = self.block_key[block]
-        if key is not None:
+        if key is not None:  # a cached free block, taken for new tokens (or a reset)
             del self.cached_blocks[key]
+            self.num_cached_free_blocks -= 1
         self.block_key[block], self.block_prefix[block] = None, 0
 
     def reset_prefix_cache(self) -> bool:

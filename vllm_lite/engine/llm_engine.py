@@ -23,8 +23,9 @@ from vllm_lite.config import EngineConfig
 from vllm_lite.engine.block_manager import BlockManager
 from vllm_lite.engine.output_processor import CompletionOutput  # noqa: F401 - re-exported
 from vllm_lite.engine.output_processor import CoreOutputs, OutputProcessor, RequestOutput
-from vllm_lite.engine.scheduler import Scheduler
+from vllm_lite.engine.scheduler import ScheduledBatch, Scheduler
 from vllm_lite.engine.sequence import MAX_CHUNK, PLACEHOLDER, Sequence
+from vllm_lite.engine.tracer import StepTracer
 from vllm_lite.logprobs import token_logprobs
 from vllm_lite.sampler import Penalties, Sampler, SamplingBatch, TokenHistory
 from vllm_lite.sampling_params import SamplingParams
@@ -193,10 +194,13 @@ class LLMEngine:
         # engine must hold no reference cycle, so that dropping it frees its GPU memory at once
         self._history = TokenHistory(self.device, functools.partial(to_device, device=self.device))
         self._structured = None  # StructuredOutputManager, made for the first structured request
+        self.tracer = None
         if self.device.type == "cuda":
             self._warm_up_full_batch()
             gc.collect()
             gc.freeze()  # what start-up built is never garbage: later collections skip it (as vLLM)
+        if config.trace:  # after the warm-up, whose throw-away requests are not traced
+            self.tracer = StepTracer(config.trace, self)
 
     def _warm_up_full_batch(self) -> None:
         """What a first ``generate`` paid over the second that the runner's kernel warm-up does
@@ -370,7 +374,12 @@ class LLMEngine:
         the token before it. The host advances the matchers and fills the mask while the
         device runs the forward pass, so every sampled token was allowed by its matcher's
         state after all its earlier tokens; no placeholder ever reaches a matcher."""
-        batch = self.scheduler.schedule()
+        if self.tracer is not None:  # times the step and writes what it did (engine/tracer.py)
+            return self.tracer.step(self)
+        return self.run_batch(self.scheduler.schedule())
+
+    def run_batch(self, batch: ScheduledBatch) -> CoreOutputs:
+        """Launch ``batch``, the scheduler's decision, and process the step before it."""
         previous, self.inflight = self.inflight, None
         if batch:
             self.inflight = self._launch(batch, previous)
@@ -681,6 +690,8 @@ class LLMEngine:
         return self.block_manager.reset_prefix_cache()
 
     def close(self) -> None:
+        if self.tracer is not None:
+            self.tracer.close()
         close = getattr(self.runner, "close", None)
         if close is not None:
             close()
