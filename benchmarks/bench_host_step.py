@@ -39,7 +39,7 @@ import time
 
 import torch
 
-from vllm_lite.benchmark import CONFIG_DIR, EXTRAS, Workload, prompts_pending, text_tokenizer_for_shape
+from vllm_lite.entrypoints.benchmark import CONFIG_DIR, EXTRAS, Workload, prompts_pending, text_tokenizer_for_shape
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.llm_engine import LLMEngine
 from vllm_lite.sampling_params import SamplingParams

@@ -11,7 +11,7 @@ import torch
 import triton
 
 from vllm_lite.layers.fused_ops import gumbel_sample, token_logprobs
-from vllm_lite.logprobs import token_logprobs_native
+from vllm_lite.worker.logprobs import token_logprobs_native
 
 
 def main() -> None:

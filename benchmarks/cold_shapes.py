@@ -15,7 +15,7 @@ import time
 import torch
 
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.benchmark import model_folder
+from vllm_lite.entrypoints.benchmark import model_folder
 
 
 def timed(fn) -> float:

@@ -17,9 +17,9 @@ from collections import defaultdict
 import torch
 
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.benchmark import model_folder
-from vllm_lite.model_runner import ModelRunner
-from vllm_lite.triton_variants import compiled_variant_counts, describe, record_triton_variants
+from vllm_lite.entrypoints.benchmark import model_folder
+from vllm_lite.worker.model_runner import ModelRunner
+from vllm_lite.worker.triton_variants import compiled_variant_counts, describe, record_triton_variants
 
 PARTS = ("warm_up", "warm_up_kernels", "capture_cuda_graphs")
 

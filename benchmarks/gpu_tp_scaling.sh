@@ -7,7 +7,7 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
 OUT=${OUT:-/tmp/out}; mkdir -p $OUT
 timeout 200 python3 -m pytest tests/test_tensor_parallel.py -q -x 2>&1 | tail -3
 for tp in 1 2 4; do
-  timeout 150 python3 -m vllm_lite.cli bench throughput --model-config qwen2.5-7b --tensor-parallel-size $tp \
+  timeout 150 python3 -m vllm_lite.entrypoints.cli bench throughput --model-config qwen2.5-7b --tensor-parallel-size $tp \
     --json $OUT/qwen7b_tp$tp.json 2>&1 | grep -v "it/s" | tail -5
   timeout 120 python3 -m benchmarks.profile_decode --model-config qwen2.5-7b --tensor-parallel-size $tp 2>&1 \
     | grep -A3 "^decode step\|NCCL" | tee $OUT/profile_tp$tp.log

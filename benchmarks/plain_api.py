@@ -16,7 +16,7 @@ import time
 from transformers import AutoConfig
 
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.benchmark import Workload, model_folder, text_tokenizer_for_shape
+from vllm_lite.entrypoints.benchmark import Workload, model_folder, text_tokenizer_for_shape
 
 
 def main() -> None:

@@ -14,7 +14,7 @@ import time
 import torch
 
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.benchmark import DEFAULT_LENS, EXTRAS, Workload, model_folder, prompts_pending, weight_and_kv_bytes
+from vllm_lite.entrypoints.benchmark import DEFAULT_LENS, EXTRAS, Workload, model_folder, prompts_pending, weight_and_kv_bytes
 
 
 def main() -> None:

@@ -14,8 +14,8 @@ import time
 import torch
 
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.benchmark import DEFAULT_LENS, Workload, model_folder, prompts_pending, record_steps
-from vllm_lite.model_runner import ModelRunner
+from vllm_lite.entrypoints.benchmark import DEFAULT_LENS, Workload, model_folder, prompts_pending, record_steps
+from vllm_lite.worker.model_runner import ModelRunner
 
 
 def add_requests(llm: LLM, work: Workload) -> None:

@@ -15,11 +15,11 @@ export PYTHONUNBUFFERED=1
 LENS=(--input-len 100 512 --output-len 100 512)
 
 echo "== offline: bench throughput =="
-$PY -m vllm_lite.cli bench throughput --model-config "$MODEL/config.json" --tokenizer-path "$MODEL" \
+$PY -m vllm_lite.entrypoints.cli bench throughput --model-config "$MODEL/config.json" --tokenizer-path "$MODEL" \
     --num-prompts "$N" "${LENS[@]}" --runs 2 --json "$OUT_DIR/offline.json" 2>&1 | grep -v "^Generating\|it/s" | tail -4
 
 echo "== server: vllm-lite serve + bench serve =="
-$PY -m vllm_lite.cli serve "$MODEL" --load-format dummy --port "$PORT" --max-model-len 1024 --log-level warning \
+$PY -m vllm_lite.entrypoints.cli serve "$MODEL" --load-format dummy --port "$PORT" --max-model-len 1024 --log-level warning \
     > "$OUT_DIR/serve.log" 2>&1 &
 SERVER=$!
 $PY - "$PORT" <<'EOF' || { cat "$OUT_DIR/serve.log"; kill $SERVER; exit 1; }
@@ -33,8 +33,8 @@ for _ in range(600):
     time.sleep(0.5)
 sys.exit("server did not come up")
 EOF
-$PY -m vllm_lite.cli bench serve --port "$PORT" --num-prompts "$N" "${LENS[@]}" --json "$OUT_DIR/serve_all.json"
-$PY -m vllm_lite.cli bench serve --port "$PORT" --num-prompts "$((N / 2))" "${LENS[@]}" --request-rate 16 \
+$PY -m vllm_lite.entrypoints.cli bench serve --port "$PORT" --num-prompts "$N" "${LENS[@]}" --json "$OUT_DIR/serve_all.json"
+$PY -m vllm_lite.entrypoints.cli bench serve --port "$PORT" --num-prompts "$((N / 2))" "${LENS[@]}" --request-rate 16 \
     --json "$OUT_DIR/serve_rate16.json"
 $PY -c "import httpx,sys; print('\n'.join(l for l in httpx.get('http://127.0.0.1:$PORT/metrics').text.splitlines()
         if l.startswith(('vllm:num_pre', 'vllm:generation_tokens_total', 'vllm:prompt_tokens_total',

@@ -31,8 +31,8 @@ import time
 import httpx
 from transformers import AutoConfig
 
-from vllm_lite.bench_serve import run_benchmark
-from vllm_lite.benchmark import Workload, model_folder, run_ours, text_tokenizer_for_shape
+from vllm_lite.entrypoints.bench_serve import run_benchmark
+from vllm_lite.entrypoints.benchmark import Workload, model_folder, run_ours, text_tokenizer_for_shape
 from vllm_lite.config import EngineConfig, add_config_flags
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -67,7 +67,7 @@ def serve_flags(overrides: dict) -> list[str]:
 
 def start_server(tree: str, model_path: str, overrides: dict) -> tuple[subprocess.Popen, str]:
     env = {**os.environ, "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", ""), "VLLM_LITE_API_KEY": ""}
-    cmd = [sys.executable, "-m", "vllm_lite.cli", "serve", model_path, "--port", "0", "--log-level", "warning",
+    cmd = [sys.executable, "-m", "vllm_lite.entrypoints.cli", "serve", model_path, "--port", "0", "--log-level", "warning",
            *serve_flags({k: v for k, v in overrides.items() if k != "model_path"})]
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()

@@ -28,8 +28,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from benchmarks.serve_overhead import REPO, start_server, wait_until_healthy
-from vllm_lite.bench_serve import run_benchmark
-from vllm_lite.benchmark import Workload, model_folder
+from vllm_lite.entrypoints.bench_serve import run_benchmark
+from vllm_lite.entrypoints.benchmark import Workload, model_folder
 
 
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:

@@ -6,7 +6,7 @@ import pytest
 from transformers import AutoConfig
 
 from tiny_models import make_tiny_model
-from vllm_lite.benchmark import (Workload, bench_main, decode_floor_seconds, model_folder,
+from vllm_lite.entrypoints.benchmark import (Workload, bench_main, decode_floor_seconds, model_folder,
                                  text_tokenizer_for_shape)
 from vllm_lite.default_model import default_model_path
 

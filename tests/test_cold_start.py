@@ -21,15 +21,15 @@ import pytest  # noqa: E402
 
 from tiny_models import make_tiny_model, prompts_of_lengths  # noqa: E402
 from vllm_lite import LLM, SamplingParams  # noqa: E402
-from vllm_lite import sampler  # noqa: E402
+from vllm_lite.worker import sampler  # noqa: E402
 from vllm_lite.attention import triton_ops  # noqa: E402
 from vllm_lite.engine import llm_engine  # noqa: E402
 from vllm_lite.layers import fused_ops  # noqa: E402
 from vllm_lite.layers.activation import SiluAndMul  # noqa: E402
 from vllm_lite.layers.norm import RMSNorm  # noqa: E402
 from vllm_lite.layers.rotary import RotaryEmbedding  # noqa: E402
-from vllm_lite.model_runner import ModelRunner, StepInput  # noqa: E402
-from vllm_lite.triton_variants import compiled_variant_counts, describe, record_triton_variants  # noqa: E402
+from vllm_lite.worker.model_runner import ModelRunner, StepInput  # noqa: E402
+from vllm_lite.worker.triton_variants import compiled_variant_counts, describe, record_triton_variants  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 H100_SMS = 132

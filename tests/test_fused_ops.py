@@ -19,8 +19,8 @@ from vllm_lite.layers.activation import SiluAndMul  # noqa: E402
 from vllm_lite.layers.fused_ops import gumbel_sample, rms_norm, rotary, silu_and_mul, token_logprobs  # noqa: E402
 from vllm_lite.layers.norm import RMSNorm  # noqa: E402
 from vllm_lite.layers.rotary import RotaryEmbedding  # noqa: E402
-from vllm_lite.logprobs import token_logprobs_native  # noqa: E402
-from vllm_lite.sampler import Sampler, SamplingBatch  # noqa: E402
+from vllm_lite.worker.logprobs import token_logprobs_native  # noqa: E402
+from vllm_lite.worker.sampler import Sampler, SamplingBatch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="bf16 checks need a GPU")

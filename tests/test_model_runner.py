@@ -8,9 +8,9 @@ from transformers import AutoConfig
 
 from tiny_models import make_tiny_model
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.scheduler import ScheduledBatch
+from vllm_lite.worker.batch import ScheduledBatch
 from vllm_lite.engine.sequence import Sequence
-from vllm_lite.model_runner import BlockTableRows, ModelRunner
+from vllm_lite.worker.model_runner import BlockTableRows, ModelRunner
 from vllm_lite.sampling_params import SamplingParams
 
 

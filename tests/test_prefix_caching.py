@@ -194,7 +194,7 @@ def test_decodes_sharing_cached_blocks_read_them_once_with_the_same_tokens(path,
     """Cascade attention (Triton backend; the interpreter on CPU): decode steps whose sequences
     share cached prefix blocks attend to them once for all, and every token equals caching off
     (nothing shared there). Thresholds lowered to fit a tiny run."""
-    from vllm_lite.model_runner import ModelRunner
+    from vllm_lite.worker.model_runner import ModelRunner
     monkeypatch.setattr(ModelRunner, "cascade_min_seqs", 2)
     monkeypatch.setattr(ModelRunner, "cascade_min_tokens", 2 * BS)
     prompts = shared_prefix_prompts(3 * BS + 5, [1, 9, 20, 4], seed=9)

@@ -3,7 +3,7 @@ import torch
 
 from tiny_models import make_tiny_model, prompts_of_lengths
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.sampler import Penalties, Sampler, SamplingBatch
+from vllm_lite.worker.sampler import Penalties, Sampler, SamplingBatch
 
 
 @pytest.fixture(scope="module")

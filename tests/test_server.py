@@ -491,8 +491,8 @@ def test_client_disconnect_while_waiting_for_a_full_response_aborts(server):
 
 # ---- benchmark --------------------------------------------------------------------------------
 def test_bench_serve_reports_throughput_and_latency_percentiles(server, tmp_path, capsys):
-    from vllm_lite.bench_serve import bench_serve_main
-    from vllm_lite.benchmark import Workload
+    from vllm_lite.entrypoints.bench_serve import bench_serve_main
+    from vllm_lite.entrypoints.benchmark import Workload
     out = tmp_path / "serve.json"
     assert bench_serve_main(["--base-url", server.url, "--api-key", KEY, "--num-prompts", "4", "--input-len", "4", "4",
                              "--output-len", "3", "8", "--request-rate", "50", "--json", str(out)]) == 0
@@ -509,7 +509,7 @@ def test_bench_serve_sends_text_prompts_without_vllm_fields(server, model_path, 
     --no-ignore-eos: the body has OpenAI's fields only."""
     from transformers import AutoTokenizer
 
-    from vllm_lite.bench_serve import bench_serve_main, request_body
+    from vllm_lite.entrypoints.bench_serve import bench_serve_main, request_body
     out = tmp_path / "serve.json"
     assert bench_serve_main(["--base-url", server.url, "--api-key", KEY, "--num-prompts", "3", "--input-len", "5", "9",
                              "--output-len", "2", "4", "--tokenizer", model_path, "--no-ignore-eos",
@@ -531,7 +531,7 @@ def _env():
 @pytest.mark.parametrize("how", ["SIGTERM to the server", "Ctrl-C to the process group"])
 def test_sigterm_drains_running_requests_then_exits_cleanly(model_path, tmp_path, how):
     """The engine process ignores both signals: the server drains, then stops it."""
-    proc = subprocess.Popen([sys.executable, "-m", "vllm_lite.cli", "serve", model_path, "--port", "0",
+    proc = subprocess.Popen([sys.executable, "-m", "vllm_lite.entrypoints.cli", "serve", model_path, "--port", "0",
                              "--max-model-len", "512", "--num-blocks", "64", "--log-level", "warning"],
                             cwd=tmp_path, env=_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
@@ -579,7 +579,7 @@ BAD_COMMANDS = {
 
 @pytest.mark.parametrize("command", BAD_COMMANDS)
 def test_bad_flag_or_config_value_is_one_line_on_stderr_and_exit_2(command, capsys, monkeypatch, tmp_path):
-    from vllm_lite.cli import main
+    from vllm_lite.entrypoints.cli import main
     monkeypatch.chdir(tmp_path)  # no config.yaml
     args, key = BAD_COMMANDS[command]
     with pytest.raises(SystemExit) as exc:

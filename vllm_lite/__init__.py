@@ -2,8 +2,8 @@
 tensor parallelism)."""
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.llm_engine import CompletionOutput, LLMEngine, RequestOutput
-from vllm_lite.logprobs import Logprob
-from vllm_lite.llm import LLM
+from vllm_lite.worker.logprobs import Logprob
+from vllm_lite.entrypoints.llm import LLM
 from vllm_lite.sampling_params import SamplingParams
 
 __all__ = ["LLM", "SamplingParams", "EngineConfig", "LLMEngine", "RequestOutput", "CompletionOutput", "Logprob"]

@@ -17,8 +17,8 @@ from vllm_lite.engine.block_manager import BlockManager
 from vllm_lite.engine.detokenizer import IncrementalDetokenizer
 from vllm_lite.engine.scheduler import Scheduler
 from vllm_lite.engine.sequence import MAX_CHUNK, PLACEHOLDER, Sequence
-from vllm_lite.logprobs import FlatLogprobs, token_logprobs
-from vllm_lite.sampler import Penalties, Sampler, SamplingBatch, TokenHistory
+from vllm_lite.worker.logprobs import FlatLogprobs, token_logprobs
+from vllm_lite.worker.sampler import Penalties, Sampler, SamplingBatch, TokenHistory
 from vllm_lite.sampling_params import SamplingParams
 
 
@@ -165,10 +165,10 @@ class LLMEngine:
         self.eos_token_ids = self._eos_token_ids()
 
         if config.tensor_parallel_size > 1:
-            from vllm_lite.engine.tp_executor import TPExecutor
+            from vllm_lite.worker.tp_executor import TPExecutor
             self.runner = TPExecutor(config, self.hf_config, self.model_path)
         else:
-            from vllm_lite.model_runner import ModelRunner
+            from vllm_lite.worker.model_runner import ModelRunner
             self.runner = ModelRunner(config, self.hf_config, self.model_path)
             self.runner.allocate_kv_cache(config.num_blocks or self.runner.default_num_blocks())
         self.device = self.runner.device

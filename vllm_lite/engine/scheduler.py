@@ -8,28 +8,10 @@ their cached prefix) and it is recomputed later. The engine adds the forked comp
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from vllm_lite.engine.block_manager import BlockManager
 from vllm_lite.engine.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class ScheduledBatch:
-    """The step's work, decodes (one new token) first, then prefill chunks."""
-    seqs: list[Sequence]
-    num_new_tokens: list[int]
-
-    @property
-    def num_decodes(self) -> int:
-        return self.num_new_tokens.count(1)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def __bool__(self) -> bool:
-        return bool(self.seqs)
+from vllm_lite.worker.batch import ScheduledBatch
 
 
 class Scheduler:

@@ -6,12 +6,12 @@ from __future__ import annotations
 import enum
 import itertools
 
-from vllm_lite.logprobs import FlatLogprobs
+from vllm_lite.worker.logprobs import FlatLogprobs
 from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.worker.batch import PLACEHOLDER  # noqa: F401  (the engine's name for it too)
 
 _ids = itertools.count()
 MAX_CHUNK = 1 << 62
-PLACEHOLDER = -1  # a sampled token not yet read back from the device
 
 
 class SequenceStatus(enum.Enum):
@@ -100,31 +100,3 @@ class Sequence:
         child.prompt_logprobs = self.prompt_logprobs
         self.group.append(child)
         return child
-
-
-class SequenceRows:
-    """Which row of an array kept between steps (block tables, penalties' token ids) holds each
-    sequence's data. A sequence keeps its row from step to step; the rows of sequences that
-    left the steps (finished, preempted) are given to others only when free rows run short,
-    and then the rows at least double."""
-
-    def __init__(self, num_rows: int = 0) -> None:
-        self.num_rows = num_rows
-        self.row_of: dict[int, int] = {}  # seq_id -> row
-        self.free = list(range(num_rows - 1, -1, -1))
-
-    def assign(self, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
-        """The row of each of ``seqs``, and the rows this call gave to sequences new here
-        (their old contents are another sequence's: the caller resets them)."""
-        new = [s for s in seqs if s.seq_id not in self.row_of]
-        if len(new) > len(self.free):
-            keep = {s.seq_id for s in seqs}
-            self.free += [self.row_of.pop(i) for i in [i for i in self.row_of if i not in keep]]
-        if len(new) > len(self.free):
-            extra = max(len(new) - len(self.free), self.num_rows)
-            self.free += range(self.num_rows + extra - 1, self.num_rows - 1, -1)
-            self.num_rows += extra
-        given = [self.free.pop() for _ in new]
-        for seq, row in zip(new, given):
-            self.row_of[seq.seq_id] = row
-        return [self.row_of[s.seq_id] for s in seqs], given

@@ -25,7 +25,7 @@ import time
 from collections.abc import AsyncIterator
 
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.tp_executor import pipe
+from vllm_lite.worker.tp_executor import pipe
 from vllm_lite.entrypoints.engine_core import (CompletionDelta, EngineInfo, EngineState, RequestDelta,  # noqa: F401
                                                 merge_deltas, run_engine_core)
 from vllm_lite.sampling_params import SamplingParams

@@ -2,7 +2,7 @@
 server that takes token-id prompts and vLLM's ``ignore_eos``) the way vLLM's
 ``benchmark_serving.py`` does, and report what a user of the server sees.
 
-The workload is the throughput benchmark's (``vllm_lite.benchmark.Workload``: random token
+The workload is the throughput benchmark's (``vllm_lite.entrypoints.benchmark.Workload``: random token
 prompts, or nano-vllm's draws), sent to ``/v1/completions`` as token ids with
 ``stream: true``, ``ignore_eos`` and ``max_tokens`` = the drawn output length (``--tokenizer``: as
 the ids' text instead; ``--no-ignore-eos``: without vLLM's field, for strict OpenAI servers). Requests start
@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from vllm_lite.benchmark import DEFAULT_TEMPERATURE, Workload
+from vllm_lite.entrypoints.benchmark import DEFAULT_TEMPERATURE, Workload
 
 
 @dataclass

@@ -24,7 +24,7 @@ import torch
 
 from vllm_lite.config import EngineConfig, add_config_flags
 
-CONFIG_DIR = os.path.join(os.path.dirname(__file__), "model_configs")
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "model_configs")
 SMOLLM2_VOCAB = 49152  # a Llama shape with this vocabulary can use SmolLM2's tokenizer
 DEFAULT_TEMPERATURE = {"random": 1.0, "nano-vllm": 0.6, "shared-prefix": 1.0}
 DEFAULT_LENS = {"shared-prefix": ((128, 128), (128, 128))}  # question and output lengths; else 100..1024
@@ -339,7 +339,7 @@ def bench_main(argv: list[str]) -> int:
         print(f"  one more run, untimed, with step spies: {result['decode_time_s']:.2f} s in pure decode steps, "
               f"{result['prefill_or_mixed_time_s']:.2f} s in prefill/mixed steps")
     if peer == "hf":
-        from vllm_lite.model_runner import DTYPES
+        from vllm_lite.worker.model_runner import DTYPES
         try:
             peer_s = run_hf_peer(folder, work, DTYPES.get(ours["dtype"].replace("torch.", ""), torch.bfloat16))
         except Exception as exc:  # report ours even if the peer breaks

@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
             from vllm_lite.entrypoints.openai_server import serve_main
             return serve_main(argv)
         if command == "bench" and argv and argv[0] == "serve":
-            from vllm_lite.bench_serve import bench_serve_main
+            from vllm_lite.entrypoints.bench_serve import bench_serve_main
             return bench_serve_main(argv[1:])
         if command == "bench":
-            from vllm_lite.benchmark import bench_main
+            from vllm_lite.entrypoints.benchmark import bench_main
             return bench_main(argv)
         return generate_main(argv)
 

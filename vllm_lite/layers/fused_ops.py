@@ -279,7 +279,7 @@ def _logprob_chunk_kernel(
 
 
 def token_logprobs(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tensor, k: int):
-    """``vllm_lite.logprobs.token_logprobs`` in one read of the logits: per-chunk statistics
+    """``vllm_lite.worker.logprobs.token_logprobs`` in one read of the logits: per-chunk statistics
     and top-k candidates from one kernel, then a few small ops over [rows, chunks] combine them
     (no [rows, vocab] log-softmax, gather or copy)."""
     num_rows, vocab = len(rows), logits.shape[1]

@@ -13,10 +13,9 @@ import torch
 from vllm_lite.attention import AttentionMetadata, SharedPrefix, forward_context, get_backend
 from vllm_lite.attention.layer import Attention
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.scheduler import ScheduledBatch
-from vllm_lite.engine.sequence import SequenceRows
 from vllm_lite.models import get_model_class
 from vllm_lite.models.loader import init_dummy_weights, load_weights
+from vllm_lite.worker.batch import ScheduledBatch, SequenceRows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

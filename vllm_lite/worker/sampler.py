@@ -9,8 +9,8 @@ from dataclasses import dataclass
 
 import torch
 
-from vllm_lite.engine.sequence import PLACEHOLDER, SequenceRows
-from vllm_lite.logprobs import token_logprobs
+from vllm_lite.worker.batch import PLACEHOLDER, SequenceRows
+from vllm_lite.worker.logprobs import token_logprobs
 
 
 @dataclass

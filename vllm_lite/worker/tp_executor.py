@@ -44,7 +44,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vllm_lite.config import EngineConfig
-from vllm_lite.model_runner import ModelRunner, StepInput, resolve_device
+from vllm_lite.worker.model_runner import ModelRunner, StepInput, resolve_device
 from vllm_lite.parallel_state import set_tp, tp_rank, tp_size
 
 TIMEOUT_ENV = "VLLM_LITE_TP_TIMEOUT"
