@@ -73,7 +73,7 @@ def test_shapes_get_smollm2s_tokenizer_only_for_a_llama_of_its_vocabulary():
 
 
 def test_benchmark_says_text_is_off_for_a_folder_without_a_tokenizer(tmp_path, capsys):
-    folder = make_tiny_model(str(tmp_path / "m"), "qwen3")
+    make_tiny_model(str(tmp_path / "m"), "qwen3")
     config_only = tmp_path / "config.json"
     config_only.write_text((tmp_path / "m" / "config.json").read_text())
     with pytest.warns(UserWarning, match="it is not used"):

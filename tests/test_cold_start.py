@@ -68,7 +68,8 @@ def graph_capture_step(runner, batch: int) -> StepInput:
 def first_requests(llm: LLM) -> list:
     """A realistic start: one request alone, then a batch of mixed lengths under a small token
     budget (chunked prefill, decodes next to prefill chunks, many decodes), then prompts whose
-    prefixes are cached, then one that asks for logprobs. Returns the scheduled batches as (decodes, sequences, fresh prefill)."""
+    prefixes are cached, then one that asks for logprobs. Returns the scheduled batches as
+    (decodes, sequences, fresh prefill)."""
     engine = llm.engine
     vocab = engine.hf_config.vocab_size
     batches, schedule = [], engine.scheduler.schedule

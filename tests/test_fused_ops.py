@@ -199,7 +199,8 @@ def test_gumbel_sample_draws_from_the_tempered_softmax(monkeypatch):
 
 
 def test_gumbel_sample_depends_on_the_row_seed_only():
-    """A row's token follows its seed and logits, not its place in the batch or the logits' dtype."""
+    """A row's token follows its seed and logits, not its place in the batch or the logits'
+    dtype."""
     logits = torch.randn(6, 9001, device=DEVICE).to(torch.float16)
     temperature = torch.tensor([1.0, 0.5, 1.0, 2.0, 1.0, 0.8], device=DEVICE)
     seeds = torch.tensor([11, 12, 13, 14, 15, 16], device=DEVICE)

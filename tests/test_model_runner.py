@@ -50,7 +50,7 @@ def test_block_table_rows_give_each_step_its_sequences_tables_zero_padded():
         assert got.dtype == np.int32 and np.array_equal(got, expected)
 
 
-def test_shared_prefix_takes_the_rows_of_the_most_common_first_block_and_their_common_whole_blocks():
+def test_shared_prefix_is_the_most_common_first_blocks_rows_and_their_common_whole_blocks():
     runner = SimpleNamespace(block_size=4, cascade_min_seqs=2, cascade_min_tokens=8)
 
     def shared(tables, seq_lens):

@@ -108,7 +108,8 @@ def error_of(exc_info) -> dict:
 
 
 def needs(*fields):
-    """Skip until the engine's SamplingParams has these fields (the server answers 400 meanwhile)."""
+    """Skip until the engine's SamplingParams has these fields (the server answers 400
+    meanwhile)."""
     missing = sorted(set(fields) - protocol.supported_sampling_fields())
     return pytest.mark.skipif(bool(missing), reason=f"SamplingParams has no {missing} yet")
 

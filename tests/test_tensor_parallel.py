@@ -142,7 +142,8 @@ def test_weights_split_per_rank_on_a_wider_model(tmp_path):
     for tp in (2, 4):
         with LLM(path, tensor_parallel_size=tp, **config) as llm:
             per_rank = llm.engine.runner.rank_weight_bytes
-        print(f"weights: tp {tp} per rank {per_rank} B ({[round(b / single_bytes, 3) for b in per_rank]})")
+        shares = [round(b / single_bytes, 3) for b in per_rank]
+        print(f"weights: tp {tp} per rank {per_rank} B ({shares})")
         assert len(per_rank) == tp
         assert all(0.9 / tp * single_bytes < b < 1.1 / tp * single_bytes for b in per_rank)
 
@@ -261,7 +262,8 @@ if __name__ == "__main__":
     model, then = sys.argv[1:]
     llm = LLM(model, tensor_parallel_size=2, num_blocks=256, block_size=8)
     print(json.dumps({"workers": llm.engine.runner.worker_pids}), flush=True)
-    prompts, params = [[5, 6, 7] * 10] * 4, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    prompts = [[5, 6, 7] * 10] * 4
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)
     if then == "exit":  # the end of a script that never calls close()
         sys.exit(0)

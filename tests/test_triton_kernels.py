@@ -151,7 +151,8 @@ def test_paged_decode_with_a_shared_prefix(block_size, shared_blocks, heads, hea
 
 
 def test_paged_decode_odd_head_dim_and_default_splits():
-    """head_dim 40 is padded to a 64-wide tile and masked; the split count comes from the heuristic."""
+    """head_dim 40 is padded to a 64-wide tile and masked; the split count comes from the
+    heuristic."""
     seq_lens = [5, 90]
     k_cache, v_cache, block_tables = make_pool(seq_lens, 16, 2, 40, torch.float32)
     q = torch.randn(2, 4, 40, device=DEVICE)

@@ -70,7 +70,8 @@ class EngineConfig:
             raise ValueError(f"config key 'block_size': must be in 1..256, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
-                f"config key 'gpu_memory_utilization': must be in (0, 1], got {self.gpu_memory_utilization}"
+                "config key 'gpu_memory_utilization': must be in (0, 1], "
+                f"got {self.gpu_memory_utilization}"
             )
 
     @classmethod

@@ -183,7 +183,8 @@ def _convert_unquiet(source: str, out_dir: Path) -> None:
     result = model.load_state_dict(parsed["tensors"], strict=False)
     if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
         raise RuntimeError(
-            f"{gguf_name}: tensor mismatch (missing={result.missing_keys}, unexpected={result.unexpected_keys})"
+            f"{gguf_name}: tensor mismatch (missing={result.missing_keys}, "
+            f"unexpected={result.unexpected_keys})"
         )
     model.tie_weights()
     if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():

@@ -87,7 +87,8 @@ class FlashAttnBackend(AttentionBackend):
     def check_block_size(cls, block_size: int) -> None:
         if not cls.supports_block_size(block_size):
             raise ValueError(
-                f"attention backend 'flash_attn' needs a KV block_size divisible by {PAGE_BLOCK_MULTIPLE} "
+                f"attention backend 'flash_attn' needs a KV block_size divisible by "
+                f"{PAGE_BLOCK_MULTIPLE} "
                 f"(flash-attn's paged KV cache rule), got {block_size}: set block_size 256, or use "
                 "attention_backend 'triton' (any block size)"
             )
@@ -100,8 +101,9 @@ class FlashAttnBackend(AttentionBackend):
             raise ValueError("attention backend 'flash_attn' runs on CUDA only")
         if q.dtype not in (torch.float16, torch.bfloat16) or k_cache.dtype != q.dtype:
             raise ValueError(
-                f"attention backend 'flash_attn' needs fp16/bf16 activations and KV cache of the same "
-                f"dtype, got q {q.dtype}, cache {k_cache.dtype}: use dtype bfloat16 or backend 'triton'"
+                "attention backend 'flash_attn' needs fp16/bf16 activations and KV cache of the "
+                f"same dtype, got q {q.dtype}, cache {k_cache.dtype}: "
+                "use dtype bfloat16 or backend 'triton'"
             )
 
     def forward(

@@ -44,7 +44,8 @@ def _pow2(n: int, at_least: int = 1) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 dots (tf32 would miss fp32 tolerances); 16-bit use tensor cores."""
+    """fp32 inputs get exact fp32 dots (tf32 would miss fp32 tolerances); 16-bit use tensor
+    cores."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -291,7 +292,8 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_num_splits(num_programs: int, max_seq_len: int, device: torch.device) -> int:
     """Enough (seq, kv head, split) programs to fill every SM about twice, but no split shorter
-    than _MIN_SPLIT_TOKENS keys: large batches get 1 split, small batches with long contexts many."""
+    than _MIN_SPLIT_TOKENS keys: large batches get 1 split, small batches with long contexts
+    many."""
     wanted = triton.cdiv(2 * _num_sms(device), num_programs)
     useful = triton.cdiv(max_seq_len, _MIN_SPLIT_TOKENS)
     splits = max(1, min(wanted, useful, _MAX_SPLITS))

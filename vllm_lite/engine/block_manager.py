@@ -121,7 +121,8 @@ class BlockManager:
                 if holder == block:  # a prefix new to the cache
                     self.block_key[block] = key
                     self.block_prefix[block] = next(self._prefix_ids)
-                else:  # the same tokens computed twice (say, admitted together): lookups find the first
+                else:  # the same tokens computed twice (say, admitted together): lookups find
+                    # the first
                     self.block_prefix[block] = self.block_prefix[holder]
             seq.num_cached_blocks = i + 1
 

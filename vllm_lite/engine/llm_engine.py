@@ -203,7 +203,8 @@ class LLMEngine:
             vocab = self.hf_config.vocab_size
             if len(tokenizer) >= vocab // 2:
                 return tokenizer
-            reason = f"the tokenizer in {source!r} has {len(tokenizer)} tokens for a model vocabulary of {vocab}"
+            reason = (f"the tokenizer in {source!r} has {len(tokenizer)} tokens "
+                      f"for a model vocabulary of {vocab}")
             if config.tokenizer_path is not None:
                 raise ValueError(f"config key 'tokenizer_path': {reason}")
         warnings.warn(f"{reason}: it is not used; prompts must be token ids and outputs carry no text",
@@ -456,7 +457,8 @@ class LLMEngine:
             if p.min_tokens > 0:
                 stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
                 min_tokens_rows.append((row, sorted(stop_ids)))
-        # one upload. top_k in float32: exact below 2**24, and a larger k keeps every token either way
+        # one upload. top_k in float32: exact below 2**24, and a larger k keeps every token
+        # either way
         values = tensor([[p.temperature for p in ps], [max(p.top_k, 0) for p in ps], [p.top_p for p in ps],
                          [p.min_p for p in ps]], torch.float32)
         batch = SamplingBatch(
@@ -534,7 +536,8 @@ class LLMEngine:
             return self._finish(seq, "length", None, pos)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None, pos: int | None = None) -> None:
-        """End ``seq``: tokens after ``pos`` (placeholders of a step already launched) are dropped."""
+        """End ``seq``: tokens after ``pos`` (placeholders of a step already launched) are
+        dropped."""
         if pos is not None:
             del seq.token_ids[pos + 1:]
         if seq.detok is not None and not isinstance(stop_reason, str):  # a stop string already cut the text

@@ -62,7 +62,8 @@ class AsyncLLM:
         try:
             self._process.start()
         finally:
-            commands_out.close()  # the core has its own copies: a pipe ends exactly when one side is gone
+            # the core has its own copies: a pipe ends exactly when one side is gone
+            commands_out.close()
             outputs_in.close()
         atexit.register(self._close_pipes)  # runs before multiprocessing joins the process at exit
         try:

@@ -2,18 +2,18 @@
 server that takes token-id prompts and vLLM's ``ignore_eos``) the way vLLM's
 ``benchmark_serving.py`` does, and report what a user of the server sees.
 
-The workload is the throughput benchmark's (``vllm_lite.entrypoints.benchmark.Workload``: random token
-prompts, or nano-vllm's draws), sent to ``/v1/completions`` as token ids with
+The workload is the throughput benchmark's (``vllm_lite.entrypoints.benchmark.Workload``: random
+token prompts, or nano-vllm's draws), sent to ``/v1/completions`` as token ids with
 ``stream: true``, ``ignore_eos`` and ``max_tokens`` = the drawn output length (``--tokenizer``: as
-the ids' text instead; ``--no-ignore-eos``: without vLLM's field, for strict OpenAI servers). Requests start
-at a Poisson rate (``--request-rate R`` per second, exponential gaps, seeded) or all at once
-(``inf``, the default), optionally at most ``--max-concurrency`` in flight. Per request the
+the ids' text instead; ``--no-ignore-eos``: without vLLM's field, for strict OpenAI servers).
+Requests start at a Poisson rate (``--request-rate R`` per second, exponential gaps, seeded) or all
+at once (``inf``, the default), optionally at most ``--max-concurrency`` in flight. Per request the
 client records the time to the first streamed token (TTFT), the gaps between streamed chunks
-(inter-token latency, ITL: the server sends one chunk per engine step with new tokens) and
-the time per output token after the first (TPOT = (latency - TTFT) / (output tokens - 1),
-output tokens from the final usage chunk); it reports request and token throughput and the
-mean, p50, p90 and p99 of each. The client reads the streams with aiohttp (``sse_events``), as
-vLLM's benchmark does: fast enough not to be what it measures."""
+(inter-token latency, ITL: the server sends one chunk per engine step with new tokens) and the time
+per output token after the first (TPOT = (latency - TTFT) / (output tokens - 1), output tokens from
+the final usage chunk); it reports request and token throughput and the mean, p50, p90 and p99 of
+each. The client reads the streams with aiohttp (``sse_events``), as vLLM's benchmark does: fast
+enough not to be what it measures."""
 from __future__ import annotations
 
 import argparse
@@ -246,7 +246,7 @@ def bench_serve_main(argv: list[str]) -> int:
     parser.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--tokenizer", metavar="PATH",
-                        help="send prompts as text, the workload's ids decoded by this tokenizer (servers that take "
+                        help="send prompts as text, the workload's ids decoded by this tokenizer " "(servers that take "
                              "only strings, such as `transformers serve`)")
     parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
                         help="send vLLM's ignore_eos (default on; off for servers that refuse unknown fields)")
@@ -275,7 +275,8 @@ def bench_serve_main(argv: list[str]) -> int:
         parser.error("the server does not say its vocab_size: give --vocab-size")
     max_len = card.get("max_model_len")
     if max_len and args.input_len[1] + args.output_len[1] > max_len:
-        print(f"note: the longest request ({args.input_len[1]} + {args.output_len[1]} tokens) exceeds the server's "
+        print(f"note: the longest request ({args.input_len[1]} + {args.output_len[1]} tokens) "
+              f"exceeds the server's "
               f"max_model_len ({max_len}); such requests stop early or are refused", file=sys.stderr)
     if args.dataset == "nano-vllm":
         work = Workload.nano_vllm(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab)

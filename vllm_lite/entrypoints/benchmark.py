@@ -236,10 +236,12 @@ def bench_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vllm-lite bench", description=__doc__)
     parser.add_argument("mode", choices=["throughput"])
     parser.add_argument("--model-config", default="qwen3-0.6b",
-                        help="a shape in vllm_lite/model_configs (qwen3-0.6b, qwen2.5-1.5b, llama-3.2-1b, smollm2-135m, "
+                        help="a shape in vllm_lite/model_configs "
+                             "(qwen3-0.6b, qwen2.5-1.5b, llama-3.2-1b, smollm2-135m, "
                              "qwen2.5-7b) or a config.json path; weights are random (load_format dummy)")
     parser.add_argument("--dataset", choices=["random", "nano-vllm", "shared-prefix"], default="random",
-                        help="random: ids uniform over the vocabulary, lengths uniform in --input-len/--output-len, "
+                        help="random: ids uniform over the vocabulary, "
+                             "lengths uniform in --input-len/--output-len, "
                              "seed --seed; nano-vllm: nano-vllm's bench.py requests (random.seed(0), ids 0..10000, "
                              "temperature 0.6), scaled by --num-prompts/--input-len/--output-len; shared-prefix: "
                              "a --prefix-len system prompt shared by all, then --input-len own tokens (default 128) "
@@ -308,15 +310,19 @@ def bench_main(argv: list[str]) -> int:
               "first_steps(decodes,tokens,context,s)": ours["steps"][:30],
               "slowest_steps": sorted(ours["steps"], key=lambda s: -s[3])[:10]}
     text = (f"text on (detokenized, tokenizer {ours['tokenizer']})" if ours["text"] else
-            "text OFF: token ids only, no tokenizer fits this model shape (detokenization not measured)")
-    print(f"\nvllm-lite  {model_config}, dataset {dataset}: {num} requests, {total_in} input + {total_out} output "
+            "text OFF: token ids only, no tokenizer fits this model shape "
+            "(detokenization not measured)")
+    print(f"\nvllm-lite  {model_config}, dataset {dataset}: {num} requests, "
+          f"{total_in} input + {total_out} output "
           f"tokens, temperature {temperature}, {text}, sampling {'extras' if extras else 'default'}, "
           f"prefix caching {'on' if config.enable_prefix_caching else 'off'}")
-    print(f"  median of {runs} run(s): {elapsed:.2f} s, {result['output_tokens_per_s']:.0f} output tokens/s "
+    print(f"  median of {runs} run(s): {elapsed:.2f} s, "
+          f"{result['output_tokens_per_s']:.0f} output tokens/s "
           f"(runs {per_run[0]:.0f}..{per_run[-1]:.0f}), {result['requests_per_s']:.2f} requests/s, "
           f"{result['total_tokens_per_s']:.0f} total tokens/s  ({len(ours['steps'])} steps, "
           f"{ours['preemptions']} preemptions, {ours['num_blocks']} KV blocks, "
-          f"{ours['prefix_cache_hit_tokens']} of {ours['prefix_cache_query_tokens']} prompt tokens from the prefix cache)")
+          f"{ours['prefix_cache_hit_tokens']} of {ours['prefix_cache_query_tokens']} prompt tokens "
+          "from the prefix cache)")
     if torch.cuda.is_available():
         bw = copy_bandwidth()
         floor = decode_floor_seconds(work, weight_bytes, kv_per_token, bw)
@@ -331,12 +337,14 @@ def bench_main(argv: list[str]) -> int:
                        "decode_time_s": sum(s[3] for s in decode_steps),
                        "prefill_or_mixed_time_s": sum(s[3] for s in ours["steps"] if s not in decode_steps)})
         print(f"  memory-traffic floor {floor:.2f} s ({total_out / floor:.0f} output tokens/s at "
-              f"{bw / 1e12:.2f} TB/s copy bandwidth): the median run is at {100 * floor / elapsed:.0f}% of it")
+              f"{bw / 1e12:.2f} TB/s copy bandwidth): "
+              f"the median run is at {100 * floor / elapsed:.0f}% of it")
         if step_bw:
             print(f"  decode steps at the largest batch ({full[0][0]} seqs): median "
                   f"{100 * result['decode_step_bw_fraction_median']:.0f}% of copy bandwidth "
                   f"(weights + live KV bytes / step time, host time included)")
-        print(f"  one more run, untimed, with step spies: {result['decode_time_s']:.2f} s in pure decode steps, "
+        print(f"  one more run, untimed, with step spies: "
+              f"{result['decode_time_s']:.2f} s in pure decode steps, "
               f"{result['prefill_or_mixed_time_s']:.2f} s in prefill/mixed steps")
     if peer == "hf":
         from vllm_lite.worker.model_runner import DTYPES

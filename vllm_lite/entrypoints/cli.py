@@ -53,7 +53,8 @@ def generate_main(argv: list[str]) -> int:
         print(f"\n>>> {prompt}\n{out.outputs[0].text.strip()}")
     n_out = sum(len(o.outputs[0].token_ids) for o in outputs)
     engine = llm.engine
-    print(f"\n[{engine.model_path} | {engine.device} {engine.runner.dtype} | blocks {engine.block_manager.num_blocks}"
+    print(f"\n[{engine.model_path} | {engine.device} {engine.runner.dtype} "
+          f"| blocks {engine.block_manager.num_blocks}"
           f" x {config.block_size}] load {load_s:.1f} s, generate {gen_s:.2f} s, "
           f"{n_out} tokens, {n_out / gen_s:.1f} tokens/s")
     llm.close()

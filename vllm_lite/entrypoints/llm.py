@@ -27,7 +27,8 @@ class LLM:
 
     def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        """Outputs in input order. A bad prompt raises ValueError naming it before any work starts."""
+        """Outputs in input order. A bad prompt raises ValueError naming it before any work
+        starts."""
         if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
@@ -51,7 +52,8 @@ class LLM:
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
              use_tqdm: bool = True) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or several, through the chat template."""
+        """One conversation (a list of {"role", "content"}) or several, through the chat
+        template."""
         if self.tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template; this model folder has none")
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages

@@ -70,7 +70,8 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
         return f"request body: {err.get('msg')}", None
     same_field = [e for e in errors if e.get("loc", ())[1:2] == err.get("loc", ())[1:2]]
     if len(same_field) > 1 and param in _FIELD_TYPES:  # a union: say which forms are accepted
-        return (f"field '{param}' must be {_FIELD_TYPES[param]} (got {_short(same_field[0].get('input'))})",
+        return (f"field '{param}' must be {_FIELD_TYPES[param]} "
+                f"(got {_short(same_field[0].get('input'))})",
                 param)
     return f"field '{where}': {err.get('msg')} (got {_short(err.get('input'))})", param
 
@@ -240,7 +241,8 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
         return max(lp, MIN_LOGPROB)
 
     def prompt_logprobs_json(entries: list | None) -> list | None:
-        """vLLM's layout: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}."""
+        """vLLM's layout: per prompt token None (the first) or {token id: {logprob, rank,
+        decoded_token}}."""
         if entries is None:
             return None
         return [None if d is None else {str(t): {"logprob": clamp(e.logprob), "rank": e.rank,
@@ -312,7 +314,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
 
         def logprobs_of(token_ids, entries, offset: int):
             out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-            for j, (t, d) in enumerate(zip(token_ids, entries)):
+            for t, d in zip(token_ids, entries):
                 if d is None:  # the first prompt token has no logprob
                     text = decode([t])
                     out["tokens"].append(text)
@@ -596,7 +598,8 @@ def _drain_server_class():
             if self.signals == 1:
                 self.state.draining = True
                 print(f"vllm-lite serve: {signal.Signals(sig).name}: draining "
-                      f"({self.state.llm.num_unfinished_requests} running, at most {self.drain_timeout:g} s)",
+                      f"({self.state.llm.num_unfinished_requests} running, "
+                      f"at most {self.drain_timeout:g} s)",
                       file=sys.stderr, flush=True)
                 try:
                     loop = asyncio.get_running_loop()
@@ -615,7 +618,8 @@ def _drain_server_class():
             while llm.num_unfinished_requests and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             if llm.num_unfinished_requests:
-                print(f"vllm-lite serve: drain timeout, aborting {llm.num_unfinished_requests} request(s)",
+                print("vllm-lite serve: drain timeout, "
+                      f"aborting {llm.num_unfinished_requests} request(s)",
                       file=sys.stderr, flush=True)
                 llm.abort_all()
                 for _ in range(100):
@@ -654,7 +658,8 @@ def serve_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="vllm-lite serve",
                                      description="An OpenAI-compatible server (see README, 'Server').")
     parser.add_argument("model_arg", nargs="?", metavar="MODEL",
-                        help="HuggingFace model folder (default: config.yaml's model_path, else the embedded SmolLM2)")
+                        help="HuggingFace model folder "
+                        "(default: config.yaml's model_path, else the embedded SmolLM2)")
     parser.add_argument("--config", default="config.yaml", help="YAML config (default: ./config.yaml if present)")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
     parser.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")

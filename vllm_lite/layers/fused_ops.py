@@ -57,7 +57,8 @@ def _rms_norm_kernel(
 
 
 def _as_3d(x: torch.Tensor) -> torch.Tensor:
-    """[H] -> [1, 1, H]; [T, H] -> [T, 1, H]; [T, heads, H] as is; more leading dims flattened (a copy if need be)."""
+    """[H] -> [1, 1, H]; [T, H] -> [T, 1, H]; [T, heads, H] as is; more leading dims flattened
+    (a copy if need be)."""
     if x.dim() == 1:
         return x.view(1, 1, -1)
     if x.dim() == 2:
@@ -220,7 +221,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, n_cols, stride_x_t, stride_o_t, BLOCK: 
 
 
 def silu_and_mul(x: torch.Tensor) -> torch.Tensor:
-    """``SiluAndMul.forward``: ``silu(x[..., :N]) * x[..., N:]`` for x ``[..., 2N]``, a new tensor."""
+    """``SiluAndMul.forward``: ``silu(x[..., :N]) * x[..., N:]`` for x ``[..., 2N]``, a new
+    tensor."""
     assert x.shape[-1] % 2 == 0
     n_cols = x.shape[-1] // 2
     out = torch.empty((*x.shape[:-1], n_cols), dtype=x.dtype, device=x.device)

@@ -17,5 +17,6 @@ def get_model_class(hf_config):
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
     raise ValueError(
-        f"unsupported architecture {archs or hf_config.model_type!r}; supported: {sorted(MODEL_REGISTRY)}"
+        f"unsupported architecture {archs or hf_config.model_type!r}; "
+        f"supported: {sorted(MODEL_REGISTRY)}"
     )

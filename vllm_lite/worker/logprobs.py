@@ -31,7 +31,8 @@ def token_logprobs_native(logits: torch.Tensor, rows: torch.Tensor, tokens: torc
 
 @dataclass
 class Logprob:
-    """vLLM's: a token's log-probability, its rank among all tokens (1 = most likely) and its text."""
+    """vLLM's: a token's log-probability, its rank among all tokens (1 = most likely) and its
+    text."""
     logprob: float
     rank: int | None = None
     decoded_token: str | None = None

@@ -469,7 +469,7 @@ class ModelRunner:
                                      st["block_tables"][:b], num_decodes=0, max_query_len=t,
                                      max_seq_len=self.max_model_len, decode_lens=st["decode_lens"][:b],
                                      prefill_work=st["prefill_work"][:prefill_work_capacity(t, b)])
-            graph, hidden = self._capture(meta, lambda: self.model(st["input_ids"][:t], st["positions"][:t]), pool)
+            graph, hidden = self._capture(meta, lambda t=t: self.model(st["input_ids"][:t], st["positions"][:t]), pool)
             pool = graph.pool()
             self.mixed_graphs[t] = (graph, hidden)
         self.mixed_graphs = dict(sorted(self.mixed_graphs.items()))
@@ -482,7 +482,7 @@ class ModelRunner:
                                          max_seq_len=self.max_model_len,
                                          shared_prefix=SharedPrefix(shared.length, shared.blocks, shared.rows[:bs])
                                          if cascade else None)
-                graph, logits = self._capture(meta, lambda: self.model.compute_logits(
+                graph, logits = self._capture(meta, lambda bs=bs: self.model.compute_logits(
                     self.model(st["input_ids"][:bs], st["positions"][:bs])), pool)
                 pool = graph.pool()
                 self.graphs[bs, cascade] = (graph, logits)

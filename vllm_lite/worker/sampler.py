@@ -98,7 +98,8 @@ class SamplingBatch:
     all_greedy: bool
     any_top_k_top_p: bool
     any_min_p: bool
-    # allowed_token_ids: (rows that have a list [A], (index into rows, token id) of each allowed token)
+    # allowed_token_ids: (rows that have a list [A], (index into rows, token id) of each allowed
+    # token)
     allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (row, token, bias)
     penalties: Penalties | None = None

@@ -367,7 +367,8 @@ class _Workers:
         if self.errors:
             rank, (_, text) = min(self.errors.items(), key=lambda item: item[1][0])
             last = text.strip().splitlines()[-1] if text.strip() else "unknown error"
-            return f"tensor-parallel worker rank {rank} failed: {last}\n\nrank {rank} traceback:\n{text}"
+            return (f"tensor-parallel worker rank {rank} failed: {last}\n\n"
+                    f"rank {rank} traceback:\n{text}")
         if exc is not None:
             hint = ""
             if self.killed_by_us:

@@ -21,7 +21,8 @@ _binders: dict[int, object] = {}
 
 
 def engine_kernels() -> dict[str, KernelInterface]:
-    """Every ``@triton.jit`` function of the engine, by name (device helpers included: never launched)."""
+    """Every ``@triton.jit`` function of the engine, by name (device helpers included: never
+    launched)."""
     from vllm_lite.attention import triton_ops
     from vllm_lite.layers import fused_ops
 
