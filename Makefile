@@ -9,4 +9,6 @@ run: install
 	$(PYTHON) main.py
 
 test: install
+	$(PYTHON) -m ruff check .
+	$(PYTHON) -m ruff format --check .
 	$(PYTHON) -m pytest -q

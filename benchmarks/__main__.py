@@ -68,7 +68,7 @@ def command(row: Row) -> list[str]:
 
 def shown(row: Row) -> str:
     """The command as a user types it."""
-    head = "vllm-lite" if row.module == "vllm_lite.cli" else f"python -m {row.module}"
+    head = "vllm-lite" if row.module == "vllm_lite.entrypoints.cli" else f"python -m {row.module}"
     return " ".join([head, *(f'"{a}"' if " " in a else a for a in row.args)])
 
 

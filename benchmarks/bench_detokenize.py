@@ -6,6 +6,7 @@ tokenizers), and reports the cost of a fresh process's first detokenized step.
     python -m benchmarks.bench_detokenize                       # SmolLM2's tokenizer, 256 x 200
     python -m benchmarks.bench_detokenize --tokenizer PATH --num-seqs 64 --tokens 500
 """
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,9 @@ def run(tokenizer, prompts, outputs, use_stream: bool) -> tuple[float, list[str]
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--tokenizer", help="HF tokenizer folder (default: SmolLM2-135M-Instruct's)")
+    parser.add_argument(
+        "--tokenizer", help="HF tokenizer folder (default: SmolLM2-135M-Instruct's)"
+    )
     parser.add_argument("--num-seqs", type=int, default=256)
     parser.add_argument("--tokens", type=int, default=200, help="output tokens per sequence")
     parser.add_argument("--repeats", type=int, default=3)
@@ -40,8 +43,11 @@ def main() -> None:
 
     from vllm_lite.default_model import default_model_path
     from vllm_lite.engine.detokenizer import IncrementalDetokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(args.tokenizer or default_model_path())
-    print(f"tokenizer {type(tokenizer).__name__} ({len(tokenizer)} tokens) loaded in {time.perf_counter() - t0:.2f} s")
+    print(
+        f"tokenizer {type(tokenizer).__name__} ({len(tokenizer)} tokens) loaded in {time.perf_counter() - t0:.2f} s"
+    )
 
     # a fresh process's first step (every sequence adds its first token), before anything is warm
     rng = random.Random(0)
@@ -54,8 +60,10 @@ def main() -> None:
         first = [IncrementalDetokenizer(tokenizer, p, True, use_stream=use_stream) for p in prompts]
         for d, out in zip(first, outputs):
             d.add(out[0])
-        print(f"first step, {'stream' if use_stream else 'window'}: {1e3 * (time.perf_counter() - t0):.2f} ms "
-              f"for {args.num_seqs} sequences (includes creating them)")
+        print(
+            f"first step, {'stream' if use_stream else 'window'}: {1e3 * (time.perf_counter() - t0):.2f} ms "
+            f"for {args.num_seqs} sequences (includes creating them)"
+        )
 
     n = args.num_seqs * args.tokens
     results = {}
@@ -64,12 +72,18 @@ def main() -> None:
         for _ in range(args.repeats):
             seconds, texts = run(tokenizer, prompts, outputs, use_stream)
             times.append(seconds)
-        assert all(t == tokenizer.decode(o, skip_special_tokens=True) for t, o in zip(texts, outputs))
+        assert all(
+            t == tokenizer.decode(o, skip_special_tokens=True) for t, o in zip(texts, outputs)
+        )
         results[use_stream] = statistics.median(times)
         name = "DecodeStream" if use_stream else "window + tokenizer.decode (old)"
-        print(f"{name:32s} {1e6 * results[use_stream] / n:7.2f} us/token  (median of {args.repeats}, "
-              f"{args.num_seqs} seqs x {args.tokens} tokens, {min(times):.3f}..{max(times):.3f} s per run)")
-    print(f"speed-up {results[False] / results[True]:.1f}x; texts equal tokenizer.decode(output ids)")
+        print(
+            f"{name:32s} {1e6 * results[use_stream] / n:7.2f} us/token  (median of {args.repeats}, "
+            f"{args.num_seqs} seqs x {args.tokens} tokens, {min(times):.3f}..{max(times):.3f} s per run)"
+        )
+    print(
+        f"speed-up {results[False] / results[True]:.1f}x; texts equal tokenizer.decode(output ids)"
+    )
 
 
 if __name__ == "__main__":

@@ -133,16 +133,29 @@ def gemm_candidates(block_m: int, gated: bool) -> list[GemmConfig]:
     """A few tiles per regime (the default config is added to them); gate/up holds two
     accumulators, so its BLOCK_N counts twice."""
     if block_m <= 32 and gated:  # a weight stream: many programs, long K blocks
-        return [GemmConfig(*c) for c in [(32, 128, 1, 4, 4), (64, 128, 1, 4, 3),
-                                         (32, 64, 1, 4, 5), (32, 256, 1, 4, 2)]]
+        return [
+            GemmConfig(*c)
+            for c in [(32, 128, 1, 4, 4), (64, 128, 1, 4, 3), (32, 64, 1, 4, 5), (32, 256, 1, 4, 2)]
+        ]
     if block_m <= 32:
-        return [GemmConfig(*c) for c in [(64, 128, 1, 4, 4), (64, 64, 1, 4, 5),
-                                         (128, 128, 1, 4, 3), (64, 256, 1, 4, 2)]]
+        return [
+            GemmConfig(*c)
+            for c in [
+                (64, 128, 1, 4, 4),
+                (64, 64, 1, 4, 5),
+                (128, 128, 1, 4, 3),
+                (64, 256, 1, 4, 2),
+            ]
+        ]
     if gated:
-        return [GemmConfig(*c) for c in [(64, 64, 8, 4, 3), (64, 64, 8, 8, 4),
-                                         (128, 64, 8, 8, 3), (64, 128, 8, 4, 3)]]
-    return [GemmConfig(*c) for c in [(128, 64, 8, 4, 3), (128, 64, 8, 8, 4),
-                                     (256, 64, 8, 8, 3), (128, 128, 8, 8, 3)]]
+        return [
+            GemmConfig(*c)
+            for c in [(64, 64, 8, 4, 3), (64, 64, 8, 8, 4), (128, 64, 8, 8, 3), (64, 128, 8, 4, 3)]
+        ]
+    return [
+        GemmConfig(*c)
+        for c in [(128, 64, 8, 4, 3), (128, 64, 8, 8, 4), (256, 64, 8, 8, 3), (128, 128, 8, 8, 3)]
+    ]
 
 
 def gemm_us(run) -> float:

@@ -4,6 +4,7 @@ heads, 8 KV heads, head_dim 128, intermediate 3072, 28 layers.
 
     python -m benchmarks.bench_fused_ops   # from the repository root
 """
+
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -44,32 +45,57 @@ def cases(num_tokens: int):
 
     qk_bytes = 2 * num_tokens * (q_size + kv_size) * el  # read + write of q and k
     return [
-        ("add + rms_norm", lambda: norm.forward_native(x, res), lambda: rms_norm(x, norm.weight, norm.eps, res),
-         4 * num_tokens * HIDDEN * el, 2),
-        ("q_norm + k_norm (strided)",
-         lambda: (head_norm.forward_native(q), head_norm.forward_native(k)),
-         lambda: (rms_norm(q, head_norm.weight, 1e-6), rms_norm(k, head_norm.weight, 1e-6)), qk_bytes, 1),
-        ("rotary q + k (strided)", lambda: rope.forward_native(positions, q, k),
-         lambda: rotary(positions, q, k, rope.cos, rope.sin), qk_bytes + 2 * num_tokens * HEAD_DIM * 4, 1),
-        ("silu_and_mul", lambda: act.forward_native(gate_up), lambda: silu_and_mul(gate_up),
-         3 * num_tokens * INTERMEDIATE * el, 1),
+        (
+            "add + rms_norm",
+            lambda: norm.forward_native(x, res),
+            lambda: rms_norm(x, norm.weight, norm.eps, res),
+            4 * num_tokens * HIDDEN * el,
+            2,
+        ),
+        (
+            "q_norm + k_norm (strided)",
+            lambda: (head_norm.forward_native(q), head_norm.forward_native(k)),
+            lambda: (rms_norm(q, head_norm.weight, 1e-6), rms_norm(k, head_norm.weight, 1e-6)),
+            qk_bytes,
+            1,
+        ),
+        (
+            "rotary q + k (strided)",
+            lambda: rope.forward_native(positions, q, k),
+            lambda: rotary(positions, q, k, rope.cos, rope.sin),
+            qk_bytes + 2 * num_tokens * HEAD_DIM * 4,
+            1,
+        ),
+        (
+            "silu_and_mul",
+            lambda: act.forward_native(gate_up),
+            lambda: silu_and_mul(gate_up),
+            3 * num_tokens * INTERMEDIATE * el,
+            1,
+        ),
     ]
 
 
 def main() -> None:
     assert torch.cuda.is_available(), "a GPU benchmark"
     print(f"GPU: {torch.cuda.get_device_name()}, Qwen3-0.6B shapes, {DTYPE}")
-    print(f"  {'op':<28} {'T':>5} {'torch us':>9} {'fused us':>9} {'speedup':>8} {'fused GB/s':>11}")
+    print(
+        f"  {'op':<28} {'T':>5} {'torch us':>9} {'fused us':>9} {'speedup':>8} {'fused GB/s':>11}"
+    )
     for num_tokens in (256, 8192):
         torch_layer = fused_layer = 0.0
         for name, eager, fused, nbytes, per_layer in cases(num_tokens):
             t_ms, f_ms = bench_ms(eager), bench_ms(fused)
             torch_layer += per_layer * t_ms
             fused_layer += per_layer * f_ms
-            print(f"  {name:<28} {num_tokens:>5} {t_ms * 1e3:9.1f} {f_ms * 1e3:9.1f} "
-                  f"{t_ms / f_ms:7.2f}x {nbytes / f_ms / 1e6:11.0f}")
-        print(f"  {f'all of it x {NUM_LAYERS} layers':<28} {num_tokens:>5} {NUM_LAYERS * torch_layer * 1e3:9.1f} "
-              f"{NUM_LAYERS * fused_layer * 1e3:9.1f} {torch_layer / fused_layer:7.2f}x")
+            print(
+                f"  {name:<28} {num_tokens:>5} {t_ms * 1e3:9.1f} {f_ms * 1e3:9.1f} "
+                f"{t_ms / f_ms:7.2f}x {nbytes / f_ms / 1e6:11.0f}"
+            )
+        print(
+            f"  {f'all of it x {NUM_LAYERS} layers':<28} {num_tokens:>5} {NUM_LAYERS * torch_layer * 1e3:9.1f} "
+            f"{NUM_LAYERS * fused_layer * 1e3:9.1f} {torch_layer / fused_layer:7.2f}x"
+        )
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ engines give the spread.
     python -m benchmarks.bench_host_step --no-prefix-caching
     python -m benchmarks.bench_host_step --whole-run --repeats 1
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,15 +40,36 @@ import time
 
 import torch
 
-from vllm_lite.benchmark import CONFIG_DIR, EXTRAS, Workload, prompts_pending, text_tokenizer_for_shape
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.llm_engine import LLMEngine
+from vllm_lite.entrypoints.benchmark import (
+    CONFIG_DIR,
+    EXTRAS,
+    Workload,
+    prompts_pending,
+    text_tokenizer_for_shape,
+)
 from vllm_lite.sampling_params import SamplingParams
 
 SHAPES = {"qwen": "qwen2.5-1.5b", "smollm2": "smollm2-135m"}
-TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-            num_key_value_heads=2, head_dim=16)
-PARTS = ["schedule", "prepare", "sampling", "launch rest", "prefix keys", "process", "host total", "sampler"]
+TINY = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+)
+PARTS = [
+    "schedule",
+    "prepare",
+    "sampling",
+    "launch rest",
+    "prefix keys",
+    "process",
+    "host total",
+    "sampler",
+]
 
 
 def tiny_folder(shape: str) -> str:
@@ -68,27 +90,39 @@ def timed(times: dict[str, float], name: str, fn):
             return fn(*args, **kwargs)
         finally:
             times[name] = times.get(name, 0.0) + time.perf_counter() - t0
+
     return wrapper
 
 
-def build(shape: str, caching: bool, work: Workload, width: int | None) -> tuple[LLMEngine, dict[str, float]]:
+def build(
+    shape: str, caching: bool, work: Workload, width: int | None
+) -> tuple[LLMEngine, dict[str, float]]:
     from transformers import AutoConfig
 
     folder = tiny_folder(shape)
     tokenizer = text_tokenizer_for_shape(AutoConfig.from_pretrained(folder))
     tokens = sum(len(p) + n for p, n in zip(work.prompts, work.output_lens))
-    config = EngineConfig(model_path=folder, tokenizer_path=tokenizer, load_format="dummy", device="cpu",
-                          max_model_len=2048, max_num_seqs=256, enable_prefix_caching=caching,
-                          num_blocks=tokens // 16 + 2 * len(work.prompts))
+    config = EngineConfig(
+        model_path=folder,
+        tokenizer_path=tokenizer,
+        load_format="dummy",
+        device="cpu",
+        max_model_len=2048,
+        max_num_seqs=256,
+        enable_prefix_caching=caching,
+        num_blocks=tokens // 16 + 2 * len(work.prompts),
+    )
     engine = LLMEngine(config)
     runner, width = engine.runner, width or engine.hf_config.vocab_size
-    logits = torch.randn(config.max_num_seqs, width, generator=torch.Generator().manual_seed(0)).bfloat16()
+    logits = torch.randn(
+        config.max_num_seqs, width, generator=torch.Generator().manual_seed(0)
+    ).bfloat16()
 
     def fake_execute(step, prev_tokens=None):
         t0 = time.perf_counter()
         runner._upload(step)  # the upload's host side stays in the measurement
         times["upload"] = times.get("upload", 0.0) + time.perf_counter() - t0
-        return logits[:len(step.logits_indices)]
+        return logits[: len(step.logits_indices)]
 
     times: dict[str, float] = {}
     engine.scheduler.schedule = timed(times, "schedule", engine.scheduler.schedule)
@@ -98,24 +132,37 @@ def build(shape: str, caching: bool, work: Workload, width: int | None) -> tuple
     engine.sampler.sample = timed(times, "sampler", engine.sampler.sample)
     engine._launch = timed(times, "launch", engine._launch)
     engine._process = timed(times, "process", engine._process)
-    engine.block_manager.cache_full_blocks = timed(times, "prefix keys", engine.block_manager.cache_full_blocks)
+    engine.block_manager.cache_full_blocks = timed(
+        times, "prefix keys", engine.block_manager.cache_full_blocks
+    )
     return engine, times
 
 
-def measure(shape: str, caching: bool, warmup: int, steps: int, width: int | None,
-            whole_run: bool = False, extras: dict | None = None) -> dict[str, float]:
+def measure(
+    shape: str,
+    caching: bool,
+    warmup: int,
+    steps: int,
+    width: int | None,
+    whole_run: bool = False,
+    extras: dict | None = None,
+) -> dict[str, float]:
     """µs per part of one fresh engine: the median over ``steps`` full-batch decode steps, or
     with ``whole_run`` the mean over every step of the workload (prefill, and the tail where
     requests finish and the batch changes)."""
     work = Workload.nano_vllm(256, (100, 1024), (100, 1024))
     engine, times = build(shape, caching, work, width)
     for prompt, n in zip(work.prompts, work.output_lens):
-        engine.add_request(prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, **(extras or {})))
+        engine.add_request(
+            prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, **(extras or {}))
+        )
     running = engine.scheduler.running
     if not whole_run:
         while prompts_pending(engine):
             engine.step()
-        assert min(work.output_lens) > warmup + steps + 2, "a sequence would finish inside the window"
+        assert min(work.output_lens) > warmup + steps + 2, (
+            "a sequence would finish inside the window"
+        )
     rows = []
     while engine.has_unfinished_requests() if whole_run else len(rows) < warmup + steps:
         times.clear()
@@ -123,14 +170,31 @@ def measure(shape: str, caching: bool, warmup: int, steps: int, width: int | Non
         engine.step()
         total = time.perf_counter() - t0
         t = {k: 1e6 * v for k, v in times.items()}
-        launch = t.get("launch", 0.0) - t.get("prepare", 0.0) - t.get("forward", 0.0) - t.get("sampling", 0.0)
-        rows.append({"schedule": t["schedule"], "prepare": t.get("prepare", 0.0) + t.get("upload", 0.0),
-                     "sampling": t.get("sampling", 0.0), "launch rest": launch - t.get("sampler", 0.0),
-                     "prefix keys": t.get("prefix keys", 0.0), "process": t.get("process", 0.0),
-                     "host total": 1e6 * total - t.get("forward", 0.0) + t.get("upload", 0.0) - t.get("sampler", 0.0),
-                     "sampler": t.get("sampler", 0.0)})
+        launch = (
+            t.get("launch", 0.0)
+            - t.get("prepare", 0.0)
+            - t.get("forward", 0.0)
+            - t.get("sampling", 0.0)
+        )
+        rows.append(
+            {
+                "schedule": t["schedule"],
+                "prepare": t.get("prepare", 0.0) + t.get("upload", 0.0),
+                "sampling": t.get("sampling", 0.0),
+                "launch rest": launch - t.get("sampler", 0.0),
+                "prefix keys": t.get("prefix keys", 0.0),
+                "process": t.get("process", 0.0),
+                "host total": 1e6 * total
+                - t.get("forward", 0.0)
+                + t.get("upload", 0.0)
+                - t.get("sampler", 0.0),
+                "sampler": t.get("sampler", 0.0),
+            }
+        )
     if not whole_run:
-        assert len(running) == 256 and all(s.num_computed_tokens >= s.num_prompt_tokens for s in running)
+        assert len(running) == 256 and all(
+            s.num_computed_tokens >= s.num_prompt_tokens for s in running
+        )
         rows = rows[warmup:]
     engine.close()
     average = statistics.mean if whole_run else statistics.median
@@ -139,36 +203,68 @@ def measure(shape: str, caching: bool, warmup: int, steps: int, width: int | Non
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--shape", choices=sorted(SHAPES), default="qwen",
-                        help="qwen: Qwen2.5's 151,936-token vocabulary, no tokenizer (token ids only, as the "
-                             "H100 benchmark of that shape); smollm2: 49,152 tokens with SmolLM2's tokenizer (text)")
+    parser.add_argument(
+        "--shape",
+        choices=sorted(SHAPES),
+        default="qwen",
+        help="qwen: Qwen2.5's 151,936-token vocabulary, no tokenizer (token ids only, as the "
+        "H100 benchmark of that shape); smollm2: 49,152 tokens with SmolLM2's tokenizer (text)",
+    )
     parser.add_argument("--prefix-caching", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--whole-run", action="store_true",
-                        help="the mean over every step of the workload instead (prefill, finishing requests)")
+    parser.add_argument(
+        "--whole-run",
+        action="store_true",
+        help="the mean over every step of the workload instead (prefill, finishing requests)",
+    )
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--logits-width", type=int, help="0: the whole vocabulary; default 64, with "
-                        "--sampling extras 10,240 (penalties index the prompts' token ids, all below 10,000)")
-    parser.add_argument("--sampling", choices=["default", "extras"], default="default",
-                        help="extras: " + ", ".join(f"{k}={v}" for k, v in EXTRAS.items()) + " on every request")
+    parser.add_argument(
+        "--logits-width",
+        type=int,
+        help="0: the whole vocabulary; default 64, with "
+        "--sampling extras 10,240 (penalties index the prompts' token ids, all below 10,000)",
+    )
+    parser.add_argument(
+        "--sampling",
+        choices=["default", "extras"],
+        default="default",
+        help="extras: " + ", ".join(f"{k}={v}" for k, v in EXTRAS.items()) + " on every request",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     extras = EXTRAS if args.sampling == "extras" else None
     if args.logits_width is None:
         args.logits_width = 10240 if extras else 64
 
-    results = [measure(args.shape, args.prefix_caching, args.warmup, args.steps, args.logits_width, args.whole_run,
-                       extras) for _ in range(args.repeats)]
-    window = (f"mean of all {results[0]['steps']} steps of the workload" if args.whole_run else
-              f"median of {args.steps} full-batch decode steps")
-    print(f"\nhost µs per step, 256 requests, shape {args.shape}, prefix caching "
-          f"{'on' if args.prefix_caching else 'off'}: {window}, {args.repeats} fresh engines "
-          f"(min..max); logits {args.logits_width or 'vocab'} wide; sampling {args.sampling}")
+    results = [
+        measure(
+            args.shape,
+            args.prefix_caching,
+            args.warmup,
+            args.steps,
+            args.logits_width,
+            args.whole_run,
+            extras,
+        )
+        for _ in range(args.repeats)
+    ]
+    window = (
+        f"mean of all {results[0]['steps']} steps of the workload"
+        if args.whole_run
+        else f"median of {args.steps} full-batch decode steps"
+    )
+    print(
+        f"\nhost µs per step, 256 requests, shape {args.shape}, prefix caching "
+        f"{'on' if args.prefix_caching else 'off'}: {window}, {args.repeats} fresh engines "
+        f"(min..max); logits {args.logits_width or 'vocab'} wide; sampling {args.sampling}"
+    )
     for part in PARTS:
         values = [r[part] for r in results]
         note = "  (CPU tensor math; not counted in host total)" if part == "sampler" else ""
-        print(f"  {part:12s} {statistics.median(values):9.1f}   ({min(values):.1f}..{max(values):.1f}){note}")
+        print(
+            f"  {part:12s} {statistics.median(values):9.1f}   ({min(values):.1f}..{max(values):.1f}){note}"
+        )
 
 
 if __name__ == "__main__":

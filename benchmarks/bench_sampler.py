@@ -5,13 +5,14 @@ vs torch's log_softmax + gather + rank + topk. Median of ``triton.testing.do_ben
 
     python -m benchmarks.bench_sampler   # on a GPU, from the repository root
 """
+
 from __future__ import annotations
 
 import torch
 import triton
 
 from vllm_lite.layers.fused_ops import gumbel_sample, token_logprobs
-from vllm_lite.logprobs import token_logprobs_native
+from vllm_lite.worker.logprobs import token_logprobs_native
 
 
 def main() -> None:
@@ -26,10 +27,12 @@ def main() -> None:
 
     index = torch.arange(rows, device="cuda")
     tokens = torch_path()
-    for name, fn in [("sample: torch softmax + exponential race", torch_path),
-                     ("sample: fused Gumbel-max kernel", lambda: gumbel_sample(logits, temperature, seeds)),
-                     ("logprobs k=5: torch", lambda: token_logprobs_native(logits, index, tokens, 5)),
-                     ("logprobs k=5: fused kernel", lambda: token_logprobs(logits, index, tokens, 5))]:
+    for name, fn in [
+        ("sample: torch softmax + exponential race", torch_path),
+        ("sample: fused Gumbel-max kernel", lambda: gumbel_sample(logits, temperature, seeds)),
+        ("logprobs k=5: torch", lambda: token_logprobs_native(logits, index, tokens, 5)),
+        ("logprobs k=5: fused kernel", lambda: token_logprobs(logits, index, tokens, 5)),
+    ]:
         print(f"  {name:<42} {triton.testing.do_bench(fn, return_mode='median') * 1e3:8.1f} us")
 
 

@@ -4,6 +4,7 @@ two tokens' fp32 reference logits is small (a near-tie bf16 can flip) or not (a 
 
     python -m benchmarks.bf16_agreement            # SmolLM2 (embedded) + tiny random models
 """
+
 from __future__ import annotations
 
 import sys
@@ -30,13 +31,22 @@ def report(name: str, path: str, prompts: list[list[int]], new_tokens: int = 64)
     hf16_first = []
     for p in prompts:
         ids = torch.tensor([p], device=hf16.model.device)
-        out = hf16.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new_tokens,
-                                  do_sample=False, eos_token_id=None, pad_token_id=0)
-        hf16_first.append(first_difference(out[0, len(p):].tolist(), refs[len(hf16_first)]))
+        out = hf16.model.generate(
+            ids,
+            attention_mask=torch.ones_like(ids),
+            max_new_tokens=new_tokens,
+            do_sample=False,
+            eos_token_id=None,
+            pad_token_id=0,
+        )
+        hf16_first.append(first_difference(out[0, len(p) :].tolist(), refs[len(hf16_first)]))
     del hf16
     llm = LLM(path, dtype="bfloat16")
-    outs = llm.generate(prompts, SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
-                        use_tqdm=False)
+    outs = llm.generate(
+        prompts,
+        SamplingParams(temperature=0, max_tokens=new_tokens, ignore_eos=True),
+        use_tqdm=False,
+    )
     print(f"\n{name}: {len(prompts)} prompts x {new_tokens} tokens, bf16 engine vs fp32 HF")
     for i, (p, o, ref) in enumerate(zip(prompts, outs, refs)):
         ours = o.outputs[0].token_ids
@@ -48,15 +58,18 @@ def report(name: str, path: str, prompts: list[list[int]], new_tokens: int = 64)
         logits = hf.next_token_logits(p + ref[:first])
         gap = (logits[ref[first]] - logits[ours[first]]).item()
         top = logits.topk(2).values
-        print(f"  prompt {i}: first difference at {first}; fp32 logit gap ref-vs-ours {gap:.4f} "
-              f"(top-2 gap {(top[0] - top[1]).item():.4f}, logit scale {logits.std().item():.2f}) "
-              f"(HF bf16 vs HF fp32: {theirs})")
+        print(
+            f"  prompt {i}: first difference at {first}; fp32 logit gap ref-vs-ours {gap:.4f} "
+            f"(top-2 gap {(top[0] - top[1]).item():.4f}, logit scale {logits.std().item():.2f}) "
+            f"(HF bf16 vs HF fp32: {theirs})"
+        )
     llm.close()
 
 
 def main() -> None:
-    from vllm_lite.default_model import default_model_path
     from transformers import AutoTokenizer
+
+    from vllm_lite.default_model import default_model_path
 
     try:
         path = default_model_path()
@@ -69,11 +82,25 @@ def main() -> None:
     if path is None:
         return
     tok = AutoTokenizer.from_pretrained(path)
-    questions = ["What is the capital of France?", "Name a color.", "Count to five.", "What is 2+2?",
-                 "Say hello in Spanish.", "Write one word about cats.", "Who wrote Hamlet?",
-                 "Describe the moon in a short sentence."]
-    prompts = [tok.encode(tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
-                                                  tokenize=False), add_special_tokens=False) for q in questions]
+    questions = [
+        "What is the capital of France?",
+        "Name a color.",
+        "Count to five.",
+        "What is 2+2?",
+        "Say hello in Spanish.",
+        "Write one word about cats.",
+        "Who wrote Hamlet?",
+        "Describe the moon in a short sentence.",
+    ]
+    prompts = [
+        tok.encode(
+            tok.apply_chat_template(
+                [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+            ),
+            add_special_tokens=False,
+        )
+        for q in questions
+    ]
     report("SmolLM2-135M-Instruct", path, prompts)
 
 

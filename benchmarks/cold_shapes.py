@@ -6,6 +6,7 @@ shape, first vs second call for each new M.
 
     python -m benchmarks.cold_shapes
 """
+
 from __future__ import annotations
 
 import random
@@ -15,7 +16,7 @@ import time
 import torch
 
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.benchmark import model_folder
+from vllm_lite.entrypoints.benchmark import model_folder
 
 
 def timed(fn) -> float:
@@ -27,7 +28,12 @@ def timed(fn) -> float:
 
 
 def one_request_prefills(mixed_graphs: bool) -> None:
-    llm = LLM(model_folder("qwen3-0.6b"), load_format="dummy", max_model_len=2048, enable_prefix_caching=False)
+    llm = LLM(
+        model_folder("qwen3-0.6b"),
+        load_format="dummy",
+        max_model_len=2048,
+        enable_prefix_caching=False,
+    )
     if not mixed_graphs:  # steps with prefill tokens run eagerly, as before they had graphs
         llm.engine.runner.mixed_graphs = {}
     params = SamplingParams(max_tokens=1, ignore_eos=True)
@@ -38,9 +44,11 @@ def one_request_prefills(mixed_graphs: bool) -> None:
         prompt = [rng.randrange(1000) for _ in range(n)]
         first.append(timed(lambda: llm.generate([prompt], params, use_tqdm=False)))
         second.append(timed(lambda: llm.generate([prompt], params, use_tqdm=False)))
-    print(f"mixed graphs {'on ' if mixed_graphs else 'off'}: one request, prefill of L in 100..1024 (24 lengths): "
-          f"first time {statistics.median(first):.1f} ms (median; {min(first):.1f}..{max(first):.1f}), "
-          f"same L again {statistics.median(second):.1f} ms ({min(second):.1f}..{max(second):.1f})")
+    print(
+        f"mixed graphs {'on ' if mixed_graphs else 'off'}: one request, prefill of L in 100..1024 (24 lengths): "
+        f"first time {statistics.median(first):.1f} ms (median; {min(first):.1f}..{max(first):.1f}), "
+        f"same L again {statistics.median(second):.1f} ms ({min(second):.1f}..{max(second):.1f})"
+    )
     llm.close()
 
 
@@ -55,8 +63,10 @@ def main() -> None:
         x = torch.randn(m, 1024, dtype=torch.bfloat16, device="cuda")
         first.append(timed(lambda: x @ w))
         second.append(timed(lambda: x @ w))
-    print(f"GEMM [M, 1024] x [1024, 6144] bf16, 48 new M: first call {statistics.median(first) * 1e3:.0f} us "
-          f"(median; max {max(first) * 1e3:.0f}), second {statistics.median(second) * 1e3:.0f} us")
+    print(
+        f"GEMM [M, 1024] x [1024, 6144] bf16, 48 new M: first call {statistics.median(first) * 1e3:.0f} us "
+        f"(median; max {max(first) * 1e3:.0f}), second {statistics.median(second) * 1e3:.0f} us"
+    )
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ inside them (should be none). Run it once with Triton's disk cache cold to see c
     python -m benchmarks.cold_start --model-config qwen3-0.6b
     TRITON_CACHE_DIR=$(mktemp -d) python -m benchmarks.cold_start --model-config qwen3-0.6b
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,9 +18,13 @@ from collections import defaultdict
 import torch
 
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.benchmark import model_folder
-from vllm_lite.model_runner import ModelRunner
-from vllm_lite.triton_variants import compiled_variant_counts, describe, record_triton_variants
+from vllm_lite.entrypoints.benchmark import model_folder
+from vllm_lite.worker.model_runner import ModelRunner
+from vllm_lite.worker.triton_variants import (
+    compiled_variant_counts,
+    describe,
+    record_triton_variants,
+)
 
 PARTS = ("warm_up", "warm_up_kernels", "capture_cuda_graphs")
 
@@ -36,6 +41,7 @@ def timed_parts() -> dict[str, float]:
                 return _method(self, *args, **kwargs)
             finally:
                 spent[_name] += time.perf_counter() - t0
+
         setattr(ModelRunner, name, timed)
     return spent
 
@@ -46,7 +52,9 @@ def sync() -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-config", default="qwen3-0.6b")
     parser.add_argument("--max-model-len", type=int, default=None)
     parser.add_argument("--enforce-eager", action="store_true")
@@ -56,8 +64,12 @@ def main() -> None:
     rng = random.Random(0)
     t0 = time.perf_counter()
     with record_triton_variants() as warm:
-        llm = LLM(model_folder(args.model_config), load_format="dummy", max_model_len=args.max_model_len,
-                  enforce_eager=args.enforce_eager)
+        llm = LLM(
+            model_folder(args.model_config),
+            load_format="dummy",
+            max_model_len=args.max_model_len,
+            enforce_eager=args.enforce_eager,
+        )
     sync()
     start = time.perf_counter() - t0
     parts = ", ".join(f"{n} {spent[n]:.2f} s" for n in PARTS)
@@ -77,17 +89,23 @@ def main() -> None:
     with record_triton_variants() as later:
         one = SamplingParams(max_tokens=1, ignore_eos=True)
         first = [run([prompt(100)], one) for _ in range(3)]
-        print(f"first token of a 100-token request: first {first[0] * 1e3:.1f} ms, then "
-              f"{first[1] * 1e3:.1f} ms, {first[2] * 1e3:.1f} ms")
+        print(
+            f"first token of a 100-token request: first {first[0] * 1e3:.1f} ms, then "
+            f"{first[1] * 1e3:.1f} ms, {first[2] * 1e3:.1f} ms"
+        )
         shared = prompt(300)
-        batch = [prompt(rng.randint(100, 1024)) for _ in range(48)] + [shared + prompt(50) for _ in range(16)]
+        batch = [prompt(rng.randint(100, 1024)) for _ in range(48)] + [
+            shared + prompt(50) for _ in range(16)
+        ]
         params = [SamplingParams(max_tokens=rng.randint(16, 64), ignore_eos=True) for _ in batch]
         times = []
         for _ in range(3):
             llm.reset_prefix_cache()
             times.append(run(batch, params))
-        print(f"generate of 64 mixed requests: first {times[0]:.3f} s, then {times[1]:.3f} s, {times[2]:.3f} s; "
-              f"prefix-cache hit tokens {llm.engine.prefix_cache_hits}")
+        print(
+            f"generate of 64 mixed requests: first {times[0]:.3f} s, then {times[1]:.3f} s, {times[2]:.3f} s; "
+            f"prefix-cache hit tokens {llm.engine.prefix_cache_hits}"
+        )
     after = compiled_variant_counts()
     grown = {k: after[k] - compiled.get(k, 0) for k in after if after[k] != compiled.get(k, 0)}
     print(f"Triton binaries compiled after LLM(...): {sum(grown.values())} {grown or ''}")

@@ -33,7 +33,11 @@ import time
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tests whose GPU path differs from the CPU one: the kernel tests compile kernels, the
 # engine tests build engines
-KERNEL_TESTS = ["tests/test_triton_kernels.py", "tests/test_fused_ops.py", "tests/test_fused_moe.py"]
+KERNEL_TESTS = [
+    "tests/test_triton_kernels.py",
+    "tests/test_fused_ops.py",
+    "tests/test_fused_moe.py",
+]
 ENGINE_TESTS = [
     "tests/test_cold_start.py",
     "tests/test_model_runner.py",

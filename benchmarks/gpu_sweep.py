@@ -147,20 +147,54 @@ def grid_cases(seed: int = 0) -> list[dict]:
 # a dense layer, norm_topk_prob) at a small width; expert width 96 is no power of two
 MOE = {
     "mixtral": dict(num_local_experts=8, num_experts_per_tok=2),
-    "qwen2_moe": dict(num_experts=60, num_experts_per_tok=4, moe_intermediate_size=96,
-                      shared_expert_intermediate_size=384, norm_topk_prob=False, mlp_only_layers=[1]),
-    "qwen3_moe": dict(num_experts=128, num_experts_per_tok=8, moe_intermediate_size=96, norm_topk_prob=True),
+    "qwen2_moe": dict(
+        num_experts=60,
+        num_experts_per_tok=4,
+        moe_intermediate_size=96,
+        shared_expert_intermediate_size=384,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+    ),
+    "qwen3_moe": dict(
+        num_experts=128, num_experts_per_tok=8, moe_intermediate_size=96, norm_topk_prob=True
+    ),
 }
 
 
 def moe_cases() -> list[dict]:
-    base = dict(hidden=256, inter=192, layers=3, heads=4, kv_heads=2, head_dim=64, vocab=4000, max_pos=4096,
-                tied=False, pool="small", max_num_seqs=64, lengths=[1, 7, 16, 17, 63, 128, 300],
-                new_tokens=16, std=0.08)
-    return [dict(base, name=f"moe-{arch}-b{block}-{dtype}{'-eager' if eager else ''}", arch=arch, moe=moe,
-                 block_size=block, dtype=dtype, eager=eager)
-            for arch, moe in MOE.items()
-            for dtype, block, eager in [("float32", 16, False), ("float32", 256, True), ("bfloat16", 16, False)]]
+    base = dict(
+        hidden=256,
+        inter=192,
+        layers=3,
+        heads=4,
+        kv_heads=2,
+        head_dim=64,
+        vocab=4000,
+        max_pos=4096,
+        tied=False,
+        pool="small",
+        max_num_seqs=64,
+        lengths=[1, 7, 16, 17, 63, 128, 300],
+        new_tokens=16,
+        std=0.08,
+    )
+    return [
+        dict(
+            base,
+            name=f"moe-{arch}-b{block}-{dtype}{'-eager' if eager else ''}",
+            arch=arch,
+            moe=moe,
+            block_size=block,
+            dtype=dtype,
+            eager=eager,
+        )
+        for arch, moe in MOE.items()
+        for dtype, block, eager in [
+            ("float32", 16, False),
+            ("float32", 256, True),
+            ("bfloat16", 16, False),
+        ]
+    ]
 
 
 def all_cases() -> list[dict]:

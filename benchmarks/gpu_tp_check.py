@@ -10,6 +10,7 @@ engine runs in its own process with CUDA graphs on and the default KV pool, as a
 Exit: the engine process and its workers are gone within a bound, no GPU process is left
 (nvidia-smi), and multiprocessing reports no leaked semaphores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,13 +50,18 @@ def start(cmd: list[str], **kw) -> subprocess.Popen:
     os.makedirs(site, exist_ok=True)
     with open(os.path.join(site, "sitecustomize.py"), "w") as f:
         f.write(_SITE)
-    env = dict(os.environ, TPCHECK_DUMP_DIR=_DUMP_DIR,
-               PYTHONPATH=os.pathsep.join([site, os.getcwd(), os.environ.get("PYTHONPATH", "")]))
+    env = dict(
+        os.environ,
+        TPCHECK_DUMP_DIR=_DUMP_DIR,
+        PYTHONPATH=os.pathsep.join([site, os.getcwd(), os.environ.get("PYTHONPATH", "")]),
+    )
     # output goes to files, not pipes: a child blocked on a full stderr pipe that nobody reads
     # (NCCL and torch warnings from every rank) looks exactly like a hang
     n = len(_CHILDREN)
     out, err = (open(os.path.join(_DUMP_DIR, f"child{n}.{k}"), "w+") for k in ("out", "err"))
-    proc = subprocess.Popen(cmd, stdout=out, stderr=err, text=True, start_new_session=True, env=env, **kw)
+    proc = subprocess.Popen(
+        cmd, stdout=out, stderr=err, text=True, start_new_session=True, env=env, **kw
+    )
     proc.out_file, proc.err_file = out, err
     _CHILDREN.append(proc)
     return proc
@@ -82,7 +88,7 @@ def stacks() -> str:
     for name in sorted(os.listdir(_DUMP_DIR)):
         if name.endswith(".txt"):
             text = open(os.path.join(_DUMP_DIR, name)).read()
-            last = text[text.rfind("Timeout ("):] if "Timeout (" in text else ""
+            last = text[text.rfind("Timeout (") :] if "Timeout (" in text else ""
             if last:
                 out.append(f"--- pid {name[:-4]}\n{last.strip()}")
     return "\n".join(out)
@@ -90,16 +96,34 @@ def stacks() -> str:
 
 def build(name: str, path: str) -> None:
     from benchmarks.gpu_sweep import build_model
+
     arch, kv, tied, vocab = MODELS[name]
-    build_model(dict(arch=arch, vocab=vocab, hidden=256, inter=512, layers=2, heads=8, kv_heads=kv, head_dim=32,
-                     max_pos=4096, tied=tied, std=0.08), path)
+    build_model(
+        dict(
+            arch=arch,
+            vocab=vocab,
+            hidden=256,
+            inter=512,
+            layers=2,
+            heads=8,
+            kv_heads=kv,
+            head_dim=32,
+            max_pos=4096,
+            tied=tied,
+            std=0.08,
+        ),
+        path,
+    )
 
 
 def smollm2_shape() -> str:
     """SmolLM2-135M's config (30 layers, 9 heads / 3 KV heads, tied) with random weights."""
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
-    cfg = os.path.join(os.path.dirname(__file__), "..", "vllm_lite", "model_configs", "smollm2-135m.json")
+
+    cfg = os.path.join(
+        os.path.dirname(__file__), "..", "vllm_lite", "model_configs", "smollm2-135m.json"
+    )
     path = tempfile.mkdtemp()
     config = AutoConfig.from_pretrained(cfg)
     config.dtype = "float32"
@@ -115,6 +139,7 @@ def smollm2_shape() -> str:
 
 def prompts(vocab: int) -> list[list[int]]:
     import torch
+
     gen = torch.Generator().manual_seed(1)
     return [torch.randint(2, vocab, (n,), generator=gen).tolist() for n in LENGTHS]
 
@@ -124,18 +149,25 @@ def engine_child(path: str, tp: int, out: str, dtype: str) -> None:
     from transformers import AutoConfig
 
     from vllm_lite import LLM, SamplingParams
+
     vocab = AutoConfig.from_pretrained(path).vocab_size
     llm = LLM(path, dtype=dtype, tensor_parallel_size=tp)
     t0 = time.time()
-    outs = llm.generate(prompts(vocab), SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True,
-                                                       detokenize=False), use_tqdm=False)
+    outs = llm.generate(
+        prompts(vocab),
+        SamplingParams(temperature=0, max_tokens=NEW_TOKENS, ignore_eos=True, detokenize=False),
+        use_tqdm=False,
+    )
     with open(out, "w") as f:
-        json.dump({"tokens": [o.outputs[0].token_ids for o in outs], "seconds": time.time() - t0}, f)
+        json.dump(
+            {"tokens": [o.outputs[0].token_ids for o in outs], "seconds": time.time() - t0}, f
+        )
 
 
 def hf_check(path: str, results: dict[int, list[list[int]]]) -> dict[int, str]:
     import torch
     from transformers import AutoModelForCausalLM
+
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     hf = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(dev).eval()
     verdict = {}
@@ -144,8 +176,16 @@ def hf_check(path: str, results: dict[int, list[list[int]]]) -> dict[int, str]:
         refs = []
         for p in ps:
             ids = torch.tensor([p], device=dev)
-            refs.append(hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW_TOKENS,
-                                    do_sample=False, eos_token_id=None, pad_token_id=0)[0, len(p):].tolist())
+            refs.append(
+                hf.generate(
+                    ids,
+                    attention_mask=torch.ones_like(ids),
+                    max_new_tokens=NEW_TOKENS,
+                    do_sample=False,
+                    eos_token_id=None,
+                    pad_token_id=0,
+                )[0, len(p) :].tolist()
+            )
         for tp, tokens in results.items():
             bad, ties = [], 0
             for i, (p, mine, ref) in enumerate(zip(ps, tokens, refs)):
@@ -170,19 +210,25 @@ def run_parity(path: str, tps: list[int], dtype: str = "float32") -> dict[int, s
     for tp in tps:
         out = os.path.join(tempfile.mkdtemp(), "out.json")
         t0 = time.time()
-        proc = start([sys.executable, "-m", "benchmarks.gpu_tp_check", "_child", path, str(tp), out, dtype])
+        proc = start(
+            [sys.executable, "-m", "benchmarks.gpu_tp_check", "_child", path, str(tp), out, dtype]
+        )
         try:
             proc.wait(timeout=180)
         except subprocess.TimeoutExpired:
             kill_children()
-            verdict[tp] = (f"HANG: no exit within 180 s (output {'written' if os.path.exists(out) else 'missing'})\n"
-                           + stacks())
+            verdict[tp] = (
+                f"HANG: no exit within 180 s (output {'written' if os.path.exists(out) else 'missing'})\n"
+                + stacks()
+            )
             continue
         wall = time.time() - t0
         stderr = output(proc)[1]
         leaks = "leaked semaphore" in stderr
         if proc.returncode != 0 or not os.path.exists(out):
-            verdict[tp] = f"CRASH exit {proc.returncode}: " + " | ".join(stderr.strip().splitlines()[-4:])
+            verdict[tp] = f"CRASH exit {proc.returncode}: " + " | ".join(
+                stderr.strip().splitlines()[-4:]
+            )
             continue
         results[tp] = json.load(open(out))["tokens"]
         verdict[tp] = f"process {wall:.0f}s" + (" LEAKED SEMAPHORES" if leaks else "")
@@ -194,8 +240,11 @@ def run_parity(path: str, tps: list[int], dtype: str = "float32") -> dict[int, s
 def gpu_processes() -> list[str]:
     if shutil.which("nvidia-smi") is None:
         return []
-    out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name", "--format=csv,noheader"],
-                         capture_output=True, text=True).stdout
+    out = subprocess.run(
+        ["nvidia-smi", "--query-compute-apps=pid,process_name", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+    ).stdout
     return [line for line in out.splitlines() if line.strip()]
 
 
@@ -238,8 +287,12 @@ def run_exit_checks(path: str, tp: int) -> None:
         pids, deadline = [], time.time() + 120
         while not pids and time.time() < deadline and proc.poll() is None:
             time.sleep(0.5)
-            pids = [int(x) for line in output(proc)[0].splitlines() if line.startswith("PIDS")
-                    for x in line.split()[1:]]
+            pids = [
+                int(x)
+                for line in output(proc)[0].splitlines()
+                if line.startswith("PIDS")
+                for x in line.split()[1:]
+            ]
         if not pids:
             print(f"{case:<12} no engine after 120 s (exit {proc.poll()})\n{stacks()}", flush=True)
         time.sleep(3)  # mid-generate
@@ -260,16 +313,23 @@ def run_exit_checks(path: str, tp: int) -> None:
         leaks = "leaked semaphore" in err
         gpu = gpu_processes()
         note = (out.strip().splitlines() or [""])[-1][:160]
-        print(f"{case:<12} {status}; workers left {alive}; GPU processes {gpu}; "
-              f"{'LEAKED SEMAPHORES; ' if leaks else ''}last line: {note}", flush=True)
-        if ("Traceback" in err and case == "normal") or (proc.returncode or 0) < 0:  # a crash says why
+        print(
+            f"{case:<12} {status}; workers left {alive}; GPU processes {gpu}; "
+            f"{'LEAKED SEMAPHORES; ' if leaks else ''}last line: {note}",
+            flush=True,
+        )
+        if ("Traceback" in err and case == "normal") or (
+            proc.returncode or 0
+        ) < 0:  # a crash says why
             print("   stderr: " + " | ".join(err.strip().splitlines()[-5:]), flush=True)
 
 
 def main() -> None:
     if len(sys.argv) > 1 and sys.argv[1] == "_child":
         return engine_child(sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5])
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("what", choices=["parity", "smollm2", "exit"])
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--dtype", default="float32")
@@ -277,6 +337,7 @@ def main() -> None:
     signal.signal(signal.SIGTERM, kill_children)
     if args.what == "smollm2":
         from vllm_lite.default_model import default_model_path
+
         try:
             path, label = default_model_path(), "smollm2"
         except Exception as e:  # no GGUF on this machine: random weights of its shape

@@ -6,6 +6,7 @@ GPU work of the step before it.
     python -m benchmarks.profile_run --shared-prefix 1024     # bench throughput --dataset shared-prefix
     python -m benchmarks.profile_run --dataset nano-vllm
 """
+
 from __future__ import annotations
 
 import argparse
@@ -14,13 +15,21 @@ import time
 import torch
 
 from vllm_lite import LLM, SamplingParams
-from vllm_lite.benchmark import DEFAULT_LENS, Workload, model_folder, prompts_pending, record_steps
-from vllm_lite.model_runner import ModelRunner
+from vllm_lite.entrypoints.benchmark import (
+    DEFAULT_LENS,
+    Workload,
+    model_folder,
+    prompts_pending,
+    record_steps,
+)
+from vllm_lite.worker.model_runner import ModelRunner
 
 
 def add_requests(llm: LLM, work: Workload) -> None:
     for prompt, n in zip(work.prompts, work.output_lens):
-        llm.engine.add_request(prompt, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False))
+        llm.engine.add_request(
+            prompt, SamplingParams(temperature=1.0, max_tokens=n, ignore_eos=True, detokenize=False)
+        )
 
 
 def run(llm: LLM, work: Workload, log: list) -> list[tuple[int, int, float]]:
@@ -41,7 +50,11 @@ def prefill_phase(llm: LLM, work: Workload, profile: bool) -> None:
     host (or a gap between steps) is the bound there, not the GPU."""
     engine = llm.engine
     add_requests(llm, work)
-    prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) if profile else None
+    prof = (
+        torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA])
+        if profile
+        else None
+    )
     torch.cuda.synchronize()
     t0, steps = time.perf_counter(), 0
     if prof:
@@ -58,7 +71,9 @@ def prefill_phase(llm: LLM, work: Workload, profile: bool) -> None:
     line = f"prefill phase: {steps} steps, wall {wall:.0f} ms"
     if prof:
         events = prof.key_averages()
-        line += f" (profiled), GPU kernels {sum(e.self_device_time_total for e in events) / 1e3:.0f} ms"
+        line += (
+            f" (profiled), GPU kernels {sum(e.self_device_time_total for e in events) / 1e3:.0f} ms"
+        )
         print(events.table(sort_by="self_cuda_time_total", row_limit=8, max_name_column_width=60))
     print(line)
 
@@ -67,22 +82,38 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model-config", default="qwen3-0.6b")
     parser.add_argument("--dataset", choices=["random", "nano-vllm"], default="random")
-    parser.add_argument("--shared-prefix", type=int, default=0, metavar="N",
-                        help="every prompt: one N-token system prompt, then 128 own tokens")
+    parser.add_argument(
+        "--shared-prefix",
+        type=int,
+        default=0,
+        metavar="N",
+        help="every prompt: one N-token system prompt, then 128 own tokens",
+    )
     parser.add_argument("--no-enable-prefix-caching", dest="caching", action="store_false")
-    parser.add_argument("--prefill-phase", action="store_true",
-                        help="only the prefill phase: its wall time (3 runs), then its GPU kernel time")
-    parser.add_argument("--mixed-graph-max-tokens", type=int, help="ModelRunner.mixed_graph_max_tokens")
+    parser.add_argument(
+        "--prefill-phase",
+        action="store_true",
+        help="only the prefill phase: its wall time (3 runs), then its GPU kernel time",
+    )
+    parser.add_argument(
+        "--mixed-graph-max-tokens", type=int, help="ModelRunner.mixed_graph_max_tokens"
+    )
     args = parser.parse_args()
     if args.mixed_graph_max_tokens:
         ModelRunner.mixed_graph_max_tokens = args.mixed_graph_max_tokens
 
-    llm = LLM(model_folder(args.model_config), load_format="dummy", max_model_len=4096,
-              enable_prefix_caching=args.caching)
+    llm = LLM(
+        model_folder(args.model_config),
+        load_format="dummy",
+        max_model_len=4096,
+        enable_prefix_caching=args.caching,
+    )
     vocab = llm.engine.hf_config.vocab_size
     log = record_steps(llm.engine)
     if args.shared_prefix:
-        work = Workload.shared_prefix(256, args.shared_prefix, *DEFAULT_LENS["shared-prefix"], vocab, 0)
+        work = Workload.shared_prefix(
+            256, args.shared_prefix, *DEFAULT_LENS["shared-prefix"], vocab, 0
+        )
     elif args.dataset == "nano-vllm":
         work = Workload.nano_vllm()
     else:
@@ -100,19 +131,27 @@ def main() -> None:
     print(f"{len(steps)} steps, {total:.0f} ms")
     kinds = {"prefill only": [], "prefill + decode": [], "decode only": []}
     for p, d, ms in steps:
-        kinds["decode only" if not p else "prefill only" if not d else "prefill + decode"].append((p, d, ms))
+        kinds["decode only" if not p else "prefill only" if not d else "prefill + decode"].append(
+            (p, d, ms)
+        )
     for kind, rows in kinds.items():
         if rows:
-            print(f"  {kind}: {len(rows)} steps, {sum(r[2] for r in rows):.0f} ms, "
-                  f"{sum(r[0] for r in rows)} prefill tokens, mean {sum(r[1] for r in rows) / len(rows):.0f} decode rows")
+            print(
+                f"  {kind}: {len(rows)} steps, {sum(r[2] for r in rows):.0f} ms, "
+                f"{sum(r[0] for r in rows)} prefill tokens, mean {sum(r[1] for r in rows) / len(rows):.0f} decode rows"
+            )
     buckets: dict[int, list[float]] = {}
     for p, d, ms in kinds["decode only"]:
         buckets.setdefault(min(d // 32, 7), []).append(ms)
     for b, times in sorted(buckets.items()):
-        print(f"    decode rows {32 * b:3d}..{32 * b + 31 if b < 7 else 'max'}: {len(times):4d} steps, "
-              f"{sum(times):6.0f} ms, {sum(times) / len(times):.2f} ms per step")
-    print("first 12 steps (prefill tokens, decode rows, wall ms):",
-          ", ".join(f"({p}, {d}, {ms:.1f})" for p, d, ms in steps[:12]))
+        print(
+            f"    decode rows {32 * b:3d}..{32 * b + 31 if b < 7 else 'max'}: {len(times):4d} steps, "
+            f"{sum(times):6.0f} ms, {sum(times) / len(times):.2f} ms per step"
+        )
+    print(
+        "first 12 steps (prefill tokens, decode rows, wall ms):",
+        ", ".join(f"({p}, {d}, {ms:.1f})" for p, d, ms in steps[:12]),
+    )
 
     llm.engine.reset_prefix_cache()
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:

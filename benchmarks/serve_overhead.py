@@ -17,6 +17,7 @@ Defaults: 128 requests, prompts U(50, 200), outputs U(64, 128), temperature 1, 3
 each after one warm-up; then ``--rate-prompts`` (32) requests at each Poisson rate of ``--rate``
 (default: 4 per second). Engine flags (``--max-num-seqs`` ...) go to both sides.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -31,9 +32,14 @@ import time
 import httpx
 from transformers import AutoConfig
 
-from vllm_lite.bench_serve import run_benchmark
-from vllm_lite.benchmark import Workload, model_folder, run_ours, text_tokenizer_for_shape
 from vllm_lite.config import EngineConfig, add_config_flags
+from vllm_lite.entrypoints.bench_serve import run_benchmark
+from vllm_lite.entrypoints.benchmark import (
+    Workload,
+    model_folder,
+    run_ours,
+    text_tokenizer_for_shape,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -66,9 +72,23 @@ def serve_flags(overrides: dict) -> list[str]:
 
 
 def start_server(tree: str, model_path: str, overrides: dict) -> tuple[subprocess.Popen, str]:
-    env = {**os.environ, "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", ""), "VLLM_LITE_API_KEY": ""}
-    cmd = [sys.executable, "-m", "vllm_lite.cli", "serve", model_path, "--port", "0", "--log-level", "warning",
-           *serve_flags({k: v for k, v in overrides.items() if k != "model_path"})]
+    env = {
+        **os.environ,
+        "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", ""),
+        "VLLM_LITE_API_KEY": "",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "vllm_lite.entrypoints.cli",
+        "serve",
+        model_path,
+        "--port",
+        "0",
+        "--log-level",
+        "warning",
+        *serve_flags({k: v for k, v in overrides.items() if k != "model_path"}),
+    ]
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
     if " on http://" not in line:
@@ -113,91 +133,156 @@ def spread(values: list[float]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-config", default="smollm2-135m",
-                        help="a shape in vllm_lite/model_configs (random weights) or a config.json path")
-    parser.add_argument("--tiny", metavar="DIR", help="make the tests' 2-layer Llama (with a tokenizer) in DIR "
-                        "and use it: on a CPU, a step is then mostly Python, i.e. host overhead")
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument(
+        "--model-config",
+        default="smollm2-135m",
+        help="a shape in vllm_lite/model_configs (random weights) or a config.json path",
+    )
+    parser.add_argument(
+        "--tiny",
+        metavar="DIR",
+        help="make the tests' 2-layer Llama (with a tokenizer) in DIR "
+        "and use it: on a CPU, a step is then mostly Python, i.e. host overhead",
+    )
     parser.add_argument("--num-prompts", type=int, default=128)
     parser.add_argument("--input-len", type=int, nargs=2, default=[50, 200], metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len", type=int, nargs=2, default=[64, 128], metavar=("MIN", "MAX"))
+    parser.add_argument(
+        "--output-len", type=int, nargs=2, default=[64, 128], metavar=("MIN", "MAX")
+    )
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=3)
-    parser.add_argument("--rate", type=float, nargs="*", default=[4.0],
-                        help="requests/s of the Poisson runs after the all-at-once ones (TTFT; none: skip)")
+    parser.add_argument(
+        "--rate",
+        type=float,
+        nargs="*",
+        default=[4.0],
+        help="requests/s of the Poisson runs after the all-at-once ones (TTFT; none: skip)",
+    )
     parser.add_argument("--rate-prompts", type=int, default=32)
     parser.add_argument("--skip-offline", action="store_true")
-    parser.add_argument("--server-tree", default=REPO, help="the checkout whose server runs (default: this one)")
+    parser.add_argument(
+        "--server-tree", default=REPO, help="the checkout whose server runs (default: this one)"
+    )
     parser.add_argument("--json", help="write the results here")
     add_config_flags(parser)
     args = vars(parser.parse_args())
-    opts = {k: args.pop(k) for k in ("model_config", "tiny", "num_prompts", "input_len", "output_len", "temperature",
-                                     "runs", "rate", "rate_prompts", "skip_offline", "server_tree", "json")}
+    opts = {
+        k: args.pop(k)
+        for k in (
+            "model_config",
+            "tiny",
+            "num_prompts",
+            "input_len",
+            "output_len",
+            "temperature",
+            "runs",
+            "rate",
+            "rate_prompts",
+            "skip_offline",
+            "server_tree",
+            "json",
+        )
+    }
     overrides = args  # the engine flags given
     if opts["tiny"]:
         sys.path.insert(0, os.path.join(REPO, "tests"))
         from tiny_models import make_tiny_model
+
         os.makedirs(opts["tiny"], exist_ok=True)
         overrides["model_path"] = make_tiny_model(opts["tiny"], "llama")
     elif "model_path" not in overrides:
         overrides["model_path"] = model_folder(opts["model_config"])
         overrides.setdefault("load_format", "dummy")
         if "tokenizer_path" not in overrides:  # SmolLM2's for its shape (text on), else none
-            tokenizer = text_tokenizer_for_shape(AutoConfig.from_pretrained(overrides["model_path"]))
+            tokenizer = text_tokenizer_for_shape(
+                AutoConfig.from_pretrained(overrides["model_path"])
+            )
             if tokenizer is not None:
                 overrides["tokenizer_path"] = tokenizer
     overrides.setdefault("max_model_len", opts["input_len"][1] + opts["output_len"][1])
     config = EngineConfig(**overrides)
     vocab = AutoConfig.from_pretrained(config.model_path).vocab_size
-    work = Workload.random(opts["num_prompts"], tuple(opts["input_len"]), tuple(opts["output_len"]), vocab, config.seed)
+    work = Workload.random(
+        opts["num_prompts"], tuple(opts["input_len"]), tuple(opts["output_len"]), vocab, config.seed
+    )
     total_out = sum(work.output_lens)
-    result = {"workload": {k: opts[k] for k in ("num_prompts", "input_len", "output_len", "temperature")},
-              "engine_flags": overrides, "server_tree": opts["server_tree"]}
+    result = {
+        "workload": {k: opts[k] for k in ("num_prompts", "input_len", "output_len", "temperature")},
+        "engine_flags": overrides,
+        "server_tree": opts["server_tree"],
+    }
 
     if not opts["skip_offline"]:
         offline = run_ours(config, work, opts["temperature"], opts["runs"])
         result["offline_output_tok_s"] = [total_out / e for e in offline["elapsed"]]
         result["offline_cpu_s"] = offline["cpu_s"]
         result["text"] = offline["text"]
-        print(f"offline LLM.generate: {spread(result['offline_output_tok_s'])} output tok/s "
-              f"({total_out} tokens, text {'on' if offline['text'] else 'OFF'}); CPU s per run "
-              f"{', '.join(f'{c:.2f}' for c in offline['cpu_s'])}", flush=True)
+        print(
+            f"offline LLM.generate: {spread(result['offline_output_tok_s'])} output tok/s "
+            f"({total_out} tokens, text {'on' if offline['text'] else 'OFF'}); CPU s per run "
+            f"{', '.join(f'{c:.2f}' for c in offline['cpu_s'])}",
+            flush=True,
+        )
 
     proc, url = start_server(opts["server_tree"], config.model_path, overrides)
     try:
         warm = Workload(work.prompts[:16], [8] * 16)
-        asyncio.run(run_benchmark(url, None, warm, opts["temperature"], float("inf"), None, None, seed=0))
-        runs = [served_run(url, proc.pid, work, opts["temperature"], float("inf")) for _ in range(opts["runs"])]
+        asyncio.run(
+            run_benchmark(url, None, warm, opts["temperature"], float("inf"), None, None, seed=0)
+        )
+        runs = [
+            served_run(url, proc.pid, work, opts["temperature"], float("inf"))
+            for _ in range(opts["runs"])
+        ]
         result["served_runs"] = runs
         result["served_output_tok_s"] = [r["output_throughput"] for r in runs]
-        print(f"served, all at once:  {spread(result['served_output_tok_s'])} output tok/s; TTFT p50 "
-              f"{spread([r['p50_ttft_ms'] for r in runs])} ms, ITL p50 {spread([r['p50_itl_ms'] for r in runs])} ms")
+        print(
+            f"served, all at once:  {spread(result['served_output_tok_s'])} output tok/s; TTFT p50 "
+            f"{spread([r['p50_ttft_ms'] for r in runs])} ms, ITL p50 {spread([r['p50_itl_ms'] for r in runs])} ms"
+        )
         for r in runs:
-            print(f"  run: {r['output_throughput']:.0f} tok/s in {r['duration_s']:.2f} s; CPU s: client "
-                  f"{r['cpu_client_s']:.2f}, server process {r['cpu_server_s']:.2f}, engine process "
-                  f"{r['cpu_engine_process_s']:.2f}; {r['failed']} failed")
+            print(
+                f"  run: {r['output_throughput']:.0f} tok/s in {r['duration_s']:.2f} s; CPU s: client "
+                f"{r['cpu_client_s']:.2f}, server process {r['cpu_server_s']:.2f}, engine process "
+                f"{r['cpu_engine_process_s']:.2f}; {r['failed']} failed"
+            )
         result["rate_runs"] = []
         for rate in opts["rate"]:
-            low = Workload(work.prompts[:opts["rate_prompts"]], work.output_lens[:opts["rate_prompts"]])
+            low = Workload(
+                work.prompts[: opts["rate_prompts"]], work.output_lens[: opts["rate_prompts"]]
+            )
             r = served_run(url, proc.pid, low, opts["temperature"], rate)
             result["rate_runs"].append({"rate": rate, **r})
-            print(f"served, {rate:g} requests/s ({len(low.prompts)} requests): {r['output_throughput']:.0f} tok/s; "
-                  f"TTFT p50 {r['p50_ttft_ms']:.1f} ms, p90 {r['p90_ttft_ms']:.1f}, p99 {r['p99_ttft_ms']:.1f}; "
-                  f"TPOT p50 {r['p50_tpot_ms']:.1f} ms; ITL p50 {r['p50_itl_ms']:.1f} ms, p99 {r['p99_itl_ms']:.1f}; "
-                  f"{r['failed']} failed")
+            print(
+                f"served, {rate:g} requests/s ({len(low.prompts)} requests): {r['output_throughput']:.0f} tok/s; "
+                f"TTFT p50 {r['p50_ttft_ms']:.1f} ms, p90 {r['p90_ttft_ms']:.1f}, p99 {r['p99_ttft_ms']:.1f}; "
+                f"TPOT p50 {r['p50_tpot_ms']:.1f} ms; ITL p50 {r['p50_itl_ms']:.1f} ms, p99 {r['p99_itl_ms']:.1f}; "
+                f"{r['failed']} failed"
+            )
     finally:
         proc.terminate()
         proc.wait(60)
     if "offline_output_tok_s" in result:
-        ratio = statistics.median(result["served_output_tok_s"]) / statistics.median(result["offline_output_tok_s"])
+        ratio = statistics.median(result["served_output_tok_s"]) / statistics.median(
+            result["offline_output_tok_s"]
+        )
         # The CPU the slowest serving process needed: an engine thread shares its process'
         # GIL with the event loop (their CPU adds up), an engine process runs beside it.
-        critical = statistics.median(max(r["cpu_server_s"], r["cpu_engine_process_s"]) if r["cpu_engine_process_s"]
-                                     else r["cpu_server_s"] for r in result["served_runs"])
+        critical = statistics.median(
+            max(r["cpu_server_s"], r["cpu_engine_process_s"])
+            if r["cpu_engine_process_s"]
+            else r["cpu_server_s"]
+            for r in result["served_runs"]
+        )
         cpu_ratio = statistics.median(result["offline_cpu_s"]) / critical
         result.update(served_over_offline=ratio, offline_cpu_over_served_critical_cpu=cpu_ratio)
-        print(f"served / offline (medians): {100 * ratio:.0f}%; offline CPU s / CPU s of the busiest serving "
-              f"process: {100 * cpu_ratio:.0f}% (what the ratio is with a free core per process)")
+        print(
+            f"served / offline (medians): {100 * ratio:.0f}%; offline CPU s / CPU s of the busiest serving "
+            f"process: {100 * cpu_ratio:.0f}% (what the ratio is with a free core per process)"
+        )
     if opts["json"]:
         with open(opts["json"], "w") as fh:
             json.dump(result, fh, indent=2)

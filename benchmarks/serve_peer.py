@@ -12,6 +12,7 @@ one draw in ~150,000.
 
     python -m benchmarks.serve_peer --model-config qwen3-0.6b --rates 4 16 inf
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,8 +29,8 @@ import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from benchmarks.serve_overhead import REPO, start_server, wait_until_healthy
-from vllm_lite.bench_serve import run_benchmark
-from vllm_lite.benchmark import Workload, model_folder
+from vllm_lite.entrypoints.bench_serve import run_benchmark
+from vllm_lite.entrypoints.benchmark import Workload, model_folder
 
 
 def word_tokenizer(vocab_size: int) -> PreTrainedTokenizerFast:
@@ -63,8 +64,19 @@ def free_port() -> int:
 
 def start_transformers(folder: str) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = ["transformers", "serve", "--continuous-batching", "--host", "127.0.0.1", "--port", str(port), folder]
-    log = os.path.join(folder, "transformers-serve.log")  # a file: a full pipe would stall the server
+    cmd = [
+        "transformers",
+        "serve",
+        "--continuous-batching",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        folder,
+    ]
+    log = os.path.join(
+        folder, "transformers-serve.log"
+    )  # a file: a full pipe would stall the server
     with open(log, "w") as fh:
         proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
@@ -76,53 +88,96 @@ def engine_ttft(url: str) -> tuple[float, float]:
     """(sum, count) of vllm-lite's engine-side time-to-first-token histogram (arrival at the
     engine front end to the first token leaving the engine), from /metrics."""
     text = httpx.get(url + "/metrics").text
-    values = [sum(float(m) for m in re.findall(rf"^vllm:time_to_first_token_seconds_{part}{{[^}}]*}} (\S+)$", text, re.M))
-              for part in ("sum", "count")]
+    values = [
+        sum(
+            float(m)
+            for m in re.findall(
+                rf"^vllm:time_to_first_token_seconds_{part}{{[^}}]*}} (\S+)$", text, re.M
+            )
+        )
+        for part in ("sum", "count")
+    ]
     return values[0], values[1]
 
 
-def measure(name: str, url: str, model: str | None, work: Workload, tokenizer, rates: list[float],
-            timeout: float) -> None:
+def measure(
+    name: str,
+    url: str,
+    model: str | None,
+    work: Workload,
+    tokenizer,
+    rates: list[float],
+    timeout: float,
+) -> None:
     for rate in rates:
         before = engine_ttft(url) if name == "vllm-lite" else None
         try:
-            r = asyncio.run(asyncio.wait_for(run_benchmark(url, model, work, 1.0, rate, None, None, 0, tokenizer,
-                                                           ignore_eos=False), timeout))
+            r = asyncio.run(
+                asyncio.wait_for(
+                    run_benchmark(
+                        url, model, work, 1.0, rate, None, None, 0, tokenizer, ignore_eos=False
+                    ),
+                    timeout,
+                )
+            )
         except TimeoutError:
             print(f"{name:12s} rate {rate:>4g}: not finished in {timeout:.0f} s", flush=True)
             continue
-        print(f"{name:12s} rate {rate:>4g}: {r['output_throughput']:7.0f} output tok/s, {r['completed']} done "
-              f"{r['failed']} failed {r['errors'][:1]}; TTFT p50 {r['p50_ttft_ms']:.1f} ms p90 {r['p90_ttft_ms']:.1f}; "
-              f"TPOT p50 {r['p50_tpot_ms']:.1f} ms; ITL p50 {r['p50_itl_ms']:.1f} ms p99 {r['p99_itl_ms']:.1f}; "
-              f"{r['total_output_tokens']} tokens in {r['duration_s']:.1f} s", flush=True)
+        print(
+            f"{name:12s} rate {rate:>4g}: {r['output_throughput']:7.0f} output tok/s, {r['completed']} done "
+            f"{r['failed']} failed {r['errors'][:1]}; TTFT p50 {r['p50_ttft_ms']:.1f} ms p90 {r['p90_ttft_ms']:.1f}; "
+            f"TPOT p50 {r['p50_tpot_ms']:.1f} ms; ITL p50 {r['p50_itl_ms']:.1f} ms p99 {r['p99_itl_ms']:.1f}; "
+            f"{r['total_output_tokens']} tokens in {r['duration_s']:.1f} s",
+            flush=True,
+        )
         if before is not None:
             after = engine_ttft(url)
-            print(f"{'':12s} TTFT mean: client {r['mean_ttft_ms']:.1f} ms, inside the server (engine front end to "
-                  f"the token leaving the engine) {1e3 * (after[0] - before[0]) / max(after[1] - before[1], 1):.1f} ms",
-                  flush=True)
+            print(
+                f"{'':12s} TTFT mean: client {r['mean_ttft_ms']:.1f} ms, inside the server (engine front end to "
+                f"the token leaving the engine) {1e3 * (after[0] - before[0]) / max(after[1] - before[1], 1):.1f} ms",
+                flush=True,
+            )
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--model-config", default="qwen3-0.6b")
     parser.add_argument("--num-prompts", type=int, default=64)
     parser.add_argument("--input-len", type=int, nargs=2, default=[100, 1024])
     parser.add_argument("--output-len", type=int, nargs=2, default=[100, 512])
-    parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, float("inf")],
-                        help="requests/s of each run, in order (repeat one to see a warm rerun)")
+    parser.add_argument(
+        "--rates",
+        type=float,
+        nargs="+",
+        default=[4.0, 16.0, float("inf")],
+        help="requests/s of each run, in order (repeat one to see a warm rerun)",
+    )
     parser.add_argument("--timeout", type=float, default=120.0, help="seconds one run may take")
-    parser.add_argument("--servers", nargs="+", choices=["vllm-lite", "transformers"],
-                        default=["vllm-lite", "transformers"])
+    parser.add_argument(
+        "--servers",
+        nargs="+",
+        choices=["vllm-lite", "transformers"],
+        default=["vllm-lite", "transformers"],
+    )
     args = parser.parse_args()
     folder = make_text_model(args.model_config, tempfile.mkdtemp(prefix="serve-peer-"))
     tokenizer = AutoTokenizer.from_pretrained(folder)
     vocab = AutoConfig.from_pretrained(folder).vocab_size
-    work = Workload.random(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, 0)
-    print(f"{args.model_config}, random bf16 weights + word-level tokenizer (text on for both); {len(work.prompts)} "
-          f"requests, prompts U{tuple(args.input_len)}, outputs U{tuple(args.output_len)}, temperature 1", flush=True)
+    work = Workload.random(
+        args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, 0
+    )
+    print(
+        f"{args.model_config}, random bf16 weights + word-level tokenizer (text on for both); {len(work.prompts)} "
+        f"requests, prompts U{tuple(args.input_len)}, outputs U{tuple(args.output_len)}, temperature 1",
+        flush=True,
+    )
     for name in args.servers:
         if name == "vllm-lite":
-            proc, url = start_server(REPO, folder, {"max_model_len": args.input_len[1] + args.output_len[1]})
+            proc, url = start_server(
+                REPO, folder, {"max_model_len": args.input_len[1] + args.output_len[1]}
+            )
             model = None  # the server's first model
         else:  # its /v1/models lists the hub cache; the preloaded model is named by its path
             (proc, url), model = start_transformers(folder), folder

@@ -27,9 +27,9 @@ import httpx
 from transformers import AutoConfig
 
 from benchmarks.serve_overhead import served_run, start_server
-from vllm_lite.bench_serve import run_benchmark
-from vllm_lite.benchmark import Workload, model_folder
 from vllm_lite.config import EngineConfig
+from vllm_lite.entrypoints.bench_serve import run_benchmark
+from vllm_lite.entrypoints.benchmark import Workload, model_folder
 
 LLAMA_SMOLLM2_VOCAB = {
     "architectures": ["LlamaForCausalLM"],
@@ -149,10 +149,15 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="*", default=[64.0, 16.0])
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--skip-smollm2", action="store_true", help="only the Llama shape")
-    parser.add_argument("--smoke", action="store_true", help="a 2-layer Llama, 8 short requests (CPU)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="a 2-layer Llama, 8 short requests (CPU)"
+    )
     parser.add_argument("--json", help="write the results here")
-    parser.add_argument("--tokenizer-path", default=os.environ.get("TOKENIZER"),
-                        help="a folder of SmolLM2's tokenizer files (default: the embedded model's)")
+    parser.add_argument(
+        "--tokenizer-path",
+        default=os.environ.get("TOKENIZER"),
+        help="a folder of SmolLM2's tokenizer files (default: the embedded model's)",
+    )
     args = parser.parse_args()
     from vllm_lite.default_model import default_model_path
 
@@ -160,8 +165,15 @@ def main() -> None:
     temperature, rows, result = 0.6, [], {}
     llama = LLAMA_SMOLLM2_VOCAB
     if args.smoke:  # the same path on a CPU in a few minutes: a 2-layer model, a few short requests
-        llama = {**llama, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
-                 "num_key_value_heads": 2, "head_dim": 16, "intermediate_size": 128}
+        llama = {
+            **llama,
+            "hidden_size": 64,
+            "num_hidden_layers": 2,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "intermediate_size": 128,
+        }
         args.num_prompts, args.runs, args.served_runs, args.rates = 8, 2, 1, [16.0]
     shapes = [("llama-2048 (SmolLM2 vocab)", shape_folder(llama))]
     if not args.skip_smollm2:

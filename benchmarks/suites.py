@@ -36,7 +36,9 @@ class Row:
 def bench(name: str, flags: str, timeout: int = 150, gpus: int = 1) -> Row:
     """A ``vllm-lite bench throughput FLAGS`` row."""
     args = ("bench", "throughput", *shlex.split(flags))
-    return Row(name, "vllm_lite.cli", args, timeout=timeout, gpus=gpus, throughput_json=True)
+    return Row(
+        name, "vllm_lite.entrypoints.cli", args, timeout=timeout, gpus=gpus, throughput_json=True
+    )
 
 
 def py(name: str, command: str, keep: str, timeout: int = 150, gpus: int = 1) -> Row:

@@ -26,7 +26,7 @@ def pairwise(*axes: list) -> list[tuple]:
     chosen = []
     while todo:
 
-        def gain(c):
+        def gain(c, todo=todo):
             return sum(
                 (a, c[a], b, c[b]) in todo for a, b in itertools.combinations(range(len(c)), 2)
             )

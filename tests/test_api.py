@@ -1,6 +1,6 @@
 import pytest
-
 from tiny_models import make_tiny_model, prompts_of_lengths
+
 from vllm_lite import LLM, SamplingParams
 from vllm_lite.engine.detokenizer import IncrementalDetokenizer
 
@@ -24,13 +24,17 @@ def test_string_prompts_are_tokenized_and_echoed(llm):
     out = llm.generate("The quick brown fox", GREEDY, use_tqdm=False)[0]
     assert out.prompt == "The quick brown fox"
     assert out.prompt_token_ids == llm.tokenizer.encode("The quick brown fox")
-    assert out.outputs[0].text == llm.tokenizer.decode(out.outputs[0].token_ids, skip_special_tokens=True)
+    assert out.outputs[0].text == llm.tokenizer.decode(
+        out.outputs[0].token_ids, skip_special_tokens=True
+    )
 
 
 def test_chat_applies_the_chat_template(llm):
     messages = [{"role": "user", "content": "Hello"}]
     out = llm.chat(messages, GREEDY, use_tqdm=False)[0]
-    expected = llm.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    expected = llm.tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True
+    )
     assert out.prompt == expected
     assert out.prompt_token_ids == llm.tokenizer.encode(expected, add_special_tokens=False)
 

@@ -1,5 +1,6 @@
 """Which attention backend ``get_backend`` picks, and that a missing or unsuitable flash-attn
 fails clearly. Runs everywhere: flash-attn is replaced by a stand-in module or hidden."""
+
 import sys
 import types
 
@@ -16,8 +17,18 @@ def fake_flash_attn(with_block_table: bool = True) -> types.ModuleType:
     """A CPU stand-in for flash_attn with the documented semantics of the two functions the
     backend calls (causal mask aligned bottom-right, paged caches read through block_table)."""
 
-    def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                               softmax_scale=None, causal=False, block_table=None):
+    def flash_attn_varlen_func(
+        q,
+        k,
+        v,
+        cu_seqlens_q,
+        cu_seqlens_k,
+        max_seqlen_q,
+        max_seqlen_k,
+        softmax_scale=None,
+        causal=False,
+        block_table=None,
+    ):
         assert causal and cu_seqlens_q.dtype == cu_seqlens_k.dtype == torch.int32
         lens_k = (cu_seqlens_k[1:] - cu_seqlens_k[:-1]).tolist()
         if block_table is not None:  # k, v are the paged pool
@@ -25,22 +36,41 @@ def fake_flash_attn(with_block_table: bool = True) -> types.ModuleType:
         out, cq, ck = torch.empty_like(q), cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         for i in range(len(lens_k)):  # k, v packed like q: each sequence's keys as one block
             one = torch.zeros(1, 1, dtype=torch.int32)
-            out[cq[i]:cq[i + 1]] = paged_attention_ref(
-                q[cq[i]:cq[i + 1]], k[None, ck[i]:ck[i + 1]], v[None, ck[i]:ck[i + 1]], one,
-                [0, cq[i + 1] - cq[i]], [lens_k[i]], softmax_scale)
+            out[cq[i] : cq[i + 1]] = paged_attention_ref(
+                q[cq[i] : cq[i + 1]],
+                k[None, ck[i] : ck[i + 1]],
+                v[None, ck[i] : ck[i + 1]],
+                one,
+                [0, cq[i + 1] - cq[i]],
+                [lens_k[i]],
+                softmax_scale,
+            )
         return out
 
-    def flash_attn_with_kvcache(q, k_cache, v_cache, cache_seqlens=None, block_table=None,
-                                softmax_scale=None, causal=False):
+    def flash_attn_with_kvcache(
+        q, k_cache, v_cache, cache_seqlens=None, block_table=None, softmax_scale=None, causal=False
+    ):
         assert q.shape[1] == 1 and cache_seqlens.dtype == block_table.dtype == torch.int32
         qsl = list(range(q.shape[0] + 1))
-        return paged_attention_ref(q.squeeze(1), k_cache, v_cache, block_table, qsl,
-                                   cache_seqlens, softmax_scale).unsqueeze(1)
+        return paged_attention_ref(
+            q.squeeze(1), k_cache, v_cache, block_table, qsl, cache_seqlens, softmax_scale
+        ).unsqueeze(1)
 
     if not with_block_table:
-        def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,  # noqa: F811
-                                   max_seqlen_k, softmax_scale=None, causal=False):
+
+        def flash_attn_varlen_func(
+            q,
+            k,
+            v,
+            cu_seqlens_q,
+            cu_seqlens_k,
+            max_seqlen_q,  # noqa: F811
+            max_seqlen_k,
+            softmax_scale=None,
+            causal=False,
+        ):
             raise AssertionError("not called")
+
     module = types.ModuleType("flash_attn")
     module.flash_attn_varlen_func = flash_attn_varlen_func
     module.flash_attn_with_kvcache = flash_attn_with_kvcache
@@ -110,12 +140,22 @@ def test_flash_attn_backend_plumbing_with_stand_in(monkeypatch, case):
         slots += [int(block_tables[i, p // bs]) * bs + p % bs for p in range(c, c + n)]
         qsl.append(qsl[-1] + n)
     meta = AttentionMetadata(
-        torch.tensor(slots), torch.tensor(qsl, dtype=torch.int32), torch.tensor(seq_lens, dtype=torch.int32),
-        block_tables, num_decodes=2, max_query_len=max(new), max_seq_len=max(seq_lens), prefill_is_fresh=fresh,
+        torch.tensor(slots),
+        torch.tensor(qsl, dtype=torch.int32),
+        torch.tensor(seq_lens, dtype=torch.int32),
+        block_tables,
+        num_decodes=2,
+        max_query_len=max(new),
+        max_seq_len=max(seq_lens),
+        prefill_is_fresh=fresh,
     )
     torch.manual_seed(0)
     k_cache, v_cache = torch.randn(6, bs, hkv, d), torch.randn(6, bs, hkv, d)
-    q, k, v = torch.randn(qsl[-1], hq, d), torch.randn(qsl[-1], hkv, d), torch.randn(qsl[-1], hkv, d)
+    q, k, v = (
+        torch.randn(qsl[-1], hq, d),
+        torch.randn(qsl[-1], hkv, d),
+        torch.randn(qsl[-1], hkv, d),
+    )
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     ref = TorchRefBackend().forward(q, k, v, ref_k, ref_v, meta, 0.25)
     out = FlashAttnBackend(bs).forward(q, k, v, k_cache, v_cache, meta, 0.25)

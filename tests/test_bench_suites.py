@@ -5,6 +5,7 @@ from tiny_models import make_tiny_model
 from benchmarks.__main__ import main, run_suite
 from benchmarks.suites import SUITES, Row, bench
 
+
 # written on another branch (issue 21); delete this line once it is merged
 def fake_module(tmp_path, monkeypatch, name: str, body: str) -> None:
     (tmp_path / f"{name}.py").write_text(body)

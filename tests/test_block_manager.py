@@ -55,7 +55,9 @@ def test_slot_maps_logical_position_through_the_block_table():
     bm.free_blocks.move_to_end(0)  # physical blocks are not in logical order
     bm.allocate(s, 6)
     assert s.block_table == [1, 2]
-    assert [bm.slot(s, p) for p in range(6)] == [s.block_table[p // 4] * 4 + p % 4 for p in range(6)]
+    assert [bm.slot(s, p) for p in range(6)] == [
+        s.block_table[p // 4] * 4 + p % 4 for p in range(6)
+    ]
 
 
 def test_shared_blocks_return_to_the_pool_when_their_last_holder_frees_them():
@@ -69,7 +71,11 @@ def test_shared_blocks_return_to_the_pool_when_their_last_holder_frees_them():
     bm.free(parent)
     assert bm.num_free_blocks == 7  # only the parent's own block came back
     bm.free(child)
-    assert bm.num_free_blocks == 10 and sorted(bm.free_blocks) == list(range(10)) and not any(bm.ref_counts)
+    assert (
+        bm.num_free_blocks == 10
+        and sorted(bm.free_blocks) == list(range(10))
+        and not any(bm.ref_counts)
+    )
 
 
 # ---- the prefix cache -------------------------------------------------------------------------
@@ -108,7 +114,7 @@ def test_a_block_is_keyed_with_its_whole_prefix_not_only_its_tokens():
 def test_a_hash_collision_never_returns_another_prefixs_blocks():
     bm = BlockManager(num_blocks=16, block_size=2)
     computed([0, 0, 5], bm)
-    twin = 2 ** 61 - 1  # hash(twin) == hash(0): the keys' hashes collide
+    twin = 2**61 - 1  # hash(twin) == hash(0): the keys' hashes collide
     assert hash((0, (twin, twin))) == hash((0, (0, 0)))
     assert bm.find_cached_prefix(Sequence([twin, twin, 5], SamplingParams())) == []
 
@@ -139,7 +145,10 @@ def test_a_cached_free_block_counts_as_taken_when_a_hit_revives_it():
 
 def test_free_blocks_are_reused_least_recently_used_first_and_a_tail_before_its_prefix():
     bm = BlockManager(num_blocks=6, block_size=4)
-    old, new = computed(list(range(8)), bm), computed(list(range(100, 108)), bm)  # blocks [0, 1], [2, 3]
+    old, new = (
+        computed(list(range(8)), bm),
+        computed(list(range(100, 108)), bm),
+    )  # blocks [0, 1], [2, 3]
     bm.free(old)
     bm.free(new)
     assert list(bm.free_blocks) == [4, 5, 1, 0, 3, 2]
@@ -179,4 +188,7 @@ def test_reset_prefix_cache_refuses_while_blocks_are_in_use_then_forgets_everyth
 def test_with_caching_off_nothing_is_keyed():
     bm = BlockManager(num_blocks=4, block_size=2, enable_prefix_caching=False)
     bm.free(computed([1, 2, 3, 4, 5], bm))
-    assert not bm.cached_blocks and bm.find_cached_prefix(Sequence([1, 2, 3, 4, 5], SamplingParams())) == []
+    assert (
+        not bm.cached_blocks
+        and bm.find_cached_prefix(Sequence([1, 2, 3, 4, 5], SamplingParams())) == []
+    )

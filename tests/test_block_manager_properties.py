@@ -3,6 +3,7 @@ finish, abort and preempt drive a Scheduler and BlockManager the way the engine 
 replaced by a record of which sequence wrote each KV slot, sampled tokens read back one step
 late as in the overlapped engine, n > 1 requests forking their completions), and after every
 operation the books must balance and every sequence must read only KV of its own tokens."""
+
 from hypothesis import settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
@@ -26,10 +27,14 @@ class PrefixCachingMachine(RuleBasedStateMachine):
     @initialize()
     def start(self):
         self.bm = BlockManager(NUM_BLOCKS, BLOCK_SIZE, self.enable_prefix_caching)
-        self.sched = Scheduler(self.bm, max_num_seqs=5, max_num_batched_tokens=7, max_model_len=MAX_MODEL_LEN)
+        self.sched = Scheduler(
+            self.bm, max_num_seqs=5, max_num_batched_tokens=7, max_model_len=MAX_MODEL_LEN
+        )
         self.seqs: list[Sequence] = []  # every sequence ever made
         self.inflight: list[tuple[Sequence, int]] = []  # (sequence, position of its placeholder)
-        self.writer: dict[int, tuple[Sequence, int]] = {}  # KV slot -> (sequence, position) that wrote it
+        self.writer: dict[
+            int, tuple[Sequence, int]
+        ] = {}  # KV slot -> (sequence, position) that wrote it
         self.next_token = 0
 
     # ---- the engine's moves ---------------------------------------------------------------
@@ -70,7 +75,7 @@ class PrefixCachingMachine(RuleBasedStateMachine):
             seq.token_ids[pos] = self.next_token % 2 + 1
             self.next_token += 1
             if seq.at_length_limit(pos + 1, MAX_MODEL_LEN):
-                del seq.token_ids[pos + 1:]
+                del seq.token_ids[pos + 1 :]
                 self.sched.finish(seq, "length")
 
     @precondition(lambda self: self.sched.running)
@@ -133,16 +138,18 @@ class PrefixCachingMachine(RuleBasedStateMachine):
             if len(owners) > 1:
                 assert len({i for _, i in owners}) == 1, "a shared block at different places"
                 i = owners[0][1]
-                assert len({tuple(s.token_ids[:(i + 1) * bs]) for s, _ in owners}) == 1
-                assert PLACEHOLDER not in owners[0][0].token_ids[:(i + 1) * bs]
+                assert len({tuple(s.token_ids[: (i + 1) * bs]) for s, _ in owners}) == 1
+                assert PLACEHOLDER not in owners[0][0].token_ids[: (i + 1) * bs]
                 if self.enable_prefix_caching:
                     assert self.bm.block_prefix[block], "shared but not under a key"
 
     @invariant()
     def a_sequences_keyed_blocks_lead_its_table(self):
         for seq in self.seqs:
-            assert seq.num_cached_blocks * BLOCK_SIZE <= seq.num_computed_tokens or not seq.block_table
-            assert all(self.bm.block_prefix[b] for b in seq.block_table[:seq.num_cached_blocks])
+            assert (
+                seq.num_cached_blocks * BLOCK_SIZE <= seq.num_computed_tokens or not seq.block_table
+            )
+            assert all(self.bm.block_prefix[b] for b in seq.block_table[: seq.num_cached_blocks])
 
     @invariant()
     def every_sequence_reads_kv_of_its_own_tokens(self):
@@ -151,14 +158,18 @@ class PrefixCachingMachine(RuleBasedStateMachine):
                 writer, q = self.writer[self.bm.slot(seq, p)]
                 assert q == p
                 if writer is not seq:
-                    assert writer.token_ids[:p + 1] == seq.token_ids[:p + 1], "KV of another prefix"
+                    assert writer.token_ids[: p + 1] == seq.token_ids[: p + 1], (
+                        "KV of another prefix"
+                    )
 
     def teardown(self):
         if not hasattr(self, "sched"):
             return
         for seq in list(self.sched.waiting) + list(self.sched.running):
             self.sched.finish(seq, "abort")
-        assert self.bm.num_free_blocks == NUM_BLOCKS and not any(self.bm.ref_counts), "blocks leaked"
+        assert self.bm.num_free_blocks == NUM_BLOCKS and not any(self.bm.ref_counts), (
+            "blocks leaked"
+        )
 
 
 class NoPrefixCachingMachine(PrefixCachingMachine):

@@ -3,7 +3,6 @@
 import json
 import os
 
-import pytest
 import torch
 
 PROMPT = "What is the capital of France?"
@@ -40,7 +39,9 @@ def test_tokenizer(smollm2_path):
     assert tok.chat_template
     assert (tok.eos_token, tok.eos_token_id) == ("<|im_end|>", 2)
     assert (tok.bos_token, tok.bos_token_id) == ("<|im_start|>", 1)
-    text = tok.apply_chat_template([{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False)
+    text = tok.apply_chat_template(
+        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, tokenize=False
+    )
     assert text.endswith(f"<|im_start|>user\n{PROMPT}<|im_end|>\n<|im_start|>assistant\n")
 
 
@@ -51,9 +52,12 @@ def test_greedy_generation(smollm2_path):
     model = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32)
     assert model.lm_head.weight.data_ptr() == model.model.embed_tokens.weight.data_ptr()
     inputs = tok.apply_chat_template(
-        [{"role": "user", "content": PROMPT}], add_generation_prompt=True, return_tensors="pt", return_dict=True
+        [{"role": "user", "content": PROMPT}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
     )
     with torch.inference_mode():
         out = model.generate(**inputs, max_new_tokens=12, do_sample=False)
-    answer = tok.decode(out[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    answer = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
     assert "Paris" in answer, answer

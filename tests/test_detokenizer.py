@@ -1,10 +1,10 @@
 import random
 
 import pytest
+from tiny_models import make_tiny_model, make_tokenizer
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from tiny_models import make_tiny_model, make_tokenizer
 from vllm_lite import LLM, SamplingParams
 from vllm_lite.engine.detokenizer import IncrementalDetokenizer, rust_decode_is_exact
 
@@ -30,8 +30,12 @@ def tokenizer(request):
     return request.getfixturevalue(f"{request.param}_tokenizer")
 
 
-def detokenize(tokenizer, prompt_ids, output_ids, skip_special_tokens, use_stream=None, at_end=False):
-    detok = IncrementalDetokenizer(tokenizer, prompt_ids, skip_special_tokens, use_stream=use_stream, at_end=at_end)
+def detokenize(
+    tokenizer, prompt_ids, output_ids, skip_special_tokens, use_stream=None, at_end=False
+):
+    detok = IncrementalDetokenizer(
+        tokenizer, prompt_ids, skip_special_tokens, use_stream=use_stream, at_end=at_end
+    )
     pieces = [detok.add(t) for t in output_ids] + [detok.flush()]
     assert "".join(pieces) == detok.text
     if at_end:  # nothing before the end
@@ -43,7 +47,12 @@ def with_special_tokens(tokenizer, text):
     """``text``'s ids with the EOS and BOS tokens in the middle and at the end."""
     ids = tokenizer.encode(text, add_special_tokens=False)
     half = len(ids) // 2
-    return ids[:half] + [tokenizer.eos_token_id, tokenizer.bos_token_id] + ids[half:] + [tokenizer.eos_token_id]
+    return (
+        ids[:half]
+        + [tokenizer.eos_token_id, tokenizer.bos_token_id]
+        + ids[half:]
+        + [tokenizer.eos_token_id]
+    )
 
 
 def test_fast_tokenizers_take_the_rust_decode_path(tokenizer):
@@ -52,10 +61,15 @@ def test_fast_tokenizers_take_the_rust_decode_path(tokenizer):
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
-@pytest.mark.parametrize("use_stream,at_end", [(True, False), (False, False), (True, True), (False, True)],
-                         ids=["rust", "python", "at-end", "at-end-python"])
+@pytest.mark.parametrize(
+    "use_stream,at_end",
+    [(True, False), (False, False), (True, True), (False, True)],
+    ids=["rust", "python", "at-end", "at-end-python"],
+)
 @pytest.mark.parametrize("text", TEXTS)
-def test_text_equals_decode_of_the_output_ids(tokenizer, text, skip_special_tokens, use_stream, at_end):
+def test_text_equals_decode_of_the_output_ids(
+    tokenizer, text, skip_special_tokens, use_stream, at_end
+):
     prompt = tokenizer.encode("Say something:", add_special_tokens=False)
     out = with_special_tokens(tokenizer, text)
     expected = tokenizer.decode(out, skip_special_tokens=skip_special_tokens)
@@ -72,7 +86,10 @@ def test_random_token_streams_decode_exactly(tokenizer, skip_special_tokens, at_
         prompt = [rng.randrange(vocab) for _ in range(rng.randint(1, 12))]
         out = [rng.randrange(vocab) for _ in range(rng.randint(1, 40))]
         expected = tokenizer.decode(out, skip_special_tokens=skip_special_tokens)
-        assert detokenize(tokenizer, prompt, out, skip_special_tokens, at_end=at_end) == expected, (prompt, out)
+        assert detokenize(tokenizer, prompt, out, skip_special_tokens, at_end=at_end) == expected, (
+            prompt,
+            out,
+        )
 
 
 @pytest.mark.parametrize("at_end", [False, True], ids=["per-token", "at-end"])
@@ -85,7 +102,9 @@ def test_output_that_completes_a_character_begun_in_the_prompt_is_decoded_alone(
 
 def test_text_ending_mid_character_is_flushed_as_decode_gives_it(tokenizer):
     ids = tokenizer.encode("ok 東京🙂", add_special_tokens=False)
-    out = next(ids[:k] for k in range(len(ids), 0, -1) if tokenizer.decode(ids[:k]).endswith("\ufffd"))
+    out = next(
+        ids[:k] for k in range(len(ids), 0, -1) if tokenizer.decode(ids[:k]).endswith("\ufffd")
+    )
     detok = IncrementalDetokenizer(tokenizer, [], True)
     pieces = [detok.add(t) for t in out]
     assert "\ufffd" not in "".join(pieces)
@@ -117,6 +136,7 @@ def test_clean_up_tokenization_spaces_takes_the_decode_path():
 
 # ---- through the engine: stop strings and stop tokens end the text where vLLM's would ----------
 
+
 @pytest.fixture(scope="module")
 def llm(tmp_path_factory):
     return LLM(make_tiny_model(str(tmp_path_factory.mktemp("m")), "qwen2"), num_blocks=128)
@@ -131,19 +151,32 @@ def seeded_run(llm, **kw):
 
 def clean_substring(text, start, length):
     """The first substring of ``length`` characters from ``start`` on without U+FFFD or spaces."""
-    at = next(i for i in range(start, len(text) - length)
-              if not any(c.isspace() or c == "\ufffd" for c in text[i:i + length]))
-    return text[at:at + length]
+    at = next(
+        i
+        for i in range(start, len(text) - length)
+        if not any(c.isspace() or c == "\ufffd" for c in text[i : i + length])
+    )
+    return text[at : at + length]
 
 
 @pytest.mark.parametrize("skip_special_tokens", [True, False])
 def test_sampled_output_text_equals_decode_of_its_ids(llm, skip_special_tokens):
-    params = [SamplingParams(temperature=1.5, max_tokens=24, ignore_eos=True, seed=s,
-                             skip_special_tokens=skip_special_tokens) for s in range(3)]
+    params = [
+        SamplingParams(
+            temperature=1.5,
+            max_tokens=24,
+            ignore_eos=True,
+            seed=s,
+            skip_special_tokens=skip_special_tokens,
+        )
+        for s in range(3)
+    ]
     outs = llm.generate([[5, 6, 7], [300, 301, 302], [0, 1, 2]], params, use_tqdm=False)
     for o in outs:
         ids = o.outputs[0].token_ids
-        assert o.outputs[0].text == llm.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+        assert o.outputs[0].text == llm.tokenizer.decode(
+            ids, skip_special_tokens=skip_special_tokens
+        )
 
 
 def test_offline_text_is_decoded_at_the_end_unless_a_stop_string_needs_it_per_token(llm):
@@ -161,7 +194,7 @@ def test_stop_string_is_cut_from_the_text(llm):
     stop = clean_substring(full, len(full) // 3, 2)
     out = seeded_run(llm, stop=stop)
     assert out.finish_reason == "stop" and out.stop_reason == stop
-    assert out.text == full[:full.find(stop)]
+    assert out.text == full[: full.find(stop)]
 
 
 def test_include_stop_str_in_output_ends_the_text_after_the_stop_string(llm):
@@ -169,42 +202,57 @@ def test_include_stop_str_in_output_ends_the_text_after_the_stop_string(llm):
     stop = clean_substring(full, len(full) // 3, 2)
     out = seeded_run(llm, stop=stop, include_stop_str_in_output=True)
     assert out.finish_reason == "stop" and out.stop_reason == stop
-    assert out.text == full[:full.find(stop) + len(stop)]
+    assert out.text == full[: full.find(stop) + len(stop)]
 
 
 def test_the_stop_string_found_first_in_the_text_stops_it_whatever_the_list_order(llm):
     full = seeded_run(llm).text
-    early, late = clean_substring(full, len(full) // 3, 1), clean_substring(full, 2 * len(full) // 3, 2)
+    early, late = (
+        clean_substring(full, len(full) // 3, 1),
+        clean_substring(full, 2 * len(full) // 3, 2),
+    )
     assert full.find(early) < full.find(late)
     out = seeded_run(llm, stop=[late, early])
-    assert out.stop_reason == early and out.text == full[:full.find(early)]
+    assert out.stop_reason == early and out.text == full[: full.find(early)]
 
 
 def test_stop_string_inside_the_first_min_tokens_tokens_does_not_stop(llm):
     free = seeded_run(llm)
     ids, full = free.token_ids, free.text
 
-    def usable(m):  # a stop character in the text of token m (the last held by min_tokens) seen again later
-        before, upto = llm.tokenizer.decode(ids[:m - 1]), llm.tokenizer.decode(ids[:m])
+    def usable(
+        m,
+    ):  # a stop character in the text of token m (the last held by min_tokens) seen again later
+        before, upto = llm.tokenizer.decode(ids[: m - 1]), llm.tokenizer.decode(ids[:m])
         if not (upto.startswith(before) and full.startswith(upto)):
             return None
-        return next((c for c in upto[len(before):] if not c.isspace() and c != "\ufffd"
-                     and full.find(c, len(upto)) >= 0), None)
+        return next(
+            (
+                c
+                for c in upto[len(before) :]
+                if not c.isspace() and c != "\ufffd" and full.find(c, len(upto)) >= 0
+            ),
+            None,
+        )
 
     m = next(m for m in range(5, 30) if usable(m))
     stop, first = usable(m), llm.tokenizer.decode(ids[:m])
     out = seeded_run(llm, stop=stop, min_tokens=m)
     assert out.stop_reason == stop
-    assert out.text == full[:full.find(stop, len(first))]
+    assert out.text == full[: full.find(stop, len(first))]
 
 
 @pytest.mark.parametrize("include", [False, True])
 def test_stop_token_text_is_in_the_output_only_with_include_stop_str_in_output(llm, include):
     ids = seeded_run(llm).token_ids
     k = ids.index(ids[5])
-    out = seeded_run(llm, stop_token_ids=[ids[k]], include_stop_str_in_output=include, skip_special_tokens=False)
-    assert out.token_ids == ids[:k + 1]
-    assert out.text == llm.tokenizer.decode(ids[:k + 1] if include else ids[:k], skip_special_tokens=False)
+    out = seeded_run(
+        llm, stop_token_ids=[ids[k]], include_stop_str_in_output=include, skip_special_tokens=False
+    )
+    assert out.token_ids == ids[: k + 1]
+    assert out.text == llm.tokenizer.decode(
+        ids[: k + 1] if include else ids[:k], skip_special_tokens=False
+    )
 
 
 def test_one_batched_step_equals_each_sequence_stepped_alone(tokenizer):
@@ -214,8 +262,14 @@ def test_one_batched_step_equals_each_sequence_stepped_alone(tokenizer):
     rng = random.Random(1)
     batch = BatchDetokenizer(tokenizer)
     vocab = len(tokenizer)
-    seqs = [([rng.randrange(vocab) for _ in range(4)], [rng.randrange(vocab) for _ in range(30)], i % 2 == 0)
-            for i in range(6)]
+    seqs = [
+        (
+            [rng.randrange(vocab) for _ in range(4)],
+            [rng.randrange(vocab) for _ in range(30)],
+            i % 2 == 0,
+        )
+        for i in range(6)
+    ]
     states = [batch.new_state(prompt, skip) for prompt, _, skip in seqs]
     for step in range(30):
         for s, (_, out, _) in zip(states, seqs):
@@ -227,7 +281,9 @@ def test_one_batched_step_equals_each_sequence_stepped_alone(tokenizer):
 
 
 @pytest.mark.parametrize("include", [False, True])
-def test_offline_stop_string_checked_every_few_steps_ends_where_a_check_per_token_does(llm, monkeypatch, include):
+def test_offline_stop_string_checked_every_few_steps_ends_where_a_check_per_token_does(
+    llm, monkeypatch, include
+):
     from vllm_lite.engine import llm_engine
 
     full = seeded_run(llm).text

@@ -9,11 +9,11 @@ import weakref
 
 import pytest
 import torch
-
 from tiny_models import make_tiny_model
+
 from vllm_lite import LLM, SamplingParams
 from vllm_lite.layers.moe import FusedMoE
-from vllm_lite.model_runner import bytes_held_by_other_engines
+from vllm_lite.worker.model_runner import bytes_held_by_other_engines
 
 GREEDY = SamplingParams(max_tokens=4, temperature=0)
 

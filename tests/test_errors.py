@@ -1,10 +1,11 @@
 """Bad input gets a clear error naming the problem; requests already in flight still complete."""
+
 import json
 import os
 
 import pytest
-
 from tiny_models import make_tiny_model
+
 from vllm_lite import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -30,8 +31,14 @@ BAD_REQUESTS = {
     r"presence_penalty must be in \[-2, 2\]": ([1, 2], dict(presence_penalty=2.5)),
     r"repetition_penalty must be a finite number > 0": ([1, 2], dict(repetition_penalty=-1.0)),
     r"logit_bias biases must be numbers in \[-100, 100\]": ([1, 2], dict(logit_bias={3: -101})),
-    r"logit_bias token ids must be in \[0, \d+\)": ([1, 2], SamplingParams(logit_bias={10**6: 1.0})),
-    r"allowed_token_ids token ids must be in \[0, \d+\)": ([1, 2], SamplingParams(allowed_token_ids=[3, 10**6])),
+    r"logit_bias token ids must be in \[0, \d+\)": (
+        [1, 2],
+        SamplingParams(logit_bias={10**6: 1.0}),
+    ),
+    r"allowed_token_ids token ids must be in \[0, \d+\)": (
+        [1, 2],
+        SamplingParams(allowed_token_ids=[3, 10**6]),
+    ),
     r"n must be <= max_num_seqs": ([1, 2], SamplingParams(n=1000)),
     r"logprobs must be None or an int >= 0": ([1, 2], dict(logprobs=-2)),
 }
@@ -44,7 +51,9 @@ def test_bad_request_is_refused_naming_the_problem_while_others_complete(llm, pr
     good = engine.add_request([5, 6, 7], GREEDY)
     engine.step()
     with pytest.raises(ValueError, match=problem):
-        engine.add_request(prompt, params if isinstance(params, SamplingParams) else SamplingParams(**params))
+        engine.add_request(
+            prompt, params if isinstance(params, SamplingParams) else SamplingParams(**params)
+        )
     while engine.has_unfinished_requests():
         engine.step()
     assert good.finish_reason == "length" and len(good.output_token_ids) == 8
@@ -57,8 +66,11 @@ def test_generate_names_the_bad_prompt_and_starts_nothing(llm):
     assert not llm.engine.has_unfinished_requests()
 
 
-@pytest.mark.parametrize("prompt", [[5, 10**6], [-1, 5], [5, 2.0], [True, 5], [5, "6"]],
-                         ids=["past-vocab", "negative", "float", "bool", "str"])
+@pytest.mark.parametrize(
+    "prompt",
+    [[5, 10**6], [-1, 5], [5, 2.0], [True, 5], [5, "6"]],
+    ids=["past-vocab", "negative", "float", "bool", "str"],
+)
 def test_prompt_token_ids_must_be_ints_in_the_vocabulary(llm, prompt):
     with pytest.raises(ValueError, match=r"prompt token ids must be ints in \[0, \d+\)"):
         llm.engine.add_request(prompt, GREEDY)

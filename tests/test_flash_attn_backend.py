@@ -2,6 +2,7 @@
 
 flash-attn's paged KV cache needs block_size % 256 == 0, so every case uses block_size 256.
 """
+
 import pytest
 import torch
 
@@ -9,8 +10,9 @@ pytest.importorskip("flash_attn")
 if not torch.cuda.is_available():
     pytest.skip("flash-attn needs a CUDA GPU", allow_module_level=True)
 
-from vllm_lite.attention.flash_attn_backend import FlashAttnBackend  # noqa: E402
 from tiny_models import random_block_tables  # noqa: E402
+
+from vllm_lite.attention.flash_attn_backend import FlashAttnBackend  # noqa: E402
 from vllm_lite.attention.metadata import AttentionMetadata  # noqa: E402
 from vllm_lite.attention.torch_ref import TorchRefBackend  # noqa: E402
 
@@ -41,8 +43,12 @@ def make_step(cached, new, num_decodes, num_heads, num_kv_heads, head_dim, dtype
         query_start_loc=torch.tensor(qsl, dtype=torch.int32, device=DEVICE),
         seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=DEVICE),
         block_tables=block_tables.to(DEVICE),
-        num_decodes=num_decodes, max_query_len=max(new), max_seq_len=max(seq_lens),
-        prefill_is_fresh=fresh, query_start_loc_cpu=qsl, seq_lens_cpu=seq_lens,
+        num_decodes=num_decodes,
+        max_query_len=max(new),
+        max_seq_len=max(seq_lens),
+        prefill_is_fresh=fresh,
+        query_start_loc_cpu=qsl,
+        seq_lens_cpu=seq_lens,
     )
     return q, k, v, k_cache, v_cache, meta
 
@@ -67,8 +73,16 @@ def test_forward_matches_reference(case, heads):
     head_dim, dtype = 64, torch.bfloat16
     torch.manual_seed(hash(case) % 1000)
     q, k, v, k_cache, v_cache, meta = make_step(
-        dec_cached + pre_cached, dec_new + pre_new, len(dec_cached), num_heads, num_kv_heads, head_dim, dtype, fresh)
-    scale = head_dim ** -0.5
+        dec_cached + pre_cached,
+        dec_new + pre_new,
+        len(dec_cached),
+        num_heads,
+        num_kv_heads,
+        head_dim,
+        dtype,
+        fresh,
+    )
+    scale = head_dim**-0.5
     ref_k, ref_v = k_cache.float(), v_cache.float()
     ref = TorchRefBackend().forward(q.float(), k.float(), v.float(), ref_k, ref_v, meta, scale)
 

@@ -4,6 +4,7 @@ reference ``fused_experts_torch``.
 Without a GPU the kernels run under the Triton interpreter on tiny shapes in fp32 and fp16; on
 a GPU the same tests run compiled, add bf16, CUDA-graph capture and the dispatch.
 """
+
 import os
 
 import torch
@@ -23,7 +24,7 @@ from vllm_lite.layers.fused_moe import (  # noqa: E402
     fused_experts_triton,
     warm_up_fused_moe,
 )
-from vllm_lite.triton_variants import describe, record_triton_variants  # noqa: E402
+from vllm_lite.worker.triton_variants import describe, record_triton_variants  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 CUDA_ONLY = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
@@ -43,8 +44,8 @@ def random_routing(num_tokens: int, num_experts: int, top_k: int, seed: int = 0)
 
 def make_experts(num_experts: int, hidden: int, inter: int, dtype, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden ** 0.5
-    w2 = torch.randn(num_experts, hidden, inter, generator=g) / inter ** 0.5
+    w13 = torch.randn(num_experts, 2 * inter, hidden, generator=g) / hidden**0.5
+    w2 = torch.randn(num_experts, hidden, inter, generator=g) / inter**0.5
     return w13.to(DEVICE, dtype), w2.to(DEVICE, dtype)
 
 
@@ -57,13 +58,17 @@ def assert_close(out: torch.Tensor, ref: torch.Tensor) -> None:
         assert ((out - ref).norm() / ref.norm()).item() < 1e-2
 
 
-@pytest.mark.parametrize("num_experts, top_k, num_tokens, block_m", [
-    (5, 3, 33, 16),  # 99 assignments: two alignment chunks
-    (6, 2, 7, 16),
-    (6, 1, 1, 32),  # five experts get nothing
-])
+@pytest.mark.parametrize(
+    "num_experts, top_k, num_tokens, block_m",
+    [
+        (5, 3, 33, 16),  # 99 assignments: two alignment chunks
+        (6, 2, 7, 16),
+        (6, 1, 1, 32),  # five experts get nothing
+    ],
+)
 def test_alignment_puts_each_assignment_once_in_its_experts_padded_run(
-        num_experts, top_k, num_tokens, block_m):
+    num_experts, top_k, num_tokens, block_m
+):
     _, ids = random_routing(num_tokens, num_experts, top_k)
     sorted_ids, bounds = align_assignments(ids, num_experts, block_m)
     sorted_ids, bounds, flat = sorted_ids.cpu(), bounds.cpu().tolist(), ids.reshape(-1).cpu()
@@ -72,22 +77,26 @@ def test_alignment_puts_each_assignment_once_in_its_experts_padded_run(
     assert len(sorted_ids) == num_assign + min(num_experts, num_assign) * (block_m - 1)
     assert bounds[0] == 0
     for e in range(num_experts):
-        run = sorted_ids[bounds[e]:bounds[e + 1]]
+        run = sorted_ids[bounds[e] : bounds[e + 1]]
         mine = (flat == e).nonzero().squeeze(1)
         assert len(run) == -(-len(mine) // block_m) * block_m  # padded to BLOCK_M, no more
-        assert torch.equal(run[:len(mine)], mine.to(run.dtype))  # every one, in order
-        assert (run[len(mine):] == num_assign).all()  # the sentinel in the padding
+        assert torch.equal(run[: len(mine)], mine.to(run.dtype))  # every one, in order
+        assert (run[len(mine) :] == num_assign).all()  # the sentinel in the padding
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("num_experts, top_k, num_tokens, hidden, inter, config", [
-    (5, 1, 1, 32, 48, None),  # the default config's tiles
-    (6, 2, 7, 48, 32, SMALL_TILES),
-    (5, 3, 33, 32, 48, None),
-    (5, 3, 20, 48, 48, SMALL_TILES),
-])
+@pytest.mark.parametrize(
+    "num_experts, top_k, num_tokens, hidden, inter, config",
+    [
+        (5, 1, 1, 32, 48, None),  # the default config's tiles
+        (6, 2, 7, 48, 32, SMALL_TILES),
+        (5, 3, 33, 32, 48, None),
+        (5, 3, 20, 48, 48, SMALL_TILES),
+    ],
+)
 def test_fused_experts_triton_matches_reference(
-        num_experts, top_k, num_tokens, hidden, inter, dtype, config):
+    num_experts, top_k, num_tokens, hidden, inter, dtype, config
+):
     w13, w2 = make_experts(num_experts, hidden, inter, dtype)
     weights, ids = random_routing(num_tokens, num_experts, top_k)
     x = torch.randn(num_tokens, hidden, generator=torch.Generator().manual_seed(1))
@@ -103,20 +112,25 @@ def test_one_expert_taking_every_token_spans_several_row_blocks(dtype):
     ids = torch.full((40, 1), 2, device=DEVICE)
     weights = torch.rand(40, 1, generator=torch.Generator().manual_seed(2)).to(DEVICE)
     x = torch.randn(40, 32, generator=torch.Generator().manual_seed(3)).to(DEVICE, dtype)
-    assert_close(fused_experts_triton(x, w13, w2, weights, ids, SMALL_TILES),
-                 fused_experts_torch(x, w13, w2, weights, ids))
+    assert_close(
+        fused_experts_triton(x, w13, w2, weights, ids, SMALL_TILES),
+        fused_experts_torch(x, w13, w2, weights, ids),
+    )
 
 
-@pytest.mark.parametrize("num_experts, num_tokens, block_m", [
-    (4, 16, 16), (4, 40, 32), (8, 130, 64), (4, 100, 128)])
+@pytest.mark.parametrize(
+    "num_experts, num_tokens, block_m", [(4, 16, 16), (4, 40, 32), (8, 130, 64), (4, 100, 128)]
+)
 def test_default_config_of_each_row_block_size_matches_reference(num_experts, num_tokens, block_m):
     config = fused_moe.get_config(num_experts, 32, 32, 2, num_tokens, torch.float32)
     assert config.block_m == block_m
     w13, w2 = make_experts(num_experts, 32, 32, torch.float32)
     weights, ids = random_routing(num_tokens, num_experts, 2)
     x = torch.randn(num_tokens, 32, generator=torch.Generator().manual_seed(4)).to(DEVICE)
-    assert_close(fused_experts_triton(x, w13, w2, weights, ids),
-                 fused_experts_torch(x, w13, w2, weights, ids))
+    assert_close(
+        fused_experts_triton(x, w13, w2, weights, ids),
+        fused_experts_torch(x, w13, w2, weights, ids),
+    )
 
 
 def test_tuned_table_entry_serves_its_token_bucket(monkeypatch):

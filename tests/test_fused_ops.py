@@ -4,6 +4,7 @@ Without a GPU the kernels run under the Triton interpreter (set before triton is
 small shapes in fp32 and fp16; on a GPU the same tests run compiled, add bf16, and check that
 the layers dispatch to the fused kernels.
 """
+
 import os
 from types import SimpleNamespace
 
@@ -13,15 +14,15 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
 from grids import kernel_grid  # noqa: E402
+
 from vllm_lite.layers import fused_ops  # noqa: E402
 from vllm_lite.layers.activation import SiluAndMul  # noqa: E402
 from vllm_lite.layers.fused_ops import gumbel_sample, rms_norm, rotary, silu_and_mul, token_logprobs  # noqa: E402
 from vllm_lite.layers.norm import RMSNorm  # noqa: E402
 from vllm_lite.layers.rotary import RotaryEmbedding  # noqa: E402
-from vllm_lite.logprobs import token_logprobs_native  # noqa: E402
-from vllm_lite.sampler import Sampler, SamplingBatch  # noqa: E402
+from vllm_lite.worker.logprobs import token_logprobs_native  # noqa: E402
+from vllm_lite.worker.sampler import Sampler, SamplingBatch  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # fp16 runs under the interpreter too and checks the 16-bit rounding order; bf16 only on a GPU,
@@ -108,11 +109,20 @@ def test_rotary_with_qk_norm_is_norm_then_rotary(num_tokens, head_dim, dtype):
     q, k = qkv_views(num_tokens, 16, 8, head_dim, dtype)
     positions = torch.randint(0, MAX_POS, (num_tokens,), device=DEVICE)
 
-    q_out, k_out = rotary(positions, q, k, rope.cos, rope.sin, (q_norm.weight, k_norm.weight), q_norm.eps)
+    q_out, k_out = rotary(
+        positions, q, k, rope.cos, rope.sin, (q_norm.weight, k_norm.weight), q_norm.eps
+    )
 
-    q_two, k_two = rotary(positions, rms_norm(q, q_norm.weight, q_norm.eps), rms_norm(k, k_norm.weight, k_norm.eps),
-                          rope.cos, rope.sin)
-    q_ref, k_ref = rope.forward_native(positions, q_norm.forward_native(q), k_norm.forward_native(k))
+    q_two, k_two = rotary(
+        positions,
+        rms_norm(q, q_norm.weight, q_norm.eps),
+        rms_norm(k, k_norm.weight, k_norm.eps),
+        rope.cos,
+        rope.sin,
+    )
+    q_ref, k_ref = rope.forward_native(
+        positions, q_norm.forward_native(q), k_norm.forward_native(k)
+    )
     for out, two, ref in ((q_out, q_two, q_ref), (k_out, k_two, k_ref)):
         assert_close(out, two)
         assert_close(out, ref)
@@ -121,7 +131,7 @@ def test_rotary_with_qk_norm_is_norm_then_rotary(num_tokens, head_dim, dtype):
             # move a normalized value by one unit in the last place (before the rotation mixes
             # two of them, so bound by the head's largest value)
             scale = two.float().abs().amax(dim=-1, keepdim=True)
-            assert ((out.float() - two.float()).abs() <= scale * 2 ** -6).all()
+            assert ((out.float() - two.float()).abs() <= scale * 2**-6).all()
 
 
 # n 1500: more than one block per row, a ragged last one
@@ -160,7 +170,9 @@ def test_token_logprobs_counts_ties_in_the_rank():
     tokens = torch.stack([(logits[i] == v).nonzero()[0, 0] for i, v in enumerate([3.0, 0.0, -3.0])])
     token_lp, rank, top_lp, _ = token_logprobs(logits, rows, tokens, 5)
     assert torch.equal(rank, (logits[rows] >= logits[rows, tokens][:, None]).sum(-1))
-    torch.testing.assert_close(top_lp, token_logprobs_native(logits, rows, tokens, 5)[2], rtol=0, atol=1e-5)
+    torch.testing.assert_close(
+        top_lp, token_logprobs_native(logits, rows, tokens, 5)[2], rtol=0, atol=1e-5
+    )
 
 
 def test_gumbel_sample_greedy_rows_take_the_first_argmax():
@@ -183,8 +195,11 @@ def test_gumbel_sample_draws_from_the_tempered_softmax(monkeypatch):
     ids = torch.tensor([3, 100, 199], device=DEVICE)
     row = torch.full((vocab,), float("-inf"), device=DEVICE)
     row[ids] = torch.tensor([2.0, 1.0, 0.0], device=DEVICE)
-    tokens = gumbel_sample(row.expand(n, vocab), torch.full((n,), temperature, device=DEVICE),
-                           torch.arange(n, device=DEVICE) * 7919 + 1)
+    tokens = gumbel_sample(
+        row.expand(n, vocab),
+        torch.full((n,), temperature, device=DEVICE),
+        torch.arange(n, device=DEVICE) * 7919 + 1,
+    )
     assert torch.isin(tokens, ids).all()
     p = torch.softmax(row[ids] / temperature, -1)
     freq = (tokens[:, None] == ids).float().mean(0)
@@ -192,13 +207,16 @@ def test_gumbel_sample_draws_from_the_tempered_softmax(monkeypatch):
 
 
 def test_gumbel_sample_depends_on_the_row_seed_only():
-    """A row's token follows its seed and logits, not its place in the batch or the logits' dtype."""
+    """A row's token follows its seed and logits, not its place in the batch or the logits'
+    dtype."""
     logits = torch.randn(6, 9001, device=DEVICE).to(torch.float16)
     temperature = torch.tensor([1.0, 0.5, 1.0, 2.0, 1.0, 0.8], device=DEVICE)
     seeds = torch.tensor([11, 12, 13, 14, 15, 16], device=DEVICE)
     tokens = gumbel_sample(logits, temperature, seeds)
     order = torch.tensor([5, 3, 0, 4, 1, 2], device=DEVICE)
-    assert torch.equal(gumbel_sample(logits[order], temperature[order], seeds[order]), tokens[order])
+    assert torch.equal(
+        gumbel_sample(logits[order], temperature[order], seeds[order]), tokens[order]
+    )
     assert torch.equal(gumbel_sample(logits.float(), temperature, seeds), tokens)
     assert not torch.equal(gumbel_sample(logits, temperature, seeds + 1), tokens)
 
@@ -206,10 +224,16 @@ def test_gumbel_sample_depends_on_the_row_seed_only():
 def sampling_batch(temperature, top_k, seeds):
     n = len(temperature)
     return SamplingBatch(
-        temperature=torch.tensor(temperature, device=DEVICE), top_k=torch.tensor(top_k, device=DEVICE),
-        top_p=torch.ones(n, device=DEVICE), min_p=torch.zeros(n, device=DEVICE),
+        temperature=torch.tensor(temperature, device=DEVICE),
+        top_k=torch.tensor(top_k, device=DEVICE),
+        top_p=torch.ones(n, device=DEVICE),
+        min_p=torch.zeros(n, device=DEVICE),
         generators=[None if s is None else torch.Generator(DEVICE).manual_seed(s) for s in seeds],
-        banned=[], all_greedy=False, any_top_k_top_p=any(k > 0 for k in top_k), any_min_p=False)
+        banned=[],
+        all_greedy=False,
+        any_top_k_top_p=any(k > 0 for k in top_k),
+        any_min_p=False,
+    )
 
 
 def test_fused_draw_of_a_seeded_row_ignores_the_rest_of_the_batch():
@@ -217,7 +241,9 @@ def test_fused_draw_of_a_seeded_row_ignores_the_rest_of_the_batch():
     the batch) and a greedy row; the top-k row draws from its k best tokens only."""
     logits = torch.randn(3, 300, device=DEVICE) * 3
     alone = Sampler._draw(logits[:1], sampling_batch([1.0], [0], [5]), None, fused=True)
-    together = Sampler._draw(logits, sampling_batch([1.0, 1.0, 0.0], [0, 2, 0], [5, None, None]), None, fused=True)
+    together = Sampler._draw(
+        logits, sampling_batch([1.0, 1.0, 0.0], [0, 2, 0], [5, None, None]), None, fused=True
+    )
     assert together[0] == alone[0]
     assert together[1] in logits[1].topk(2).indices and together[2] == logits[2].argmax()
 
@@ -229,11 +255,16 @@ def test_empty_inputs():
     assert silu_and_mul(x).shape == (0, 16)
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="the layers use the fused kernels on CUDA only")
+@pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="the layers use the fused kernels on CUDA only"
+)
 def test_layers_dispatch_to_fused_on_cuda():
     dtype = torch.bfloat16
     norm = make_norm(128, dtype)
-    x, res = torch.randn(7, 128, dtype=dtype, device=DEVICE), torch.randn(7, 128, dtype=dtype, device=DEVICE)
+    x, res = (
+        torch.randn(7, 128, dtype=dtype, device=DEVICE),
+        torch.randn(7, 128, dtype=dtype, device=DEVICE),
+    )
     for got, want in zip(norm(x, res), rms_norm(x, norm.weight, norm.eps, res)):
         assert torch.equal(got, want)
     config = SimpleNamespace(rope_parameters={"rope_type": "default", "rope_theta": 1e6})
@@ -243,8 +274,10 @@ def test_layers_dispatch_to_fused_on_cuda():
     for got, want in zip(rope(positions, q, k), rotary(positions, q, k, rope.cos, rope.sin)):
         assert torch.equal(got, want)
     q_norm, k_norm = make_norm(128, dtype), make_norm(128, dtype)
-    for got, want in zip(rope(positions, q, k, q_norm, k_norm),
-                         rotary(positions, q, k, rope.cos, rope.sin, (q_norm.weight, k_norm.weight), q_norm.eps)):
+    for got, want in zip(
+        rope(positions, q, k, q_norm, k_norm),
+        rotary(positions, q, k, rope.cos, rope.sin, (q_norm.weight, k_norm.weight), q_norm.eps),
+    ):
         assert torch.equal(got, want)
     gu = torch.randn(7, 2 * 384, dtype=dtype, device=DEVICE)
     assert torch.equal(SiluAndMul()(gu), silu_and_mul(gu))
@@ -256,7 +289,9 @@ def test_layers_keep_plain_torch_on_cpu():
     norm.weight.data.uniform_(0.5, 1.5)
     x, res = torch.randn(3, 32, dtype=torch.bfloat16), torch.randn(3, 32, dtype=torch.bfloat16)
     ref = (x + res).float()
-    ref = norm.weight * (ref * torch.rsqrt(ref.pow(2).mean(-1, keepdim=True) + norm.eps)).to(torch.bfloat16)
+    ref = norm.weight * (ref * torch.rsqrt(ref.pow(2).mean(-1, keepdim=True) + norm.eps)).to(
+        torch.bfloat16
+    )
     out, new_res = norm(x, res)
     assert torch.equal(out, ref) and torch.equal(new_res, x + res)
     gu = torch.randn(3, 64, dtype=torch.bfloat16)

@@ -2,8 +2,8 @@ import glob
 import os
 
 import torch
-
 from tiny_models import HFReference, assert_same_greedy, make_tiny_model, prompts_of_lengths
+
 from vllm_lite import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)

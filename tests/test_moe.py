@@ -10,9 +10,9 @@ import os
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
+from tiny_models import HFReference, assert_same_greedy, make_tiny_model, prompts_of_lengths
 from transformers import AutoConfig, Qwen2MoeConfig, Qwen2MoeForCausalLM, Qwen3MoeConfig
 
-from tiny_models import HFReference, assert_same_greedy, make_tiny_model, prompts_of_lengths
 from vllm_lite import LLM, SamplingParams
 from vllm_lite.layers.moe import SparseMoeBlock
 from vllm_lite.models.loader import load_weights
@@ -83,8 +83,9 @@ def loaded_model(path: str, rank: int = 0, tp: int = 1) -> MoEForCausalLM:
 def test_fused_sharded_checkpoint_loads_the_same_weights_as_per_expert_tensors(tmp_path, arch):
     """transformers 5 writes experts fused (``save_original_format=False``) or per expert."""
     per_expert = make_tiny_model(str(tmp_path / "a"), arch)
-    fused = make_tiny_model(str(tmp_path / "b"), arch, save_original_format=False,
-                            max_shard_size="40KB")
+    fused = make_tiny_model(
+        str(tmp_path / "b"), arch, save_original_format=False, max_shard_size="40KB"
+    )
     files = glob.glob(os.path.join(fused, "*.safetensors"))
     assert len(files) > 1
     assert any(name.endswith("experts.gate_up_proj") for f in files for name in load_file(f))
@@ -96,7 +97,7 @@ def test_fused_sharded_checkpoint_loads_the_same_weights_as_per_expert_tensors(t
         rank1 = loaded_model(path, rank=1, tp=2).model.layers[0].mlp.experts
         w13, w2 = full["model.layers.0.mlp.experts.w13"], full["model.layers.0.mlp.experts.w2"]
         n = w2.shape[2] // 2
-        assert torch.equal(rank1.w13, torch.cat([w13[:, n:2 * n], w13[:, 3 * n:]], dim=1))
+        assert torch.equal(rank1.w13, torch.cat([w13[:, n : 2 * n], w13[:, 3 * n :]], dim=1))
         assert torch.equal(rank1.w2, w2[:, :, n:])
 
 
@@ -120,13 +121,28 @@ def test_a_routing_option_we_do_not_implement_is_refused_by_name(tmp_path):
 
 
 def test_dense_layers_are_where_transformers_puts_them():
-    config = Qwen2MoeConfig(vocab_size=16, hidden_size=16, intermediate_size=16,
-                            moe_intermediate_size=8, shared_expert_intermediate_size=8,
-                            num_hidden_layers=7, num_attention_heads=2, num_key_value_heads=2,
-                            num_experts=3, num_experts_per_tok=2, decoder_sparse_step=2,
-                            mlp_only_layers=[3])
-    hf_sparse = {i for i, layer in enumerate(Qwen2MoeForCausalLM(config).model.layers)
-                 if type(layer.mlp).__name__ == "Qwen2MoeSparseMoeBlock"}
-    ours = {i for i, layer in enumerate(MoEForCausalLM(config).model.layers)
-            if isinstance(layer.mlp, SparseMoeBlock)}
+    config = Qwen2MoeConfig(
+        vocab_size=16,
+        hidden_size=16,
+        intermediate_size=16,
+        moe_intermediate_size=8,
+        shared_expert_intermediate_size=8,
+        num_hidden_layers=7,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        num_experts=3,
+        num_experts_per_tok=2,
+        decoder_sparse_step=2,
+        mlp_only_layers=[3],
+    )
+    hf_sparse = {
+        i
+        for i, layer in enumerate(Qwen2MoeForCausalLM(config).model.layers)
+        if type(layer.mlp).__name__ == "Qwen2MoeSparseMoeBlock"
+    }
+    ours = {
+        i
+        for i, layer in enumerate(MoEForCausalLM(config).model.layers)
+        if isinstance(layer.mlp, SparseMoeBlock)
+    }
     assert ours == hf_sparse == {1, 5}

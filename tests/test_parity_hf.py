@@ -1,8 +1,15 @@
 """Greedy output equals HuggingFace transformers token for token (fp32, CPU), for every
 architecture we claim."""
-import pytest
 
-from tiny_models import HFReference, assert_same_greedy, make_tiny_model, prompts_of_lengths, record_chunked_prefills
+import pytest
+from tiny_models import (
+    HFReference,
+    assert_same_greedy,
+    make_tiny_model,
+    prompts_of_lengths,
+    record_chunked_prefills,
+)
+
 from vllm_lite import LLM, SamplingParams
 
 LENGTHS = [5, 17, 33, 2, 64, 9, 12, 100]
@@ -30,7 +37,12 @@ def run_and_check(llm, hf, prompts, refs):
 @pytest.mark.parametrize("block_size", [16, 256])
 def test_greedy_matches_transformers(tiny, block_size):
     path, hf, prompts, refs = tiny
-    run_and_check(LLM(path, dtype="float32", block_size=block_size, num_blocks=4096 // block_size), hf, prompts, refs)
+    run_and_check(
+        LLM(path, dtype="float32", block_size=block_size, num_blocks=4096 // block_size),
+        hf,
+        prompts,
+        refs,
+    )
 
 
 def test_greedy_matches_transformers_with_preemption_and_chunked_prefill(tiny):
@@ -46,11 +58,22 @@ def test_greedy_matches_transformers_with_preemption_and_chunked_prefill(tiny):
 def test_smollm2_greedy_matches_transformers(smollm2_path):
     hf = HFReference(smollm2_path)
     tok = hf_tokenizer(smollm2_path)
-    questions = ["What is the capital of France?", "Name a color.", "Count to five.", "What is 2+2?",
-                 "Say hello in Spanish.", "Write one word about cats.", "Who wrote Hamlet?",
-                 "Describe the moon in a short sentence, please, with some detail about its surface."]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False)
-               for q in questions]
+    questions = [
+        "What is the capital of France?",
+        "Name a color.",
+        "Count to five.",
+        "What is 2+2?",
+        "Say hello in Spanish.",
+        "Write one word about cats.",
+        "Who wrote Hamlet?",
+        "Describe the moon in a short sentence, please, with some detail about its surface.",
+    ]
+    prompts = [
+        tok.apply_chat_template(
+            [{"role": "user", "content": q}], add_generation_prompt=True, tokenize=False
+        )
+        for q in questions
+    ]
     prompts = [tok.encode(p, add_special_tokens=False) for p in prompts]
     refs = [hf.greedy(p, 32) for p in prompts]
     llm = LLM(smollm2_path, dtype="float32", block_size=16, num_blocks=256)
@@ -60,17 +83,23 @@ def test_smollm2_greedy_matches_transformers(smollm2_path):
 
 def hf_tokenizer(path):
     from transformers import AutoTokenizer
+
     return AutoTokenizer.from_pretrained(path)
 
 
 def test_overlapped_steps_give_the_same_output_as_sequential_steps(tiny):
     path, hf, prompts, refs = tiny
-    params = [SamplingParams(temperature=0, max_tokens=n, ignore_eos=True) for n in (1, 2, 32, 5, 17, 32, 3, 9)]
+    params = [
+        SamplingParams(temperature=0, max_tokens=n, ignore_eos=True)
+        for n in (1, 2, 32, 5, 17, 32, 3, 9)
+    ]
     results = []
     for overlap in (True, False):
         llm = LLM(path, dtype="float32", block_size=8, num_blocks=20, max_num_batched_tokens=48)
         llm.engine.overlap = overlap
-        results.append([o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)])
+        results.append(
+            [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        )
         bm = llm.engine.block_manager
         assert bm.num_free_blocks == bm.num_blocks
     assert results[0] == results[1]

@@ -2,11 +2,12 @@
 earlier one computes only its suffix and says so in ``num_cached_tokens``, and every output with
 caching on equals the output with caching off: chunked prefill, preemption, n > 1, aborts, and
 a prompt found cached whole (its last token is computed again, for the first token's logits)."""
+
 from collections import Counter
 
 import pytest
-
 from tiny_models import make_tiny_model, prompts_of_lengths, record_chunked_prefills
+
 from vllm_lite import LLM, SamplingParams
 
 GREEDY = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
@@ -19,7 +20,12 @@ def path(tmp_path_factory):
 
 
 def make(path, caching, **config):
-    return LLM(path, dtype="float32", enable_prefix_caching=caching, **{"block_size": BS, "num_blocks": 160, **config})
+    return LLM(
+        path,
+        dtype="float32",
+        enable_prefix_caching=caching,
+        **{"block_size": BS, "num_blocks": 160, **config},
+    )
 
 
 def count_computed_tokens(engine) -> Counter:
@@ -68,8 +74,14 @@ def test_a_request_sharing_a_1000_token_prefix_computes_only_its_suffix(path):
     assert [r[0].num_cached_tokens for r in on] == [0, cached]
     assert [r[0].num_cached_tokens for r in off] == [0, 0]
     decode = GREEDY.max_tokens - 1
-    assert [counts[r[0].request_id] for r in on] == [len(first) + decode, len(second) - cached + decode]
-    assert (engine.prefix_cache_queries, engine.prefix_cache_hits) == (len(first) + len(second), cached)
+    assert [counts[r[0].request_id] for r in on] == [
+        len(first) + decode,
+        len(second) - cached + decode,
+    ]
+    assert (engine.prefix_cache_queries, engine.prefix_cache_hits) == (
+        len(first) + len(second),
+        cached,
+    )
 
 
 def test_requests_admitted_together_each_compute_the_prefix_and_a_later_one_finds_it(path):
@@ -81,10 +93,13 @@ def test_requests_admitted_together_each_compute_the_prefix_and_a_later_one_find
 
 def test_chunked_prefill_starts_after_the_cached_prefix(path):
     prompts = shared_prefix_prompts(100, [10, 30, 45], seed=3)
-    on, _, _, chunked = on_and_off(path, [prompts[:1], prompts[1:]], watch=record_chunked_prefills,
-                                   max_num_batched_tokens=24)
+    on, _, _, chunked = on_and_off(
+        path, [prompts[:1], prompts[1:]], watch=record_chunked_prefills, max_num_batched_tokens=24
+    )
     assert [o.num_cached_tokens for o in on[1]] == [96, 96]
-    assert any(s.num_cached_tokens for s in chunked), "no prompt was chunked after its cached prefix"
+    assert any(s.num_cached_tokens for s in chunked), (
+        "no prompt was chunked after its cached prefix"
+    )
 
 
 def test_preempted_requests_recompute_through_the_cache_with_the_same_tokens(path):
@@ -95,9 +110,14 @@ def test_preempted_requests_recompute_through_the_cache_with_the_same_tokens(pat
     assert all(o.num_cached_tokens == 32 for o in on[1])
 
 
-@pytest.mark.parametrize("params", [SamplingParams(n=3, temperature=0, max_tokens=8, ignore_eos=True),
-                                    SamplingParams(n=3, seed=5, max_tokens=8, ignore_eos=True)],
-                         ids=["greedy", "seeded"])
+@pytest.mark.parametrize(
+    "params",
+    [
+        SamplingParams(n=3, temperature=0, max_tokens=8, ignore_eos=True),
+        SamplingParams(n=3, seed=5, max_tokens=8, ignore_eos=True),
+    ],
+    ids=["greedy", "seeded"],
+)
 def test_n_completions_of_a_cached_prefix_equal_caching_off(path, params):
     prompts = shared_prefix_prompts(37, [1, 12, 30], seed=5)
     on, *_ = on_and_off(path, [prompts[:1], prompts[1:]], params)
@@ -121,19 +141,27 @@ def test_an_aborted_requests_blocks_stay_cached_and_the_others_are_unchanged(pat
         while engine.has_unfinished_requests():
             finished += engine.step()
         again = llm.generate([prompts[1]], params, use_tqdm=False)[0]
-        results[caching] = ({o.request_id: o.outputs[0].token_ids for o in finished}, again.outputs[0].token_ids,
-                            again.num_cached_tokens)
+        results[caching] = (
+            {o.request_id: o.outputs[0].token_ids for o in finished},
+            again.outputs[0].token_ids,
+            again.num_cached_tokens,
+        )
         assert engine.block_manager.num_free_blocks == engine.block_manager.num_blocks
     assert sorted(results[True][0]) == ["r0", "r2"]
     assert results[True][:2] == results[False][:2]
-    assert (results[True][2], results[False][2]) == (64, 0)  # r1's 70 tokens: 4 full blocks, its own last
+    assert (results[True][2], results[False][2]) == (
+        64,
+        0,
+    )  # r1's 70 tokens: 4 full blocks, its own last
 
 
 @pytest.mark.parametrize("length,cached", [(48, 32), (49, 48)])
 def test_a_prompt_found_cached_whole_still_computes_its_last_token(path, length, cached):
     prompt = prompts_of_lengths([length], 400, seed=7)[0]
     sampled = SamplingParams(temperature=1.0, seed=3, max_tokens=6, ignore_eos=True, logprobs=2)
-    on, off, _, counts = on_and_off(path, [[prompt], [prompt]], sampled, watch=count_computed_tokens)
+    on, off, _, counts = on_and_off(
+        path, [[prompt], [prompt]], sampled, watch=count_computed_tokens
+    )
     again = on[1][0]
     assert again.num_cached_tokens == cached
     assert counts[again.request_id] == length - cached + sampled.max_tokens - 1
@@ -158,8 +186,12 @@ def test_a_request_for_prompt_logprobs_scores_its_whole_prompt_though_it_is_cach
 def test_blocks_filled_by_output_tokens_are_cached_too(path):
     llm = make(path, True)
     prompt = prompts_of_lengths([20], 400, seed=9)[0]
-    out = llm.generate([prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False)[0]
-    follow_up = prompt + out.outputs[0].token_ids[:30]  # 50 tokens: 3 full blocks, 2 of them decoded
+    out = llm.generate(
+        [prompt], SamplingParams(temperature=0, max_tokens=40, ignore_eos=True), use_tqdm=False
+    )[0]
+    follow_up = (
+        prompt + out.outputs[0].token_ids[:30]
+    )  # 50 tokens: 3 full blocks, 2 of them decoded
     assert llm.generate([follow_up], GREEDY, use_tqdm=False)[0].num_cached_tokens == 48
 
 
@@ -194,12 +226,18 @@ def test_decodes_sharing_cached_blocks_read_them_once_with_the_same_tokens(path,
     """Cascade attention (Triton backend; the interpreter on CPU): decode steps whose sequences
     share cached prefix blocks attend to them once for all, and every token equals caching off
     (nothing shared there). Thresholds lowered to fit a tiny run."""
-    from vllm_lite.model_runner import ModelRunner
+    from vllm_lite.worker.model_runner import ModelRunner
+
     monkeypatch.setattr(ModelRunner, "cascade_min_seqs", 2)
     monkeypatch.setattr(ModelRunner, "cascade_min_tokens", 2 * BS)
     prompts = shared_prefix_prompts(3 * BS + 5, [1, 9, 20, 4], seed=9)
     params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
-    on, _, _, shared = on_and_off(path, [prompts[:1], prompts[1:]], params, watch=record_shared_lens,
-                                  attention_backend="triton")
+    on, _, _, shared = on_and_off(
+        path,
+        [prompts[:1], prompts[1:]],
+        params,
+        watch=record_shared_lens,
+        attention_backend="triton",
+    )
     assert [o.num_cached_tokens for o in on[1]] == [3 * BS] * 3
     assert 3 * BS in shared and all(n in (0, 3 * BS) for n in shared)

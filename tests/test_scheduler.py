@@ -57,7 +57,9 @@ def test_a_request_of_n_completions_is_admitted_only_with_n_free_seats():
     sched.add(a)
     b, c = add(sched, 3), add(sched, 3)
     batch = sched.schedule()
-    assert batch.seqs == [a, b] and list(sched.waiting) == [c]  # a keeps 3 seats for its completions
+    assert batch.seqs == [a, b] and list(sched.waiting) == [
+        c
+    ]  # a keeps 3 seats for its completions
 
 
 def test_pool_exhaustion_preempts_the_most_recently_admitted_sequence():

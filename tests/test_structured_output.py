@@ -580,8 +580,15 @@ def test_tools_reach_the_chat_template(client):
 def test_auto_tool_choice_reads_the_models_hermes_calls(client, stream):
     # the text is forced (a choice) to what a Hermes-format model writes: text, then a call
     said = 'Sure. <tool_call>\n{"name": "add", "arguments": {"a": 1, "b": 2}}\n</tool_call>'
-    kwargs = dict(model="tiny", messages=HI, tools=TOOLS, tool_choice="auto", max_tokens=120,
-                  temperature=0, extra_body={"structured_outputs": {"choice": [said]}})
+    kwargs = dict(
+        model="tiny",
+        messages=HI,
+        tools=TOOLS,
+        tool_choice="auto",
+        max_tokens=120,
+        temperature=0,
+        extra_body={"structured_outputs": {"choice": [said]}},
+    )
     if not stream:
         choice = client.chat.completions.create(**kwargs).choices[0]
     else:

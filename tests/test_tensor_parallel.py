@@ -1,6 +1,7 @@
 """Tensor parallelism on CPU with gloo: greedy parity with one device (with preemption and chunked
 prefill), weights split ~1/tp per rank, clean lifecycle (close, garbage collection, Ctrl-C,
 parent death) and a clear, quick error when a worker fails."""
+
 import contextlib
 import gc
 import json
@@ -14,12 +15,14 @@ import time
 
 import pytest
 import torch
-
 from tiny_models import make_tiny_model, prompts_of_lengths, record_chunked_prefills
+
 from vllm_lite import LLM, SamplingParams
 
 # CPU: gloo. A GPU machine runs them on its GPUs (NCCL), which takes as many as the largest tp here.
-pytestmark = pytest.mark.skipif(0 < torch.cuda.device_count() < 4, reason="tp 4 on CUDA needs 4 GPUs")
+pytestmark = pytest.mark.skipif(
+    0 < torch.cuda.device_count() < 4, reason="tp 4 on CUDA needs 4 GPUs"
+)
 LENGTHS = [5, 17, 33, 2, 64, 9, 12, 40]
 GREEDY = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
 # 20 blocks of 8 tokens cannot hold all 8 sequences at once; 48 tokens a step chunks prompts.
@@ -49,6 +52,7 @@ def spawned_children() -> list[int]:
     """Live multiprocessing-spawned children of this process (the resource tracker excluded)."""
     if not os.path.isdir("/proc"):
         import multiprocessing
+
         return [p.pid for p in multiprocessing.active_children()]
     found = []
     for entry in os.listdir("/proc"):
@@ -111,8 +115,10 @@ def test_greedy_matches_single_device_with_preemption_and_chunked_prefill(tiny_m
     # Weights: each rank holds about 1/tp of them (norms are replicated; with 2 KV heads at tp 4
     # each rank keeps a copy of one KV head, i.e. 1/2 of k/v).
     per_rank = runner.rank_weight_bytes
-    print(f"\n{arch} weights: 1 device {single_bytes} B; tp {tp} per rank {per_rank} B "
-          f"({max(per_rank) / single_bytes:.3f} of one device)")
+    print(
+        f"\n{arch} weights: 1 device {single_bytes} B; tp {tp} per rank {per_rank} B "
+        f"({max(per_rank) / single_bytes:.3f} of one device)"
+    )
     assert len(per_rank) == tp
     assert max(per_rank) < {2: 0.6, 4: 0.35}[tp] * single_bytes
 
@@ -123,18 +129,31 @@ def test_greedy_matches_single_device_with_preemption_and_chunked_prefill(tiny_m
 
 def test_prefix_cache_hits_give_the_same_greedy_tokens_under_tensor_parallelism(tiny_models):
     path, prompts, ref, _ = tiny_models("llama")
-    with LLM(path, tensor_parallel_size=2, **{**SMALL_POOL, "num_blocks": 64}) as llm:  # room to keep them
-        assert [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)] == ref
+    with LLM(
+        path, tensor_parallel_size=2, **{**SMALL_POOL, "num_blocks": 64}
+    ) as llm:  # room to keep them
+        assert [
+            o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, use_tqdm=False)
+        ] == ref
         hits = llm.engine.prefix_cache_hits
-        again = llm.generate(prompts, GREEDY, use_tqdm=False)  # every prompt's full blocks are found
+        again = llm.generate(
+            prompts, GREEDY, use_tqdm=False
+        )  # every prompt's full blocks are found
         assert [o.outputs[0].token_ids for o in again] == ref
         assert llm.engine.prefix_cache_hits > hits and any(o.num_cached_tokens for o in again)
 
 
 def test_weights_split_per_rank_on_a_wider_model(tmp_path):
     """A model whose matrices dwarf the replicated norms: per-rank bytes are ~1/tp."""
-    path = make_tiny_model(str(tmp_path), "qwen2", hidden_size=128, intermediate_size=512, num_attention_heads=4,
-                           num_key_value_heads=4, tie_word_embeddings=False)
+    path = make_tiny_model(
+        str(tmp_path),
+        "qwen2",
+        hidden_size=128,
+        intermediate_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        tie_word_embeddings=False,
+    )
     config = dict(load_format="dummy", num_blocks=16)
     single = LLM(path, **config).engine.runner
     single_bytes = sum(p.numel() * p.element_size() for p in single.model.parameters())
@@ -142,7 +161,8 @@ def test_weights_split_per_rank_on_a_wider_model(tmp_path):
     for tp in (2, 4):
         with LLM(path, tensor_parallel_size=tp, **config) as llm:
             per_rank = llm.engine.runner.rank_weight_bytes
-        print(f"weights: tp {tp} per rank {per_rank} B ({[round(b / single_bytes, 3) for b in per_rank]})")
+        shares = [round(b / single_bytes, 3) for b in per_rank]
+        print(f"weights: tp {tp} per rank {per_rank} B ({shares})")
         assert len(per_rank) == tp
         assert all(0.9 / tp * single_bytes < b < 1.1 / tp * single_bytes for b in per_rank)
 
@@ -151,9 +171,13 @@ def test_weights_split_per_rank_on_a_wider_model(tmp_path):
 def test_unsplittable_config_fails_before_any_process_starts(tmp_path):
     path = make_tiny_model(str(tmp_path), "llama", num_attention_heads=4, num_key_value_heads=2)
     before = set(spawned_children())
-    with pytest.raises(ValueError, match=r"tensor_parallel_size 3 .*num_attention_heads \(4\)") as info:
+    with pytest.raises(
+        ValueError, match=r"tensor_parallel_size 3 .*num_attention_heads \(4\)"
+    ) as info:
         LLM(path, tensor_parallel_size=3)
-    assert "num_key_value_heads (2)" in str(info.value) and "intermediate_size (128)" in str(info.value)
+    assert "num_key_value_heads (2)" in str(info.value) and "intermediate_size (128)" in str(
+        info.value
+    )
     assert set(spawned_children()) == before
 
 
@@ -176,7 +200,9 @@ def test_killing_a_worker_mid_run_is_a_quick_clear_error(llama_path):
     long = SamplingParams(temperature=0, max_tokens=400, ignore_eos=True)
     timer.start()
     deadline = time.monotonic() + 60
-    with pytest.raises(RuntimeError, match=r"rank 1 died unexpectedly \(killed by signal SIGKILL\)"):
+    with pytest.raises(
+        RuntimeError, match=r"rank 1 died unexpectedly \(killed by signal SIGKILL\)"
+    ):
         while time.monotonic() < deadline:
             llm.generate(prompts_of_lengths([20, 30, 40, 50], 400), long, use_tqdm=False)
     took = time.monotonic() - killed_at[0]
@@ -184,7 +210,9 @@ def test_killing_a_worker_mid_run_is_a_quick_clear_error(llama_path):
     assert took < 10
     assert not alive(pid) and not spawned_children()
     with pytest.raises(RuntimeError, match="rank 1"):  # the engine stays failed, clearly
-        llm.engine.step() if llm.engine.has_unfinished_requests() else llm.engine.runner.execute(None)
+        llm.engine.step() if llm.engine.has_unfinished_requests() else llm.engine.runner.execute(
+            None
+        )
     llm.close()
 
 
@@ -210,7 +238,9 @@ def test_a_hung_worker_is_an_error_after_the_timeout_not_a_hang(llama_path, monk
     os.kill(pid, signal.SIGSTOP)  # alive, but never answers
     start = time.monotonic()
     try:
-        with pytest.raises(RuntimeError, match=r"rank 0 failed: .*(?i:time).*VLLM_LITE_TP_TIMEOUT=3"):
+        with pytest.raises(
+            RuntimeError, match=r"rank 0 failed: .*(?i:time).*VLLM_LITE_TP_TIMEOUT=3"
+        ):
             llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)
         assert time.monotonic() - start < 15
         assert not wait_gone([pid], 5) and not spawned_children()
@@ -231,7 +261,9 @@ def test_close_and_garbage_collection_leave_no_process(llama_path):
     with pytest.raises(RuntimeError, match="closed"):
         llm.engine.runner.execute(None)
 
-    llm = LLM(llama_path, tensor_parallel_size=2, num_blocks=64)  # a fresh group in the same process
+    llm = LLM(
+        llama_path, tensor_parallel_size=2, num_blocks=64
+    )  # a fresh group in the same process
     pids = list(llm.engine.runner.worker_pids)
     llm.generate([[5, 6, 7]], GREEDY, use_tqdm=False)
     del llm
@@ -261,7 +293,8 @@ if __name__ == "__main__":
     model, then = sys.argv[1:]
     llm = LLM(model, tensor_parallel_size=2, num_blocks=256, block_size=8)
     print(json.dumps({"workers": llm.engine.runner.worker_pids}), flush=True)
-    prompts, params = [[5, 6, 7] * 10] * 4, SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
+    prompts = [[5, 6, 7] * 10] * 4
+    params = SamplingParams(temperature=0, max_tokens=32, ignore_eos=True)
     llm.generate(prompts, params, use_tqdm=False)
     if then == "exit":  # the end of a script that never calls close()
         sys.exit(0)
@@ -284,8 +317,14 @@ def engine_process(tmp_path, model_path, then: str):
     script = tmp_path / "engine_child.py"
     script.write_text(textwrap.dedent(CHILD_SCRIPT))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([REPO, os.environ.get("PYTHONPATH", "")]))
-    proc = subprocess.Popen([sys.executable, str(script), model_path, then], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, start_new_session=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(script), model_path, then],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        start_new_session=True,
+    )
     workers = []
     try:
         line = proc.stdout.readline()

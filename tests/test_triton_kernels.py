@@ -3,6 +3,7 @@
 Without a GPU the kernels run under the Triton interpreter (set before triton is imported), so
 shapes stay small; on a GPU the same tests run compiled and add bf16 checks.
 """
+
 import os
 
 import torch
@@ -11,9 +12,9 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-
 from grids import kernel_grid  # noqa: E402
 from tiny_models import random_block_tables  # noqa: E402
+
 from vllm_lite.attention.metadata import AttentionMetadata, SharedPrefix  # noqa: E402
 from vllm_lite.attention.torch_ref import (  # noqa: E402
     TorchRefBackend,
@@ -57,8 +58,9 @@ def make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype):
 
 def reference(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale):
     """fp32 reference on the same (possibly bf16) inputs."""
-    return paged_attention_ref(q.float(), k_cache.float(), v_cache.float(), block_tables,
-                               query_start_loc, seq_lens, scale)
+    return paged_attention_ref(
+        q.float(), k_cache.float(), v_cache.float(), block_tables, query_start_loc, seq_lens, scale
+    )
 
 
 def int32(values) -> torch.Tensor:
@@ -98,7 +100,7 @@ def test_store_kvcache_strided_input_and_cast():
     """K/V sliced out of a fused qkv projection, stored into a bf16-or-fp16 pool."""
     num_tokens, num_kv_heads, head_dim, block_size = 5, 2, 16, 4
     qkv = torch.randn(num_tokens, 3 * num_kv_heads, head_dim, device=DEVICE)
-    k, v = qkv[:, num_kv_heads:2 * num_kv_heads], qkv[:, 2 * num_kv_heads:]
+    k, v = qkv[:, num_kv_heads : 2 * num_kv_heads], qkv[:, 2 * num_kv_heads :]
     shape = (3, block_size, num_kv_heads, head_dim)
     k_cache = torch.zeros(shape, dtype=torch.float16, device=DEVICE)
     v_cache = torch.zeros_like(k_cache)
@@ -109,28 +111,40 @@ def test_store_kvcache_strided_input_and_cast():
     assert torch.equal(k_cache, k_ref) and torch.equal(v_cache, v_ref)
 
 
-@pytest.mark.parametrize("block_size,heads,head_dim,num_splits,dtype",
-                         kernel_grid([1, 16, 256], HEADS, [16, 64], [1, 4], GRID_DTYPE_VALUES))
+@pytest.mark.parametrize(
+    "block_size,heads,head_dim,num_splits,dtype",
+    kernel_grid([1, 16, 256], HEADS, [16, 64], [1, 4], GRID_DTYPE_VALUES),
+)
 def test_paged_decode(block_size, heads, head_dim, num_splits, dtype):
     num_heads, num_kv_heads = heads
     # 1 key, one partial tile, exactly two tiles, and a context spanning two 256-blocks
     seq_lens = [1, 37, 128, int(torch.randint(257, 320, ()))]
     k_cache, v_cache, block_tables = make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype)
     q = torch.randn(len(seq_lens), num_heads, head_dim, dtype=dtype, device=DEVICE)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
 
-    out = paged_decode_attention(q, k_cache, v_cache, block_tables, int32(seq_lens), scale,
-                                 num_splits=num_splits)
+    out = paged_decode_attention(
+        q, k_cache, v_cache, block_tables, int32(seq_lens), scale, num_splits=num_splits
+    )
 
     assert out.dtype == dtype
-    ref = reference(q, k_cache, v_cache, block_tables, list(range(len(seq_lens) + 1)), seq_lens, scale)
+    ref = reference(
+        q, k_cache, v_cache, block_tables, list(range(len(seq_lens) + 1)), seq_lens, scale
+    )
     assert_close(out, ref)
 
 
-@pytest.mark.parametrize("block_size,shared_blocks,heads,head_dim,dtype", [
-    (*pool, *shape, dtype) for pool, shape, dtype in kernel_grid(
-        [(16, 5), (1, 70)], [((4, 4), 64), ((9, 3), 40), ((12, 2), 128), ((16, 2), 256)],
-        GRID_DTYPE_VALUES)])
+@pytest.mark.parametrize(
+    "block_size,shared_blocks,heads,head_dim,dtype",
+    [
+        (*pool, *shape, dtype)
+        for pool, shape, dtype in kernel_grid(
+            [(16, 5), (1, 70)],
+            [((4, 4), 64), ((9, 3), 40), ((12, 2), 128), ((16, 2), 256)],
+            GRID_DTYPE_VALUES,
+        )
+    ],
+)
 def test_paged_decode_with_a_shared_prefix(block_size, shared_blocks, heads, head_dim, dtype):
     """Cascade attention: five of seven sequences start with the same physical blocks;
     attending to them once for those five and merging gives plain attention over each context
@@ -143,16 +157,32 @@ def test_paged_decode_with_a_shared_prefix(block_size, shared_blocks, heads, hea
     rows = int32([1, 1, 0, 1, 1, 0, 1])
     block_tables[rows.bool(), :shared_blocks] = block_tables[0, :shared_blocks]
     q = torch.randn(len(seq_lens), num_heads, head_dim, dtype=dtype, device=DEVICE)
-    ref = reference(q, k_cache, v_cache, block_tables, list(range(len(seq_lens) + 1)), seq_lens, 0.2)
-    blocks = torch.cat([block_tables[0, :shared_blocks], int32([7, 7])])  # longer than needed, as in graphs
-    for length, share in ((shared, rows), (0, rows), (shared, 0 * rows)):  # 0: as a graph replay with none
-        out = paged_decode_attention(q, k_cache, v_cache, block_tables, int32(seq_lens), 0.2,
-                                     shared=SharedPrefix(int32([length]), blocks, share))
+    ref = reference(
+        q, k_cache, v_cache, block_tables, list(range(len(seq_lens) + 1)), seq_lens, 0.2
+    )
+    blocks = torch.cat(
+        [block_tables[0, :shared_blocks], int32([7, 7])]
+    )  # longer than needed, as in graphs
+    for length, share in (
+        (shared, rows),
+        (0, rows),
+        (shared, 0 * rows),
+    ):  # 0: as a graph replay with none
+        out = paged_decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            int32(seq_lens),
+            0.2,
+            shared=SharedPrefix(int32([length]), blocks, share),
+        )
         assert_close(out, ref)
 
 
 def test_paged_decode_odd_head_dim_and_default_splits():
-    """head_dim 40 is padded to a 64-wide tile and masked; the split count comes from the heuristic."""
+    """head_dim 40 is padded to a 64-wide tile and masked; the split count comes from the
+    heuristic."""
     seq_lens = [5, 90]
     k_cache, v_cache, block_tables = make_pool(seq_lens, 16, 2, 40, torch.float32)
     q = torch.randn(2, 4, 40, device=DEVICE)
@@ -161,9 +191,10 @@ def test_paged_decode_odd_head_dim_and_default_splits():
     assert_close(out, reference(q, k_cache, v_cache, block_tables, [0, 1, 2], seq_lens, 0.3))
 
 
-@pytest.mark.parametrize("block_size,heads,head_dim,fresh,dtype",
-                         kernel_grid([1, 16, 256], HEADS, [32, 64], [True, False],
-                                     GRID_DTYPE_VALUES))
+@pytest.mark.parametrize(
+    "block_size,heads,head_dim,fresh,dtype",
+    kernel_grid([1, 16, 256], HEADS, [32, 64], [True, False], GRID_DTYPE_VALUES),
+)
 def test_paged_prefill(block_size, heads, head_dim, fresh, dtype):
     num_heads, num_kv_heads = heads
     query_lens = [1, 37, 80]  # 80 spans two 64-row query tiles
@@ -172,13 +203,23 @@ def test_paged_prefill(block_size, heads, head_dim, fresh, dtype):
     k_cache, v_cache, block_tables = make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype)
     query_start_loc = cumsum0(query_lens)
     q = torch.randn(query_start_loc[-1], num_heads, head_dim, dtype=dtype, device=DEVICE)
-    scale = head_dim ** -0.5
+    scale = head_dim**-0.5
 
-    out = paged_prefill_attention(q, k_cache, v_cache, block_tables, int32(query_start_loc),
-                                  int32(seq_lens), max(query_lens), scale)
+    out = paged_prefill_attention(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        int32(query_start_loc),
+        int32(seq_lens),
+        max(query_lens),
+        scale,
+    )
 
     assert out.dtype == dtype
-    assert_close(out, reference(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale))
+    assert_close(
+        out, reference(q, k_cache, v_cache, block_tables, query_start_loc, seq_lens, scale)
+    )
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
@@ -198,12 +239,24 @@ def test_paged_prefill_from_a_padded_work_list(block_size, dtype):
     assert work[:5].tolist() == [[2, 0], [2, 1], [2, 2], [3, 0], [4, 0]]
     out = torch.full_like(q, float("nan"))
 
-    paged_prefill_attention(q, k_cache, v_cache, block_tables, int32(qsl), int32(seq_lens), 0,
-                            head_dim ** -0.5, out=out, work=torch.from_numpy(work).to(DEVICE))
+    paged_prefill_attention(
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        int32(qsl),
+        int32(seq_lens),
+        0,
+        head_dim**-0.5,
+        out=out,
+        work=torch.from_numpy(work).to(DEVICE),
+    )
 
-    ref = reference(q, k_cache, v_cache, block_tables, qsl, seq_lens, head_dim ** -0.5).to(dtype)
-    assert_close(out[qsl[2]:qsl[-1]], ref[qsl[2]:qsl[-1]])
-    assert out[:qsl[2]].isnan().all() and out[qsl[-1]:].isnan().all()  # rows not listed: untouched
+    ref = reference(q, k_cache, v_cache, block_tables, qsl, seq_lens, head_dim**-0.5).to(dtype)
+    assert_close(out[qsl[2] : qsl[-1]], ref[qsl[2] : qsl[-1]])
+    assert (
+        out[: qsl[2]].isnan().all() and out[qsl[-1] :].isnan().all()
+    )  # rows not listed: untouched
 
 
 def mixed_batch(block_size, num_heads, num_kv_heads, head_dim, dtype, fresh):
@@ -232,8 +285,10 @@ def mixed_batch(block_size, num_heads, num_kv_heads, head_dim, dtype, fresh):
         query_start_loc_cpu=query_start_loc,
         seq_lens_cpu=seq_lens,
     )
-    q, k, v = (torch.randn(num_tokens, h, head_dim, dtype=dtype, device=DEVICE)
-               for h in (num_heads, num_kv_heads, num_kv_heads))
+    q, k, v = (
+        torch.randn(num_tokens, h, head_dim, dtype=dtype, device=DEVICE)
+        for h in (num_heads, num_kv_heads, num_kv_heads)
+    )
     return q, k, v, k_cache, v_cache, meta
 
 
@@ -267,19 +322,26 @@ def test_triton_backend_mixed_batch_in_the_graph_layout(fresh, dtype):
     decode_lens[:2] = meta.seq_lens[:2]
     pad = rows - meta.num_seqs
     graph_meta = AttentionMetadata(
-        slot_mapping=meta.slot_mapping, query_start_loc=int32(qsl + [qsl[-1]] * pad),
+        slot_mapping=meta.slot_mapping,
+        query_start_loc=int32(qsl + [qsl[-1]] * pad),
         seq_lens=int32(meta.seq_lens_cpu + [0] * pad),
-        block_tables=torch.cat([meta.block_tables, meta.block_tables.new_zeros(pad, meta.block_tables.shape[1])]),
-        num_decodes=-1, max_query_len=-1, max_seq_len=meta.block_tables.shape[1] * 16,
+        block_tables=torch.cat(
+            [meta.block_tables, meta.block_tables.new_zeros(pad, meta.block_tables.shape[1])]
+        ),
+        num_decodes=-1,
+        max_query_len=-1,
+        max_seq_len=meta.block_tables.shape[1] * 16,
         decode_lens=decode_lens,
-        prefill_work=torch.from_numpy(prefill_work([50, 33], 2, prefill_work_capacity(len(q), rows))).to(DEVICE),
+        prefill_work=torch.from_numpy(
+            prefill_work([50, 33], 2, prefill_work_capacity(len(q), rows))
+        ).to(DEVICE),
     )
 
     out = TritonBackend().forward(q, k, v, k_cache, v_cache, graph_meta, 0.125)
 
     assert torch.equal(k_cache.float(), k_ref) and torch.equal(v_cache.float(), v_ref)
-    assert_close(out[:qsl[-1]], ref[:qsl[-1]])
-    assert not out[qsl[-1]:].any()  # the padding row
+    assert_close(out[: qsl[-1]], ref[: qsl[-1]])
+    assert not out[qsl[-1] :].any()  # the padding row
 
 
 # Head sizes, GQA ratios and block sizes of real models and odd ones. The CPU interpreter runs a
@@ -302,9 +364,22 @@ def test_paged_decode_over_the_shape_grid(head_dim, group, num_kv_heads, block_s
     q = torch.randn(len(seq_lens), group * num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
     for num_splits in (None, 1):
         out = torch.full_like(q, float("nan"))
-        paged_decode_attention(q, k_cache, v_cache, block_tables, int32(seq_lens), head_dim ** -0.5,
-                               out=out, num_splits=num_splits)
-        assert_close(out, reference(q, k_cache, v_cache, block_tables, [0, 1, 2, 3], seq_lens, head_dim ** -0.5).to(dtype))
+        paged_decode_attention(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            int32(seq_lens),
+            head_dim**-0.5,
+            out=out,
+            num_splits=num_splits,
+        )
+        assert_close(
+            out,
+            reference(q, k_cache, v_cache, block_tables, [0, 1, 2, 3], seq_lens, head_dim**-0.5).to(
+                dtype
+            ),
+        )
 
 
 @pytest.mark.parametrize("head_dim,group,num_kv_heads,block_size,dtype", GRID, ids=GRID_IDS)
@@ -314,13 +389,25 @@ def test_paged_prefill_over_the_shape_grid(head_dim, group, num_kv_heads, block_
     k_cache, v_cache, block_tables = make_pool(seq_lens, block_size, num_kv_heads, head_dim, dtype)
     qsl = cumsum0(query_lens)
     q = torch.randn(qsl[-1], group * num_kv_heads, head_dim, dtype=dtype, device=DEVICE)
-    ref = reference(q, k_cache, v_cache, block_tables, qsl, seq_lens, head_dim ** -0.5).to(dtype)
+    ref = reference(q, k_cache, v_cache, block_tables, qsl, seq_lens, head_dim**-0.5).to(dtype)
     # the launch of eager steps, then the one of captured steps (a work list padded with -1)
-    work = torch.from_numpy(prefill_work(query_lens, 0, prefill_work_capacity(len(q), 4))).to(DEVICE)
+    work = torch.from_numpy(prefill_work(query_lens, 0, prefill_work_capacity(len(q), 4))).to(
+        DEVICE
+    )
     for grid_work in (None, work):
         out = torch.full_like(q, float("nan"))
-        paged_prefill_attention(q, k_cache, v_cache, block_tables, int32(qsl), int32(seq_lens), max(query_lens),
-                                head_dim ** -0.5, out=out, work=grid_work)
+        paged_prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            block_tables,
+            int32(qsl),
+            int32(seq_lens),
+            max(query_lens),
+            head_dim**-0.5,
+            out=out,
+            work=grid_work,
+        )
         assert_close(out, ref)
 
 

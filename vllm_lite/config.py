@@ -4,6 +4,7 @@ config.yaml may group keys under ``cache_config`` and ``scheduler_config`` as th
 every key is also accepted at the top level. Unknown keys and wrong types are errors that name
 the key.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -47,7 +48,9 @@ class EngineConfig:
     tensor_parallel_size: int = 1
     enforce_eager: bool = False  # no CUDA graphs
     attention_backend: str = "auto"
-    trace: str | None = None  # write a step trace here (JSON lines; .gz: gzipped) for `vllm-lite report`
+    trace: str | None = (
+        None  # write a step trace here (JSON lines; .gz: gzipped) for `vllm-lite report`
+    )
 
     def __post_init__(self) -> None:
         self.validate()
@@ -61,7 +64,9 @@ class EngineConfig:
                     f"config key {f.name!r}: expected {_type_name(hints[f.name])}, got {value!r}"
                 )
             if f.name in CHOICES and value not in CHOICES[f.name]:
-                raise ValueError(f"config key {f.name!r}: must be one of {CHOICES[f.name]}, got {value!r}")
+                raise ValueError(
+                    f"config key {f.name!r}: must be one of {CHOICES[f.name]}, got {value!r}"
+                )
         positive = ["block_size", "max_num_seqs", "max_num_batched_tokens", "tensor_parallel_size"]
         positive += [k for k in ("num_blocks", "max_model_len") if getattr(self, k) is not None]
         for key in positive:
@@ -71,11 +76,12 @@ class EngineConfig:
             raise ValueError(f"config key 'block_size': must be in 1..256, got {self.block_size}")
         if not 0.0 < self.gpu_memory_utilization <= 1.0:
             raise ValueError(
-                f"config key 'gpu_memory_utilization': must be in (0, 1], got {self.gpu_memory_utilization}"
+                "config key 'gpu_memory_utilization': must be in (0, 1], "
+                f"got {self.gpu_memory_utilization}"
             )
 
     @classmethod
-    def from_dict(cls, data: dict) -> "EngineConfig":
+    def from_dict(cls, data: dict) -> EngineConfig:
         known = {f.name for f in fields(cls)}
         flat: dict = {}
         for key, value in (data or {}).items():
@@ -84,7 +90,9 @@ class EngineConfig:
                     raise ValueError(f"config key {key!r}: expected a mapping, got {value!r}")
                 for sub, sub_value in value.items():
                     if sub not in SECTIONS[key]:
-                        raise ValueError(f"unknown config key {key}.{sub!r}; allowed: {SECTIONS[key]}")
+                        raise ValueError(
+                            f"unknown config key {key}.{sub!r}; allowed: {SECTIONS[key]}"
+                        )
                     flat[sub] = sub_value
             elif key == "model":  # vLLM's spelling
                 flat["model_path"] = value
@@ -95,7 +103,7 @@ class EngineConfig:
         return cls(**flat)
 
     @classmethod
-    def from_yaml(cls, path: str | os.PathLike, overrides: dict | None = None) -> "EngineConfig":
+    def from_yaml(cls, path: str | os.PathLike, overrides: dict | None = None) -> EngineConfig:
         with open(path) as fh:
             data = yaml.safe_load(fh) or {}
         if not isinstance(data, dict):

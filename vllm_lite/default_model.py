@@ -89,7 +89,12 @@ def default_model_path() -> str:
 
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_temp_dirs(target.parent)
-    print(f"vllm-lite: converting {GGUF_FILE} to {target} (one time)...", end="", file=sys.stderr, flush=True)
+    print(
+        f"vllm-lite: converting {GGUF_FILE} to {target} (one time)...",
+        end="",
+        file=sys.stderr,
+        flush=True,
+    )
     start = time.perf_counter()
     # The temp dir sits next to the target so that the final rename stays on
     # one filesystem and is atomic: a crash never leaves a half-written folder.
@@ -179,11 +184,14 @@ def _convert_unquiet(source: str, out_dir: Path) -> None:
 
     # load_gguf_checkpoint draws a plain tqdm bar; keep the conversion to one line.
     with contextlib.redirect_stderr(io.StringIO()):
-        parsed = load_gguf_checkpoint(source, return_tensors=True, model_to_load=model, torch_dtype=torch.float32)
+        parsed = load_gguf_checkpoint(
+            source, return_tensors=True, model_to_load=model, torch_dtype=torch.float32
+        )
     result = model.load_state_dict(parsed["tensors"], strict=False)
     if result.unexpected_keys or set(result.missing_keys) - {"lm_head.weight"}:
         raise RuntimeError(
-            f"{gguf_name}: tensor mismatch (missing={result.missing_keys}, unexpected={result.unexpected_keys})"
+            f"{gguf_name}: tensor mismatch (missing={result.missing_keys}, "
+            f"unexpected={result.unexpected_keys})"
         )
     model.tie_weights()
     if model.lm_head.weight.data_ptr() != model.model.embed_tokens.weight.data_ptr():
@@ -220,6 +228,7 @@ def _fix_tokenizer(tokenizer, meta: dict) -> None:
     generation would never stop at the end of a turn. Set the special tokens
     from the GGUF ids, and restore the chat template should it be missing.
     """
+
     def token(key: str) -> str:
         return tokenizer.convert_ids_to_tokens(meta[key])
 
@@ -236,6 +245,10 @@ def _fix_tokenizer(tokenizer, meta: dict) -> None:
     tokenizer.clean_up_tokenization_spaces = False
 
     if tokenizer.eos_token != "<|im_end|>" or tokenizer.eos_token_id != meta["eos_token_id"]:
-        raise RuntimeError(f"unexpected eos token {tokenizer.eos_token!r} ({tokenizer.eos_token_id})")
+        raise RuntimeError(
+            f"unexpected eos token {tokenizer.eos_token!r} ({tokenizer.eos_token_id})"
+        )
     if tokenizer.bos_token_id != meta["bos_token_id"]:
-        raise RuntimeError(f"unexpected bos token {tokenizer.bos_token!r} ({tokenizer.bos_token_id})")
+        raise RuntimeError(
+            f"unexpected bos token {tokenizer.bos_token!r} ({tokenizer.bos_token_id})"
+        )

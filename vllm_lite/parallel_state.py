@@ -1,5 +1,6 @@
 """Tensor-parallel state of this process: its rank, the group size, and the two collectives the
 model needs. With one rank every collective is a no-op."""
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Sampling parameters with vLLM's names and meanings."""
+
 from __future__ import annotations
 
 import math
@@ -34,6 +35,7 @@ class SamplingParams:
     grammar's mask comes first, before everything above, and logprobs are read after it (as in
     vLLM, whose runner masks the logits before its sampler sees them).
     """
+
     n: int = 1  # completions per prompt
     presence_penalty: float = 0.0  # [-2, 2], output tokens: minus this once a token has appeared
     frequency_penalty: float = 0.0  # [-2, 2], output tokens: minus this times its count
@@ -53,7 +55,9 @@ class SamplingParams:
     detokenize: bool = True  # False: token ids only (text stays empty; stop strings unavailable)
     skip_special_tokens: bool = True
     include_stop_str_in_output: bool = False
-    logit_bias: dict[int, float] | None = None  # {token id: bias added to its logit}, bias in [-100, 100]
+    logit_bias: dict[int, float] | None = (
+        None  # {token id: bias added to its logit}, bias in [-100, 100]
+    )
     allowed_token_ids: list[int] | None = None  # only these tokens can be sampled
     structured_outputs: StructuredOutputsParams | None = None  # JSON schema, regex, choice, grammar
     guided_decoding: StructuredOutputsParams | None = None  # vLLM's older name of the same
@@ -69,7 +73,9 @@ class SamplingParams:
                 self.logit_bias = {int(t): b for t, b in self.logit_bias.items()}
             except (TypeError, ValueError):
                 pass  # validate() names the field
-        if self.allowed_token_ids is not None and not isinstance(self.allowed_token_ids, (str, bytes)):
+        if self.allowed_token_ids is not None and not isinstance(
+            self.allowed_token_ids, (str, bytes)
+        ):
             self.allowed_token_ids = list(self.allowed_token_ids)
         if self.guided_decoding is not None and self.structured_outputs is None:
             self.structured_outputs, self.guided_decoding = self.guided_decoding, None
@@ -85,7 +91,11 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+        return (
+            self.repetition_penalty != 1.0
+            or self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+        )
 
     def validate(self) -> None:
         def bad(name: str, why: str) -> None:
@@ -112,7 +122,9 @@ class SamplingParams:
             bad("top_k", "must be -1 (disabled), 0 (disabled) or a positive int")
         if not 0.0 <= self.min_p <= 1.0:
             bad("min_p", "must be in [0, 1]")
-        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+        if self.max_tokens is not None and (
+            not isinstance(self.max_tokens, int) or self.max_tokens < 1
+        ):
             bad("max_tokens", "must be an int >= 1")
         if not isinstance(self.min_tokens, int) or self.min_tokens < 0:
             bad("min_tokens", "must be an int >= 0")
@@ -131,20 +143,30 @@ class SamplingParams:
             if k is not None and (not is_int(k) or k < 0):
                 bad(name, "must be None or an int >= 0 (the number of most likely tokens returned)")
         if self.logit_bias is not None:
-            if (not isinstance(self.logit_bias, dict)
-                    or any(not is_int(t) or t < 0 for t in self.logit_bias)):
+            if not isinstance(self.logit_bias, dict) or any(
+                not is_int(t) or t < 0 for t in self.logit_bias
+            ):
                 bad("logit_bias", "must be a dict {token id (int >= 0): bias}")
             if any(not is_number(b) or not -100.0 <= b <= 100.0 for b in self.logit_bias.values()):
                 bad("logit_bias", "biases must be numbers in [-100, 100]")
         if self.allowed_token_ids is not None:
-            if (not isinstance(self.allowed_token_ids, list) or not self.allowed_token_ids
-                    or any(not is_int(t) or t < 0 for t in self.allowed_token_ids)):
-                bad("allowed_token_ids", "must be None or a non-empty list of token ids (ints >= 0)")
+            if (
+                not isinstance(self.allowed_token_ids, list)
+                or not self.allowed_token_ids
+                or any(not is_int(t) or t < 0 for t in self.allowed_token_ids)
+            ):
+                bad(
+                    "allowed_token_ids", "must be None or a non-empty list of token ids (ints >= 0)"
+                )
         if self.guided_decoding is not None:
             bad("guided_decoding", "is the old name of structured_outputs: give one of them")
         if self.structured_outputs is not None:
             if not isinstance(self.structured_outputs, StructuredOutputsParams):
                 bad("structured_outputs", "must be a StructuredOutputsParams")
             self.structured_outputs.validate()
-        self.needs_extras = (self.has_penalties or bool(self.logit_bias) or self.allowed_token_ids is not None
-                             or self.logprobs is not None)
+        self.needs_extras = (
+            self.has_penalties
+            or bool(self.logit_bias)
+            or self.allowed_token_ids is not None
+            or self.logprobs is not None
+        )

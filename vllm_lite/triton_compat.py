@@ -2,6 +2,7 @@
 interpreter (``TRITON_INTERPRET=1``, how CI tests them) with a recent numpy. The interpreter
 holds scalars as 1-element arrays and calls ``int()`` on them for a data-dependent ``range``,
 which numpy 2.x refuses; index through ``.item()`` instead."""
+
 from __future__ import annotations
 
 import os

@@ -33,6 +33,7 @@ that means block_size == 256.
 
 The decode path reads no tensor value on the host, so it can be captured in a CUDA graph.
 """
+
 from __future__ import annotations
 
 import inspect
@@ -87,7 +88,8 @@ class FlashAttnBackend(AttentionBackend):
     def check_block_size(cls, block_size: int) -> None:
         if not cls.supports_block_size(block_size):
             raise ValueError(
-                f"attention backend 'flash_attn' needs a KV block_size divisible by {PAGE_BLOCK_MULTIPLE} "
+                f"attention backend 'flash_attn' needs a KV block_size divisible by "
+                f"{PAGE_BLOCK_MULTIPLE} "
                 f"(flash-attn's paged KV cache rule), got {block_size}: set block_size 256, or use "
                 "attention_backend 'triton' (any block size)"
             )
@@ -100,8 +102,9 @@ class FlashAttnBackend(AttentionBackend):
             raise ValueError("attention backend 'flash_attn' runs on CUDA only")
         if q.dtype not in (torch.float16, torch.bfloat16) or k_cache.dtype != q.dtype:
             raise ValueError(
-                f"attention backend 'flash_attn' needs fp16/bf16 activations and KV cache of the same "
-                f"dtype, got q {q.dtype}, cache {k_cache.dtype}: use dtype bfloat16 or backend 'triton'"
+                "attention backend 'flash_attn' needs fp16/bf16 activations and KV cache of the "
+                f"same dtype, got q {q.dtype}, cache {k_cache.dtype}: "
+                "use dtype bfloat16 or backend 'triton'"
             )
 
     def forward(
@@ -124,9 +127,13 @@ class FlashAttnBackend(AttentionBackend):
         if nd > 0:
             # seq_lens include this step's token, already stored: it is the cache length to read
             decode_out = self._with_kvcache(
-                q[:nd].unsqueeze(1), k_cache, v_cache,
-                cache_seqlens=meta.seq_lens[:nd], block_table=meta.block_tables[:nd],
-                softmax_scale=scale, causal=True,
+                q[:nd].unsqueeze(1),
+                k_cache,
+                v_cache,
+                cache_seqlens=meta.seq_lens[:nd],
+                block_table=meta.block_tables[:nd],
+                softmax_scale=scale,
+                causal=True,
             ).squeeze(1)  # [nd, 1, H, D] -> [nd, H, D]
         if meta.num_seqs == nd:
             return decode_out  # pure decode step (the CUDA-graph case): no copy
@@ -138,16 +145,29 @@ class FlashAttnBackend(AttentionBackend):
         if meta.prefill_is_fresh:
             # no cached context: the chunks' keys are exactly this step's k, v
             out[nd:] = self._varlen(
-                q[nd:], k[nd:], v[nd:], cu_seqlens_q, cu_seqlens_q,
-                meta.max_query_len, meta.max_query_len,
-                softmax_scale=scale, causal=True,
+                q[nd:],
+                k[nd:],
+                v[nd:],
+                cu_seqlens_q,
+                cu_seqlens_q,
+                meta.max_query_len,
+                meta.max_query_len,
+                softmax_scale=scale,
+                causal=True,
             )
         else:
             # keys come from the paged pool: cumulative context lengths, built on the device
             cu_seqlens_k = F.pad(torch.cumsum(meta.seq_lens[nd:], 0, dtype=torch.int32), (1, 0))
             out[nd:] = self._varlen(
-                q[nd:], k_cache, v_cache, cu_seqlens_q, cu_seqlens_k,
-                meta.max_query_len, meta.max_seq_len,
-                softmax_scale=scale, causal=True, block_table=meta.block_tables[nd:],
+                q[nd:],
+                k_cache,
+                v_cache,
+                cu_seqlens_q,
+                cu_seqlens_k,
+                meta.max_query_len,
+                meta.max_seq_len,
+                softmax_scale=scale,
+                causal=True,
+                block_table=meta.block_tables[nd:],
             )
         return out

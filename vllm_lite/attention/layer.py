@@ -17,18 +17,25 @@ def get_backend(name: str, device: torch.device, block_size: int | None = None) 
             name = "triton"
             if block_size is not None:
                 from vllm_lite.attention.flash_attn_backend import FlashAttnBackend
+
                 try:
                     return FlashAttnBackend(block_size)
-                except (ImportError, ValueError):  # not installed, too old, or block_size unsupported
+                except (
+                    ImportError,
+                    ValueError,
+                ):  # not installed, too old, or block_size unsupported
                     pass
     if name == "torch":
         from vllm_lite.attention.torch_ref import TorchRefBackend
+
         return TorchRefBackend()
     if name == "triton":
         from vllm_lite.attention.triton_ops import TritonBackend
+
         return TritonBackend()
     if name == "flash_attn":
         from vllm_lite.attention.flash_attn_backend import FlashAttnBackend
+
         return FlashAttnBackend(block_size)
     raise ValueError(f"unknown attention backend {name!r}")
 
@@ -39,7 +46,12 @@ class Attention(nn.Module):
 
     def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float) -> None:
         super().__init__()
-        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = (
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            scale,
+        )
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
         self.backend: AttentionBackend | None = None

@@ -15,6 +15,7 @@ Layout of a step (set by the model runner):
     means "padding, do not write";
   * ``block_tables[i, j]`` is the physical block that holds logical block ``j`` of sequence ``i``.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -28,6 +29,7 @@ class SharedPrefix:
     """Cascade attention's input: decode rows (``rows[i]`` = 1) whose first ``length`` keys are
     the physical blocks ``blocks`` (prefix caching, or the n completions of one prompt), so
     their attention to those keys can be computed once for all of them."""
+
     length: torch.Tensor  # [1] int32, a multiple of the block size
     blocks: torch.Tensor  # [>= length / block_size] int32
     rows: torch.Tensor  # [num_decodes] int32, 1 or 0

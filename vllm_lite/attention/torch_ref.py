@@ -1,5 +1,6 @@
 """Plain-PyTorch paged attention: the reference every other backend is tested against, and the
 CPU path. Readable over fast: it loops over the sequences of the step."""
+
 from __future__ import annotations
 
 import torch
@@ -46,8 +47,11 @@ def paged_attention_ref(q, k_cache, v_cache, block_tables, query_start_loc, seq_
         q_pos = torch.arange(seq_len - q_len, seq_len, device=q.device)[:, None]
         mask = torch.arange(seq_len, device=q.device)[None, :] <= q_pos
         o = F.scaled_dot_product_attention(
-            q[start:end].transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
-            attn_mask=mask, scale=scale,
+            q[start:end].transpose(0, 1),
+            k.transpose(0, 1),
+            v.transpose(0, 1),
+            attn_mask=mask,
+            scale=scale,
         )
         out[start:end] = o.transpose(0, 1)
     return out
@@ -59,6 +63,10 @@ class TorchRefBackend(AttentionBackend):
 
     def forward(self, q, k, v, k_cache, v_cache, meta: AttentionMetadata, scale: float):
         store_kvcache_ref(k, v, k_cache, v_cache, meta.slot_mapping)
-        qsl = meta.query_start_loc_cpu if meta.query_start_loc_cpu is not None else meta.query_start_loc
+        qsl = (
+            meta.query_start_loc_cpu
+            if meta.query_start_loc_cpu is not None
+            else meta.query_start_loc
+        )
         lens = meta.seq_lens_cpu if meta.seq_lens_cpu is not None else meta.seq_lens
         return paged_attention_ref(q, k_cache, v_cache, meta.block_tables, qsl, lens, scale)

@@ -5,6 +5,7 @@ Every kernel reads keys through the block table one token at a time (physical bl
 Nothing here reads a tensor value on the host, so the decode path can be captured in a CUDA
 graph. Softmax runs online in fp32 in the log2 domain (``exp2`` is the cheap instruction).
 """
+
 from __future__ import annotations
 
 import functools
@@ -44,7 +45,8 @@ def _pow2(n: int, at_least: int = 1) -> int:
 
 
 def _dot_precision(dtype: torch.dtype) -> str:
-    """fp32 inputs get exact fp32 dots (tf32 would miss fp32 tolerances); 16-bit use tensor cores."""
+    """fp32 inputs get exact fp32 dots (tf32 would miss fp32 tolerances); 16-bit use tensor
+    cores."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
@@ -58,11 +60,23 @@ def _check_layout(*tensors: torch.Tensor) -> None:
 
 @triton.jit(do_not_specialize_on_alignment=["slot_ptr"])
 def _store_kvcache_kernel(
-    k_ptr, v_ptr, k_cache_ptr, v_cache_ptr, slot_ptr,
-    stride_kt, stride_kh, stride_vt, stride_vh,
-    stride_cb, stride_cs, stride_ch,
-    NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+    k_ptr,
+    v_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    slot_ptr,
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    NUM_KV_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """One program copies all heads of one token into its slot."""
     t = tl.program_id(0)
@@ -70,7 +84,12 @@ def _store_kvcache_kernel(
     offs_h = tl.arange(0, BLOCK_H)[:, None]
     offs_d = tl.arange(0, BLOCK_D)[None, :]
     mask = (offs_h < NUM_KV_HEADS) & (offs_d < HEAD_DIM) & (slot >= 0)
-    dst = (slot // BLOCK_SIZE) * stride_cb + (slot % BLOCK_SIZE) * stride_cs + offs_h * stride_ch + offs_d
+    dst = (
+        (slot // BLOCK_SIZE) * stride_cb
+        + (slot % BLOCK_SIZE) * stride_cs
+        + offs_h * stride_ch
+        + offs_d
+    )
     k = tl.load(k_ptr + t * stride_kt + offs_h * stride_kh + offs_d, mask=mask)
     v = tl.load(v_ptr + t * stride_vt + offs_h * stride_vh + offs_d, mask=mask)
     tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
@@ -92,11 +111,23 @@ def store_kvcache(
     assert k_cache.stride() == v_cache.stride()
     _, block_size, num_kv_heads, head_dim = k_cache.shape
     _store_kvcache_kernel[(num_tokens,)](
-        k, v, k_cache, v_cache, slot_mapping,
-        k.stride(0), k.stride(1), v.stride(0), v.stride(1),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_KV_HEADS=num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_H=_pow2(num_kv_heads), BLOCK_D=_pow2(head_dim),
+        k,
+        v,
+        k_cache,
+        v_cache,
+        slot_mapping,
+        k.stride(0),
+        k.stride(1),
+        v.stride(0),
+        v.stride(1),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        NUM_KV_HEADS=num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_H=_pow2(num_kv_heads),
+        BLOCK_D=_pow2(head_dim),
     )
 
 
@@ -105,10 +136,24 @@ def store_kvcache(
 
 @triton.jit
 def _attend(
-    q, lo, hi, table_ptr, k_cache_ptr, v_cache_ptr, kv_head,
-    stride_cb, stride_cs, stride_ch, scale_log2, q_pos,
-    HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    q,
+    lo,
+    hi,
+    table_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    kv_head,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    scale_log2,
+    q_pos,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """The query rows ``q`` [M, BLOCK_D] attend to keys ``lo..hi-1`` of one KV head, read through
     the block-table row ``table_ptr``: online softmax in fp32, in the log2 domain. Returns the
@@ -135,7 +180,9 @@ def _attend(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(s - m_new[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0).to(q.dtype)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=nd_mask, other=0.0).to(
+            q.dtype
+        )
         acc = acc * alpha[:, None] + tl.dot(p.to(q.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
     return acc, m_i, l_i
@@ -144,16 +191,38 @@ def _attend(
 _SHARED_PTRS = ["shared_len_ptr", "shared_rows_ptr", "shared_blocks_ptr"]
 
 
-@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_METADATA_PTRS + _SHARED_PTRS)
+@triton.jit(
+    do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_METADATA_PTRS + _SHARED_PTRS
+)
 def _decode_split_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, block_tables_ptr, seq_lens_ptr, shared_len_ptr, shared_rows_ptr,
-    out_ptr, part_o_ptr, part_lse_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    block_tables_ptr,
+    seq_lens_ptr,
+    shared_len_ptr,
+    shared_rows_ptr,
+    out_ptr,
+    part_o_ptr,
+    part_lse_ptr,
     scale_log2,
-    stride_qb, stride_qh, stride_ob, stride_oh, stride_bt,
-    stride_cb, stride_cs, stride_ch,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr,
-    BLOCK_SIZE: tl.constexpr, NUM_SPLITS: tl.constexpr, SHARED_SLOTS: tl.constexpr,
-    BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    stride_qb,
+    stride_qh,
+    stride_ob,
+    stride_oh,
+    stride_bt,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    SHARED_SLOTS: tl.constexpr,
+    BLOCK_G: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Program (seq, kv head, split): all GROUP query heads of one KV head attend to one slice
@@ -179,11 +248,32 @@ def _decode_split_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     heads = kv_head * GROUP + offs_g
     gd_mask = (offs_g[:, None] < GROUP) & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :], mask=gd_mask, other=0.0)
+    q = tl.load(
+        q_ptr + b * stride_qb + heads[:, None] * stride_qh + offs_d[None, :],
+        mask=gd_mask,
+        other=0.0,
+    )
 
-    acc, m_i, l_i = _attend(q, lo, hi, block_tables_ptr + b * stride_bt, k_cache_ptr, v_cache_ptr, kv_head,
-                            stride_cb, stride_cs, stride_ch, scale_log2, lo,
-                            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, DOT_PRECISION)
+    acc, m_i, l_i = _attend(
+        q,
+        lo,
+        hi,
+        block_tables_ptr + b * stride_bt,
+        k_cache_ptr,
+        v_cache_ptr,
+        kv_head,
+        stride_cb,
+        stride_cs,
+        stride_ch,
+        scale_log2,
+        lo,
+        HEAD_DIM,
+        BLOCK_SIZE,
+        BLOCK_N,
+        BLOCK_D,
+        False,
+        DOT_PRECISION,
+    )
 
     # an empty slice (or a padded sequence of length 0) has l = 0: write zeros, lse = -inf
     l_safe = tl.where(l_i > 0, l_i, 1.0)
@@ -193,13 +283,21 @@ def _decode_split_kernel(
         first = (b * NUM_HEADS + heads) * SHARED_SLOTS  # part_o is [B, Hq, slots, BLOCK_D]
         top = lse
         for j in tl.static_range(SHARED_SLOTS):
-            top = tl.maximum(top, tl.load(part_lse_ptr + first + j, mask=offs_g < GROUP, other=float("-inf")))
+            top = tl.maximum(
+                top, tl.load(part_lse_ptr + first + j, mask=offs_g < GROUP, other=float("-inf"))
+            )
         top = tl.where(top == float("-inf"), 0.0, top)
         total = tl.exp2(lse - top)
         acc = acc * total[:, None]
         for j in tl.static_range(SHARED_SLOTS):
-            w = tl.exp2(tl.load(part_lse_ptr + first + j, mask=offs_g < GROUP, other=float("-inf")) - top)
-            o = tl.load(part_o_ptr + (first + j)[:, None] * BLOCK_D + offs_d[None, :], mask=gd_mask, other=0.0)
+            w = tl.exp2(
+                tl.load(part_lse_ptr + first + j, mask=offs_g < GROUP, other=float("-inf")) - top
+            )
+            o = tl.load(
+                part_o_ptr + (first + j)[:, None] * BLOCK_D + offs_d[None, :],
+                mask=gd_mask,
+                other=0.0,
+            )
             acc += w[:, None] * o
             total += w
         acc = acc / tl.where(total > 0, total, 1.0)[:, None]
@@ -214,12 +312,29 @@ def _decode_split_kernel(
 
 @triton.jit(do_not_specialize=["num_rows"], do_not_specialize_on_alignment=_SHARED_PTRS)
 def _shared_prefix_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, shared_blocks_ptr, shared_len_ptr, shared_rows_ptr, part_o_ptr, part_lse_ptr,
-    scale_log2, num_rows,
-    stride_qb, stride_qh, stride_cb, stride_cs, stride_ch,
-    NUM_HEADS: tl.constexpr, GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    shared_blocks_ptr,
+    shared_len_ptr,
+    shared_rows_ptr,
+    part_o_ptr,
+    part_lse_ptr,
+    scale_log2,
+    num_rows,
+    stride_qb,
+    stride_qh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    NUM_HEADS: tl.constexpr,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
     SHARED_SPLITS: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
     """Cascade attention's first half (the decode kernel merges). Program (row tile, kv head,
@@ -242,27 +357,56 @@ def _shared_prefix_kernel(
     head = kv_head * GROUP + rows % GROUP
     offs_d = tl.arange(0, BLOCK_D)
     md_mask = (rows < num_rows)[:, None] & (offs_d[None, :] < HEAD_DIM)
-    q = tl.load(q_ptr + seq[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :], mask=md_mask, other=0.0)
+    q = tl.load(
+        q_ptr + seq[:, None] * stride_qb + head[:, None] * stride_qh + offs_d[None, :],
+        mask=md_mask,
+        other=0.0,
+    )
 
-    acc, m_i, l_i = _attend(q, lo, hi, shared_blocks_ptr, k_cache_ptr, v_cache_ptr, kv_head,
-                            stride_cb, stride_cs, stride_ch, scale_log2, lo,
-                            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, False, DOT_PRECISION)
+    acc, m_i, l_i = _attend(
+        q,
+        lo,
+        hi,
+        shared_blocks_ptr,
+        k_cache_ptr,
+        v_cache_ptr,
+        kv_head,
+        stride_cb,
+        stride_cs,
+        stride_ch,
+        scale_log2,
+        lo,
+        HEAD_DIM,
+        BLOCK_SIZE,
+        BLOCK_N,
+        BLOCK_D,
+        False,
+        DOT_PRECISION,
+    )
 
     # the other sequences got the same work on keys not theirs: their weight is zero
     shares = tl.load(shared_rows_ptr + seq, mask=rows < num_rows, other=0) > 0
     l_safe = tl.where(l_i > 0, l_i, 1.0)
     slot = (seq * NUM_HEADS + head) * SHARED_SPLITS + split
-    tl.store(part_o_ptr + slot[:, None] * BLOCK_D + offs_d[None, :], acc / l_safe[:, None], mask=md_mask)
+    tl.store(
+        part_o_ptr + slot[:, None] * BLOCK_D + offs_d[None, :], acc / l_safe[:, None], mask=md_mask
+    )
     lse = tl.where(shares & (l_i > 0), m_i + tl.log2(l_safe), float("-inf"))
     tl.store(part_lse_ptr + slot, lse, mask=rows < num_rows)
 
 
 @triton.jit
 def _decode_reduce_kernel(
-    part_o_ptr, part_lse_ptr, out_ptr,
-    stride_ob, stride_oh,
-    NUM_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    part_o_ptr,
+    part_lse_ptr,
+    out_ptr,
+    stride_ob,
+    stride_oh,
+    NUM_HEADS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr,
 ):
     """Program (seq, query head): weight each split's output by its share of the softmax mass."""
     b = tl.program_id(0)
@@ -275,14 +419,19 @@ def _decode_reduce_kernel(
     lse_max = tl.max(lse, 0)
     lse_max = tl.where(lse_max == float("-inf"), 0.0, lse_max)  # all empty: weights become 0
     w = tl.exp2(lse - lse_max)
-    o = tl.load(part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0)
+    o = tl.load(
+        part_o_ptr + row[:, None] * BLOCK_D + offs_d[None, :], mask=s_mask[:, None], other=0.0
+    )
     w_sum = tl.sum(w, 0)
     o = tl.sum(o * w[:, None], 0) / tl.where(w_sum > 0, w_sum, 1.0)
-    tl.store(out_ptr + b * stride_ob + h * stride_oh + offs_d, o.to(out_ptr.dtype.element_ty),
-             mask=offs_d < HEAD_DIM)
+    tl.store(
+        out_ptr + b * stride_ob + h * stride_oh + offs_d,
+        o.to(out_ptr.dtype.element_ty),
+        mask=offs_d < HEAD_DIM,
+    )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 1  # the CPU interpreter runs programs one by one: fewer is faster
@@ -291,7 +440,8 @@ def _num_sms(device: torch.device) -> int:
 
 def choose_num_splits(num_programs: int, max_seq_len: int, device: torch.device) -> int:
     """Enough (seq, kv head, split) programs to fill every SM about twice, but no split shorter
-    than _MIN_SPLIT_TOKENS keys: large batches get 1 split, small batches with long contexts many."""
+    than _MIN_SPLIT_TOKENS keys: large batches get 1 split, small batches with long contexts
+    many."""
     wanted = triton.cdiv(2 * _num_sms(device), num_programs)
     useful = triton.cdiv(max_seq_len, _MIN_SPLIT_TOKENS)
     splits = max(1, min(wanted, useful, _MAX_SPLITS))
@@ -347,31 +497,78 @@ def paged_decode_attention(
     if shared is not None:  # first: the decode kernel merges its results
         block_m = 64
         _shared_prefix_kernel[(triton.cdiv(batch * group, block_m), num_kv_heads, _SHARED_SPLITS)](
-            q, k_cache, v_cache, shared.blocks, shared.length, shared.rows, part_o, part_lse,
-            scale * _LOG2E, batch * group,
-            q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-            NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-            SHARED_SPLITS=_SHARED_SPLITS, BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d,
+            q,
+            k_cache,
+            v_cache,
+            shared.blocks,
+            shared.length,
+            shared.rows,
+            part_o,
+            part_lse,
+            scale * _LOG2E,
+            batch * group,
+            q.stride(0),
+            q.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            NUM_HEADS=num_heads,
+            GROUP=group,
+            HEAD_DIM=head_dim,
+            BLOCK_SIZE=block_size,
+            SHARED_SPLITS=_SHARED_SPLITS,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_D=block_d,
             DOT_PRECISION=_dot_precision(q.dtype),
             num_warps=4,
         )
-    shared_args = (shared.length, shared.rows) if shared is not None else (seq_lens, seq_lens)  # (unused)
+    shared_args = (
+        (shared.length, shared.rows) if shared is not None else (seq_lens, seq_lens)
+    )  # (unused)
     _decode_split_kernel[(batch, num_kv_heads, num_splits)](
-        q, k_cache, v_cache, block_tables, seq_lens, *shared_args, out, part_o, part_lse,
+        q,
+        k_cache,
+        v_cache,
+        block_tables,
+        seq_lens,
+        *shared_args,
+        out,
+        part_o,
+        part_lse,
         scale * _LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        NUM_HEADS=num_heads, GROUP=group, HEAD_DIM=head_dim,
-        BLOCK_SIZE=block_size, NUM_SPLITS=num_splits, SHARED_SLOTS=_SHARED_SPLITS if shared is not None else 0,
-        BLOCK_G=_pow2(group, 16), BLOCK_N=block_n, BLOCK_D=block_d,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        NUM_HEADS=num_heads,
+        GROUP=group,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        NUM_SPLITS=num_splits,
+        SHARED_SLOTS=_SHARED_SPLITS if shared is not None else 0,
+        BLOCK_G=_pow2(group, 16),
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
         DOT_PRECISION=_dot_precision(q.dtype),
         num_warps=4,
     )
     if num_splits > 1:
         _decode_reduce_kernel[(batch, num_heads)](
-            part_o, part_lse, out, out.stride(0), out.stride(1),
-            NUM_HEADS=num_heads, HEAD_DIM=head_dim, NUM_SPLITS=num_splits,
-            BLOCK_S=_pow2(num_splits), BLOCK_D=block_d,
+            part_o,
+            part_lse,
+            out,
+            out.stride(0),
+            out.stride(1),
+            NUM_HEADS=num_heads,
+            HEAD_DIM=head_dim,
+            NUM_SPLITS=num_splits,
+            BLOCK_S=_pow2(num_splits),
+            BLOCK_D=block_d,
         )
     return out
 
@@ -379,16 +576,35 @@ def paged_decode_attention(
 # ----------------------------------------------------------------------------- prefill
 
 
-@triton.jit(do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_METADATA_PTRS + ["work_ptr"])
+@triton.jit(
+    do_not_specialize=["stride_bt"], do_not_specialize_on_alignment=_METADATA_PTRS + ["work_ptr"]
+)
 def _prefill_kernel(
-    q_ptr, k_cache_ptr, v_cache_ptr, out_ptr,
-    block_tables_ptr, query_start_loc_ptr, seq_lens_ptr, work_ptr,
+    q_ptr,
+    k_cache_ptr,
+    v_cache_ptr,
+    out_ptr,
+    block_tables_ptr,
+    query_start_loc_ptr,
+    seq_lens_ptr,
+    work_ptr,
     scale_log2,
-    stride_qt, stride_qh, stride_ot, stride_oh, stride_bt,
-    stride_cb, stride_cs, stride_ch,
-    GROUP: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_SIZE: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_PRECISION: tl.constexpr, USE_WORK: tl.constexpr,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_bt,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_SIZE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    USE_WORK: tl.constexpr,
 ):
     """Program (query tile, query head, seq): the tile's queries sit at the end of the context
     and attend causally to every key up to their position, cached prefix included. USE_WORK:
@@ -420,9 +636,26 @@ def _prefill_kernel(
     hi = tl.minimum(seq_len, seq_len - q_len + (tile + 1) * BLOCK_M)
     hi = tl.where(tile * BLOCK_M < q_len, hi, 0)
     # key 0 is visible to every row, so m_i is finite after the first tile
-    acc, m_i, l_i = _attend(q, 0, hi, block_tables_ptr + seq * stride_bt, k_cache_ptr, v_cache_ptr, kv_head,
-                            stride_cb, stride_cs, stride_ch, scale_log2, q_pos,
-                            HEAD_DIM, BLOCK_SIZE, BLOCK_N, BLOCK_D, True, DOT_PRECISION)
+    acc, m_i, l_i = _attend(
+        q,
+        0,
+        hi,
+        block_tables_ptr + seq * stride_bt,
+        k_cache_ptr,
+        v_cache_ptr,
+        kv_head,
+        stride_cb,
+        stride_cs,
+        stride_ch,
+        scale_log2,
+        q_pos,
+        HEAD_DIM,
+        BLOCK_SIZE,
+        BLOCK_N,
+        BLOCK_D,
+        True,
+        DOT_PRECISION,
+    )
 
     acc = acc / tl.where(l_i > 0, l_i, 1.0)[:, None]
     o_ptrs = out_ptr + rows[:, None] * stride_ot + head * stride_oh + offs_d[None, :]
@@ -460,13 +693,31 @@ def paged_prefill_attention(
     else:
         grid = (work.shape[0], num_heads, 1)
     _prefill_kernel[grid](
-        q, k_cache, v_cache, out, block_tables, query_start_loc, seq_lens, seq_lens if work is None else work,
+        q,
+        k_cache,
+        v_cache,
+        out,
+        block_tables,
+        query_start_loc,
+        seq_lens,
+        seq_lens if work is None else work,
         scale * _LOG2E,
-        q.stride(0), q.stride(1), out.stride(0), out.stride(1), block_tables.stride(0),
-        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2),
-        GROUP=num_heads // num_kv_heads, HEAD_DIM=head_dim, BLOCK_SIZE=block_size,
-        BLOCK_M=PREFILL_BLOCK_M, BLOCK_N=64 if head_dim <= 128 else 32, BLOCK_D=_pow2(head_dim, 16),
-        DOT_PRECISION=_dot_precision(q.dtype), USE_WORK=work is not None,
+        q.stride(0),
+        q.stride(1),
+        out.stride(0),
+        out.stride(1),
+        block_tables.stride(0),
+        k_cache.stride(0),
+        k_cache.stride(1),
+        k_cache.stride(2),
+        GROUP=num_heads // num_kv_heads,
+        HEAD_DIM=head_dim,
+        BLOCK_SIZE=block_size,
+        BLOCK_M=PREFILL_BLOCK_M,
+        BLOCK_N=64 if head_dim <= 128 else 32,
+        BLOCK_D=_pow2(head_dim, 16),
+        DOT_PRECISION=_dot_precision(q.dtype),
+        USE_WORK=work is not None,
         num_warps=4,
     )
     return out
@@ -520,8 +771,10 @@ class TritonBackend(AttentionBackend):
         if meta.block_tables.shape[1] * k_cache.shape[1] < meta.max_seq_len:
             # the kernels read block ids up to the longest context: a narrower table would
             # send them past its row into unrelated memory
-            raise ValueError(f"block table of {meta.block_tables.shape[1]} blocks cannot hold "
-                             f"max_seq_len {meta.max_seq_len} at block_size {k_cache.shape[1]}")
+            raise ValueError(
+                f"block table of {meta.block_tables.shape[1]} blocks cannot hold "
+                f"max_seq_len {meta.max_seq_len} at block_size {k_cache.shape[1]}"
+            )
         store_kvcache(k, v, k_cache, v_cache, meta.slot_mapping)
         if meta.prefill_work is not None:
             return self._forward_graph_layout(q, k_cache, v_cache, meta, scale)
@@ -530,37 +783,81 @@ class TritonBackend(AttentionBackend):
         if nd > 0:
             # next to prefill work the GPU is busy anyway: one split, one compiled variant. Else
             # the split count follows the longest context (so the warm-up can meet each count)
-            paged_decode_attention(q[:nd], k_cache, v_cache, meta.block_tables[:nd], meta.seq_lens[:nd], scale,
-                                   out=out[:nd], num_splits=1 if meta.num_seqs > nd else None,
-                                   max_seq_len=meta.max_seq_len, shared=meta.shared_prefix)
+            paged_decode_attention(
+                q[:nd],
+                k_cache,
+                v_cache,
+                meta.block_tables[:nd],
+                meta.seq_lens[:nd],
+                scale,
+                out=out[:nd],
+                num_splits=1 if meta.num_seqs > nd else None,
+                max_seq_len=meta.max_seq_len,
+                shared=meta.shared_prefix,
+            )
         if meta.num_seqs == nd:
             return out
         if self._use_varlen(q, meta):
             # decodes own rows 0..nd-1, so the prefill part starts at row nd
             cu_seqlens = meta.query_start_loc[nd:] - nd
             out[nd:] = varlen_attn(
-                q[nd:], k[nd:], v[nd:], cu_seqlens, cu_seqlens,
-                meta.max_query_len, meta.max_query_len,
-                scale=scale, window_size=(-1, 0), **_VARLEN_GQA_KW,
+                q[nd:],
+                k[nd:],
+                v[nd:],
+                cu_seqlens,
+                cu_seqlens,
+                meta.max_query_len,
+                meta.max_query_len,
+                scale=scale,
+                window_size=(-1, 0),
+                **_VARLEN_GQA_KW,
             )
         else:
-            paged_prefill_attention(q, k_cache, v_cache, meta.block_tables[nd:],
-                                    meta.query_start_loc[nd:], meta.seq_lens[nd:],
-                                    meta.max_query_len, scale, out=out)
+            paged_prefill_attention(
+                q,
+                k_cache,
+                v_cache,
+                meta.block_tables[nd:],
+                meta.query_start_loc[nd:],
+                meta.seq_lens[nd:],
+                meta.max_query_len,
+                scale,
+                out=out,
+            )
         return out
 
     @staticmethod
-    def _forward_graph_layout(q, k_cache, v_cache, meta: AttentionMetadata, scale: float) -> torch.Tensor:
+    def _forward_graph_layout(
+        q, k_cache, v_cache, meta: AttentionMetadata, scale: float
+    ) -> torch.Tensor:
         """A step whose grids depend only on its padded shapes (a captured mixed step). The
         decode kernel runs over every sequence row with ``decode_lens`` (0: writes zeros to that
         row, which is a prefill token's or padding); the prefill kernel then writes every prefill
         token's row from its work list. Padding rows stay zero."""
         out = torch.zeros_like(q)
         rows = meta.decode_lens.shape[0]  # <= the step's tokens: every sequence has one
-        paged_decode_attention(q[:rows], k_cache, v_cache, meta.block_tables, meta.decode_lens, scale,
-                               out=out[:rows], num_splits=1)
-        paged_prefill_attention(q, k_cache, v_cache, meta.block_tables, meta.query_start_loc, meta.seq_lens,
-                                0, scale, out=out, work=meta.prefill_work)
+        paged_decode_attention(
+            q[:rows],
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.decode_lens,
+            scale,
+            out=out[:rows],
+            num_splits=1,
+        )
+        paged_prefill_attention(
+            q,
+            k_cache,
+            v_cache,
+            meta.block_tables,
+            meta.query_start_loc,
+            meta.seq_lens,
+            0,
+            scale,
+            out=out,
+            work=meta.prefill_work,
+        )
         return out
 
     @staticmethod

@@ -11,6 +11,7 @@ keeps its K/V and its key: the free list runs least recently used first, and a c
 forgotten only when it is taken for new tokens. The chain is vLLM's hash chain made exact: the
 dict of keys compares the token ids on a hit, and a prefix id, unlike a hash, is never shared by
 two prefixes (nor reused), so no collision can hand a sequence another prefix's K/V."""
+
 from __future__ import annotations
 
 import itertools
@@ -20,16 +21,24 @@ from vllm_lite.engine.sequence import PLACEHOLDER, Sequence
 
 
 class BlockManager:
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
+    def __init__(
+        self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True
+    ) -> None:
         self.num_blocks = num_blocks
         self.block_size = block_size
-        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))  # LRU first
+        self.free_blocks: OrderedDict[int, None] = OrderedDict.fromkeys(
+            range(num_blocks)
+        )  # LRU first
         self.ref_counts = [0] * num_blocks  # block tables holding each block
         # the prefix cache
         self.enable_prefix_caching = enable_prefix_caching
-        self.cached_blocks: dict[tuple[int, tuple[int, ...]], int] = {}  # key -> the block holding it
+        self.cached_blocks: dict[
+            tuple[int, tuple[int, ...]], int
+        ] = {}  # key -> the block holding it
         self.block_key: list[tuple[int, tuple[int, ...]] | None] = [None] * num_blocks
-        self.block_prefix: list[int] = [0] * num_blocks  # prefix id of the tokens up to the block's end; 0: none
+        self.block_prefix: list[int] = [
+            0
+        ] * num_blocks  # prefix id of the tokens up to the block's end; 0: none
         self._prefix_ids = itertools.count(1)
         self.num_cached_free_blocks = 0  # free blocks that still hold a cached prefix's K/V
 
@@ -90,7 +99,10 @@ class BlockManager:
 
     def slot(self, seq: Sequence, position: int) -> int:
         """Flat slot (physical block * block_size + offset) of token ``position`` of ``seq``."""
-        return seq.block_table[position // self.block_size] * self.block_size + position % self.block_size
+        return (
+            seq.block_table[position // self.block_size] * self.block_size
+            + position % self.block_size
+        )
 
     # ---- the prefix cache ----------------------------------------------------------------
     def find_cached_prefix(self, seq: Sequence) -> list[int]:
@@ -99,7 +111,7 @@ class BlockManager:
         blocks: list[int] = []
         bs, parent = self.block_size, 0
         for start in range(0, len(seq.token_ids) - bs, bs):
-            block = self.cached_blocks.get((parent, tuple(seq.token_ids[start:start + bs])))
+            block = self.cached_blocks.get((parent, tuple(seq.token_ids[start : start + bs])))
             if block is None:
                 break
             blocks.append(block)
@@ -119,12 +131,16 @@ class BlockManager:
             if not self.block_prefix[block]:
                 if seq.token_ids[end - 1] == PLACEHOLDER:  # only a sequence's last tokens can be
                     return
-                key = (self.block_prefix[table[i - 1]] if i else 0, tuple(seq.token_ids[end - bs:end]))
+                key = (
+                    self.block_prefix[table[i - 1]] if i else 0,
+                    tuple(seq.token_ids[end - bs : end]),
+                )
                 holder = self.cached_blocks.setdefault(key, block)
                 if holder == block:  # a prefix new to the cache
                     self.block_key[block] = key
                     self.block_prefix[block] = next(self._prefix_ids)
-                else:  # the same tokens computed twice (say, admitted together): lookups find the first
+                else:  # the same tokens computed twice (say, admitted together): lookups find
+                    # the first
                     self.block_prefix[block] = self.block_prefix[holder]
             seq.num_cached_blocks = i + 1
 

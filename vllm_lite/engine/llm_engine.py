@@ -6,6 +6,7 @@ The core part (``core_step``) deals in token ids only; text, stop strings and th
 reads are the output processor's (``output_processor.py``): ``step`` runs both in one process
 (the offline ``LLM``); a server runs the core in a process of its own and the output processor
 in its front end."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -21,15 +22,19 @@ from transformers import AutoConfig, AutoTokenizer, GenerationConfig
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.block_manager import BlockManager
-from vllm_lite.engine.output_processor import CompletionOutput  # noqa: F401 - re-exported
-from vllm_lite.engine.output_processor import CoreOutputs, OutputProcessor, RequestOutput
-from vllm_lite.engine.scheduler import ScheduledBatch, Scheduler
+from vllm_lite.engine.output_processor import (
+    CompletionOutput,  # noqa: F401 - re-exported
+    CoreOutputs,
+    OutputProcessor,
+    RequestOutput,
+)
+from vllm_lite.engine.scheduler import Scheduler
 from vllm_lite.engine.sequence import MAX_CHUNK, PLACEHOLDER, Sequence
 from vllm_lite.engine.tracer import StepTracer
-from vllm_lite.logprobs import token_logprobs
-from vllm_lite.sampler import Penalties, Sampler, SamplingBatch, TokenHistory
 from vllm_lite.sampling_params import SamplingParams
-
+from vllm_lite.worker.batch import ScheduledBatch
+from vllm_lite.worker.logprobs import token_logprobs
+from vllm_lite.worker.sampler import Penalties, Sampler, SamplingBatch, TokenHistory
 
 # Prompt chunks of a request that wants prompt_logprobs: the logits of every row are kept, so a
 # chunk is capped (512 rows x a 150k vocabulary is 150 MB in bf16, not 2.5 GB for 8192 rows).
@@ -45,11 +50,23 @@ class _InFlight:
     """A launched step: which sequences sample, where their token goes, the device tokens, and
     the sampled tokens' logprobs for the rows that asked (``logprob_rows[i]``: row of sequence i
     in those tensors, -1 if none). ``processed``: read back already (``_process``)."""
+
     processed = False
 
-    def __init__(self, seqs: list[Sequence], positions: list[int], tokens: torch.Tensor,
-                 logprobs: tuple | None = None, logprob_rows: list[int] | None = None) -> None:
-        self.seqs, self.positions, self.tokens, self.logprob_rows = seqs, positions, tokens, logprob_rows
+    def __init__(
+        self,
+        seqs: list[Sequence],
+        positions: list[int],
+        tokens: torch.Tensor,
+        logprobs: tuple | None = None,
+        logprob_rows: list[int] | None = None,
+    ) -> None:
+        self.seqs, self.positions, self.tokens, self.logprob_rows = (
+            seqs,
+            positions,
+            tokens,
+            logprob_rows,
+        )
         tensors = [tokens, *(logprobs or ())]
         if tokens.is_cuda:  # start the copies back now; host_tokens() waits only for them
             self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
@@ -74,6 +91,7 @@ class _InFlight:
 class _ParamsBatch:
     """What a sampling batch takes from its requests' parameters alone: built once for a batch
     and kept while its rows are the same sequences (``seq_ids``)."""
+
     seq_ids: list[int]
     batch: SamplingBatch  # no min_tokens bans; penalties, if any, without their step's tokens
     min_tokens_rows: list[tuple[int, list[int]]]  # rows with min_tokens > 0, and their stop ids
@@ -85,6 +103,7 @@ class _ParamsBatch:
 class RequestLimits:
     """What a request is checked against: the engine's fixed shape. A server's front end, which
     runs in another process than the engine, checks requests with a copy before queueing them."""
+
     vocab_size: int
     max_model_len: int
     max_num_seqs: int
@@ -101,27 +120,37 @@ class RequestLimits:
         if not set(map(type, token_ids)) <= {int} or min(token_ids) < 0 or max(token_ids) >= vocab:
             raise ValueError(f"prompt token ids must be ints in [0, {vocab})")
         if params.n > self.max_num_seqs:
-            raise ValueError(f"SamplingParams.n must be <= max_num_seqs ({self.max_num_seqs}): "
-                             f"the n completions run together, got {params.n}")
+            raise ValueError(
+                f"SamplingParams.n must be <= max_num_seqs ({self.max_num_seqs}): "
+                f"the n completions run together, got {params.n}"
+            )
         for name in ("logit_bias", "allowed_token_ids"):
             ids = getattr(params, name) or ()
             if any(t >= vocab for t in ids):
-                raise ValueError(f"SamplingParams.{name} token ids must be in [0, {vocab}) (the vocabulary), "
-                                 f"got {max(ids)}")
+                raise ValueError(
+                    f"SamplingParams.{name} token ids must be in [0, {vocab}) (the vocabulary), "
+                    f"got {max(ids)}"
+                )
         for name in ("logprobs", "prompt_logprobs"):
             k = getattr(params, name)
             if k is not None and k > vocab:
-                raise ValueError(f"SamplingParams.{name} must be <= the vocabulary size ({vocab}), got {k}")
+                raise ValueError(
+                    f"SamplingParams.{name} must be <= the vocabulary size ({vocab}), got {k}"
+                )
         max_len = self.max_model_len
         if len(token_ids) >= max_len:
-            raise ValueError(f"prompt is {len(token_ids)} tokens, it must be shorter than "
-                             f"max_model_len ({max_len})")
+            raise ValueError(
+                f"prompt is {len(token_ids)} tokens, it must be shorter than "
+                f"max_model_len ({max_len})"
+            )
         needed = min(max_len, len(token_ids) + (params.max_tokens or max_len))
         capacity = self.num_blocks * self.block_size
         if needed > capacity:
-            raise ValueError(f"request needs up to {needed} KV slots (prompt {len(token_ids)} + max_tokens "
-                             f"{params.max_tokens}) but the KV pool holds only {capacity} "
-                             f"(num_blocks {self.num_blocks} x block_size {self.block_size})")
+            raise ValueError(
+                f"request needs up to {needed} KV slots (prompt {len(token_ids)} + max_tokens "
+                f"{params.max_tokens}) but the KV pool holds only {capacity} "
+                f"(num_blocks {self.num_blocks} x block_size {self.block_size})"
+            )
 
 
 def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -134,10 +163,13 @@ def to_device(values, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
 def resolve_model_path(config: EngineConfig) -> str:
     if config.model_path is None:
         from vllm_lite.default_model import default_model_path
+
         return default_model_path()
     path = os.path.expanduser(config.model_path)
     if not os.path.isdir(path):
-        raise FileNotFoundError(f"model path {config.model_path!r} is not a directory (no hub downloads)")
+        raise FileNotFoundError(
+            f"model path {config.model_path!r} is not a directory (no hub downloads)"
+        )
     if not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"model path {config.model_path!r} has no config.json")
     return path
@@ -154,29 +186,49 @@ class LLMEngine:
         self.tokenizer = self._load_tokenizer(config)
         model_max = getattr(self.hf_config, "max_position_embeddings", None) or 2048
         window = getattr(self.hf_config, "sliding_window", None)
-        windowed = (self.hf_config.model_type in ("mistral", "mixtral")
-                    or getattr(self.hf_config, "use_sliding_window", False))
+        windowed = self.hf_config.model_type in ("mistral", "mixtral") or getattr(
+            self.hf_config, "use_sliding_window", False
+        )
         if window and windowed:
-            model_max = min(model_max, window)  # no sliding-window attention here: stay inside the window
+            model_max = min(
+                model_max, window
+            )  # no sliding-window attention here: stay inside the window
         if config.max_model_len is not None and config.max_model_len > model_max:
-            raise ValueError(f"config key 'max_model_len' ({config.max_model_len}) exceeds the model's limit "
-                             f"({model_max}: max_position_embeddings, or its sliding window)")
-        self.config = config = dataclasses.replace(config, max_model_len=config.max_model_len or model_max)
+            raise ValueError(
+                f"config key 'max_model_len' ({config.max_model_len}) exceeds the model's limit "
+                f"({model_max}: max_position_embeddings, or its sliding window)"
+            )
+        self.config = config = dataclasses.replace(
+            config, max_model_len=config.max_model_len or model_max
+        )
         self.eos_token_ids = self._eos_token_ids()
 
         if config.tensor_parallel_size > 1:
-            from vllm_lite.engine.tp_executor import TPExecutor
+            from vllm_lite.worker.tp_executor import TPExecutor
+
             self.runner = TPExecutor(config, self.hf_config, self.model_path)
         else:
-            from vllm_lite.model_runner import ModelRunner
+            from vllm_lite.worker.model_runner import ModelRunner
+
             self.runner = ModelRunner(config, self.hf_config, self.model_path)
             self.runner.allocate_kv_cache(config.num_blocks or self.runner.default_num_blocks())
         self.device = self.runner.device
-        self.block_manager = BlockManager(self.runner.num_blocks, config.block_size, config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, config.max_num_seqs, config.max_num_batched_tokens,
-                                   config.max_model_len)
-        self.limits = RequestLimits(self.hf_config.vocab_size, config.max_model_len, config.max_num_seqs,
-                                    self.block_manager.num_blocks, config.block_size)
+        self.block_manager = BlockManager(
+            self.runner.num_blocks, config.block_size, config.enable_prefix_caching
+        )
+        self.scheduler = Scheduler(
+            self.block_manager,
+            config.max_num_seqs,
+            config.max_num_batched_tokens,
+            config.max_model_len,
+        )
+        self.limits = RequestLimits(
+            self.hf_config.vocab_size,
+            config.max_model_len,
+            config.max_num_seqs,
+            self.block_manager.num_blocks,
+            config.block_size,
+        )
         self.sampler = Sampler()
         self.generator = torch.Generator(device=self.device).manual_seed(config.seed)
         self.sequences: dict[str, Sequence] = {}
@@ -212,8 +264,9 @@ class LLMEngine:
         cfg = self.config
         prompt_len = max(1, min(cfg.max_num_batched_tokens // n, cfg.max_model_len // 2))
         for i in range(n):
-            params = SamplingParams(temperature=0.0 if i % 2 else 1.0, max_tokens=4,
-                                    ignore_eos=True, detokenize=False)
+            params = SamplingParams(
+                temperature=0.0 if i % 2 else 1.0, max_tokens=4, ignore_eos=True, detokenize=False
+            )
             prompt = [i % self.hf_config.vocab_size] * prompt_len
             self.add_request(prompt, params, request_id=f"warm-up-{i}")
         while self.has_unfinished_requests():
@@ -241,11 +294,16 @@ class LLMEngine:
             vocab = self.hf_config.vocab_size
             if len(tokenizer) >= vocab // 2:
                 return tokenizer
-            reason = f"the tokenizer in {source!r} has {len(tokenizer)} tokens for a model vocabulary of {vocab}"
+            reason = (
+                f"the tokenizer in {source!r} has {len(tokenizer)} tokens "
+                f"for a model vocabulary of {vocab}"
+            )
             if config.tokenizer_path is not None:
                 raise ValueError(f"config key 'tokenizer_path': {reason}")
-        warnings.warn(f"{reason}: it is not used; prompts must be token ids and outputs carry no text",
-                      stacklevel=3)
+        warnings.warn(
+            f"{reason}: it is not used; prompts must be token ids and outputs carry no text",
+            stacklevel=3,
+        )
         return None
 
     def _eos_token_ids(self) -> set[int]:
@@ -260,8 +318,13 @@ class LLMEngine:
         return ids
 
     # ---- requests ------------------------------------------------------------------------
-    def add_request(self, prompt: str | list[int], params: SamplingParams | None = None,
-                    request_id: str | None = None, prompt_text: str | None = None) -> Sequence:
+    def add_request(
+        self,
+        prompt: str | list[int],
+        params: SamplingParams | None = None,
+        request_id: str | None = None,
+        prompt_text: str | None = None,
+    ) -> Sequence:
         """Validate and queue one request. Bad input raises ValueError and changes nothing.
         ``prompt_text``: the text of a prompt given as token ids, for its output."""
         params = params or SamplingParams()
@@ -304,8 +367,10 @@ class LLMEngine:
         """The grammar compiler for this tokenizer and vocabulary (made on first use)."""
         if self._structured is None:
             from vllm_lite.structured_output import StructuredOutputManager
-            self._structured = StructuredOutputManager(self.tokenizer, self.hf_config.vocab_size,
-                                                       self.eos_token_ids)
+
+            self._structured = StructuredOutputManager(
+                self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids
+            )
         return self._structured
 
     def abort_request(self, request_id: str) -> None:
@@ -413,15 +478,20 @@ class LLMEngine:
                     parents.append(len(sampling_seqs))
                 sampling_seqs.append(seq)
             # a block is full, and its last token is no placeholder (one is keyed a step later)
-            if caching and seq.num_computed_tokens >= (seq.num_cached_blocks + 1) * bs and \
-                    seq.token_ids[(seq.num_cached_blocks + 1) * bs - 1] != PLACEHOLDER:
+            if (
+                caching
+                and seq.num_computed_tokens >= (seq.num_cached_blocks + 1) * bs
+                and seq.token_ids[(seq.num_cached_blocks + 1) * bs - 1] != PLACEHOLDER
+            ):
                 self.block_manager.cache_full_blocks(seq)
         if not sampling_seqs:
             return None
         for i in parents:
             while sampling_seqs[i].needs_fork:
                 sampling_seqs.append(self._fork(sampling_seqs[i]))
-                sample_rows.append(sample_rows[i])  # their first token is drawn from the same logits
+                sample_rows.append(
+                    sample_rows[i]
+                )  # their first token is drawn from the same logits
         if len(sample_rows) != len(logits):
             logits = logits[torch.tensor(sample_rows, device=logits.device)]
         sampling = self._sampling_batch(sampling_seqs, previous)
@@ -481,27 +551,37 @@ class LLMEngine:
         step.logits_indices = np.asarray(rows, np.int64)
         return sample_rows, plan
 
-    def _record_prompt_logprobs(self, logits: torch.Tensor, plan: list[tuple[Sequence, int, int]]) -> None:
+    def _record_prompt_logprobs(
+        self, logits: torch.Tensor, plan: list[tuple[Sequence, int, int]]
+    ) -> None:
         """Append the scored prompt tokens' {token id: Logprob} to their sequences. Waits for
         the step (prompt logprobs are read back at once, only for requests that ask)."""
         rows = torch.cat([torch.arange(r, r + c) for _, r, c in plan]).to(logits.device)
-        targets = [t for seq, _, c in plan
-                   for t in seq.prompt_token_ids[len(seq.prompt_logprobs):len(seq.prompt_logprobs) + c]]
+        targets = [
+            t
+            for seq, _, c in plan
+            for t in seq.prompt_token_ids[len(seq.prompt_logprobs) : len(seq.prompt_logprobs) + c]
+        ]
         k = max(seq.params.prompt_logprobs for seq, _, _ in plan)
         target_dev = torch.tensor(targets, device=logits.device)
         parts = []
-        for a in range(0, len(targets), 1024):  # bounds the CPU path's [rows, vocab] fp32 temporaries
-            parts.append(token_logprobs(logits, rows[a:a + 1024], target_dev[a:a + 1024], k))
+        for a in range(
+            0, len(targets), 1024
+        ):  # bounds the CPU path's [rows, vocab] fp32 temporaries
+            parts.append(token_logprobs(logits, rows[a : a + 1024], target_dev[a : a + 1024], k))
         token_lp, rank, top_lp, top_ids = (torch.cat(p).tolist() for p in zip(*parts))
         i = 0
         for seq, _, c in plan:
             kk = seq.params.prompt_logprobs
             for _ in range(c):  # texts are the output processor's
                 top = top_ids[i][:kk]
-                seq.prompt_logprobs.append(targets[i], token_lp[i], rank[i], top, top_lp[i][:kk],
-                                           [None] * (1 + len(top)))
+                seq.prompt_logprobs.append(
+                    targets[i], token_lp[i], rank[i], top, top_lp[i][:kk], [None] * (1 + len(top))
+                )
                 i += 1
-            if len(seq.prompt_logprobs) == seq.num_prompt_tokens:  # all scored: chunks as usual again
+            if (
+                len(seq.prompt_logprobs) == seq.num_prompt_tokens
+            ):  # all scored: chunks as usual again
                 seq.max_chunk_tokens = MAX_CHUNK
 
     def _process(self, inflight: _InFlight) -> None:
@@ -542,7 +622,7 @@ class LLMEngine:
         when its tokens were not handed over yet (they go now, then the end)."""
         out = self._outputs
         if row is None:
-            rest = seq.token_ids[seq.num_prompt_tokens + seq.num_reported:]
+            rest = seq.token_ids[seq.num_prompt_tokens + seq.num_reported :]
             out.token_lists.append((seq.request_id, seq.index, rest))
             seq.num_reported = seq.num_output_tokens
             row = out.add(seq.request_id, seq.index, -1)
@@ -554,8 +634,9 @@ class LLMEngine:
         pending = self.inflight is not None and not all(s.is_finished for s in self.inflight.seqs)
         return self.scheduler.has_unfinished() or pending
 
-    def _sampling_batch(self, seqs: list[Sequence],
-                        previous: _InFlight | None = None) -> SamplingBatch:
+    def _sampling_batch(
+        self, seqs: list[Sequence], previous: _InFlight | None = None
+    ) -> SamplingBatch:
         """The step's sampling parameters as device tensors. What depends only on the requests'
         parameters is built once per batch (the same sequences in the same rows, as most decode
         steps are) and kept on the device; min_tokens bans and penalties follow the output, so
@@ -565,8 +646,11 @@ class LLMEngine:
         if self._params is None or seq_ids != self._params.seq_ids:
             self._params = self._params_batch(seqs, seq_ids)
         params = self._params
-        banned = [(row, stop_ids) for row, stop_ids in params.min_tokens_rows
-                  if seqs[row].num_output_tokens < seqs[row].params.min_tokens]
+        banned = [
+            (row, stop_ids)
+            for row, stop_ids in params.min_tokens_rows
+            if seqs[row].num_output_tokens < seqs[row].params.min_tokens
+        ]
         penalties, grammar = params.batch.penalties, None
         if penalties is not None:
             prev_tokens = previous.tokens if previous is not None else None
@@ -582,8 +666,9 @@ class LLMEngine:
                 grammar = (bitmask, None if len(rows) == len(seqs) else rows)
         elif penalties is None and not banned:
             return params.batch
-        return dataclasses.replace(params.batch, banned=banned, penalties=penalties,
-                                   grammar=grammar)
+        return dataclasses.replace(
+            params.batch, banned=banned, penalties=penalties, grammar=grammar
+        )
 
     def _params_batch(self, seqs: list[Sequence], seq_ids: list[int]) -> _ParamsBatch:
         """Upload what the sampling of ``seqs`` takes from their parameters (on CUDA each
@@ -594,11 +679,22 @@ class LLMEngine:
             if p.min_tokens > 0:
                 stop_ids = set(p.stop_token_ids) | (set() if p.ignore_eos else self.eos_token_ids)
                 min_tokens_rows.append((row, sorted(stop_ids)))
-        # one upload. top_k in float32: exact below 2**24, and a larger k keeps every token either way
-        values = tensor([[p.temperature for p in ps], [max(p.top_k, 0) for p in ps], [p.top_p for p in ps],
-                         [p.min_p for p in ps]], torch.float32)
+        # one upload. top_k in float32: exact below 2**24, and a larger k keeps every token
+        # either way
+        values = tensor(
+            [
+                [p.temperature for p in ps],
+                [max(p.top_k, 0) for p in ps],
+                [p.top_p for p in ps],
+                [p.min_p for p in ps],
+            ],
+            torch.float32,
+        )
         batch = SamplingBatch(
-            temperature=values[0], top_k=values[1].long(), top_p=values[2], min_p=values[3],
+            temperature=values[0],
+            top_k=values[1].long(),
+            top_p=values[2],
+            min_p=values[3],
             generators=[s.generator for s in seqs],
             banned=[],
             all_greedy=all(p.greedy for p in ps),
@@ -616,7 +712,9 @@ class LLMEngine:
             batch.allowed = (tensor(allowed, torch.int64), *keep)
         biased = [r for r, p in enumerate(ps) if p.logit_bias]
         if biased:
-            local, tokens = self._flat_index([ps[r].logit_bias for r in biased])  # dict keys: token ids
+            local, tokens = self._flat_index(
+                [ps[r].logit_bias for r in biased]
+            )  # dict keys: token ids
             bias = tensor([b for r in biased for b in ps[r].logit_bias.values()], torch.float32)
             batch.logit_bias = (tensor(biased, torch.int64)[local], tokens, bias)
         penalized = [r for r, p in enumerate(ps) if p.has_penalties]
@@ -625,7 +723,9 @@ class LLMEngine:
             batch.logprob_rows = tensor(wants_logprobs, torch.int64)
             batch.num_logprobs = max(ps[r].logprobs for r in wants_logprobs)
         if penalized:
-            rows = None if len(penalized) == len(ps) else tensor(penalized, torch.int64)  # None: all
+            rows = (
+                None if len(penalized) == len(ps) else tensor(penalized, torch.int64)
+            )  # None: all
             batch.penalties = self._penalties([seqs[r] for r in penalized], rows)
         return _ParamsBatch(seq_ids, batch, min_tokens_rows, penalized, grammar_rows)
 
@@ -633,11 +733,22 @@ class LLMEngine:
         """The penalized rows' penalties; their tokens are written to the history every step."""
         tensor, ps = self._to_device, [s.params for s in seqs]
         self._history.assign(seqs)
-        values = tensor([[p.repetition_penalty for p in ps], [p.frequency_penalty for p in ps],
-                         [p.presence_penalty for p in ps]], torch.float32)
-        return Penalties(rows=rows, repetition=values[0], frequency=values[1], presence=values[2],
-                         any_repetition=any(p.repetition_penalty != 1.0 for p in ps),
-                         prompt_lens=tensor([s.num_prompt_tokens for s in seqs], torch.int64))
+        values = tensor(
+            [
+                [p.repetition_penalty for p in ps],
+                [p.frequency_penalty for p in ps],
+                [p.presence_penalty for p in ps],
+            ],
+            torch.float32,
+        )
+        return Penalties(
+            rows=rows,
+            repetition=values[0],
+            frequency=values[1],
+            presence=values[2],
+            any_repetition=any(p.repetition_penalty != 1.0 for p in ps),
+            prompt_lens=tensor([s.num_prompt_tokens for s in seqs], torch.int64),
+        )
 
     def _to_device(self, values, dtype: torch.dtype) -> torch.Tensor:
         return to_device(values, dtype, self.device)
@@ -645,7 +756,9 @@ class LLMEngine:
     def _flat_index(self, lists) -> tuple[torch.Tensor, torch.Tensor]:
         """(i, x) for every item x of lists[i], as two device tensors: a [rows, vocab] index."""
         rows = np.repeat(np.arange(len(lists)), [len(items) for items in lists])
-        return self._to_device(rows, torch.int64), self._to_device([x for items in lists for x in items], torch.int64)
+        return self._to_device(rows, torch.int64), self._to_device(
+            [x for items in lists for x in items], torch.int64
+        )
 
     def _accept_token(self, seq: Sequence, pos: int, token_id: int) -> None:
         """Token-level stop checks for the token at ``pos`` (later positions may hold
@@ -653,7 +766,9 @@ class LLMEngine:
         p = seq.params
         if seq.grammar is not None and seq.grammar.is_terminated():  # it ended with a stop token
             return self._finish(seq, "stop", token_id, pos)
-        stops = token_id in p.stop_token_ids or (not p.ignore_eos and token_id in self.eos_token_ids)
+        stops = token_id in p.stop_token_ids or (
+            not p.ignore_eos and token_id in self.eos_token_ids
+        )
         if stops and pos + 1 - seq.num_prompt_tokens >= p.min_tokens:
             return self._finish(seq, "stop", token_id, pos)
         if seq.at_length_limit(pos + 1, self.config.max_model_len):
@@ -663,14 +778,18 @@ class LLMEngine:
         """A token its grammar refuses (only when other constraints, min_tokens or allowed ids,
         left no allowed token) never reaches the output: the sequence ends before it, with
         "stop" if its output is a complete match, else "abort"."""
-        warnings.warn(f"request {seq.request_id}: token {token_id} breaks its structured output; "
-                      "it ends there", stacklevel=2)
+        warnings.warn(
+            f"request {seq.request_id}: token {token_id} breaks its structured output; "
+            "it ends there",
+            stacklevel=2,
+        )
         self._finish(seq, "stop" if seq.grammar.is_completed() else "abort", None, pos - 1)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None, pos: int | None = None) -> None:
-        """End ``seq``: tokens after ``pos`` (placeholders of a step already launched) are dropped."""
+        """End ``seq``: tokens after ``pos`` (placeholders of a step already launched) are
+        dropped."""
         if pos is not None:
-            del seq.token_ids[pos + 1:]
+            del seq.token_ids[pos + 1 :]
         seq.stop_reason = stop_reason
         self.scheduler.finish(seq, reason)
 

@@ -19,8 +19,8 @@ import time
 from dataclasses import dataclass, field
 
 from vllm_lite.engine.detokenizer import BatchDetokenizer, DetokenizerState
-from vllm_lite.logprobs import FlatLogprobs
 from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.worker.logprobs import FlatLogprobs
 
 
 @dataclass

@@ -5,36 +5,24 @@ starts after them: only its uncached suffix counts against the budget. When the 
 dry the most recently admitted running sequence is preempted: its blocks are freed (keeping
 their cached prefix) and it is recomputed later. The engine adds the forked completions of an
 ``n > 1`` request to ``running`` itself (``add_forked``)."""
+
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 from vllm_lite.engine.block_manager import BlockManager
 from vllm_lite.engine.sequence import Sequence, SequenceStatus
-
-
-@dataclass
-class ScheduledBatch:
-    """The step's work, decodes (one new token) first, then prefill chunks."""
-    seqs: list[Sequence]
-    num_new_tokens: list[int]
-
-    @property
-    def num_decodes(self) -> int:
-        return self.num_new_tokens.count(1)
-
-    @property
-    def num_tokens(self) -> int:
-        return sum(self.num_new_tokens)
-
-    def __bool__(self) -> bool:
-        return bool(self.seqs)
+from vllm_lite.worker.batch import ScheduledBatch
 
 
 class Scheduler:
-    def __init__(self, block_manager: BlockManager, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int | None = None) -> None:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int | None = None,
+    ) -> None:
         self.block_manager = block_manager
         self.max_model_len = max_model_len
         self.max_num_seqs = max_num_seqs
@@ -65,12 +53,16 @@ class Scheduler:
         i, block_size = 0, self.block_manager.block_size
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
-            if seq.at_length_limit(len(seq.token_ids), self.max_model_len):  # its last token, in flight, ends it
+            if seq.at_length_limit(
+                len(seq.token_ids), self.max_model_len
+            ):  # its last token, in flight, ends it
                 i += 1
                 continue
             n = min(seq.num_uncomputed_tokens, budget, seq.max_chunk_tokens)
             needed = seq.num_computed_tokens + n
-            if needed > len(seq.block_table) * block_size:  # a new block (decode: every block_size steps)
+            if (
+                needed > len(seq.block_table) * block_size
+            ):  # a new block (decode: every block_size steps)
                 if not self._make_room(seq, needed):
                     continue
                 self.block_manager.allocate(seq, needed)
@@ -114,7 +106,8 @@ class Scheduler:
         """Not while its prompt is still to be scored: prompt_logprobs need every prompt token's
         logits (vLLM skips the cache for such requests too)."""
         return self.block_manager.enable_prefix_caching and (
-            seq.prompt_logprobs is None or len(seq.prompt_logprobs) == seq.num_prompt_tokens)
+            seq.prompt_logprobs is None or len(seq.prompt_logprobs) == seq.num_prompt_tokens
+        )
 
     def _make_room(self, seq: Sequence, num_tokens: int) -> bool:
         """Preempt from the back of ``running`` until ``seq`` can hold ``num_tokens`` tokens.

@@ -1,17 +1,18 @@
 """One completion as the engine sees it: its tokens, how many of them are in the KV cache, and
 the physical blocks that hold them. A request is one Sequence, or n of them (``params.n``): the
 first is scheduled alone and, once its prompt is computed, forks the others (``fork``)."""
+
 from __future__ import annotations
 
 import enum
 import itertools
 
-from vllm_lite.logprobs import FlatLogprobs
 from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.worker.batch import PLACEHOLDER  # noqa: F401  (the engine's name for it too)
+from vllm_lite.worker.logprobs import FlatLogprobs
 
 _ids = itertools.count()
 MAX_CHUNK = 1 << 62
-PLACEHOLDER = -1  # a sampled token not yet read back from the device
 
 
 class SequenceStatus(enum.Enum):
@@ -24,8 +25,13 @@ _FINISHED = SequenceStatus.FINISHED  # a member read through its class costs ~0.
 
 
 class Sequence:
-    def __init__(self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None,
-                 prompt: str | None = None) -> None:
+    def __init__(
+        self,
+        prompt_token_ids: list[int],
+        params: SamplingParams,
+        request_id: str | None = None,
+        prompt: str | None = None,
+    ) -> None:
         self.seq_id = next(_ids)
         self.request_id = request_id if request_id is not None else str(self.seq_id)
         self.prompt = prompt
@@ -45,9 +51,13 @@ class Sequence:
         self.num_preemptions = 0
         self.num_reported = 0  # output tokens handed to the output processor
         self.inflight_index = -1  # row of its token in the step in flight (overlapped steps)
-        self.max_chunk_tokens = MAX_CHUNK  # tokens one step may compute for it (prompt_logprobs: fewer)
+        self.max_chunk_tokens = (
+            MAX_CHUNK  # tokens one step may compute for it (prompt_logprobs: fewer)
+        )
         self.index = 0  # which of the request's n completions
-        self.group: list[Sequence] = [self]  # the request's completions, in index order (shared list)
+        self.group: list[Sequence] = [
+            self
+        ]  # the request's completions, in index order (shared list)
         # per prompt token {token id: Logprob} (None for the first), when params.prompt_logprobs
         # is set (shared by the group; texts are the output processor's)
         self.prompt_logprobs: FlatLogprobs | None = None
@@ -60,7 +70,7 @@ class Sequence:
 
     @property
     def output_token_ids(self) -> list[int]:
-        return self.token_ids[self.num_prompt_tokens:]
+        return self.token_ids[self.num_prompt_tokens :]
 
     @property
     def num_output_tokens(self) -> int:
@@ -73,8 +83,9 @@ class Sequence:
     def at_length_limit(self, num_tokens: int, max_model_len: int | None) -> bool:
         """Whether its first ``num_tokens`` tokens reach ``max_tokens`` or ``max_model_len``."""
         max_tokens = self.params.max_tokens
-        return ((max_tokens is not None and num_tokens - self.num_prompt_tokens >= max_tokens)
-                or (max_model_len is not None and num_tokens >= max_model_len))
+        return (max_tokens is not None and num_tokens - self.num_prompt_tokens >= max_tokens) or (
+            max_model_len is not None and num_tokens >= max_model_len
+        )
 
     @property
     def is_finished(self) -> bool:
@@ -99,31 +110,3 @@ class Sequence:
         child.prompt_logprobs = self.prompt_logprobs
         self.group.append(child)
         return child
-
-
-class SequenceRows:
-    """Which row of an array kept between steps (block tables, penalties' token ids) holds each
-    sequence's data. A sequence keeps its row from step to step; the rows of sequences that
-    left the steps (finished, preempted) are given to others only when free rows run short,
-    and then the rows at least double."""
-
-    def __init__(self, num_rows: int = 0) -> None:
-        self.num_rows = num_rows
-        self.row_of: dict[int, int] = {}  # seq_id -> row
-        self.free = list(range(num_rows - 1, -1, -1))
-
-    def assign(self, seqs: list[Sequence]) -> tuple[list[int], list[int]]:
-        """The row of each of ``seqs``, and the rows this call gave to sequences new here
-        (their old contents are another sequence's: the caller resets them)."""
-        new = [s for s in seqs if s.seq_id not in self.row_of]
-        if len(new) > len(self.free):
-            keep = {s.seq_id for s in seqs}
-            self.free += [self.row_of.pop(i) for i in [i for i in self.row_of if i not in keep]]
-        if len(new) > len(self.free):
-            extra = max(len(new) - len(self.free), self.num_rows)
-            self.free += range(self.num_rows + extra - 1, self.num_rows - 1, -1)
-            self.num_rows += extra
-        given = [self.free.pop() for _ in new]
-        for seq, row in zip(new, given):
-            self.row_of[seq.seq_id] = row
-        return [self.row_of[s.seq_id] for s in seqs], given

@@ -17,6 +17,7 @@ request:
 
 The offline ``LLM`` runs the same core and output processor in one process (``LLMEngine.step``).
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -29,11 +30,15 @@ import time
 from collections.abc import AsyncIterator
 
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.tp_executor import pipe
-from vllm_lite.engine.output_processor import CompletionDelta  # noqa: F401 - re-exported
-from vllm_lite.engine.output_processor import OutputProcessor, RequestDelta, merge_deltas
+from vllm_lite.engine.output_processor import (
+    CompletionDelta,  # noqa: F401 - re-exported
+    OutputProcessor,
+    RequestDelta,
+    merge_deltas,
+)
 from vllm_lite.entrypoints.engine_core import EngineInfo, EngineState, run_engine_core
 from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.worker.tp_executor import pipe
 
 logger = logging.getLogger("vllm_lite.server")
 _ids = itertools.count()
@@ -62,12 +67,13 @@ class AsyncLLM:
         commands_out, self._commands = pipe()
         self._outputs, outputs_in = pipe()
         self._process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(config, commands_out, outputs_in),
-            name="vllm-lite-engine")  # not a daemon: with tensor parallelism it starts the other ranks
+            target=run_engine_core, args=(config, commands_out, outputs_in), name="vllm-lite-engine"
+        )  # not a daemon: with tensor parallelism it starts the other ranks
         try:
             self._process.start()
         finally:
-            commands_out.close()  # the core has its own copies: a pipe ends exactly when one side is gone
+            # the core has its own copies: a pipe ends exactly when one side is gone
+            commands_out.close()
             outputs_in.close()
         atexit.register(self._close_pipes)  # runs before multiprocessing joins the process at exit
         try:
@@ -92,13 +98,18 @@ class AsyncLLM:
         except EOFError:  # it died without a word (killed, out of memory)
             self._process.join(5)
             code = self._process.exitcode
-            raise RuntimeError(f"the engine process exited while starting (exit code {code})") from None
+            raise RuntimeError(
+                f"the engine process exited while starting (exit code {code})"
+            ) from None
         if message[0] == "ready":
             return message[1]
         _, kind, text, trace = message
         self._process.join(30)
-        error = {"ValueError": ValueError, "FileNotFoundError": FileNotFoundError,
-                 "NotADirectoryError": NotADirectoryError}.get(kind)
+        error = {
+            "ValueError": ValueError,
+            "FileNotFoundError": FileNotFoundError,
+            "NotADirectoryError": NotADirectoryError,
+        }.get(kind)
         if error is not None:  # a user's mistake: the command line prints it in one line
             raise error(text)
         raise RuntimeError(f"the engine failed to start:\n{trace}")
@@ -158,8 +169,9 @@ class AsyncLLM:
         """The engine's own validation (ValueError naming the problem), before queueing."""
         self.info.limits.check(prompt_token_ids, params)
 
-    async def generate(self, prompt_token_ids: list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestDelta]:
+    async def generate(
+        self, prompt_token_ids: list[int], params: SamplingParams, request_id: str | None = None
+    ) -> AsyncIterator[RequestDelta]:
         """Queue one request and yield its deltas until it finishes. Bad input raises the
         engine's ValueError before the first delta. Closing the generator early aborts it."""
         if self.dead_error is not None:
@@ -181,9 +193,15 @@ class AsyncLLM:
             while True:
                 item = await stream.get()
                 # a consumer that fell behind gets what queued up as one delta
-                while not isinstance(item, BaseException) and not item.finished and not stream.empty():
+                while (
+                    not isinstance(item, BaseException) and not item.finished and not stream.empty()
+                ):
                     following = stream.get_nowait()
-                    item = following if isinstance(following, BaseException) else merge_deltas(item, following)
+                    item = (
+                        following
+                        if isinstance(following, BaseException)
+                        else merge_deltas(item, following)
+                    )
                 if isinstance(item, BaseException):
                     finished = True  # the engine has dropped it already
                     raise item
@@ -255,8 +273,11 @@ class AsyncLLM:
             self._loop.remove_reader(self._outputs.fileno())
         if not self._stopped and self.dead_error is None:
             self._process.join(1)
-            self._fail_all(EngineDeadError(f"the engine process exited unexpectedly "
-                                           f"(exit code {self._process.exitcode})"))
+            self._fail_all(
+                EngineDeadError(
+                    f"the engine process exited unexpectedly (exit code {self._process.exitcode})"
+                )
+            )
 
     def _fail_all(self, error: BaseException) -> None:
         logger.error("%s", error)
@@ -270,8 +291,11 @@ class AsyncLLM:
 
     def _record_engine_state(self, state: EngineState) -> None:
         last = self.engine_state
-        self.metrics.engine_state(state.num_running, state.num_waiting,
-                                  1.0 - state.num_free_blocks / state.num_blocks,
-                                  state.num_preemptions - last.num_preemptions,
-                                  state.prefix_cache_queries - last.prefix_cache_queries,
-                                  state.prefix_cache_hits - last.prefix_cache_hits)
+        self.metrics.engine_state(
+            state.num_running,
+            state.num_waiting,
+            1.0 - state.num_free_blocks / state.num_blocks,
+            state.num_preemptions - last.num_preemptions,
+            state.prefix_cache_queries - last.prefix_cache_queries,
+            state.prefix_cache_hits - last.prefix_cache_hits,
+        )

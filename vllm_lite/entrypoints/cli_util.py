@@ -2,6 +2,7 @@
 reading config.yaml under flag overrides, and turning a user's mistake (a bad flag, a bad config
 value, a missing model folder) into one line on stderr and exit status 2 instead of a traceback.
 Set ``VLLM_LITE_DEBUG=1`` to get the traceback anyway."""
+
 from __future__ import annotations
 
 import argparse

@@ -29,6 +29,7 @@ it back and runs its stop checks; only accepted tokens are reported.
 With tensor parallelism this process is rank 0: ``LLMEngine`` starts the other ranks from here.
 It ignores SIGINT and SIGTERM: the front end drains, then stops it.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -49,6 +50,7 @@ logger = logging.getLogger("vllm_lite.server")
 @dataclass
 class EngineInfo:
     """What the front end needs of the engine: names, limits to check requests, the tokenizer."""
+
     model_path: str
     config: EngineConfig  # as the engine resolved it (max_model_len filled in)
     vocab_size: int
@@ -59,6 +61,7 @@ class EngineInfo:
 @dataclass
 class EngineState:
     """The scheduler and KV pool after a loop turn (counters are totals since start)."""
+
     num_running: int = 0
     num_waiting: int = 0
     num_free_blocks: int = 0
@@ -78,11 +81,18 @@ def run_engine_core(config: EngineConfig, commands, outputs) -> None:
     except BaseException as exc:  # noqa: BLE001 - the front end raises it in the server's process
         outputs.send(("failed", type(exc).__name__, str(exc), traceback.format_exc()))
         return
-    info = EngineInfo(engine.model_path, engine.config, engine.hf_config.vocab_size, engine.limits,
-                      engine.tokenizer)
+    info = EngineInfo(
+        engine.model_path,
+        engine.config,
+        engine.hf_config.vocab_size,
+        engine.limits,
+        engine.tokenizer,
+    )
     outputs.send(("ready", info))
     core = EngineCore(engine, outputs)
-    threading.Thread(target=core.receive, args=(commands,), name="vllm-lite-commands", daemon=True).start()
+    threading.Thread(
+        target=core.receive, args=(commands,), name="vllm-lite-commands", daemon=True
+    ).start()
     sender = threading.Thread(target=core.send_outputs, name="vllm-lite-outputs", daemon=True)
     sender.start()
     try:
@@ -179,5 +189,12 @@ class EngineCore:
 
     def _state(self) -> EngineState:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager
-        return EngineState(len(scheduler.running), len(scheduler.waiting), blocks.num_free_blocks, blocks.num_blocks,
-                           scheduler.num_preemptions, scheduler.prefix_cache_queries, scheduler.prefix_cache_hits)
+        return EngineState(
+            len(scheduler.running),
+            len(scheduler.waiting),
+            blocks.num_free_blocks,
+            blocks.num_blocks,
+            scheduler.num_preemptions,
+            scheduler.prefix_cache_queries,
+            scheduler.prefix_cache_hits,
+        )

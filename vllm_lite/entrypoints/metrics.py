@@ -1,16 +1,92 @@
 """Prometheus metrics of the server, under vLLM's metric names (``vllm:...``) so that vLLM's
 dashboards read them. One registry per server (tests run several in one process)."""
+
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client import CONTENT_TYPE_LATEST  # noqa: F401 - re-exported for the server
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,  # noqa: F401 - re-exported for the server
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 
-TTFT_BUCKETS = [0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0, 160.0, 640.0, 2560.0]
-ITL_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.015, 0.02, 0.025, 0.03, 0.04, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3,
-               0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0]
-E2E_BUCKETS = [0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0, 120.0, 240.0,
-               480.0, 960.0, 1920.0, 7680.0]
+TTFT_BUCKETS = [
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+    160.0,
+    640.0,
+    2560.0,
+]
+ITL_BUCKETS = [
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.015,
+    0.02,
+    0.025,
+    0.03,
+    0.04,
+    0.05,
+    0.075,
+    0.1,
+    0.15,
+    0.2,
+    0.3,
+    0.4,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+]
+E2E_BUCKETS = [
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+    960.0,
+    1920.0,
+    7680.0,
+]
 
 
 class ServerMetrics:
@@ -25,31 +101,94 @@ class ServerMetrics:
         def labelled(metric):
             return metric.labels(model_name=model_name)
 
-        self.running = labelled(Gauge("vllm:num_requests_running", "Sequences running (scheduled) in the engine.",
-                                      labels, registry=r))
-        self.waiting = labelled(Gauge("vllm:num_requests_waiting", "Sequences waiting to be scheduled.",
-                                      labels, registry=r))
-        self.kv_usage = labelled(Gauge("vllm:kv_cache_usage_perc", "Share of KV-cache blocks in use (1 = full).",
-                                       labels, registry=r))
-        self.prompt_tokens = labelled(Counter("vllm:prompt_tokens", "Prompt tokens of the requests admitted.",
-                                              labels, registry=r))
-        self.generation_tokens = labelled(Counter("vllm:generation_tokens", "Output tokens generated (accepted).",
-                                                  labels, registry=r))
-        self.preemptions = labelled(Counter("vllm:num_preemptions", "Sequences preempted (KV pool full).",
-                                            labels, registry=r))
-        self.prefix_cache_queries = labelled(Counter(
-            "vllm:prefix_cache_queries", "Prefix cache queries, in prompt tokens looked up.", labels, registry=r))
-        self.prefix_cache_hits = labelled(Counter(
-            "vllm:prefix_cache_hits", "Prefix cache hits, in prompt tokens found cached.", labels, registry=r))
-        self.ttft = labelled(Histogram("vllm:time_to_first_token_seconds", "Time from arrival to the first token.",
-                                       labels, buckets=TTFT_BUCKETS, registry=r))
-        self.itl = labelled(Histogram("vllm:inter_token_latency_seconds",
-                                      "Time between a request's successive output deltas (one per step).",
-                                      labels, buckets=ITL_BUCKETS, registry=r))
-        self.e2e = labelled(Histogram("vllm:e2e_request_latency_seconds", "Time from arrival to the last token.",
-                                      labels, buckets=E2E_BUCKETS, registry=r))
-        success = Counter("vllm:request_success", "Requests finished, by finish reason.",
-                          labels + ["finished_reason"], registry=r)
+        self.running = labelled(
+            Gauge(
+                "vllm:num_requests_running",
+                "Sequences running (scheduled) in the engine.",
+                labels,
+                registry=r,
+            )
+        )
+        self.waiting = labelled(
+            Gauge(
+                "vllm:num_requests_waiting",
+                "Sequences waiting to be scheduled.",
+                labels,
+                registry=r,
+            )
+        )
+        self.kv_usage = labelled(
+            Gauge(
+                "vllm:kv_cache_usage_perc",
+                "Share of KV-cache blocks in use (1 = full).",
+                labels,
+                registry=r,
+            )
+        )
+        self.prompt_tokens = labelled(
+            Counter(
+                "vllm:prompt_tokens", "Prompt tokens of the requests admitted.", labels, registry=r
+            )
+        )
+        self.generation_tokens = labelled(
+            Counter(
+                "vllm:generation_tokens", "Output tokens generated (accepted).", labels, registry=r
+            )
+        )
+        self.preemptions = labelled(
+            Counter(
+                "vllm:num_preemptions", "Sequences preempted (KV pool full).", labels, registry=r
+            )
+        )
+        self.prefix_cache_queries = labelled(
+            Counter(
+                "vllm:prefix_cache_queries",
+                "Prefix cache queries, in prompt tokens looked up.",
+                labels,
+                registry=r,
+            )
+        )
+        self.prefix_cache_hits = labelled(
+            Counter(
+                "vllm:prefix_cache_hits",
+                "Prefix cache hits, in prompt tokens found cached.",
+                labels,
+                registry=r,
+            )
+        )
+        self.ttft = labelled(
+            Histogram(
+                "vllm:time_to_first_token_seconds",
+                "Time from arrival to the first token.",
+                labels,
+                buckets=TTFT_BUCKETS,
+                registry=r,
+            )
+        )
+        self.itl = labelled(
+            Histogram(
+                "vllm:inter_token_latency_seconds",
+                "Time between a request's successive output deltas (one per step).",
+                labels,
+                buckets=ITL_BUCKETS,
+                registry=r,
+            )
+        )
+        self.e2e = labelled(
+            Histogram(
+                "vllm:e2e_request_latency_seconds",
+                "Time from arrival to the last token.",
+                labels,
+                buckets=E2E_BUCKETS,
+                registry=r,
+            )
+        )
+        success = Counter(
+            "vllm:request_success",
+            "Requests finished, by finish reason.",
+            labels + ["finished_reason"],
+            registry=r,
+        )
         self._success = lambda reason: success.labels(model_name=model_name, finished_reason=reason)
 
     # ---- engine hooks (replayed) -------------------------------------------------------------
@@ -69,8 +208,15 @@ class ServerMetrics:
         self.e2e.observe(seconds)
         self._success(finish_reason).inc()
 
-    def engine_state(self, running: int, waiting: int, kv_usage: float, new_preemptions: int,
-                     new_prefix_cache_queries: int = 0, new_prefix_cache_hits: int = 0) -> None:
+    def engine_state(
+        self,
+        running: int,
+        waiting: int,
+        kv_usage: float,
+        new_preemptions: int,
+        new_prefix_cache_queries: int = 0,
+        new_prefix_cache_hits: int = 0,
+    ) -> None:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)

@@ -9,6 +9,7 @@ needs ``Authorization: Bearer KEY``. SIGTERM (or Ctrl-C) drains: new requests ge
 ones finish (for at most ``--drain-timeout`` seconds, then they are aborted), then the process
 exits with status 0; a second signal stops at once.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -35,25 +36,50 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from vllm_lite.entrypoints.async_engine import AsyncLLM, EngineDeadError, EngineStoppedError, RequestDelta
+from vllm_lite.entrypoints.async_engine import (
+    AsyncLLM,
+    EngineDeadError,
+    EngineStoppedError,
+    RequestDelta,
+)
 from vllm_lite.entrypoints.metrics import CONTENT_TYPE_LATEST, ServerMetrics
-from vllm_lite.entrypoints.protocol import (ChatCompletionRequest, CompletionRequest, DetokenizeRequest,
-                                            RequestError, TokenizeRequest, message_text, to_sampling_params)
-from vllm_lite.entrypoints.tool_calls import (TOOL_PARSERS, parse_tool_calls, template_messages,
-                                              tool_stream)
+from vllm_lite.entrypoints.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    RequestError,
+    TokenizeRequest,
+    message_text,
+    to_sampling_params,
+)
+from vllm_lite.entrypoints.tool_calls import (
+    TOOL_PARSERS,
+    parse_tool_calls,
+    template_messages,
+    tool_stream,
+)
 
 logger = logging.getLogger("vllm_lite.server")
 MIN_LOGPROB = -9999.0  # JSON has no -inf (vLLM's clamp)
 
 
 # ---- errors ----------------------------------------------------------------------------------
-def error_body(message: str, type: str = "invalid_request_error", param: str | None = None,
-               code: str | int | None = None) -> dict:
+def error_body(
+    message: str,
+    type: str = "invalid_request_error",
+    param: str | None = None,
+    code: str | int | None = None,
+) -> dict:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
 
-def error_response(status: int, message: str, type: str | None = None, param: str | None = None,
-                   code: str | int | None = None) -> JSONResponse:
+def error_response(
+    status: int,
+    message: str,
+    type: str | None = None,
+    param: str | None = None,
+    code: str | int | None = None,
+) -> JSONResponse:
     type = type or ("server_error" if status >= 500 else "invalid_request_error")
     return JSONResponse(error_body(message, type, param, code), status_code=status)
 
@@ -62,8 +88,13 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     """One readable line (and the top-level field) from pydantic's errors; the first one decides."""
     err = errors[0]
     # drop "body" and the union-member tags pydantic puts in the location ("list[int]", "str")
-    loc = [str(x) for x in err.get("loc", ()) if x != "body" and (isinstance(x, int) or str(x).isidentifier())
-           and str(x) not in _TYPE_TAGS]
+    loc = [
+        str(x)
+        for x in err.get("loc", ())
+        if x != "body"
+        and (isinstance(x, int) or str(x).isidentifier())
+        and str(x) not in _TYPE_TAGS
+    ]
     where, param = ".".join(loc), (loc[0] if loc else None)
     kind = err.get("type", "")
     if kind == "json_invalid":
@@ -73,13 +104,19 @@ def _validation_message(errors: list[dict]) -> tuple[str, str | None]:
     if kind == "missing":
         return f"missing required field '{where}'", param
     if not loc and kind in ("model_attributes_type", "dict_type", "model_type"):
-        return "the request body must be a JSON object (sent as Content-Type: application/json)", None
+        return (
+            "the request body must be a JSON object (sent as Content-Type: application/json)",
+            None,
+        )
     if not loc:
         return f"request body: {err.get('msg')}", None
     same_field = [e for e in errors if e.get("loc", ())[1:2] == err.get("loc", ())[1:2]]
     if len(same_field) > 1 and param in _FIELD_TYPES:  # a union: say which forms are accepted
-        return (f"field '{param}' must be {_FIELD_TYPES[param]} (got {_short(same_field[0].get('input'))})",
-                param)
+        return (
+            f"field '{param}' must be {_FIELD_TYPES[param]} "
+            f"(got {_short(same_field[0].get('input'))})",
+            param,
+        )
     return f"field '{where}': {err.get('msg')} (got {_short(err.get('input'))})", param
 
 
@@ -88,9 +125,11 @@ def _short(value) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-_FIELD_TYPES = {name: str(f.annotation).replace("typing.", "").replace("NoneType", "null")
-                for model in (CompletionRequest, ChatCompletionRequest)
-                for name, f in model.model_fields.items()}
+_FIELD_TYPES = {
+    name: str(f.annotation).replace("typing.", "").replace("NoneType", "null")
+    for model in (CompletionRequest, ChatCompletionRequest)
+    for name, f in model.model_fields.items()
+}
 _TYPE_TAGS = {"str", "int", "float", "bool", "list", "dict", "none", "model_attributes_type"}
 
 
@@ -106,25 +145,41 @@ def _engine_error_param(message: str, prompt_param: str) -> str | None:
     return None
 
 
-def context_length_error(num_prompt_tokens: int, max_tokens: int | None,
-                         max_model_len: int) -> str | None:
+def context_length_error(
+    num_prompt_tokens: int, max_tokens: int | None, max_model_len: int
+) -> str | None:
     """vLLM's server rule: a request whose prompt fits but whose ``max_tokens`` would run past
     ``max_model_len`` is refused, not cut short (the offline ``LLM`` stops at the limit instead,
     as vLLM's does). The message is vLLM's word for word: clients parse its numbers."""
-    if max_tokens is None or num_prompt_tokens >= max_model_len or \
-            num_prompt_tokens + max_tokens <= max_model_len:
+    if (
+        max_tokens is None
+        or num_prompt_tokens >= max_model_len
+        or num_prompt_tokens + max_tokens <= max_model_len
+    ):
         return None  # no limit asked, a prompt too long (the engine's error), or it fits
-    return (f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
-            f"maximum context length is {max_model_len} tokens and your request has "
-            f"{num_prompt_tokens} input tokens ({max_tokens} > {max_model_len} - "
-            f"{num_prompt_tokens}).")
+    return (
+        f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's "
+        f"maximum context length is {max_model_len} tokens and your request has "
+        f"{num_prompt_tokens} input tokens ({max_tokens} > {max_model_len} - "
+        f"{num_prompt_tokens})."
+    )
 
 
 # ---- the app ---------------------------------------------------------------------------------
 class ServerState:
-    def __init__(self, async_llm: AsyncLLM, served_model_names: list[str], api_key: str | None,
-                 metrics: ServerMetrics | None) -> None:
-        self.llm, self.names, self.api_key, self.metrics = async_llm, served_model_names, api_key, metrics
+    def __init__(
+        self,
+        async_llm: AsyncLLM,
+        served_model_names: list[str],
+        api_key: str | None,
+        metrics: ServerMetrics | None,
+    ) -> None:
+        self.llm, self.names, self.api_key, self.metrics = (
+            async_llm,
+            served_model_names,
+            api_key,
+            metrics,
+        )
         self.draining = False
         self.created = int(time.time())
 
@@ -135,8 +190,9 @@ class ServerState:
     def check_model(self, name: str | None) -> str:
         if name is None or name in self.names:
             return self.model_name if name is None else name
-        raise RequestError(f"The model `{name}` does not exist.", param="model", status=404,
-                           code="model_not_found")
+        raise RequestError(
+            f"The model `{name}` does not exist.", param="model", status=404, code="model_not_found"
+        )
 
 
 class _Gate:
@@ -150,15 +206,20 @@ class _Gate:
             return await self.app(scope, receive, send)
         path = scope["path"]
         if self.state.draining and path != "/metrics":
-            response = error_response(503, "the server is shutting down", type="server_error", code="draining")
+            response = error_response(
+                503, "the server is shutting down", type="server_error", code="draining"
+            )
             return await response(scope, receive, send)
         if self.state.api_key and path != "/health":
             headers = dict(scope.get("headers") or [])
             given = headers.get(b"authorization", b"").decode("latin-1")
             expected = f"Bearer {self.state.api_key}"
             if not hmac.compare_digest(given.encode(), expected.encode()):
-                response = error_response(401, "Incorrect API key provided (send 'Authorization: Bearer KEY').",
-                                          code="invalid_api_key")
+                response = error_response(
+                    401,
+                    "Incorrect API key provided (send 'Authorization: Bearer KEY').",
+                    code="invalid_api_key",
+                )
                 return await response(scope, receive, send)
         return await self.app(scope, receive, send)
 
@@ -167,8 +228,11 @@ class _SSE(StreamingResponse):
     """Server-sent events; ``on_close`` runs however the response ends (client gone included)."""
 
     def __init__(self, content: AsyncIterator[str], on_close) -> None:
-        super().__init__(content, media_type="text/event-stream",
-                         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+        super().__init__(
+            content,
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
+        )
         self._on_close = on_close
 
     async def __call__(self, scope, receive, send):
@@ -186,12 +250,18 @@ def sse(data) -> bytes:
     return f"data: {json.dumps(data, ensure_ascii=False)}\n\n".encode()
 
 
-def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str | None = None,
-              metrics: ServerMetrics | None = None, tool_call_parser: str | None = None) -> FastAPI:
+def build_app(
+    async_llm: AsyncLLM,
+    served_model_names: list[str],
+    api_key: str | None = None,
+    metrics: ServerMetrics | None = None,
+    tool_call_parser: str | None = None,
+) -> FastAPI:
     """``tool_call_parser``: how "auto" tool calls are read from the text (``TOOL_PARSERS``)."""
     if tool_call_parser is not None and tool_call_parser not in TOOL_PARSERS:
-        raise ValueError(f"unknown tool call parser {tool_call_parser!r}; "
-                         f"known: {sorted(TOOL_PARSERS)}")
+        raise ValueError(
+            f"unknown tool call parser {tool_call_parser!r}; known: {sorted(TOOL_PARSERS)}"
+        )
     state = ServerState(async_llm, served_model_names, api_key, metrics)
 
     @contextlib.asynccontextmanager
@@ -213,7 +283,9 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
 
     @app.exception_handler(RequestError)
     async def _request_error(request: Request, exc: RequestError):
-        return error_response(exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code)
+        return error_response(
+            exc.status, exc.message, type=exc.type, param=exc.param, code=exc.code
+        )
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
@@ -238,35 +310,47 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
     def encode_prompt(prompt) -> tuple[str | None, list[int]]:
         if isinstance(prompt, str):
             if tokenizer is None:
-                raise RequestError("this model has no tokenizer: send the prompt as token ids", param="prompt")
+                raise RequestError(
+                    "this model has no tokenizer: send the prompt as token ids", param="prompt"
+                )
             return prompt, tokenizer.encode(prompt)
         return None, list(prompt)
 
     def chat_prompt(req) -> tuple[str, list[int]]:
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
-            raise RequestError("this model has no chat template: use /v1/completions", param="messages")
+            raise RequestError(
+                "this model has no chat template: use /v1/completions", param="messages"
+            )
         messages = template_messages(req, message_text)
         tools = getattr(req, "tools", None)
         extra = {"tools": [t.model_dump(exclude_none=True) for t in tools]} if tools else {}
         try:
             text = tokenizer.apply_chat_template(
-                messages, tokenize=False, add_generation_prompt=bool(req.add_generation_prompt),
-                **extra)
+                messages,
+                tokenize=False,
+                add_generation_prompt=bool(req.add_generation_prompt),
+                **extra,
+            )
         except Exception as exc:  # noqa: BLE001 - a template that rejects the conversation
-            raise RequestError(f"the chat template rejected the messages: {exc}", param="messages") from None
+            raise RequestError(
+                f"the chat template rejected the messages: {exc}", param="messages"
+            ) from None
         return text, tokenizer.encode(text, add_special_tokens=False)
 
     def check(prompts: list[list[int]], params, prompt_param: str) -> None:
         for i, ids in enumerate(prompts):
             try:
-                too_long = context_length_error(len(ids), params.max_tokens,
-                                                info.limits.max_model_len)
+                too_long = context_length_error(
+                    len(ids), params.max_tokens, info.limits.max_model_len
+                )
                 if too_long:
                     raise ValueError(too_long)
                 async_llm.check_request(ids, params)
             except ValueError as exc:
                 message = str(exc) if len(prompts) == 1 else f"prompt {i}: {exc}"
-                raise RequestError(message, param=_engine_error_param(str(exc), prompt_param)) from None
+                raise RequestError(
+                    message, param=_engine_error_param(str(exc), prompt_param)
+                ) from None
 
     def token_text(entry, token_id: int) -> str:
         text = getattr(entry, "decoded_token", None)
@@ -276,12 +360,23 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
         return max(lp, MIN_LOGPROB)
 
     def prompt_logprobs_json(entries: list | None) -> list | None:
-        """vLLM's layout: per prompt token None (the first) or {token id: {logprob, rank, decoded_token}}."""
+        """vLLM's layout: per prompt token None (the first) or {token id: {logprob, rank,
+        decoded_token}}."""
         if entries is None:
             return None
-        return [None if d is None else {str(t): {"logprob": clamp(e.logprob), "rank": e.rank,
-                                                 "decoded_token": e.decoded_token} for t, e in d.items()}
-                for d in entries]
+        return [
+            None
+            if d is None
+            else {
+                str(t): {
+                    "logprob": clamp(e.logprob),
+                    "rank": e.rank,
+                    "decoded_token": e.decoded_token,
+                }
+                for t, e in d.items()
+            }
+            for d in entries
+        ]
 
     # ---- routes ----------------------------------------------------------------------------
     @app.get("/health")
@@ -297,8 +392,15 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
 
     @app.get("/v1/models")
     async def models():
-        card = {"object": "model", "created": state.created, "owned_by": "vllm-lite", "root": info.model_path,
-                "parent": None, "max_model_len": info.config.max_model_len, "vocab_size": info.vocab_size}
+        card = {
+            "object": "model",
+            "created": state.created,
+            "owned_by": "vllm-lite",
+            "root": info.model_path,
+            "parent": None,
+            "max_model_len": info.config.max_model_len,
+            "vocab_size": info.vocab_size,
+        }
         return {"object": "list", "data": [{"id": name, **card} for name in state.names]}
 
     @app.get("/metrics")
@@ -339,7 +441,9 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
         items = [prompt] if isinstance(prompt, str) or isinstance(prompt[0], int) else prompt
         encoded = [encode_prompt(p) for p in items]
         check([ids for _, ids in encoded], params, "prompt")
-        texts = [text if text is not None else decode(ids) if req.echo else "" for text, ids in encoded]
+        texts = [
+            text if text is not None else decode(ids) if req.echo else "" for text, ids in encoded
+        ]
         request_id = f"cmpl-{uuid.uuid4().hex}"
         job = _Job(async_llm, request_id, [ids for _, ids in encoded], params)
         n, k = params.n if hasattr(params, "n") else 1, req.logprobs
@@ -348,7 +452,7 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
 
         def logprobs_of(token_ids, entries, offset: int):
             out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
-            for j, (t, d) in enumerate(zip(token_ids, entries)):
+            for t, d in zip(token_ids, entries):
                 if d is None:  # the first prompt token has no logprob
                     text = decode([t])
                     out["tokens"].append(text)
@@ -358,7 +462,9 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                     text = token_text(d[t], t)
                     out["tokens"].append(text)
                     out["token_logprobs"].append(clamp(d[t].logprob))
-                    out["top_logprobs"].append({token_text(e, tid): clamp(e.logprob) for tid, e in d.items()})
+                    out["top_logprobs"].append(
+                        {token_text(e, tid): clamp(e.logprob) for tid, e in d.items()}
+                    )
                 out["text_offset"].append(offset)
                 offset += len(text)
             return out, offset
@@ -377,8 +483,13 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                 new_lp, c.offset = logprobs_of(delta.token_ids, delta.logprobs or [], c.offset)
                 for key in lp:
                     lp[key] += new_lp[key]
-            return {"index": i * n + delta.index, "text": text, "logprobs": lp,
-                    "finish_reason": delta.finish_reason, "stop_reason": delta.stop_reason}
+            return {
+                "index": i * n + delta.index,
+                "text": text,
+                "logprobs": lp,
+                "finish_reason": delta.finish_reason,
+                "stop_reason": delta.stop_reason,
+            }
 
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -390,14 +501,27 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                         c = job.choice(i, cd.index)
                         choice = choice_part(i, c, cd, c.first)
                         c.first = False
-                        chunk = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-                                 "choices": [choice]}
+                        chunk = {
+                            "id": request_id,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": model,
+                            "choices": [choice],
+                        }
                         if continuous:
                             chunk["usage"] = job.usage(num_prompt_tokens)
                         yield sse(chunk)
                 if include_usage:
-                    yield sse({"id": request_id, "object": "text_completion", "created": created, "model": model,
-                               "choices": [], "usage": job.usage(num_prompt_tokens)})
+                    yield sse(
+                        {
+                            "id": request_id,
+                            "object": "text_completion",
+                            "created": created,
+                            "model": model,
+                            "choices": [],
+                            "usage": job.usage(num_prompt_tokens),
+                        }
+                    )
                 yield "data: [DONE]\n\n"
 
             return _SSE(_guard(events()), job.cancel)
@@ -414,14 +538,32 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                     if part["logprobs"] is not None:
                         for key in acc["logprobs"]:
                             acc["logprobs"][key] += part["logprobs"][key]
-                    acc["finish_reason"], acc["stop_reason"] = part["finish_reason"], part["stop_reason"]
+                    acc["finish_reason"], acc["stop_reason"] = (
+                        part["finish_reason"],
+                        part["stop_reason"],
+                    )
         for idx in range(len(items) * n):  # completions an abort never started
-            choices.setdefault(idx, {"index": idx, "text": "", "logprobs": None, "finish_reason": "abort",
-                                     "stop_reason": None})
-        out = {"id": request_id, "object": "text_completion", "created": created, "model": model,
-               "choices": [choices[i] for i in sorted(choices)],
-               "usage": job.usage(num_prompt_tokens)}
-        if req.prompt_logprobs is not None:  # vLLM's field: per prompt (one list for a single prompt)
+            choices.setdefault(
+                idx,
+                {
+                    "index": idx,
+                    "text": "",
+                    "logprobs": None,
+                    "finish_reason": "abort",
+                    "stop_reason": None,
+                },
+            )
+        out = {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [choices[i] for i in sorted(choices)],
+            "usage": job.usage(num_prompt_tokens),
+        }
+        if (
+            req.prompt_logprobs is not None
+        ):  # vLLM's field: per prompt (one list for a single prompt)
             lists = [prompt_logprobs_json(pl) for pl in job.prompt_logprobs]
             out["prompt_logprobs"] = lists[0] if len(lists) == 1 else lists
         return out
@@ -445,12 +587,29 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
             content = []
             for t, d in zip(delta.token_ids, delta.logprobs or []):
                 text = token_text(d[t], t)
-                top = sorted(((e.rank, tid, e) for tid, e in d.items() if e.rank is not None and e.rank <= k),
-                             key=lambda x: x[0])
-                content.append({"token": text, "logprob": clamp(d[t].logprob), "bytes": list(text.encode()),
-                                "top_logprobs": [{"token": token_text(e, tid), "logprob": clamp(e.logprob),
-                                                  "bytes": list(token_text(e, tid).encode())}
-                                                 for _, tid, e in top]})
+                top = sorted(
+                    (
+                        (e.rank, tid, e)
+                        for tid, e in d.items()
+                        if e.rank is not None and e.rank <= k
+                    ),
+                    key=lambda x: x[0],
+                )
+                content.append(
+                    {
+                        "token": text,
+                        "logprob": clamp(d[t].logprob),
+                        "bytes": list(text.encode()),
+                        "top_logprobs": [
+                            {
+                                "token": token_text(e, tid),
+                                "logprob": clamp(e.logprob),
+                                "bytes": list(token_text(e, tid).encode()),
+                            }
+                            for _, tid, e in top
+                        ],
+                    }
+                )
             return {"content": content}
 
         if req.stream:
@@ -458,16 +617,31 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
             continuous = bool(req.stream_options and req.stream_options.continuous_usage_stats)
 
             def chunk(choices):
-                out = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model,
-                       "choices": choices}
+                out = {
+                    "id": request_id,
+                    "object": "chat.completion.chunk",
+                    "created": created,
+                    "model": model,
+                    "choices": choices,
+                }
                 if continuous:
                     out["usage"] = job.usage(len(ids))
                 return out
 
             async def events():
                 for i in range(n):
-                    yield sse(chunk([{"index": i, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                      "finish_reason": None}]))
+                    yield sse(
+                        chunk(
+                            [
+                                {
+                                    "index": i,
+                                    "delta": {"role": "assistant", "content": ""},
+                                    "logprobs": None,
+                                    "finish_reason": None,
+                                }
+                            ]
+                        )
+                    )
                 readers: dict[int, object] = {}
                 async for _, delta in job.run():
                     for cd in delta.outputs:
@@ -486,10 +660,19 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                             message = {"content": content}
                             if calls:
                                 message["tool_calls"] = calls
-                        yield sse(chunk([{"index": cd.index, "delta": message,
-                                          "logprobs": logprobs_of(cd),
-                                          "finish_reason": finish_reason,
-                                          "stop_reason": cd.stop_reason}]))
+                        yield sse(
+                            chunk(
+                                [
+                                    {
+                                        "index": cd.index,
+                                        "delta": message,
+                                        "logprobs": logprobs_of(cd),
+                                        "finish_reason": finish_reason,
+                                        "stop_reason": cd.stop_reason,
+                                    }
+                                ]
+                            )
+                        )
                 if include_usage:
                     out = chunk([])
                     out["usage"] = job.usage(len(ids))
@@ -501,16 +684,31 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
         choices: dict[int, dict] = {}
         async for _, delta in job.run_until_disconnect(raw):
             for cd in delta.outputs:
-                c = choices.setdefault(cd.index, {"index": cd.index, "message": {"role": "assistant", "content": ""},
-                                                  "logprobs": {"content": []} if k is not None else None,
-                                                  "finish_reason": None, "stop_reason": None})
+                c = choices.setdefault(
+                    cd.index,
+                    {
+                        "index": cd.index,
+                        "message": {"role": "assistant", "content": ""},
+                        "logprobs": {"content": []} if k is not None else None,
+                        "finish_reason": None,
+                        "stop_reason": None,
+                    },
+                )
                 c["message"]["content"] += cd.text
                 if k is not None:
                     c["logprobs"]["content"] += logprobs_of(cd)["content"]
                 c["finish_reason"], c["stop_reason"] = cd.finish_reason, cd.stop_reason
         for idx in range(n):
-            choices.setdefault(idx, {"index": idx, "message": {"role": "assistant", "content": ""}, "logprobs": None,
-                                     "finish_reason": "abort", "stop_reason": None})
+            choices.setdefault(
+                idx,
+                {
+                    "index": idx,
+                    "message": {"role": "assistant", "content": ""},
+                    "logprobs": None,
+                    "finish_reason": "abort",
+                    "stop_reason": None,
+                },
+            )
         if tool_reader is not None:
             for c in choices.values():
                 reader = tool_stream(req, tool_call_parser)
@@ -519,9 +717,14 @@ def build_app(async_llm: AsyncLLM, served_model_names: list[str], api_key: str |
                 if calls:
                     c["message"]["tool_calls"] = calls
                 c["finish_reason"] = tool_finish_reason(calls, c["finish_reason"])
-        out = {"id": request_id, "object": "chat.completion", "created": created, "model": model,
-               "choices": [choices[i] for i in sorted(choices)],
-               "usage": job.usage(len(ids))}
+        out = {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [choices[i] for i in sorted(choices)],
+            "usage": job.usage(len(ids)),
+        }
         if req.prompt_logprobs is not None:
             out["prompt_logprobs"] = prompt_logprobs_json(job.prompt_logprobs[0])
         return out
@@ -535,9 +738,12 @@ def tool_finish_reason(calls: list, finish_reason: str | None) -> str | None:
 
 
 def _usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}  # from the prefix cache
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": cached_tokens},
+    }  # from the prefix cache
 
 
 async def _guard(events: AsyncIterator[str]) -> AsyncIterator[str]:
@@ -567,8 +773,15 @@ class _Job:
     """The engine requests of one HTTP request (one per prompt), merged into one stream of
     (prompt index, delta). Cancelling it (client gone) aborts every one of them."""
 
-    def __init__(self, async_llm: AsyncLLM, request_id: str, prompts: list[list[int]], params) -> None:
-        self.llm, self.request_id, self.prompts, self.params = async_llm, request_id, prompts, params
+    def __init__(
+        self, async_llm: AsyncLLM, request_id: str, prompts: list[list[int]], params
+    ) -> None:
+        self.llm, self.request_id, self.prompts, self.params = (
+            async_llm,
+            request_id,
+            prompts,
+            params,
+        )
         self.tasks: list[asyncio.Task] = []
         self.num_output_tokens = 0
         self.cached_tokens = [0] * len(prompts)  # per prompt, from the prefix cache
@@ -616,7 +829,9 @@ class _Job:
         finally:
             self.cancel()
 
-    async def run_until_disconnect(self, request: Request) -> AsyncIterator[tuple[int, RequestDelta]]:
+    async def run_until_disconnect(
+        self, request: Request
+    ) -> AsyncIterator[tuple[int, RequestDelta]]:
         """``run()`` for a non-streaming response: a client that goes away aborts the job."""
         gone = asyncio.Event()
 
@@ -662,9 +877,13 @@ def _drain_server_class():
             self.signals += 1
             if self.signals == 1:
                 self.state.draining = True
-                print(f"vllm-lite serve: {signal.Signals(sig).name}: draining "
-                      f"({self.state.llm.num_unfinished_requests} running, at most {self.drain_timeout:g} s)",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"vllm-lite serve: {signal.Signals(sig).name}: draining "
+                    f"({self.state.llm.num_unfinished_requests} running, "
+                    f"at most {self.drain_timeout:g} s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 try:
                     loop = asyncio.get_running_loop()
                 except RuntimeError:  # not serving yet
@@ -682,8 +901,12 @@ def _drain_server_class():
             while llm.num_unfinished_requests and time.monotonic() < deadline:
                 await asyncio.sleep(0.02)
             if llm.num_unfinished_requests:
-                print(f"vllm-lite serve: drain timeout, aborting {llm.num_unfinished_requests} request(s)",
-                      file=sys.stderr, flush=True)
+                print(
+                    "vllm-lite serve: drain timeout, "
+                    f"aborting {llm.num_unfinished_requests} request(s)",
+                    file=sys.stderr,
+                    flush=True,
+                )
                 llm.abort_all()
                 for _ in range(100):
                     if not llm.num_unfinished_requests:
@@ -698,8 +921,13 @@ def _drain_server_class():
 def make_server(app: FastAPI, drain_timeout: float = 30.0, log_level: str = "info"):
     import uvicorn
 
-    config = uvicorn.Config(app, log_level=log_level, timeout_graceful_shutdown=5, lifespan="on",
-                            access_log=log_level in ("debug", "trace"))
+    config = uvicorn.Config(
+        app,
+        log_level=log_level,
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+        access_log=log_level in ("debug", "trace"),
+    )
     server = _drain_server_class()(config, app.state.server, drain_timeout)
     return server
 
@@ -718,32 +946,66 @@ def serve_main(argv: list[str]) -> int:
     from vllm_lite.config import add_config_flags
     from vllm_lite.entrypoints.cli_util import load_config
 
-    parser = argparse.ArgumentParser(prog="vllm-lite serve",
-                                     description="An OpenAI-compatible server (see README, 'Server').")
-    parser.add_argument("model_arg", nargs="?", metavar="MODEL",
-                        help="HuggingFace model folder (default: config.yaml's model_path, else the embedded SmolLM2)")
-    parser.add_argument("--config", default="config.yaml", help="YAML config (default: ./config.yaml if present)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="port (0: any free port, printed at start)")
-    parser.add_argument("--api-key", default=os.environ.get("VLLM_LITE_API_KEY"),
-                        help="require 'Authorization: Bearer KEY' on every route but /health "
-                             "(default: $VLLM_LITE_API_KEY)")
-    parser.add_argument("--served-model-name", action="append",
-                        help="name(s) clients use as 'model' (default: the model folder's name)")
-    parser.add_argument("--drain-timeout", type=float, default=30.0,
-                        help="on SIGTERM, seconds running requests may take to finish (default 30)")
-    parser.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
-    parser.add_argument("--tool-call-parser", choices=sorted(TOOL_PARSERS),
-                        help='how "auto" tool calls are read from the model\'s text (vLLM\'s '
-                             "names): hermes (Qwen2.5/Qwen3 <tool_call>...</tool_call>) or "
-                             "llama3_json")
-    parser.add_argument("--enable-auto-tool-choice", action="store_true",
-                        help="accepted as vLLM's; --tool-call-parser enables \"auto\"")
+    parser = argparse.ArgumentParser(
+        prog="vllm-lite serve", description="An OpenAI-compatible server (see README, 'Server')."
+    )
+    parser.add_argument(
+        "model_arg",
+        nargs="?",
+        metavar="MODEL",
+        help="HuggingFace model folder "
+        "(default: config.yaml's model_path, else the embedded SmolLM2)",
+    )
+    parser.add_argument(
+        "--config", default="config.yaml", help="YAML config (default: ./config.yaml if present)"
+    )
+    parser.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)"
+    )
+    parser.add_argument(
+        "--port", type=int, default=8000, help="port (0: any free port, printed at start)"
+    )
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("VLLM_LITE_API_KEY"),
+        help="require 'Authorization: Bearer KEY' on every route but /health "
+        "(default: $VLLM_LITE_API_KEY)",
+    )
+    parser.add_argument(
+        "--served-model-name",
+        action="append",
+        help="name(s) clients use as 'model' (default: the model folder's name)",
+    )
+    parser.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=30.0,
+        help="on SIGTERM, seconds running requests may take to finish (default 30)",
+    )
+    parser.add_argument(
+        "--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"]
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        choices=sorted(TOOL_PARSERS),
+        help="how \"auto\" tool calls are read from the model's text (vLLM's "
+        "names): hermes (Qwen2.5/Qwen3 <tool_call>...</tool_call>) or "
+        "llama3_json",
+    )
+    parser.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help='accepted as vLLM\'s; --tool-call-parser enables "auto"',
+    )
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
     model_arg = args.pop("model_arg")
     host, port, api_key = args.pop("host"), args.pop("port"), args.pop("api_key")
-    names, drain_timeout, log_level = args.pop("served_model_name"), args.pop("drain_timeout"), args.pop("log_level")
+    names, drain_timeout, log_level = (
+        args.pop("served_model_name"),
+        args.pop("drain_timeout"),
+        args.pop("log_level"),
+    )
     tool_call_parser = args.pop("tool_call_parser")
     args.pop("enable_auto_tool_choice")
     if not 0 <= port <= 65535:
@@ -756,8 +1018,11 @@ def serve_main(argv: list[str]) -> int:
         args["model_path"] = model_arg
     config = load_config(args.pop("config"), args)
 
-    logging.basicConfig(level=getattr(logging, log_level.upper()), format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper()), format="%(levelname)s %(name)s: %(message)s"
+    )
     from vllm_lite.engine.llm_engine import resolve_model_path
+
     model_path = resolve_model_path(config)  # a missing folder fails here, before anything heavy
     try:
         sock = bind(host, port)
@@ -769,8 +1034,11 @@ def serve_main(argv: list[str]) -> int:
     app = build_app(async_llm, model_names, api_key, metrics, tool_call_parser)
     server = make_server(app, drain_timeout, log_level)
     shown = f"[{host}]" if ":" in host else host
-    print(f"vllm-lite serve: {model_names[0]} on http://{shown}:{sock.getsockname()[1]}"
-          f"{' (API key required)' if api_key else ''}", flush=True)
+    print(
+        f"vllm-lite serve: {model_names[0]} on http://{shown}:{sock.getsockname()[1]}"
+        f"{' (API key required)' if api_key else ''}",
+        flush=True,
+    )
     server.run(sockets=[sock])
     return 0
 

@@ -8,6 +8,7 @@ Whether the engine supports a sampling field is decided per request from
 ``dataclasses.fields(SamplingParams)``: a field the engine lacks is a 400 naming it unless its
 value is the neutral one (``presence_penalty: 0`` asks for nothing).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,17 +20,28 @@ from pydantic import BaseModel, ConfigDict, Field
 from vllm_lite.sampling_params import SamplingParams
 from vllm_lite.structured_output import StructuredOutputsParams
 
-
 MAX_LOGPROBS = 20  # vLLM's default max_logprobs: top-k logprobs cost a sort over the vocabulary
 
 
 class RequestError(ValueError):
     """A bad request: HTTP ``status``, OpenAI error ``param`` and ``code``."""
 
-    def __init__(self, message: str, param: str | None = None, status: int = 400,
-                 code: str | None = None, type: str = "invalid_request_error") -> None:
+    def __init__(
+        self,
+        message: str,
+        param: str | None = None,
+        status: int = 400,
+        code: str | None = None,
+        type: str = "invalid_request_error",
+    ) -> None:
         super().__init__(message)
-        self.message, self.param, self.status, self.code, self.type = message, param, status, code, type
+        self.message, self.param, self.status, self.code, self.type = (
+            message,
+            param,
+            status,
+            code,
+            type,
+        )
 
 
 class _Strict(BaseModel):
@@ -51,12 +63,14 @@ class JsonSchemaFormat(_Strict):
 
 class ResponseFormat(_Strict):
     """OpenAI's ``response_format``: plain text, any JSON object, or JSON of a schema."""
+
     type: Literal["text", "json_object", "json_schema"]
     json_schema: JsonSchemaFormat | None = None
 
 
 class StructuredOutputsRequest(_Strict):
     """vLLM's extra ``structured_outputs`` (one of json, regex, choice, grammar, json_object)."""
+
     json_: dict | str | None = Field(default=None, alias="json")
     regex: str | None = None
     choice: list[str] | None = None
@@ -68,6 +82,7 @@ class StructuredOutputsRequest(_Strict):
 
 class _SamplingRequest(_Strict):
     """Fields shared by /v1/completions and /v1/chat/completions."""
+
     model: str | None = None
     # OpenAI
     frequency_penalty: float | None = None
@@ -233,35 +248,53 @@ def to_sampling_params(req: _SamplingRequest) -> SamplingParams:
         if sp_name not in supported:
             if _neutral(value, neutral):
                 return
-            raise RequestError(f"'{api_name}' is not supported by this engine yet (SamplingParams has no "
-                               f"'{sp_name}')", param=api_name)
+            raise RequestError(
+                f"'{api_name}' is not supported by this engine yet (SamplingParams has no "
+                f"'{sp_name}')",
+                param=api_name,
+            )
         kwargs[sp_name], names[sp_name] = value, api_name
 
     for api_name, sp_name, neutral in SAMPLING_FIELDS:
         put(api_name, sp_name, getattr(req, api_name), neutral)
 
     if isinstance(req, ChatCompletionRequest):
-        max_tokens_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        max_tokens_name = (
+            "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        )
+        max_tokens = (
+            req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+        )
         if req.top_logprobs is not None and not req.logprobs:
             raise RequestError("'top_logprobs' needs 'logprobs': true", param="top_logprobs")
         if req.top_logprobs is not None and req.top_logprobs < 0:
-            raise RequestError(f"'top_logprobs' must be >= 0, got {req.top_logprobs}", param="top_logprobs")
+            raise RequestError(
+                f"'top_logprobs' must be >= 0, got {req.top_logprobs}", param="top_logprobs"
+            )
         if req.logprobs:
-            put("top_logprobs" if req.top_logprobs is not None else "logprobs", "logprobs", req.top_logprobs or 0)
+            put(
+                "top_logprobs" if req.top_logprobs is not None else "logprobs",
+                "logprobs",
+                req.top_logprobs or 0,
+            )
     else:
         max_tokens_name = "max_tokens"
-        max_tokens = 16 if req.max_tokens is None else req.max_tokens  # OpenAI's default for completions
+        max_tokens = (
+            16 if req.max_tokens is None else req.max_tokens
+        )  # OpenAI's default for completions
         if req.suffix is not None:
             raise RequestError("'suffix' is not supported", param="suffix")
         if req.best_of is not None and req.best_of != (req.n or 1):
             raise RequestError("'best_of' is not supported (only best_of == n)", param="best_of")
         put("logprobs", "logprobs", req.logprobs)
         if req.echo and req.logprobs is not None and req.prompt_logprobs is None:
-            put("logprobs", "prompt_logprobs", req.logprobs)  # echo's prompt tokens get logprobs too
+            put(
+                "logprobs", "prompt_logprobs", req.logprobs
+            )  # echo's prompt tokens get logprobs too
     tool_constraint = None
     if isinstance(req, ChatCompletionRequest):
         from vllm_lite.entrypoints.tool_calls import tool_choice_constraint
+
         tool_constraint = tool_choice_constraint(req)
     structured = structured_outputs_of(req, tool_constraint)
     if structured is not None:
@@ -271,12 +304,16 @@ def to_sampling_params(req: _SamplingRequest) -> SamplingParams:
     else:
         put(max_tokens_name, "max_tokens", max_tokens)
     if req.stream_options is not None and not req.stream:
-        raise RequestError("'stream_options' is only allowed with 'stream': true", param="stream_options")
+        raise RequestError(
+            "'stream_options' is only allowed with 'stream': true", param="stream_options"
+        )
 
     for sp_name in ("logprobs", "prompt_logprobs"):
         k = kwargs.get(sp_name)
         if isinstance(k, int) and k > MAX_LOGPROBS:
-            raise RequestError(f"'{names[sp_name]}' must be <= {MAX_LOGPROBS}, got {k}", param=names[sp_name])
+            raise RequestError(
+                f"'{names[sp_name]}' must be <= {MAX_LOGPROBS}, got {k}", param=names[sp_name]
+            )
     try:
         return SamplingParams(**kwargs)
     except (ValueError, TypeError) as exc:
@@ -285,7 +322,7 @@ def to_sampling_params(req: _SamplingRequest) -> SamplingParams:
         for sp_name, api_name in names.items():
             if message.startswith(f"SamplingParams.{sp_name} "):
                 param = api_name
-                message = api_name + message[len(f"SamplingParams.{sp_name}"):]
+                message = api_name + message[len(f"SamplingParams.{sp_name}") :]
                 break
         raise RequestError(message, param=param) from None
 
@@ -302,8 +339,13 @@ def structured_outputs_of(req: _SamplingRequest, extra: StructuredOutputsParams 
         given = so.model_dump(exclude_none=True, exclude={"disable_any_whitespace"})
         options = {"disable_any_whitespace": bool(so.disable_any_whitespace)}
         if given:
-            spec = {"json": so.json_, "regex": so.regex, "choice": so.choice, "grammar": so.grammar,
-                    "json_object": so.json_object}
+            spec = {
+                "json": so.json_,
+                "regex": so.regex,
+                "choice": so.choice,
+                "grammar": so.grammar,
+                "json_object": so.json_object,
+            }
             sources.append(("structured_outputs", spec))
     rf = req.response_format
     if rf is not None and rf.type != "text":
@@ -311,11 +353,17 @@ def structured_outputs_of(req: _SamplingRequest, extra: StructuredOutputsParams 
             sources.append(("response_format", {"json_object": True}))
         else:
             if rf.json_schema is None or rf.json_schema.json_schema is None:
-                raise RequestError("response_format of type 'json_schema' needs "
-                                   "'json_schema.schema'", param="response_format")
+                raise RequestError(
+                    "response_format of type 'json_schema' needs 'json_schema.schema'",
+                    param="response_format",
+                )
             sources.append(("response_format", {"json": rf.json_schema.json_schema}))
-    for name, key in (("guided_json", "json"), ("guided_regex", "regex"),
-                      ("guided_choice", "choice"), ("guided_grammar", "grammar")):
+    for name, key in (
+        ("guided_json", "json"),
+        ("guided_regex", "regex"),
+        ("guided_choice", "choice"),
+        ("guided_grammar", "grammar"),
+    ):
         if getattr(req, name) is not None:
             sources.append((name, {key: getattr(req, name)}))
     if extra is not None:  # tool_choice "required" / a named function

@@ -9,6 +9,7 @@ class SiluAndMul(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.is_cuda:  # one fused Triton kernel
             from vllm_lite.layers.fused_ops import silu_and_mul
+
             return silu_and_mul(x)
         return self.forward_native(x)
 

@@ -29,6 +29,7 @@ Launch configs come per (experts, hidden, intermediate, token bucket) from ``TUN
 ``warm_up_fused_moe`` compiles every bucket's kernels for the layer shapes seen so far, so a
 request never waits for Triton's compiler.
 """
+
 from __future__ import annotations
 
 import weakref
@@ -42,8 +43,13 @@ import triton.language as tl
 import vllm_lite.triton_compat  # noqa: F401  (runs the kernels under the CPU interpreter)
 
 
-def fused_experts_torch(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                        topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+def fused_experts_torch(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
     out = torch.zeros_like(hidden)
     flat_ids = topk_ids.reshape(-1)
     flat_weights = topk_weights.reshape(-1)
@@ -59,8 +65,13 @@ def fused_experts_torch(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tenso
     return out
 
 
-def fused_experts(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                  topk_weights: torch.Tensor, topk_ids: torch.Tensor) -> torch.Tensor:
+def fused_experts(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+) -> torch.Tensor:
     """The experts' weighted sum per token: the fused Triton kernel on CUDA, the reference else."""
     if hidden.is_cuda and hidden.dtype in (torch.bfloat16, torch.float16, torch.float32):
         return fused_experts_triton(hidden, w13, w2, topk_weights, topk_ids)
@@ -80,6 +91,7 @@ class GemmConfig(NamedTuple):
 
 class MoEConfig(NamedTuple):
     """BLOCK_M pads the alignment, so both GEMMs share it; each GEMM has its own tiles."""
+
     block_m: int
     up: GemmConfig
     down: GemmConfig
@@ -130,16 +142,19 @@ def default_config(num_experts: int, top_k: int, num_tokens: int) -> MoEConfig:
     return MoEConfig(128, GemmConfig(64, 64, 8, 8, 4), GemmConfig(128, 64, 8, 8, 4))
 
 
-def get_config(num_experts: int, hidden: int, inter: int, top_k: int, num_tokens: int,
-               dtype: torch.dtype) -> MoEConfig:
+def get_config(
+    num_experts: int, hidden: int, inter: int, top_k: int, num_tokens: int, dtype: torch.dtype
+) -> MoEConfig:
     tuned = TUNED_CONFIGS.get((num_experts, hidden, inter, m_bucket(num_tokens)))
     if tuned is not None:
         config = MoEConfig(tuned[0], GemmConfig(*tuned[1]), GemmConfig(*tuned[2]))
     else:
         config = default_config(num_experts, top_k, m_bucket(num_tokens))
     if dtype == torch.float32:  # twice the bytes per tile: fewer stages, shorter K blocks
+
         def shrink(g: GemmConfig) -> GemmConfig:
             return g._replace(block_k=min(g.block_k, 64), num_stages=min(g.num_stages, 2))
+
         config = MoEConfig(config.block_m, shrink(config.up), shrink(config.down))
     return config
 
@@ -153,8 +168,9 @@ _ALIGN_TILE = 64
 
 
 @triton.jit(do_not_specialize=["num_assign"], do_not_specialize_on_alignment=["ids_ptr"])
-def _count_kernel(ids_ptr, counts_ptr, num_assign, num_experts,
-                  E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+def _count_kernel(
+    ids_ptr, counts_ptr, num_assign, num_experts, E_POW2: tl.constexpr, CHUNK: tl.constexpr
+):
     """Program c: how many of assignments [c * CHUNK, (c + 1) * CHUNK) went to each expert."""
     c = tl.program_id(0)
     offs = c * CHUNK + tl.arange(0, CHUNK)
@@ -166,9 +182,18 @@ def _count_kernel(ids_ptr, counts_ptr, num_assign, num_experts,
 
 
 @triton.jit(do_not_specialize=["num_chunks", "num_assign"])
-def _offsets_kernel(counts_ptr, chunk_base_ptr, bounds_ptr, sorted_ptr,
-                    num_chunks, num_experts, num_assign,
-                    E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, TILE: tl.constexpr):
+def _offsets_kernel(
+    counts_ptr,
+    chunk_base_ptr,
+    bounds_ptr,
+    sorted_ptr,
+    num_chunks,
+    num_experts,
+    num_assign,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    TILE: tl.constexpr,
+):
     """One program: where each chunk's assignments to each expert start within the expert's
     run (``chunk_base``), the padded runs' starts and total (``bounds``), and the sentinel
     ``num_assign`` in every padding slot."""
@@ -192,8 +217,16 @@ def _offsets_kernel(counts_ptr, chunk_base_ptr, bounds_ptr, sorted_ptr,
 
 
 @triton.jit(do_not_specialize=["num_assign"], do_not_specialize_on_alignment=["ids_ptr"])
-def _scatter_kernel(ids_ptr, chunk_base_ptr, bounds_ptr, sorted_ptr, num_assign, num_experts,
-                    E_POW2: tl.constexpr, CHUNK: tl.constexpr):
+def _scatter_kernel(
+    ids_ptr,
+    chunk_base_ptr,
+    bounds_ptr,
+    sorted_ptr,
+    num_assign,
+    num_experts,
+    E_POW2: tl.constexpr,
+    CHUNK: tl.constexpr,
+):
     """Program c: each of its assignments goes to its expert's start + the chunk's base + the
     number of earlier assignments of the chunk to the same expert (a stable order)."""
     c = tl.program_id(0)
@@ -222,13 +255,32 @@ def align_assignments(topk_ids: torch.Tensor, num_experts: int, block_m: int):
     bounds = torch.empty(num_experts + 1, dtype=torch.int32, device=dev)
     counts = torch.empty((num_chunks, e_pow2), dtype=torch.int32, device=dev)
     chunk_base = torch.empty_like(counts)
-    _count_kernel[(num_chunks,)](ids, counts, num_assign, num_experts,
-                                 E_POW2=e_pow2, CHUNK=_ALIGN_CHUNK)
-    _offsets_kernel[(1,)](counts, chunk_base, bounds, sorted_ids,
-                          num_chunks, num_experts, num_assign,
-                          E_POW2=e_pow2, BLOCK_M=block_m, TILE=_ALIGN_TILE, num_warps=8)
-    _scatter_kernel[(num_chunks,)](ids, chunk_base, bounds, sorted_ids, num_assign, num_experts,
-                                   E_POW2=e_pow2, CHUNK=_ALIGN_CHUNK)
+    _count_kernel[(num_chunks,)](
+        ids, counts, num_assign, num_experts, E_POW2=e_pow2, CHUNK=_ALIGN_CHUNK
+    )
+    _offsets_kernel[(1,)](
+        counts,
+        chunk_base,
+        bounds,
+        sorted_ids,
+        num_chunks,
+        num_experts,
+        num_assign,
+        E_POW2=e_pow2,
+        BLOCK_M=block_m,
+        TILE=_ALIGN_TILE,
+        num_warps=8,
+    )
+    _scatter_kernel[(num_chunks,)](
+        ids,
+        chunk_base,
+        bounds,
+        sorted_ids,
+        num_assign,
+        num_experts,
+        E_POW2=e_pow2,
+        CHUNK=_ALIGN_CHUNK,
+    )
     return sorted_ids, bounds
 
 
@@ -238,12 +290,30 @@ def align_assignments(topk_ids: torch.Tensor, num_experts: int, block_m: int):
 # the router's outputs are read a row at a time: their alignment buys nothing
 @triton.jit(do_not_specialize=["num_assign"], do_not_specialize_on_alignment=["weights_ptr"])
 def _expert_gemm_kernel(
-    a_ptr, b_ptr, c_ptr, sorted_ptr, bounds_ptr, weights_ptr,
-    num_assign, N, K, num_experts,
-    stride_am, stride_be, stride_bn, stride_cm,
-    A_ROWS_PER: tl.constexpr, GATED: tl.constexpr, WEIGHTED: tl.constexpr,
-    E_POW2: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-    GROUP_M: tl.constexpr, EVEN_K: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    a_ptr,
+    b_ptr,
+    c_ptr,
+    sorted_ptr,
+    bounds_ptr,
+    weights_ptr,
+    num_assign,
+    N,
+    K,
+    num_experts,
+    stride_am,
+    stride_be,
+    stride_bn,
+    stride_cm,
+    A_ROWS_PER: tl.constexpr,
+    GATED: tl.constexpr,
+    WEIGHTED: tl.constexpr,
+    E_POW2: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
 ):
     """Program (m, n): rows ``sorted[m * BLOCK_M:][:BLOCK_M]`` (one expert's) times that
     expert's ``b`` rows [n * BLOCK_N, +BLOCK_N) (``[N, K]`` per expert), row r of the result
@@ -272,8 +342,12 @@ def _expert_gemm_kernel(
     offs_k = tl.arange(0, BLOCK_K)
     a_ptrs = a_ptr + (rows // A_ROWS_PER).to(tl.int64)[:, None] * stride_am + offs_k[None, :]
     # columns past N wrap onto valid rows (no mask on the weight stream); stores drop them
-    b_ptrs = (b_ptr + expert.to(tl.int64) * stride_be + ((offs_n % N) * stride_bn)[None, :]
-              + offs_k[:, None])
+    b_ptrs = (
+        b_ptr
+        + expert.to(tl.int64) * stride_be
+        + ((offs_n % N) * stride_bn)[None, :]
+        + offs_k[:, None]
+    )
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     acc_up = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
     for kb in range(tl.cdiv(K, BLOCK_K)):
@@ -307,22 +381,51 @@ def _expert_gemm_kernel(
     tl.store(c_ptrs, out.to(dtype), mask=row_mask[:, None] & (offs_n < N)[None, :])
 
 
-def _expert_gemm(a, b, c, sorted_ids, bounds, weights, num_assign: int, rows_per: int, gated: bool,
-                 block_m: int, cfg: GemmConfig) -> None:
+def _expert_gemm(
+    a,
+    b,
+    c,
+    sorted_ids,
+    bounds,
+    weights,
+    num_assign: int,
+    rows_per: int,
+    gated: bool,
+    block_m: int,
+    cfg: GemmConfig,
+) -> None:
     """``c[sorted rows] = f(a[rows // rows_per] @ b[expert].T)``; see ``_expert_gemm_kernel``."""
     num_experts, n_rows, k = b.shape
     n = n_rows // 2 if gated else n_rows
     assert a.stride(-1) == 1 and b.stride(-1) == 1 and c.stride(-1) == 1
     grid = (triton.cdiv(sorted_ids.numel(), block_m) * triton.cdiv(n, cfg.block_n),)
     _expert_gemm_kernel[grid](
-        a, b, c, sorted_ids, bounds, weights if weights is not None else bounds,
-        num_assign, n, k, num_experts,
-        a.stride(0), b.stride(0), b.stride(1), c.stride(0),
-        A_ROWS_PER=rows_per, GATED=gated, WEIGHTED=weights is not None,
-        E_POW2=triton.next_power_of_2(num_experts), BLOCK_M=block_m, BLOCK_N=cfg.block_n,
-        BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, EVEN_K=k % cfg.block_k == 0,
+        a,
+        b,
+        c,
+        sorted_ids,
+        bounds,
+        weights if weights is not None else bounds,
+        num_assign,
+        n,
+        k,
+        num_experts,
+        a.stride(0),
+        b.stride(0),
+        b.stride(1),
+        c.stride(0),
+        A_ROWS_PER=rows_per,
+        GATED=gated,
+        WEIGHTED=weights is not None,
+        E_POW2=triton.next_power_of_2(num_experts),
+        BLOCK_M=block_m,
+        BLOCK_N=cfg.block_n,
+        BLOCK_K=cfg.block_k,
+        GROUP_M=cfg.group_m,
+        EVEN_K=k % cfg.block_k == 0,
         DOT_PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
     )
 
 
@@ -331,9 +434,14 @@ def _expert_gemm(a, b, c, sorted_ids, bounds, weights, num_assign: int, rows_per
 _seen_shapes: dict[tuple, tuple[weakref.ref, weakref.ref]] = {}
 
 
-def fused_experts_triton(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tensor,
-                         topk_weights: torch.Tensor, topk_ids: torch.Tensor,
-                         config: MoEConfig | None = None) -> torch.Tensor:
+def fused_experts_triton(
+    hidden: torch.Tensor,
+    w13: torch.Tensor,
+    w2: torch.Tensor,
+    topk_weights: torch.Tensor,
+    topk_ids: torch.Tensor,
+    config: MoEConfig | None = None,
+) -> torch.Tensor:
     """``fused_experts_torch``'s result from five Triton launches and one torch sum, with no
     host synchronisation (CUDA-graph safe). ``topk_ids`` must lie in [0, experts)."""
     num_tokens, hidden_size = hidden.shape
@@ -354,11 +462,23 @@ def fused_experts_triton(hidden: torch.Tensor, w13: torch.Tensor, w2: torch.Tens
     hidden = hidden.contiguous()
     sorted_ids, bounds = align_assignments(topk_ids, num_experts, cfg.block_m)
     act = torch.empty((num_assign, inter), dtype=hidden.dtype, device=hidden.device)
-    _expert_gemm(hidden, w13, act, sorted_ids, bounds, None,
-                 num_assign, top_k, True, cfg.block_m, cfg.up)
+    _expert_gemm(
+        hidden, w13, act, sorted_ids, bounds, None, num_assign, top_k, True, cfg.block_m, cfg.up
+    )
     weights = topk_weights.reshape(-1).contiguous()
-    _expert_gemm(act, w2, out.view(num_assign, hidden_size), sorted_ids, bounds, weights,
-                 num_assign, 1, False, cfg.block_m, cfg.down)
+    _expert_gemm(
+        act,
+        w2,
+        out.view(num_assign, hidden_size),
+        sorted_ids,
+        bounds,
+        weights,
+        num_assign,
+        1,
+        False,
+        cfg.block_m,
+        cfg.down,
+    )
     return out.view(num_tokens, hidden_size) if top_k == 1 else out.sum(dim=1)
 
 

@@ -8,6 +8,7 @@ partial sums of the experts and of the shared expert meet in one all-reduce.
 
 Routing is torch ops only (softmax, topk, a division): no host synchronisation, so a decode step
 with MoE layers can be captured in a CUDA graph."""
+
 from __future__ import annotations
 
 import torch
@@ -72,7 +73,7 @@ class FusedMoE(nn.Module):
                 param.data[expert].copy_(torch.as_tensor(loaded[:, rows]))
             else:
                 offset = 0 if part == "gate" else n
-                param.data[expert, offset:offset + n].copy_(torch.as_tensor(loaded[rows]))
+                param.data[expert, offset : offset + n].copy_(torch.as_tensor(loaded[rows]))
             experts = [expert]
         for e in experts:
             for p in ("gate", "up") if part == "gate_up" else (part,):
@@ -85,8 +86,16 @@ class FusedMoE(nn.Module):
 class SparseMoeBlock(nn.Module):
     """Router (``gate``), experts, and the optional gated shared expert; one all-reduce."""
 
-    def __init__(self, hidden_size: int, num_experts: int, top_k: int, intermediate_size: int,
-                 renormalize: bool, shared_expert: nn.Module | None = None, dtype=None) -> None:
+    def __init__(
+        self,
+        hidden_size: int,
+        num_experts: int,
+        top_k: int,
+        intermediate_size: int,
+        renormalize: bool,
+        shared_expert: nn.Module | None = None,
+        dtype=None,
+    ) -> None:
         super().__init__()
         self.top_k, self.renormalize = top_k, renormalize
         self.gate = ReplicatedLinear(hidden_size, num_experts, bias=False, dtype=dtype)

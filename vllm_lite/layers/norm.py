@@ -22,6 +22,7 @@ class RMSNorm(nn.Module):
     def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None):
         if x.is_cuda:  # one fused Triton kernel; never modifies x or residual
             from vllm_lite.layers.fused_ops import rms_norm
+
             return rms_norm(x, self.weight, self.eps, residual)
         return self.forward_native(x, residual)
 

@@ -1,5 +1,6 @@
 """Rotary position embedding with HF's frequencies (default, linear, llama3, yarn, ... through
 transformers' own ``ROPE_INIT_FUNCTIONS``), precomputed as a cos/sin table per position."""
+
 from __future__ import annotations
 
 import torch
@@ -17,7 +18,9 @@ class RotaryEmbedding(nn.Module):
         super().__init__()
         rope_type = (config.rope_parameters or {}).get("rope_type", "default")
         if rope_type == "dynamic":
-            raise ValueError("rope_type 'dynamic' depends on the sequence length and is not supported")
+            raise ValueError(
+                "rope_type 'dynamic' depends on the sequence length and is not supported"
+            )
         with torch.device("cpu"):  # HF's helpers mix explicit and default devices
             if rope_type == "default":
                 inv_freq, scaling = _default_inv_freq(config, head_dim), 1.0
@@ -25,12 +28,16 @@ class RotaryEmbedding(nn.Module):
                 inv_freq, scaling = ROPE_INIT_FUNCTIONS[rope_type](config, "cpu")
         device = torch.get_default_device()
         inv_freq = inv_freq.to(device)
-        freqs = torch.outer(torch.arange(max_positions, dtype=torch.float, device=device), inv_freq.float())
+        freqs = torch.outer(
+            torch.arange(max_positions, dtype=torch.float, device=device), inv_freq.float()
+        )
         emb = torch.cat((freqs, freqs), dim=-1)
         self.register_buffer("cos", emb.cos() * scaling, persistent=False)
         self.register_buffer("sin", emb.sin() * scaling, persistent=False)
 
-    def forward(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None):
+    def forward(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None
+    ):
         """q, k: [num_tokens, heads, head_dim]; rotated in fp32 (HF's rotate_half convention).
         ``q_norm``, ``k_norm`` (RMSNorm over head_dim, Qwen3): applied to each head first."""
         if q.is_cuda:
@@ -39,13 +46,18 @@ class RotaryEmbedding(nn.Module):
             q, k = q_norm(q), k_norm(k)
         return self.forward_native(positions, q, k)
 
-    def forward_fused(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None):
+    def forward_fused(
+        self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor, q_norm=None, k_norm=None
+    ):
         """One Triton kernel for q and k (and their norms); returns new tensors."""
         from vllm_lite.layers.fused_ops import rotary
+
         if q_norm is None:
             return rotary(positions, q, k, self.cos, self.sin)
         assert q_norm.eps == k_norm.eps
-        return rotary(positions, q, k, self.cos, self.sin, (q_norm.weight, k_norm.weight), q_norm.eps)
+        return rotary(
+            positions, q, k, self.cos, self.sin, (q_norm.weight, k_norm.weight), q_norm.eps
+        )
 
     def forward_native(self, positions: torch.Tensor, q: torch.Tensor, k: torch.Tensor):
         """The plain PyTorch version (the reference for the fused kernel, and the CPU path)."""

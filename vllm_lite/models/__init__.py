@@ -1,4 +1,5 @@
 """Model registry: HF ``architectures`` name -> our implementation."""
+
 from __future__ import annotations
 
 from vllm_lite.models.llama import LlamaForCausalLM
@@ -21,5 +22,6 @@ def get_model_class(hf_config):
         if arch in MODEL_REGISTRY:
             return MODEL_REGISTRY[arch]
     raise ValueError(
-        f"unsupported architecture {archs or hf_config.model_type!r}; supported: {sorted(MODEL_REGISTRY)}"
+        f"unsupported architecture {archs or hf_config.model_type!r}; "
+        f"supported: {sorted(MODEL_REGISTRY)}"
     )

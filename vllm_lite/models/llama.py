@@ -2,6 +2,7 @@
 RMSNorm): pre-norm blocks of GQA attention with RoPE and a SwiGLU MLP. Tensor parallel through
 the layers it is built from; the attention backend is invisible here. The mixture-of-experts
 models (``models/moe.py``) are this transformer with another MLP in some layers (``mlp_of``)."""
+
 from __future__ import annotations
 
 import torch
@@ -24,21 +25,31 @@ class DecoderAttention(nn.Module):
         super().__init__()
         head_dim = head_dim_of(config)
         # Qwen2 and Qwen2-MoE: bias on q/k/v only; attention_bias (Llama, Qwen3): on all four
-        qkv_bias = (getattr(config, "attention_bias", False) or config.model_type == "qwen2"
-                    or getattr(config, "qkv_bias", False))
-        self.qkv_proj = QKVParallelLinear(config.hidden_size, head_dim, config.num_attention_heads,
-                                          config.num_key_value_heads, bias=qkv_bias, dtype=dtype)
+        qkv_bias = (
+            getattr(config, "attention_bias", False)
+            or config.model_type == "qwen2"
+            or getattr(config, "qkv_bias", False)
+        )
+        self.qkv_proj = QKVParallelLinear(
+            config.hidden_size,
+            head_dim,
+            config.num_attention_heads,
+            config.num_key_value_heads,
+            bias=qkv_bias,
+            dtype=dtype,
+        )
         self.num_heads, self.num_kv_heads = self.qkv_proj.num_heads, self.qkv_proj.num_kv_heads
         self.head_dim = head_dim
         o_bias = getattr(config, "attention_bias", False) and config.model_type != "qwen2"
-        self.o_proj = RowParallelLinear(config.num_attention_heads * head_dim, config.hidden_size,
-                                        bias=o_bias, dtype=dtype)
+        self.o_proj = RowParallelLinear(
+            config.num_attention_heads * head_dim, config.hidden_size, bias=o_bias, dtype=dtype
+        )
         self.qk_norm = config.model_type in ("qwen3", "qwen3_moe")
         if self.qk_norm:
             self.q_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype)
             self.k_norm = RMSNorm(head_dim, config.rms_norm_eps, dtype)
         self.rotary = rotary
-        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim ** -0.5)
+        self.attn = Attention(self.num_heads, self.num_kv_heads, head_dim, head_dim**-0.5)
 
     def forward(self, positions: torch.Tensor, hidden: torch.Tensor) -> torch.Tensor:
         qkv = self.qkv_proj(hidden)
@@ -55,8 +66,9 @@ class DecoderAttention(nn.Module):
 class MLP(nn.Module):
     """SwiGLU; ``reduce=False`` leaves the tensor-parallel sum to the caller (a shared expert)."""
 
-    def __init__(self, config, dtype, intermediate_size: int | None = None,
-                 reduce: bool = True) -> None:
+    def __init__(
+        self, config, dtype, intermediate_size: int | None = None, reduce: bool = True
+    ) -> None:
         super().__init__()
         bias, hidden = getattr(config, "mlp_bias", False), config.hidden_size
         size = intermediate_size or config.intermediate_size
@@ -94,7 +106,8 @@ class LlamaModel(nn.Module):
         rotary = RotaryEmbedding(config, head_dim_of(config), config.max_position_embeddings)
         self.layers = nn.ModuleList(
             DecoderLayer(config, rotary, dtype, mlp_of(i) if mlp_of else None)
-            for i in range(config.num_hidden_layers))
+            for i in range(config.num_hidden_layers)
+        )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype)
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -108,8 +121,11 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     # checkpoint name -> (our parameter name, shard id)
     packed_modules = {
-        "q_proj": ("qkv_proj", "q"), "k_proj": ("qkv_proj", "k"), "v_proj": ("qkv_proj", "v"),
-        "gate_proj": ("gate_up_proj", 0), "up_proj": ("gate_up_proj", 1),
+        "q_proj": ("qkv_proj", "q"),
+        "k_proj": ("qkv_proj", "k"),
+        "v_proj": ("qkv_proj", "v"),
+        "gate_proj": ("gate_up_proj", 0),
+        "up_proj": ("gate_up_proj", 1),
     }
 
     def __init__(self, config, dtype=torch.float32, mlp_of=None) -> None:

@@ -2,6 +2,7 @@
 translation is the packed q/k/v and gate/up names, and for mixture-of-experts models the experts'
 tensors stacked into one parameter per layer. The ``weight_loader`` of the module that owns a
 parameter reads just this rank's slice of the tensor from disk."""
+
 from __future__ import annotations
 
 import glob
@@ -52,7 +53,9 @@ def load_weights(model: nn.Module, model_path: str) -> None:
                     continue
                 target, shard_id = target_of(model, name)
                 if target not in params:
-                    raise ValueError(f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}")
+                    raise ValueError(
+                        f"checkpoint tensor {name!r} has no parameter in {type(model).__name__}"
+                    )
                 param = params[target]
                 owner = model.get_submodule(target.rpartition(".")[0])
                 loader = getattr(owner, "weight_loader", None)

@@ -3,15 +3,16 @@ step (the sampled ids, and the logprobs where asked), none per sequence. Per-row
 (penalties, logit bias, allowed tokens, logprobs) arrive as small index tensors, which the
 engine builds once per batch of sequences (penalties also read the sequences' token ids, kept
 on the device by ``TokenHistory``); a batch that uses none of them pays nothing for them."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
 
-from vllm_lite.engine.sequence import PLACEHOLDER, SequenceRows
-from vllm_lite.logprobs import token_logprobs
 from vllm_lite.structured_output import apply_bitmask
+from vllm_lite.worker.batch import PLACEHOLDER, SequenceRows
+from vllm_lite.worker.logprobs import token_logprobs
 
 
 @dataclass
@@ -19,6 +20,7 @@ class Penalties:
     """Repetition, frequency and presence penalties of the rows that have any (``rows``), and
     those rows' token ids: ``tokens[i, :lengths[i]]`` is row i's sequence, its first
     ``prompt_lens[i]`` the prompt (``TokenHistory`` keeps them on the device)."""
+
     rows: torch.Tensor | None  # [P] rows of the batch; None: all of them
     repetition: torch.Tensor  # [P] float, 1 = off
     frequency: torch.Tensor  # [P] float
@@ -52,7 +54,9 @@ class TokenHistory:
         self._grow(self.slots.num_rows, self.tokens.shape[1])
         self.rows = self.to_device(self.row_list, torch.int64)
 
-    def update(self, seqs: list, prev_tokens: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    def update(
+        self, seqs: list, prev_tokens: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Write what ``seqs`` (as in ``assign``) gained; their ``[P, longest]`` tokens and
         lengths. ``prev_tokens``: the in-flight step's sampled tokens (``seq.inflight_index``)."""
         lengths = [len(seq.token_ids) for seq in seqs]
@@ -73,23 +77,28 @@ class TokenHistory:
         if known:
             flat[to_device(known_at, torch.int64)] = to_device(known, torch.int32)
         if flight_at:
-            flat[to_device(flight_at, torch.int64)] = prev_tokens[to_device(flight_from, torch.int64)].to(torch.int32)
-        return self.tokens[self.rows, :max(lengths)], to_device(lengths, torch.int64)
+            flat[to_device(flight_at, torch.int64)] = prev_tokens[
+                to_device(flight_from, torch.int64)
+            ].to(torch.int32)
+        return self.tokens[self.rows, : max(lengths)], to_device(lengths, torch.int64)
 
     def _grow(self, rows: int, width: int) -> None:
         """At least ``rows`` x ``width``, at least doubling a dimension that grows."""
         old = self.tokens
         if rows <= old.shape[0] and width <= old.shape[1]:
             return
-        shape = (max(rows, 2 * old.shape[0]) if rows > old.shape[0] else old.shape[0],
-                 max(width, 2 * old.shape[1]) if width > old.shape[1] else old.shape[1])
+        shape = (
+            max(rows, 2 * old.shape[0]) if rows > old.shape[0] else old.shape[0],
+            max(width, 2 * old.shape[1]) if width > old.shape[1] else old.shape[1],
+        )
         self.tokens = torch.zeros(shape, dtype=torch.int32, device=old.device)
-        self.tokens[:old.shape[0], :old.shape[1]] = old
+        self.tokens[: old.shape[0], : old.shape[1]] = old
 
 
 @dataclass
 class SamplingBatch:
     """Per-row sampling parameters of one step, as device tensors."""
+
     temperature: torch.Tensor  # [B] float, 0 = greedy
     top_k: torch.Tensor  # [B] int, 0 = off
     top_p: torch.Tensor  # [B] float
@@ -99,13 +108,16 @@ class SamplingBatch:
     all_greedy: bool
     any_top_k_top_p: bool
     any_min_p: bool
-    # allowed_token_ids: (rows that have a list [A], (index into rows, token id) of each allowed token)
+    # allowed_token_ids: (rows that have a list [A], (index into rows, token id) of each allowed
+    # token)
     allowed: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     logit_bias: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (row, token, bias)
     penalties: Penalties | None = None
     logprob_rows: torch.Tensor | None = None  # rows that want logprobs
     num_logprobs: int = 0  # the most top logprobs any of those rows wants
-    any_greedy: bool = True  # False: no row is greedy, so no argmax of the processed logits is needed
+    any_greedy: bool = (
+        True  # False: no row is greedy, so no argmax of the processed logits is needed
+    )
     # structured outputs: (bitmask [B, vocab / 32] of the tokens the grammars allow, the rows
     # that have a grammar, None: all); set every step (``StructuredOutputManager.bitmask``)
     grammar: tuple[torch.Tensor, list[int] | None] | None = None
@@ -113,8 +125,12 @@ class SamplingBatch:
     @property
     def changes_logits(self) -> bool:
         """Whether ``Sampler.process_logits`` has anything to do."""
-        return (self.allowed is not None or bool(self.banned) or self.logit_bias is not None
-                or self.penalties is not None)
+        return (
+            self.allowed is not None
+            or bool(self.banned)
+            or self.logit_bias is not None
+            or self.penalties is not None
+        )
 
 
 @dataclass
@@ -127,18 +143,26 @@ class SamplerOutput:
 
 class Sampler:
     @torch.inference_mode()
-    def __call__(self, logits: torch.Tensor, batch: SamplingBatch, default_generator=None) -> torch.Tensor:
+    def __call__(
+        self, logits: torch.Tensor, batch: SamplingBatch, default_generator=None
+    ) -> torch.Tensor:
         return self.sample(logits, batch, default_generator).tokens
 
     @torch.inference_mode()
-    def sample(self, logits: torch.Tensor, batch: SamplingBatch, default_generator=None) -> SamplerOutput:
+    def sample(
+        self, logits: torch.Tensor, batch: SamplingBatch, default_generator=None
+    ) -> SamplerOutput:
         rows, processed = batch.logprob_rows, logits
         if batch.grammar is not None:  # first, and before logprobs are read (as in vLLM)
             apply_bitmask(logits, *batch.grammar)
         if batch.changes_logits:
             # logprobs are vLLM's "raw_logprobs", from the logits before any processing, which
             # writes in place: into a copy where .float() makes none
-            processed = logits.clone() if rows is not None and logits.dtype == torch.float32 else logits.float()
+            processed = (
+                logits.clone()
+                if rows is not None and logits.dtype == torch.float32
+                else logits.float()
+            )
             processed = self.process_logits(processed, batch)
         tokens = self._draw(processed, batch, default_generator)
         if rows is None:
@@ -175,13 +199,17 @@ class Sampler:
             distinct = torch.where(output, ids, -1).sort(dim=1).values
             first = torch.ones_like(output)
             first[:, 1:] = distinct[:, 1:] != distinct[:, :-1]
-            sub.scatter_add_(1, distinct.clamp(min=0), -p.presence[:, None] * (first & (distinct >= 0)))
+            sub.scatter_add_(
+                1, distinct.clamp(min=0), -p.presence[:, None] * (first & (distinct >= 0))
+            )
             if p.rows is not None:
                 logits[p.rows] = sub
         return logits
 
     @staticmethod
-    def _draw(logits: torch.Tensor, batch: SamplingBatch, default_generator, fused: bool | None = None) -> torch.Tensor:
+    def _draw(
+        logits: torch.Tensor, batch: SamplingBatch, default_generator, fused: bool | None = None
+    ) -> torch.Tensor:
         """The sampled token of every row; ``fused``: the Triton path (default: on CUDA)."""
         if batch.all_greedy:
             return logits.argmax(dim=-1)
@@ -192,12 +220,18 @@ class Sampler:
             # tokens those filters drop; other rows are left exactly as they are, so a seeded
             # request draws the same tokens whatever else is in the batch
             from vllm_lite.layers.fused_ops import gumbel_sample
+
             if batch.any_min_p or batch.any_top_k_top_p:
-                kept = _filter(torch.softmax(logits.float() / temperature[:, None], dim=-1), batch) > 0
+                kept = (
+                    _filter(torch.softmax(logits.float() / temperature[:, None], dim=-1), batch) > 0
+                )
                 filtered = (batch.top_k > 0) | (batch.top_p < 1.0) | (batch.min_p > 0)
                 logits = logits.masked_fill(~kept & filtered[:, None], float("-inf"))
-            return gumbel_sample(logits, batch.temperature, _row_seeds(batch.generators, default_generator,
-                                                                       logits.device))
+            return gumbel_sample(
+                logits,
+                batch.temperature,
+                _row_seeds(batch.generators, default_generator, logits.device),
+            )
         probs = _filter(torch.softmax(logits / temperature[:, None], dim=-1), batch)
         # Exponential race: argmax(p / E) with E ~ Exp(1) draws from p (Gumbel-max in disguise).
         noise = torch.empty_like(probs)

@@ -23,6 +23,7 @@ handlers, and a lock inside ``put`` that a Ctrl-C landing right after its acquis
 held, after which closing the queue deadlocks (a hang after Ctrl-C). Each pipe here has one
 writer and one reader, so it needs none of these.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -44,8 +45,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vllm_lite.config import EngineConfig
-from vllm_lite.model_runner import ModelRunner, StepInput, resolve_device
 from vllm_lite.parallel_state import set_tp, tp_rank, tp_size
+from vllm_lite.worker.model_runner import ModelRunner, StepInput, resolve_device
 
 TIMEOUT_ENV = "VLLM_LITE_TP_TIMEOUT"
 DEFAULT_TIMEOUT_S = 30.0
@@ -66,13 +67,17 @@ def check_tp_split(hf_config, tp: int) -> None:
     if heads % tp:
         problems.append(f"num_attention_heads ({heads}) is not divisible by {tp}")
     if kv_heads % tp and tp % kv_heads:
-        problems.append(f"num_key_value_heads ({kv_heads}) neither divides nor is divisible by {tp}")
+        problems.append(
+            f"num_key_value_heads ({kv_heads}) neither divides nor is divisible by {tp}"
+        )
     for field in ("intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size"):
         size = getattr(hf_config, field, None)
         if size and size % tp:
             problems.append(f"{field} ({size}) is not divisible by {tp}")
     if problems:
-        raise ValueError(f"tensor_parallel_size {tp} cannot split this model: " + "; ".join(problems))
+        raise ValueError(
+            f"tensor_parallel_size {tp} cannot split this model: " + "; ".join(problems)
+        )
 
 
 def tp_timeout_s() -> float:
@@ -167,10 +172,23 @@ def _exit_now(code: int) -> None:
     os._exit(code)
 
 
-def _worker_main(rank: int, tp: int, store_port: int, backend: str, timeout_s: float, config: EngineConfig,
-                 hf_config, model_path: str | None, commands, results, parent_pid: int) -> None:
+def _worker_main(
+    rank: int,
+    tp: int,
+    store_port: int,
+    backend: str,
+    timeout_s: float,
+    config: EngineConfig,
+    hf_config,
+    model_path: str | None,
+    commands,
+    results,
+    parent_pid: int,
+) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is rank 0's to handle; it stops us
-    threading.Thread(target=_parent_watchdog, args=(parent_pid,), daemon=True, name="parent-watchdog").start()
+    threading.Thread(
+        target=_parent_watchdog, args=(parent_pid,), daemon=True, name="parent-watchdog"
+    ).start()
     try:
         results.send(("started", os.getpid()))
         if backend == "nccl":
@@ -285,12 +303,16 @@ class _Workers:
         for rank in range(1, len(self.procs) + 1):
             kind, value = self.recv(rank)
             if kind != expected:
-                raise RuntimeError(f"tensor-parallel rank {rank} answered {kind!r}, expected {expected!r}")
+                raise RuntimeError(
+                    f"tensor-parallel rank {rank} answered {kind!r}, expected {expected!r}"
+                )
             values.append(value)
         return values
 
     def send_all(self, *msg) -> None:
-        data = ForkingPickler.dumps(msg)  # pickled once for every rank (what conn.send does per call)
+        data = ForkingPickler.dumps(
+            msg
+        )  # pickled once for every rank (what conn.send does per call)
         for rank, conn in enumerate(self.commands, 1):
             try:
                 conn.send_bytes(data)
@@ -310,8 +332,11 @@ class _Workers:
             self.monitor_stop.set()
             nccl = self.backend == "nccl" and self.owns_process_group
             if not graceful:  # they were alive and had not finished the step: we stop them
-                self.killed_by_us.update(r for r, p in enumerate(self.procs, 1)
-                                         if p.is_alive() and not mp_connection.wait([p.sentinel], 0))
+                self.killed_by_us.update(
+                    r
+                    for r, p in enumerate(self.procs, 1)
+                    if p.is_alive() and not mp_connection.wait([p.sentinel], 0)
+                )
             if graceful or nccl:
                 for conn in self.commands:
                     # Never wait on a worker that does not read: a message this small is written
@@ -344,7 +369,10 @@ class _Workers:
             def leave() -> None:
                 with contextlib.suppress(Exception):
                     leave_process_group(runner, graceful)
-            self.teardown = threading.Thread(target=leave, daemon=True, name="vllm-lite-tp-teardown")
+
+            self.teardown = threading.Thread(
+                target=leave, daemon=True, name="vllm-lite-tp-teardown"
+            )
             self.teardown.start()
 
     def diagnose(self, exc: BaseException | None) -> str:
@@ -361,20 +389,28 @@ class _Workers:
                         if msg[0] == "error":
                             self.errors[rank] = (msg[1], msg[2])
                             break
-            died = [(r, p.exitcode) for r, p in enumerate(self.procs, 1)
-                    if p.exitcode is not None and r not in self.killed_by_us and r not in self.errors]
+            died = [
+                (r, p.exitcode)
+                for r, p in enumerate(self.procs, 1)
+                if p.exitcode is not None and r not in self.killed_by_us and r not in self.errors
+            ]
         if died:
             rank, code = died[0]
             return f"tensor-parallel worker rank {rank} died unexpectedly ({_describe_exit(code)})"
         if self.errors:
             rank, (_, text) = min(self.errors.items(), key=lambda item: item[1][0])
             last = text.strip().splitlines()[-1] if text.strip() else "unknown error"
-            return f"tensor-parallel worker rank {rank} failed: {last}\n\nrank {rank} traceback:\n{text}"
+            return (
+                f"tensor-parallel worker rank {rank} failed: {last}\n\n"
+                f"rank {rank} traceback:\n{text}"
+            )
         if exc is not None:
             hint = ""
             if self.killed_by_us:
-                hint = (f" (ranks {sorted(self.killed_by_us)} were alive but did not finish the step; "
-                        f"collectives time out after {TIMEOUT_ENV}={self.timeout_s:g} s)")
+                hint = (
+                    f" (ranks {sorted(self.killed_by_us)} were alive but did not finish the step; "
+                    f"collectives time out after {TIMEOUT_ENV}={self.timeout_s:g} s)"
+                )
             return f"tensor-parallel rank 0 failed: {type(exc).__name__}: {exc}{hint}"
         return "tensor-parallel group failed for an unknown reason"
 
@@ -389,9 +425,13 @@ class _Workers:
                 self._start_teardown(graceful=not self.killed_by_us)
                 self.teardown.join(_TEARDOWN_S)
                 if self.teardown.is_alive():  # a rank died mid-collective: NCCL may never return
-                    warnings.warn(f"tensor parallelism: the process group's teardown did not finish in "
-                                  f"{_TEARDOWN_S:g} s; this process cannot start another tensor-parallel "
-                                  "engine", RuntimeWarning, stacklevel=2)
+                    warnings.warn(
+                        f"tensor parallelism: the process group's teardown did not finish in "
+                        f"{_TEARDOWN_S:g} s; this process cannot start another tensor-parallel "
+                        "engine",
+                        RuntimeWarning,
+                        stacklevel=2,
+                    )
             self.owns_process_group = False
 
     def shutdown(self, graceful: bool = True) -> None:
@@ -410,11 +450,15 @@ class TPExecutor:
         device = resolve_device(config)
         backend = "nccl" if device.type == "cuda" else "gloo"
         if backend == "nccl" and torch.cuda.device_count() < tp:
-            raise ValueError(f"tensor_parallel_size {tp} needs {tp} CUDA devices, "
-                             f"found {torch.cuda.device_count()}")
+            raise ValueError(
+                f"tensor_parallel_size {tp} needs {tp} CUDA devices, "
+                f"found {torch.cuda.device_count()}"
+            )
         if dist.is_available() and dist.is_initialized():
-            raise RuntimeError("a torch.distributed process group already exists in this process; "
-                               "close the other tensor-parallel engine first")
+            raise RuntimeError(
+                "a torch.distributed process group already exists in this process; "
+                "close the other tensor-parallel engine first"
+            )
         self.backend = backend
         self.device = torch.device("cuda", 0) if backend == "nccl" else torch.device("cpu")
         self.timeout_s = tp_timeout_s()
@@ -439,13 +483,30 @@ class TPExecutor:
         tp, workers = self.tp_size, self._workers
         timeout = datetime.timedelta(seconds=self.timeout_s)
         # Rank 0 hosts the rendezvous store on a port the OS picks: no race for a free port.
-        store = dist.TCPStore("127.0.0.1", 0, tp, is_master=True, wait_for_workers=False, timeout=timeout)
+        store = dist.TCPStore(
+            "127.0.0.1", 0, tp, is_master=True, wait_for_workers=False, timeout=timeout
+        )
         ctx = mp.get_context("spawn")
         for rank in range(1, tp):
             (commands_out, commands_in), (results_out, results_in) = pipe(), pipe()
-            proc = ctx.Process(target=_worker_main, name=f"vllm-lite-tp-rank{rank}", daemon=True,
-                               args=(rank, tp, store.port, self.backend, self.timeout_s, config, hf_config,
-                                     model_path, commands_out, results_in, os.getpid()))
+            proc = ctx.Process(
+                target=_worker_main,
+                name=f"vllm-lite-tp-rank{rank}",
+                daemon=True,
+                args=(
+                    rank,
+                    tp,
+                    store.port,
+                    self.backend,
+                    self.timeout_s,
+                    config,
+                    hf_config,
+                    model_path,
+                    commands_out,
+                    results_in,
+                    os.getpid(),
+                ),
+            )
             workers.commands.append(commands_in)
             workers.results.append(results_out)
             try:
@@ -514,9 +575,11 @@ class TPExecutor:
         workers.stop_processes(graceful=False)
         self.failure = workers.diagnose(exc if not isinstance(exc, _WorkerDied) else None)
         if starting and not workers.errors:  # died before it could report anything
-            self.failure += ("\n(while starting the workers; its own output above may say more. A script "
-                             "that starts a tensor-parallel engine needs an `if __name__ == \"__main__\":` guard, "
-                             "since workers are spawned and re-import the main module)")
+            self.failure += (
+                "\n(while starting the workers; its own output above may say more. A script "
+                'that starts a tensor-parallel engine needs an `if __name__ == "__main__":` guard, '
+                "since workers are spawned and re-import the main module)"
+            )
         workers.release()
         self._finalizer.detach()
         return RuntimeError(self.failure)

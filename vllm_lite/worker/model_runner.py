@@ -2,6 +2,7 @@
 scheduled batch into step tensors (token ids, positions, slot mapping, block tables), runs the
 model and returns logits. In tensor-parallel runs every rank has one; rank 0 prepares the
 step and samples."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -14,10 +15,9 @@ import torch
 from vllm_lite.attention import AttentionMetadata, SharedPrefix, forward_context, get_backend
 from vllm_lite.attention.layer import Attention
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.scheduler import ScheduledBatch
-from vllm_lite.engine.sequence import SequenceRows
 from vllm_lite.models import get_model_class
 from vllm_lite.models.loader import init_dummy_weights, load_weights
+from vllm_lite.worker.batch import ScheduledBatch, SequenceRows
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -28,14 +28,17 @@ _LIVE_RUNNERS: weakref.WeakSet = weakref.WeakSet()
 
 def bytes_held_by_other_engines(runner: ModelRunner) -> int:
     """Weights and KV pools of the live runners on ``runner``'s device, ``runner`` excepted."""
+
     def same(d: torch.device) -> bool:
         return d.type == runner.device.type and (d.index or 0) == (runner.device.index or 0)
+
     return sum(r.device_bytes() for r in list(_LIVE_RUNNERS) if r is not runner and same(r.device))
 
 
 @dataclass
 class StepInput:
     """Everything a rank needs to run one step; plain numpy so it pickles cheaply."""
+
     input_ids: np.ndarray  # [T] int64
     positions: np.ndarray  # [T] int64
     slot_mapping: np.ndarray  # [T] int64
@@ -86,15 +89,17 @@ class BlockTableRows:
             self.copied[row] = None  # another sequence's table: zeroed below
         width = max(len(s.block_table) for s in seqs)
         if width > self.rows.shape[1]:  # at least double, so that it is rare
-            self.rows = np.pad(self.rows, ((0, 0), (0, max(width - self.rows.shape[1], self.rows.shape[1]))))
+            self.rows = np.pad(
+                self.rows, ((0, 0), (0, max(width - self.rows.shape[1], self.rows.shape[1])))
+            )
         rows, copied, length = self.rows, self.copied, self.length
         for seq, row in zip(seqs, index):
             table = seq.block_table
             if copied[row] is not table:  # the sequence's first step, or a new table (preempted)
-                rows[row, :length[row]] = 0
+                rows[row, : length[row]] = 0
                 copied[row], length[row] = table, 0
             if length[row] < len(table):
-                rows[row, length[row]:len(table)] = table[length[row]:]
+                rows[row, length[row] : len(table)] = table[length[row] :]
                 length[row] = len(table)
         return rows[index, :width]
 
@@ -102,7 +107,9 @@ class BlockTableRows:
 def resolve_device(config: EngineConfig) -> torch.device:
     if config.device == "cuda" or (config.device == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            raise ValueError("config key 'device': 'cuda' requested but no CUDA device is available")
+            raise ValueError(
+                "config key 'device': 'cuda' requested but no CUDA device is available"
+            )
         return torch.device("cuda")
     return torch.device("cpu")
 
@@ -113,7 +120,11 @@ def resolve_dtype(config: EngineConfig, hf_config, device: torch.device) -> torc
     if device.type == "cpu":
         return torch.float32
     ckpt = getattr(hf_config, "dtype", None) or getattr(hf_config, "torch_dtype", None)
-    ckpt = DTYPES.get(str(ckpt).replace("torch.", ""), torch.float32) if ckpt is not None else torch.float32
+    ckpt = (
+        DTYPES.get(str(ckpt).replace("torch.", ""), torch.float32)
+        if ckpt is not None
+        else torch.float32
+    )
     return ckpt if ckpt != torch.float32 else torch.bfloat16
 
 
@@ -123,7 +134,13 @@ class ModelRunner:
     cascade_min_seqs = 16
     cascade_min_tokens = 256
 
-    def __init__(self, config: EngineConfig, hf_config, model_path: str | None, device: torch.device | None = None):
+    def __init__(
+        self,
+        config: EngineConfig,
+        hf_config,
+        model_path: str | None,
+        device: torch.device | None = None,
+    ):
         self.config = config
         self.hf_config = hf_config
         self.device = device or resolve_device(config)
@@ -152,22 +169,37 @@ class ModelRunner:
         self.static: dict[str, torch.Tensor] = {}  # the graphs' input buffers
         self.static_shared: SharedPrefix | None = None  # the cascade graphs' too
         self.supports_overlap = True  # the engine may launch a step before reading the last one
-        self._staging: list[torch.Tensor | None] = [None, None]  # pinned host buffers for step inputs
-        self._copied = [torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda" else []
+        self._staging: list[torch.Tensor | None] = [
+            None,
+            None,
+        ]  # pinned host buffers for step inputs
+        self._copied = (
+            [torch.cuda.Event(), torch.cuda.Event()] if self.device.type == "cuda" else []
+        )
         self._turn = 0
         self.block_tables = BlockTableRows(2 * config.max_num_seqs)
         _LIVE_RUNNERS.add(self)
 
     def device_bytes(self) -> int:
         """Device memory this runner holds in weights and KV pool (0 once closed)."""
-        weights = 0 if self.model is None else sum(
-            p.numel() * p.element_size() for p in self.model.parameters())
+        weights = (
+            0
+            if self.model is None
+            else sum(p.numel() * p.element_size() for p in self.model.parameters())
+        )
         return weights + (0 if self.kv_cache is None else self.kv_cache.nbytes)
 
     # ---- KV pool -------------------------------------------------------------------------
     def kv_bytes_per_block(self) -> int:
         a = self.attn_layers[0]
-        return 2 * len(self.attn_layers) * self.block_size * a.num_kv_heads * a.head_dim * self.dtype.itemsize
+        return (
+            2
+            * len(self.attn_layers)
+            * self.block_size
+            * a.num_kv_heads
+            * a.head_dim
+            * self.dtype.itemsize
+        )
 
     def default_num_blocks(self) -> int:
         """On CUDA: what ``gpu_memory_utilization`` leaves after weights and a warm-up step.
@@ -188,8 +220,10 @@ class ModelRunner:
     def _no_kv_memory_message(self) -> str:
         held = bytes_held_by_other_engines(self)
         if held:
-            return (f"no GPU memory left for the KV cache: an engine in this process holds "
-                    f"{held / 1e9:.1f} GB: call llm.close() or use `with LLM(...) as llm:`")
+            return (
+                f"no GPU memory left for the KV cache: an engine in this process holds "
+                f"{held / 1e9:.1f} GB: call llm.close() or use `with LLM(...) as llm:`"
+            )
         return "no GPU memory left for the KV cache; raise gpu_memory_utilization"
 
     def allocate_kv_cache(self, num_blocks: int) -> None:
@@ -220,7 +254,9 @@ class ModelRunner:
         seq_len = min(num_tokens, self.max_model_len)
         num_seqs = max(1, num_tokens // seq_len)
         a = self.attn_layers[0]
-        scratch = torch.zeros((1, self.block_size, a.num_kv_heads, a.head_dim), dtype=self.dtype, device=self.device)
+        scratch = torch.zeros(
+            (1, self.block_size, a.num_kv_heads, a.head_dim), dtype=self.dtype, device=self.device
+        )
         for layer in self.attn_layers:
             layer.k_cache, layer.v_cache, layer.backend = scratch, scratch, self.backend
         return self.block_zero_step([seq_len] * num_seqs, [seq_len] * num_seqs, num_decodes=0)
@@ -235,33 +271,49 @@ class ModelRunner:
         prefill, prefix-cache hits, the paged prefill kernel); one decode per doubling of the
         context, since the decode kernel's split count grows with it; one with cascade attention
         (always one split). Needs the KV pool."""
-        steps = [self.block_zero_step([3, 2], [3, 2], num_decodes=0),
-                 self.block_zero_step([1, 3], [2, 5], num_decodes=1)]
+        steps = [
+            self.block_zero_step([3, 2], [3, 2], num_decodes=0),
+            self.block_zero_step([1, 3], [2, 5], num_decodes=1),
+        ]
         m = self.max_model_len
-        steps += [self.block_zero_step([1], [n], num_decodes=1)
-                  for n in sorted({min(1 << k, m) for k in range(m.bit_length() + 1)})]
-        if self.backend.supports_shared_prefix and m > self.block_size:  # cascade attention: one split
+        steps += [
+            self.block_zero_step([1], [n], num_decodes=1)
+            for n in sorted({min(1 << k, m) for k in range(m.bit_length() + 1)})
+        ]
+        if (
+            self.backend.supports_shared_prefix and m > self.block_size
+        ):  # cascade attention: one split
             steps.append(self.block_zero_step([1], [m], num_decodes=1))
             steps[-1].shared_len = self.block_size
-            steps[-1].shared_rows, steps[-1].shared_blocks = np.ones(1, np.int32), np.zeros(1, np.int32)
+            steps[-1].shared_rows, steps[-1].shared_blocks = (
+                np.ones(1, np.int32),
+                np.zeros(1, np.int32),
+            )
         for step in steps:
             self.execute(step)
         # the fused MoE kernels' launch config follows the token count: compile every bucket's
         # (the steps above met the model's expert shapes)
         from vllm_lite.layers.fused_moe import warm_up_fused_moe
+
         warm_up_fused_moe(self.config.max_num_batched_tokens)
         # the sampler's kernels: logprobs read the model's logits; sampling reads them, or their
         # fp32 copy where penalties, bias or banned tokens changed them
         from vllm_lite.layers.fused_ops import gumbel_sample, token_logprobs
+
         index = torch.zeros(1, dtype=torch.int64, device=self.device)
         token_logprobs(torch.zeros((1, 16), dtype=self.dtype, device=self.device), index, index, 1)
         for dtype in {self.dtype, torch.float32}:
-            gumbel_sample(torch.zeros((1, 16), dtype=dtype, device=self.device),
-                          torch.ones(1, device=self.device), index)
+            gumbel_sample(
+                torch.zeros((1, 16), dtype=dtype, device=self.device),
+                torch.ones(1, device=self.device),
+                index,
+            )
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
 
-    def block_zero_step(self, query_lens: list[int], seq_lens: list[int], num_decodes: int) -> StepInput:
+    def block_zero_step(
+        self, query_lens: list[int], seq_lens: list[int], num_decodes: int
+    ) -> StepInput:
         """A step that belongs to no request: every logical block of every table is block 0 and
         nothing is written (slot -1), so it leaves the KV pool as it was."""
         q_lens, ends = np.asarray(query_lens, np.int64), np.asarray(seq_lens, np.int64)
@@ -272,10 +324,14 @@ class ModelRunner:
             input_ids=np.zeros(num_tokens, np.int64),
             positions=np.concatenate([np.arange(e - q, e) for q, e in zip(q_lens, ends)]),
             slot_mapping=np.full(num_tokens, -1, np.int64),
-            query_start_loc=qsl.astype(np.int32), seq_lens=ends.astype(np.int32),
+            query_start_loc=qsl.astype(np.int32),
+            seq_lens=ends.astype(np.int32),
             block_tables=np.zeros((len(q_lens), -(-max_seq_len // self.block_size)), np.int32),
-            logits_indices=qsl[1:] - 1, num_decodes=num_decodes, max_query_len=int(q_lens.max()),
-            max_seq_len=max_seq_len, prefill_is_fresh=bool((q_lens == ends)[num_decodes:].all()),
+            logits_indices=qsl[1:] - 1,
+            num_decodes=num_decodes,
+            max_query_len=int(q_lens.max()),
+            max_seq_len=max_seq_len,
+            prefill_is_fresh=bool((q_lens == ends)[num_decodes:].all()),
         )
 
     # ---- one step ------------------------------------------------------------------------
@@ -286,9 +342,11 @@ class ModelRunner:
         bs, seqs, counts = self.block_size, batch.seqs, batch.num_new_tokens
         num_seqs, num_decodes = len(seqs), batch.num_decodes
         starts = np.array([s.num_computed_tokens for s in seqs], np.int64)
-        input_ids = [s.token_ids[s.num_computed_tokens] for s in seqs[:num_decodes]]  # decodes come first
+        input_ids = [
+            s.token_ids[s.num_computed_tokens] for s in seqs[:num_decodes]
+        ]  # decodes come first
         for seq, n in zip(seqs[num_decodes:], counts[num_decodes:]):
-            input_ids.extend(seq.token_ids[seq.num_computed_tokens:seq.num_computed_tokens + n])
+            input_ids.extend(seq.token_ids[seq.num_computed_tokens : seq.num_computed_tokens + n])
         lengths = np.array([len(s.token_ids) for s in seqs], np.int64)
         n_new = np.asarray(counts, np.int64)
         ends = starts + n_new
@@ -308,12 +366,21 @@ class ModelRunner:
             inflight = np.array([s.inflight_index for s in seqs], np.int64)
             prev_index = np.where(is_hole, inflight[seq_index], -1)
         return StepInput(
-            input_ids=ids, positions=pos, slot_mapping=slot_mapping, prev_index=prev_index,
-            query_start_loc=qsl.astype(np.int32), seq_lens=ends.astype(np.int32), block_tables=block_tables,
-            logits_indices=(qsl[1:] - 1)[ends == lengths], num_decodes=num_decodes,
-            max_query_len=int(n_new.max()), max_seq_len=int(ends.max()),
+            input_ids=ids,
+            positions=pos,
+            slot_mapping=slot_mapping,
+            prev_index=prev_index,
+            query_start_loc=qsl.astype(np.int32),
+            seq_lens=ends.astype(np.int32),
+            block_tables=block_tables,
+            logits_indices=(qsl[1:] - 1)[ends == lengths],
+            num_decodes=num_decodes,
+            max_query_len=int(n_new.max()),
+            max_seq_len=int(ends.max()),
             prefill_is_fresh=not bool((starts[num_decodes:] > 0).any()),
-            shared_len=shared[0], shared_rows=shared[1], shared_blocks=shared[2],
+            shared_len=shared[0],
+            shared_rows=shared[1],
+            shared_blocks=shared[2],
         )
 
     def shared_prefix(self, block_tables: np.ndarray, seq_lens: np.ndarray):
@@ -333,15 +400,24 @@ class ModelRunner:
         shared = (limit if same.all() else int(same.argmin())) * self.block_size
         if shared < self.cascade_min_tokens:
             return none
-        return shared, rows.astype(np.int32), tables[0, :shared // self.block_size]
+        return shared, rows.astype(np.int32), tables[0, : shared // self.block_size]
 
     def _upload(self, step: StepInput) -> dict[str, torch.Tensor]:
         """The step's arrays on the device. On CUDA they are packed into a pinned buffer and
         sent with one host-to-device copy; two buffers alternate, so the host can fill one
         while the copy from the other may still be queued behind a running step."""
-        names = ["input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "block_tables",
-                 "logits_indices"]
-        names += [n for n in ("prev_index", "decode_lens", "prefill_work") if getattr(step, n) is not None]
+        names = [
+            "input_ids",
+            "positions",
+            "slot_mapping",
+            "query_start_loc",
+            "seq_lens",
+            "block_tables",
+            "logits_indices",
+        ]
+        names += [
+            n for n in ("prev_index", "decode_lens", "prefill_work") if getattr(step, n) is not None
+        ]
         arrays = [getattr(step, n) for n in names]
         if step.shared_len:
             names += ["shared_len", "shared_rows", "shared_blocks"]
@@ -352,17 +428,19 @@ class ModelRunner:
         self._turn ^= 1
         staging, copied = self._staging[self._turn], self._copied[self._turn]
         if staging is None or staging.numel() < total:
-            staging = self._staging[self._turn] = torch.empty(2 * total, dtype=torch.int64, pin_memory=True)
+            staging = self._staging[self._turn] = torch.empty(
+                2 * total, dtype=torch.int64, pin_memory=True
+            )
         copied.synchronize()
         host, offset = staging.numpy(), 0
         for a in arrays:
-            host[offset:offset + a.size] = a.ravel()
+            host[offset : offset + a.size] = a.ravel()
             offset += a.size
         packed = staging[:total].to(self.device, non_blocking=True)
         copied.record()
         out, offset = {}, 0
         for n, a in zip(names, arrays):
-            t = packed[offset:offset + a.size].view(a.shape)
+            t = packed[offset : offset + a.size].view(a.shape)
             out[n] = t if a.dtype == np.int64 else t.to(torch.int32)
             offset += a.size
         return out
@@ -378,19 +456,29 @@ class ModelRunner:
         dev = self._upload(step)
         if step.prev_index is not None:
             prev = dev["prev_index"]
-            dev["input_ids"] = torch.where(prev >= 0, prev_tokens[prev.clamp(min=0)], dev["input_ids"])
+            dev["input_ids"] = torch.where(
+                prev >= 0, prev_tokens[prev.clamp(min=0)], dev["input_ids"]
+            )
         if self.graphs and step.num_decodes == num_tokens and num_tokens <= self.graph_sizes[-1]:
             return self._replay(step, dev)
         if mixed is not None:
             return self._replay_mixed(step, dev, *mixed)
         meta = AttentionMetadata(
-            slot_mapping=dev["slot_mapping"], query_start_loc=dev["query_start_loc"], seq_lens=dev["seq_lens"],
-            block_tables=dev["block_tables"], num_decodes=step.num_decodes, max_query_len=step.max_query_len,
-            max_seq_len=step.max_seq_len, prefill_is_fresh=step.prefill_is_fresh,
+            slot_mapping=dev["slot_mapping"],
+            query_start_loc=dev["query_start_loc"],
+            seq_lens=dev["seq_lens"],
+            block_tables=dev["block_tables"],
+            num_decodes=step.num_decodes,
+            max_query_len=step.max_query_len,
+            max_seq_len=step.max_seq_len,
+            prefill_is_fresh=step.prefill_is_fresh,
             shared_prefix=SharedPrefix(dev["shared_len"], dev["shared_blocks"], dev["shared_rows"])
-            if step.shared_len else None,
-            query_start_loc_cpu=step.query_start_loc.tolist(), seq_lens_cpu=step.seq_lens.tolist(),
-            decode_lens=dev.get("decode_lens"), prefill_work=dev.get("prefill_work"),
+            if step.shared_len
+            else None,
+            query_start_loc_cpu=step.query_start_loc.tolist(),
+            seq_lens_cpu=step.seq_lens.tolist(),
+            decode_lens=dev.get("decode_lens"),
+            prefill_work=dev.get("prefill_work"),
         )
         with forward_context(meta):
             hidden = self.model(dev["input_ids"], dev["positions"])
@@ -423,7 +511,11 @@ class ModelRunner:
     def mixed_graph_token_sizes(self) -> list[int]:
         """Token counts captured for steps with prefill tokens: 16 to 512 by doubling, then every
         256 up to 2,048, then every 1,024, within the token budget and mixed_graph_max_tokens."""
-        sizes = [16, 32, 64, 128, 256] + list(range(512, 2048, 256)) + list(range(2048, 65536 + 1, 1024))
+        sizes = (
+            [16, 32, 64, 128, 256]
+            + list(range(512, 2048, 256))
+            + list(range(2048, 65536 + 1, 1024))
+        )
         limit = min(self.config.max_num_batched_tokens, self.mixed_graph_max_tokens)
         return [t for t in sizes if t <= limit]
 
@@ -448,18 +540,24 @@ class ModelRunner:
         lengths and the prefill kernel's work list stand for the host values (number of
         decodes, longest query) that an eager step's kernel launches read."""
         from vllm_lite.attention.triton_ops import prefill_work, prefill_work_capacity
+
         pad, nd, qsl = num_tokens - len(step.input_ids), step.num_decodes, step.query_start_loc
         decode_lens = np.zeros(num_seqs, np.int32)
         decode_lens[:nd] = step.seq_lens[:nd]
         return dataclasses.replace(
             step,
-            input_ids=np.pad(step.input_ids, (0, pad)), positions=np.pad(step.positions, (0, pad)),
+            input_ids=np.pad(step.input_ids, (0, pad)),
+            positions=np.pad(step.positions, (0, pad)),
             slot_mapping=np.pad(step.slot_mapping, (0, pad), constant_values=-1),
-            prev_index=None if step.prev_index is None else np.pad(step.prev_index, (0, pad), constant_values=-1),
+            prev_index=None
+            if step.prev_index is None
+            else np.pad(step.prev_index, (0, pad), constant_values=-1),
             query_start_loc=np.pad(qsl, (0, num_seqs + 1 - len(qsl)), mode="edge"),
             seq_lens=np.pad(step.seq_lens, (0, num_seqs - len(step.seq_lens))),
             decode_lens=decode_lens,
-            prefill_work=prefill_work(np.diff(qsl[nd:]), nd, prefill_work_capacity(num_tokens, num_seqs)),
+            prefill_work=prefill_work(
+                np.diff(qsl[nd:]), nd, prefill_work_capacity(num_tokens, num_seqs)
+            ),
         )
 
     @torch.inference_mode()
@@ -471,12 +569,17 @@ class ModelRunner:
         the model without the LM head, which runs on the sampled rows only). All graphs read
         one set of input buffers and share one memory pool."""
         from vllm_lite.attention.triton_ops import prefill_work_capacity
+
         self.graph_sizes = self.cuda_graph_batch_sizes()
         max_bs = self.graph_sizes[-1]
-        mixed_sizes = self.mixed_graph_token_sizes() if self.backend.supports_mixed_cuda_graphs else []
+        mixed_sizes = (
+            self.mixed_graph_token_sizes() if self.backend.supports_mixed_cuda_graphs else []
+        )
         max_tokens = max([max_bs] + mixed_sizes)
         max_seqs = max([max_bs] + [self.mixed_graph_seqs(t) for t in mixed_sizes])
-        max_work = max([0] + [prefill_work_capacity(t, self.mixed_graph_seqs(t)) for t in mixed_sizes])
+        max_work = max(
+            [0] + [prefill_work_capacity(t, self.mixed_graph_seqs(t)) for t in mixed_sizes]
+        )
         max_blocks = (self.max_model_len + self.block_size - 1) // self.block_size
         dev = self.device
         self.static = st = {
@@ -489,32 +592,57 @@ class ModelRunner:
             "decode_lens": torch.zeros(max_seqs, dtype=torch.int32, device=dev),
             "prefill_work": torch.full((max_work, 2), -1, dtype=torch.int32, device=dev),
         }
-        shared = SharedPrefix(length=torch.zeros(1, dtype=torch.int32, device=dev),
-                              blocks=torch.zeros(max_blocks, dtype=torch.int32, device=dev),
-                              rows=torch.zeros(max_bs, dtype=torch.int32, device=dev))
+        shared = SharedPrefix(
+            length=torch.zeros(1, dtype=torch.int32, device=dev),
+            blocks=torch.zeros(max_blocks, dtype=torch.int32, device=dev),
+            rows=torch.zeros(max_bs, dtype=torch.int32, device=dev),
+        )
         self.static_shared = shared
         self.graphs, self.mixed_graphs, pool = {}, {}, None
         for t in reversed(mixed_sizes):  # the largest first: the smaller ones reuse its memory
             b = self.mixed_graph_seqs(t)
-            meta = AttentionMetadata(st["slot_mapping"][:t], st["query_start_loc"][:b + 1], st["seq_lens"][:b],
-                                     st["block_tables"][:b], num_decodes=0, max_query_len=t,
-                                     max_seq_len=self.max_model_len, decode_lens=st["decode_lens"][:b],
-                                     prefill_work=st["prefill_work"][:prefill_work_capacity(t, b)])
-            graph, hidden = self._capture(meta, lambda: self.model(st["input_ids"][:t], st["positions"][:t]), pool)
+            meta = AttentionMetadata(
+                st["slot_mapping"][:t],
+                st["query_start_loc"][: b + 1],
+                st["seq_lens"][:b],
+                st["block_tables"][:b],
+                num_decodes=0,
+                max_query_len=t,
+                max_seq_len=self.max_model_len,
+                decode_lens=st["decode_lens"][:b],
+                prefill_work=st["prefill_work"][: prefill_work_capacity(t, b)],
+            )
+            graph, hidden = self._capture(
+                meta, lambda t=t: self.model(st["input_ids"][:t], st["positions"][:t]), pool
+            )
             pool = graph.pool()
             self.mixed_graphs[t] = (graph, hidden)
         self.mixed_graphs = dict(sorted(self.mixed_graphs.items()))
         query_start_loc = torch.arange(max_bs + 1, dtype=torch.int32, device=dev)
         for bs in reversed(self.graph_sizes):
-            cascades = [False] + [True] * (self.backend.supports_shared_prefix and bs >= self.cascade_min_seqs)
+            cascades = [False] + [True] * (
+                self.backend.supports_shared_prefix and bs >= self.cascade_min_seqs
+            )
             for cascade in cascades:
-                meta = AttentionMetadata(st["slot_mapping"][:bs], query_start_loc[:bs + 1], st["seq_lens"][:bs],
-                                         st["block_tables"][:bs], num_decodes=bs, max_query_len=1,
-                                         max_seq_len=self.max_model_len,
-                                         shared_prefix=SharedPrefix(shared.length, shared.blocks, shared.rows[:bs])
-                                         if cascade else None)
-                graph, logits = self._capture(meta, lambda: self.model.compute_logits(
-                    self.model(st["input_ids"][:bs], st["positions"][:bs])), pool)
+                meta = AttentionMetadata(
+                    st["slot_mapping"][:bs],
+                    query_start_loc[: bs + 1],
+                    st["seq_lens"][:bs],
+                    st["block_tables"][:bs],
+                    num_decodes=bs,
+                    max_query_len=1,
+                    max_seq_len=self.max_model_len,
+                    shared_prefix=SharedPrefix(shared.length, shared.blocks, shared.rows[:bs])
+                    if cascade
+                    else None,
+                )
+                graph, logits = self._capture(
+                    meta,
+                    lambda bs=bs: self.model.compute_logits(
+                        self.model(st["input_ids"][:bs], st["positions"][:bs])
+                    ),
+                    pool,
+                )
                 pool = graph.pool()
                 self.graphs[bs, cascade] = (graph, logits)
         torch.cuda.synchronize(dev)
@@ -537,25 +665,34 @@ class ModelRunner:
             st[name][:n].copy_(dev[name])
         st["slot_mapping"][n:bs].fill_(-1)
         st["seq_lens"][n:bs].fill_(1)
-        st["block_tables"][:n, :step.block_tables.shape[1]].copy_(dev["block_tables"])
+        st["block_tables"][:n, : step.block_tables.shape[1]].copy_(dev["block_tables"])
         cascade = step.shared_len > 0 and (bs, True) in self.graphs
         if cascade:
             shared = self.static_shared
             shared.length.copy_(dev["shared_len"])
             shared.rows[:n].copy_(dev["shared_rows"])
             shared.rows[n:bs].fill_(0)
-            shared.blocks[:len(step.shared_blocks)].copy_(dev["shared_blocks"])
+            shared.blocks[: len(step.shared_blocks)].copy_(dev["shared_blocks"])
         graph, logits = self.graphs[bs, cascade]
         graph.replay()
         return logits[:n] if len(step.logits_indices) == n else logits[dev["logits_indices"]]
 
-    def _replay_mixed(self, step: StepInput, dev: dict[str, torch.Tensor], num_tokens: int, num_seqs: int):
+    def _replay_mixed(
+        self, step: StepInput, dev: dict[str, torch.Tensor], num_tokens: int, num_seqs: int
+    ):
         """``step`` is already in the graph's layout (``graph_layout``): its arrays fill the
         input buffers' first rows; the rows past them are never read."""
         st = self.static
-        for name in ("input_ids", "positions", "slot_mapping", "query_start_loc", "seq_lens", "decode_lens",
-                     "prefill_work"):
-            st[name][:len(dev[name])].copy_(dev[name])
+        for name in (
+            "input_ids",
+            "positions",
+            "slot_mapping",
+            "query_start_loc",
+            "seq_lens",
+            "decode_lens",
+            "prefill_work",
+        ):
+            st[name][: len(dev[name])].copy_(dev[name])
         rows, width = step.block_tables.shape
         st["block_tables"][:rows, :width].copy_(dev["block_tables"])
         graph, hidden = self.mixed_graphs[num_tokens]

@@ -1,4 +1,5 @@
 """The offline Python API in vLLM's shape: ``LLM(model=PATH).generate(prompts, params)``."""
+
 from __future__ import annotations
 
 import time
@@ -25,10 +26,17 @@ class LLM:
         self.engine = LLMEngine(config)
         self.tokenizer = self.engine.tokenizer
 
-    def generate(self, prompts: Prompt | list[Prompt], sampling_params: SamplingParams | list[SamplingParams] | None = None,
-                 use_tqdm: bool = True) -> list[RequestOutput]:
-        """Outputs in input order. A bad prompt raises ValueError naming it before any work starts."""
-        if isinstance(prompts, str) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+    def generate(
+        self,
+        prompts: Prompt | list[Prompt],
+        sampling_params: SamplingParams | list[SamplingParams] | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """Outputs in input order. A bad prompt raises ValueError naming it before any work
+        starts."""
+        if isinstance(prompts, str) or (
+            isinstance(prompts, list) and prompts and isinstance(prompts[0], int)
+        ):
             prompts = [prompts]
         params = sampling_params or SamplingParams()
         params = params if isinstance(params, list) else [params] * len(prompts)
@@ -49,14 +57,23 @@ class LLM:
             ids_of[seq.request_id] = len(ids_of)
         return self._run(ids_of, use_tqdm and len(prompts) > 1)
 
-    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             use_tqdm: bool = True) -> list[RequestOutput]:
-        """One conversation (a list of {"role", "content"}) or several, through the chat template."""
+    def chat(
+        self,
+        messages: list[dict] | list[list[dict]],
+        sampling_params: SamplingParams | None = None,
+        use_tqdm: bool = True,
+    ) -> list[RequestOutput]:
+        """One conversation (a list of {"role", "content"}) or several, through the chat
+        template."""
         if self.tokenizer is None:
-            raise ValueError("chat needs a tokenizer with a chat template; this model folder has none")
+            raise ValueError(
+                "chat needs a tokenizer with a chat template; this model folder has none"
+            )
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
-                   for c in conversations]
+        prompts = [
+            self.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in conversations
+        ]
         encoded = [self.tokenizer.encode(p, add_special_tokens=False) for p in prompts]
         outputs = self.generate(encoded, sampling_params, use_tqdm)
         for out, prompt in zip(outputs, prompts):
@@ -73,7 +90,9 @@ class LLM:
                     results[index_of[out.request_id]] = out
                     bar.update(1)
             generated = self.engine.num_generated_tokens - generated_before
-            bar.set_postfix_str(f"{generated / (time.perf_counter() - start):.0f} tok/s out", refresh=False)
+            bar.set_postfix_str(
+                f"{generated / (time.perf_counter() - start):.0f} tok/s out", refresh=False
+            )
         bar.close()
         return results
 

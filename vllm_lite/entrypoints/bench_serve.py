@@ -2,18 +2,19 @@
 server that takes token-id prompts and vLLM's ``ignore_eos``) the way vLLM's
 ``benchmark_serving.py`` does, and report what a user of the server sees.
 
-The workload is the throughput benchmark's (``vllm_lite.benchmark.Workload``: random token
-prompts, or nano-vllm's draws), sent to ``/v1/completions`` as token ids with
+The workload is the throughput benchmark's (``vllm_lite.entrypoints.benchmark.Workload``: random
+token prompts, or nano-vllm's draws), sent to ``/v1/completions`` as token ids with
 ``stream: true``, ``ignore_eos`` and ``max_tokens`` = the drawn output length (``--tokenizer``: as
-the ids' text instead; ``--no-ignore-eos``: without vLLM's field, for strict OpenAI servers). Requests start
-at a Poisson rate (``--request-rate R`` per second, exponential gaps, seeded) or all at once
-(``inf``, the default), optionally at most ``--max-concurrency`` in flight. Per request the
+the ids' text instead; ``--no-ignore-eos``: without vLLM's field, for strict OpenAI servers).
+Requests start at a Poisson rate (``--request-rate R`` per second, exponential gaps, seeded) or all
+at once (``inf``, the default), optionally at most ``--max-concurrency`` in flight. Per request the
 client records the time to the first streamed token (TTFT), the gaps between streamed chunks
-(inter-token latency, ITL: the server sends one chunk per engine step with new tokens) and
-the time per output token after the first (TPOT = (latency - TTFT) / (output tokens - 1),
-output tokens from the final usage chunk); it reports request and token throughput and the
-mean, p50, p90 and p99 of each. The client reads the streams with aiohttp (``sse_events``), as
-vLLM's benchmark does: fast enough not to be what it measures."""
+(inter-token latency, ITL: the server sends one chunk per engine step with new tokens) and the time
+per output token after the first (TPOT = (latency - TTFT) / (output tokens - 1), output tokens from
+the final usage chunk); it reports request and token throughput and the mean, p50, p90 and p99 of
+each. The client reads the streams with aiohttp (``sse_events``), as vLLM's benchmark does: fast
+enough not to be what it measures."""
+
 from __future__ import annotations
 
 import argparse
@@ -29,7 +30,7 @@ from dataclasses import dataclass, field
 
 import aiohttp
 
-from vllm_lite.benchmark import DEFAULT_TEMPERATURE, Workload
+from vllm_lite.entrypoints.benchmark import DEFAULT_TEMPERATURE, Workload
 
 
 @dataclass
@@ -63,7 +64,9 @@ async def sse_events(url: str, headers: dict, payload: dict):
     which at tens of thousands of chunks a second would make the client the bottleneck."""
     timeout = aiohttp.ClientTimeout(total=None)
     async with aiohttp.ClientSession(timeout=timeout, read_bufsize=1 << 22) as session:
-        async with session.post(url, json=payload, headers={"Accept": "text/event-stream", **headers}) as response:
+        async with session.post(
+            url, json=payload, headers={"Accept": "text/event-stream", **headers}
+        ) as response:
             if response.status != 200:
                 yield response.status, await response.text(errors="replace")
                 return
@@ -106,18 +109,38 @@ async def send_one(url: str, headers: dict, payload: dict, prompt_len: int) -> R
     return result
 
 
-def request_body(model: str, prompt: list[int], max_tokens: int, temperature: float, tokenizer=None,
-                 ignore_eos: bool = True) -> dict:
+def request_body(
+    model: str,
+    prompt: list[int],
+    max_tokens: int,
+    temperature: float,
+    tokenizer=None,
+    ignore_eos: bool = True,
+) -> dict:
     """One streaming /v1/completions request: the prompt as token ids, or as their text."""
-    body = {"model": model, "prompt": tokenizer.decode(prompt) if tokenizer is not None else prompt,
-            "max_tokens": max_tokens, "temperature": temperature, "stream": True,
-            "stream_options": {"include_usage": True}}
+    body = {
+        "model": model,
+        "prompt": tokenizer.decode(prompt) if tokenizer is not None else prompt,
+        "max_tokens": max_tokens,
+        "temperature": temperature,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
     return {**body, "ignore_eos": True} if ignore_eos else body
 
 
-async def run_benchmark(base_url: str, model: str | None, work: Workload, temperature: float, request_rate: float,
-                        max_concurrency: int | None, api_key: str | None, seed: int, tokenizer=None,
-                        ignore_eos: bool = True) -> dict:
+async def run_benchmark(
+    base_url: str,
+    model: str | None,
+    work: Workload,
+    temperature: float,
+    request_rate: float,
+    max_concurrency: int | None,
+    api_key: str | None,
+    seed: int,
+    tokenizer=None,
+    ignore_eos: bool = True,
+) -> dict:
     """``tokenizer``: send each prompt as its ids' text (for servers that take only strings)."""
     import httpx
 
@@ -171,8 +194,14 @@ async def model_card(base_url: str, api_key: str | None) -> dict:
         return response.json()["data"][0]
 
 
-def summarize(results: list[RequestResult], duration: float, model: str, base_url: str, request_rate: float,
-              max_concurrency: int | None) -> dict:
+def summarize(
+    results: list[RequestResult],
+    duration: float,
+    model: str,
+    base_url: str,
+    request_rate: float,
+    max_concurrency: int | None,
+) -> dict:
     ok = [r for r in results if r.ok]
     total_in = sum(r.prompt_len for r in ok)
     total_out = sum(r.output_tokens for r in ok)
@@ -180,13 +209,22 @@ def summarize(results: list[RequestResult], duration: float, model: str, base_ur
     tpot = [(r.latency - r.ttft) / (r.output_tokens - 1) for r in ok if r.output_tokens > 1]
     itl = [x for r in ok for x in r.itl]
     e2el = [r.latency for r in ok]
-    out = {"model": model, "base_url": base_url,
-           "request_rate": request_rate if request_rate != float("inf") else "inf", "max_concurrency": max_concurrency,
-           "num_requests": len(results), "completed": len(ok), "failed": len(results) - len(ok),
-           "errors": sorted({r.error for r in results if not r.ok})[:5],
-           "duration_s": duration, "total_input_tokens": total_in, "total_output_tokens": total_out,
-           "request_throughput": len(ok) / duration, "output_throughput": total_out / duration,
-           "total_token_throughput": (total_in + total_out) / duration}
+    out = {
+        "model": model,
+        "base_url": base_url,
+        "request_rate": request_rate if request_rate != float("inf") else "inf",
+        "max_concurrency": max_concurrency,
+        "num_requests": len(results),
+        "completed": len(ok),
+        "failed": len(results) - len(ok),
+        "errors": sorted({r.error for r in results if not r.ok})[:5],
+        "duration_s": duration,
+        "total_input_tokens": total_in,
+        "total_output_tokens": total_out,
+        "request_throughput": len(ok) / duration,
+        "output_throughput": total_out / duration,
+        "total_token_throughput": (total_in + total_out) / duration,
+    }
     for name, values in (("ttft", ttft), ("tpot", tpot), ("itl", itl), ("e2el", e2el)):
         ms = [v * 1000 for v in values]
         out[f"mean_{name}_ms"] = statistics.fmean(ms) if ms else float("nan")
@@ -196,7 +234,11 @@ def summarize(results: list[RequestResult], duration: float, model: str, base_ur
 
 
 def print_report(r: dict) -> None:
-    rate = "inf (all at once)" if r["request_rate"] == "inf" else f"{r['request_rate']:g} req/s (Poisson)"
+    rate = (
+        "inf (all at once)"
+        if r["request_rate"] == "inf"
+        else f"{r['request_rate']:g} req/s (Poisson)"
+    )
     lines = [
         "{s:{c}^60}".format(s=" Serving Benchmark Result ", c="="),
         f"{'Model:':<44}{r['model']}",
@@ -211,8 +253,12 @@ def print_report(r: dict) -> None:
         f"{'Output token throughput (tok/s):':<44}{r['output_throughput']:.2f}",
         f"{'Total token throughput (tok/s):':<44}{r['total_token_throughput']:.2f}",
     ]
-    titles = {"ttft": "Time to First Token", "tpot": "Time per Output Token (excl. 1st token)",
-              "itl": "Inter-token Latency", "e2el": "End-to-end Latency"}
+    titles = {
+        "ttft": "Time to First Token",
+        "tpot": "Time per Output Token (excl. 1st token)",
+        "itl": "Inter-token Latency",
+        "e2el": "End-to-end Latency",
+    }
     for key, title in titles.items():
         lines.append("{s:{c}^60}".format(s=f" {title} ", c="-"))
         lines.append(f"{'Mean ' + key.upper() + ' (ms):':<44}{r[f'mean_{key}_ms']:.2f}")
@@ -225,31 +271,60 @@ def print_report(r: dict) -> None:
 
 
 def bench_serve_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="vllm-lite bench serve", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="vllm-lite bench serve",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("--base-url", default=None, help="server URL (default: http://HOST:PORT)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--model", help="model name to send (default: the server's first model)")
-    parser.add_argument("--api-key", default=os.environ.get("VLLM_LITE_API_KEY"),
-                        help="sent as 'Authorization: Bearer KEY' (default: $VLLM_LITE_API_KEY)")
-    parser.add_argument("--dataset", choices=["random", "nano-vllm"], default="random",
-                        help="the throughput benchmark's workloads (vllm_lite/benchmark.py)")
+    parser.add_argument(
+        "--api-key",
+        default=os.environ.get("VLLM_LITE_API_KEY"),
+        help="sent as 'Authorization: Bearer KEY' (default: $VLLM_LITE_API_KEY)",
+    )
+    parser.add_argument(
+        "--dataset",
+        choices=["random", "nano-vllm"],
+        default="random",
+        help="the throughput benchmark's workloads (vllm_lite/entrypoints/benchmark.py)",
+    )
     parser.add_argument("--num-prompts", type=int, default=256)
-    parser.add_argument("--input-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
-    parser.add_argument("--output-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX"))
-    parser.add_argument("--vocab-size", type=int,
-                        help="token ids are drawn below this (default: the server's /v1/models vocab_size)")
+    parser.add_argument(
+        "--input-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX")
+    )
+    parser.add_argument(
+        "--output-len", type=int, nargs=2, default=[100, 1024], metavar=("MIN", "MAX")
+    )
+    parser.add_argument(
+        "--vocab-size",
+        type=int,
+        help="token ids are drawn below this (default: the server's /v1/models vocab_size)",
+    )
     parser.add_argument("--temperature", type=float, help="default: 1.0 (random), 0.6 (nano-vllm)")
-    parser.add_argument("--request-rate", type=float, default=float("inf"),
-                        help="requests per second, Poisson arrivals (default inf: all at once)")
+    parser.add_argument(
+        "--request-rate",
+        type=float,
+        default=float("inf"),
+        help="requests per second, Poisson arrivals (default inf: all at once)",
+    )
     parser.add_argument("--max-concurrency", type=int, help="at most this many requests in flight")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--tokenizer", metavar="PATH",
-                        help="send prompts as text, the workload's ids decoded by this tokenizer (servers that take "
-                             "only strings, such as `transformers serve`)")
-    parser.add_argument("--ignore-eos", action=argparse.BooleanOptionalAction, default=True,
-                        help="send vLLM's ignore_eos (default on; off for servers that refuse unknown fields)")
+    parser.add_argument(
+        "--tokenizer",
+        metavar="PATH",
+        help="send prompts as text, the workload's ids decoded by this tokenizer "
+        "(servers that take "
+        "only strings, such as `transformers serve`)",
+    )
+    parser.add_argument(
+        "--ignore-eos",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="send vLLM's ignore_eos (default on; off for servers that refuse unknown fields)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     for name in ("num_prompts",):
@@ -262,31 +337,58 @@ def bench_serve_main(argv: list[str]) -> int:
     for name in ("input_len", "output_len"):
         lo, hi = getattr(args, name)
         if not 1 <= lo <= hi:
-            parser.error(f"argument --{name.replace('_', '-')}: needs 1 <= MIN <= MAX, got {lo} {hi}")
+            parser.error(
+                f"argument --{name.replace('_', '-')}: needs 1 <= MIN <= MAX, got {lo} {hi}"
+            )
     base_url = args.base_url or f"http://{args.host}:{args.port}"
-    temperature = DEFAULT_TEMPERATURE[args.dataset] if args.temperature is None else args.temperature
+    temperature = (
+        DEFAULT_TEMPERATURE[args.dataset] if args.temperature is None else args.temperature
+    )
 
     try:
         card = asyncio.run(model_card(base_url, args.api_key))
     except Exception as exc:  # noqa: BLE001
-        raise SystemExit(f"no server answers at {base_url}/v1/models: {type(exc).__name__}: {exc}") from None
+        raise SystemExit(
+            f"no server answers at {base_url}/v1/models: {type(exc).__name__}: {exc}"
+        ) from None
     vocab = args.vocab_size or card.get("vocab_size")
     if not vocab:
         parser.error("the server does not say its vocab_size: give --vocab-size")
     max_len = card.get("max_model_len")
     if max_len and args.input_len[1] + args.output_len[1] > max_len:
-        print(f"note: the longest request ({args.input_len[1]} + {args.output_len[1]} tokens) exceeds the server's "
-              f"max_model_len ({max_len}); such requests stop early or are refused", file=sys.stderr)
+        print(
+            f"note: the longest request ({args.input_len[1]} + {args.output_len[1]} tokens) "
+            f"exceeds the server's "
+            f"max_model_len ({max_len}); such requests stop early or are refused",
+            file=sys.stderr,
+        )
     if args.dataset == "nano-vllm":
-        work = Workload.nano_vllm(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab)
+        work = Workload.nano_vllm(
+            args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab
+        )
     else:
-        work = Workload.random(args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed)
+        work = Workload.random(
+            args.num_prompts, tuple(args.input_len), tuple(args.output_len), vocab, args.seed
+        )
     tokenizer = None
     if args.tokenizer:
         from transformers import AutoTokenizer
+
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    result = asyncio.run(run_benchmark(base_url, args.model or card["id"], work, temperature, args.request_rate,
-                                       args.max_concurrency, args.api_key, args.seed, tokenizer, args.ignore_eos))
+    result = asyncio.run(
+        run_benchmark(
+            base_url,
+            args.model or card["id"],
+            work,
+            temperature,
+            args.request_rate,
+            args.max_concurrency,
+            args.api_key,
+            args.seed,
+            tokenizer,
+            args.ignore_eos,
+        )
+    )
     result.update(dataset=args.dataset, temperature=temperature)
     print_report(result)
     if args.json:

@@ -8,6 +8,7 @@ by 16. ``variant_key`` computes that key with Triton's own binder
 (``triton.runtime.jit.create_function_from_signature``, the code ``JITFunction.run`` calls before
 its cache lookup), so it works under ``TRITON_INTERPRET=1`` on CPU tensors as well as on CUDA.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,24 +22,35 @@ _binders: dict[int, object] = {}
 
 
 def engine_kernels() -> dict[str, KernelInterface]:
-    """Every ``@triton.jit`` function of the engine, by name (device helpers included: never launched)."""
+    """Every ``@triton.jit`` function of the engine, by name (device helpers included: never
+    launched)."""
     from vllm_lite.attention import triton_ops
     from vllm_lite.layers import fused_moe, fused_ops
 
-    return {name: obj for module in (triton_ops, fused_ops, fused_moe) for name, obj in vars(module).items()
-            if isinstance(obj, KernelInterface)}
+    return {
+        name: obj
+        for module in (triton_ops, fused_ops, fused_moe)
+        for name, obj in vars(module).items()
+        if isinstance(obj, KernelInterface)
+    }
 
 
 def _binder(kernel: KernelInterface):
     """Triton's argument binder for ``kernel``, with its ``do_not_specialize`` lists. The NVIDIA
     backend specializes ints and pointers exactly as ``BaseBackend`` does (it overrides neither)."""
     if id(kernel) not in _binders:
-        options = getattr(kernel, "kwargs", None) or vars(kernel)  # InterpretedFunction keeps them in .kwargs
+        options = getattr(kernel, "kwargs", None) or vars(
+            kernel
+        )  # InterpretedFunction keeps them in .kwargs
         no_spec = options.get("do_not_specialize") or []
         no_align = options.get("do_not_specialize_on_alignment") or []
         signature = inspect.signature(kernel.fn)
-        params = [KernelParam(i, p, i in no_spec or p.name in no_spec, i in no_align or p.name in no_align)
-                  for i, p in enumerate(signature.parameters.values())]
+        params = [
+            KernelParam(
+                i, p, i in no_spec or p.name in no_spec, i in no_align or p.name in no_align
+            )
+            for i, p in enumerate(signature.parameters.values())
+        ]
         _binders[id(kernel)] = create_function_from_signature(signature, params, BaseBackend)
     return _binders[id(kernel)]
 
@@ -56,10 +68,12 @@ def record_triton_variants(seen: set | None = None) -> Iterator[set]:
     seen = set() if seen is None else seen
     kernels = engine_kernels()
     for name, kernel in kernels.items():
+
         def run(*args, _name=name, _kernel=kernel, _run=kernel.run, **kwargs):
             launch_kwargs = {k: v for k, v in kwargs.items() if k not in ("grid", "warmup")}
             seen.add(variant_key(_name, _kernel, args, launch_kwargs))
             return _run(*args, **kwargs)
+
         kernel.run = run  # fn[grid](...) looks ``run`` up on the instance at each launch
     try:
         yield seen
@@ -72,8 +86,12 @@ def describe(key: tuple) -> str:
     """One line per variant: the kernel, then each argument's specialization by name."""
     name, specialization, options = key
     kernel = engine_kernels()[name]
-    parts = [f"{p}={s[1]!r}" if s[0] == "constexpr" else f"{p}:{s[0]}{'' if s[1] in (None, '') else '/' + s[1]}"
-             for p, s in zip(inspect.signature(kernel.fn).parameters, specialization)]
+    parts = [
+        f"{p}={s[1]!r}"
+        if s[0] == "constexpr"
+        else f"{p}:{s[0]}{'' if s[1] in (None, '') else '/' + s[1]}"
+        for p, s in zip(inspect.signature(kernel.fn).parameters, specialization)
+    ]
     opts = ",".join(f"{k}={v}" for k, v in options if k == "num_warps")
     return f"{name}({', '.join(parts)}){' ' + opts if opts else ''}"
 
@@ -81,5 +99,8 @@ def describe(key: tuple) -> str:
 def compiled_variant_counts() -> dict[str, int]:
     """Compiled (not interpreted) runs only: the binaries each kernel holds in Triton's in-process
     cache, the ground truth ``record_triton_variants`` mirrors."""
-    return {name: sum(len(caches[0]) for caches in kernel.device_caches.values())
-            for name, kernel in engine_kernels().items() if hasattr(kernel, "device_caches")}
+    return {
+        name: sum(len(caches[0]) for caches in kernel.device_caches.values())
+        for name, kernel in engine_kernels().items()
+        if hasattr(kernel, "device_caches")
+    }

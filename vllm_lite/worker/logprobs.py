@@ -1,5 +1,6 @@
 """Log-probabilities as vLLM returns them: per position ``{token id: Logprob}``, the chosen token
 first, then the top-k (ranks 1..k); and how they are computed from a step's logits."""
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -16,6 +17,7 @@ def token_logprobs(logits: torch.Tensor, rows: torch.Tensor, tokens: torch.Tenso
     k = min(k, logits.shape[1])
     if logits.is_cuda:
         from vllm_lite.layers.fused_ops import token_logprobs as fused
+
         return fused(logits, rows, tokens, k)
     return token_logprobs_native(logits, rows, tokens, k)
 
@@ -31,7 +33,9 @@ def token_logprobs_native(logits: torch.Tensor, rows: torch.Tensor, tokens: torc
 
 @dataclass
 class Logprob:
-    """vLLM's: a token's log-probability, its rank among all tokens (1 = most likely) and its text."""
+    """vLLM's: a token's log-probability, its rank among all tokens (1 = most likely) and its
+    text."""
+
     logprob: float
     rank: int | None = None
     decoded_token: str | None = None
@@ -50,8 +54,15 @@ class FlatLogprobs(Sequence):
         self.ranks: list[int] = []
         self.texts: list[str | None] = []
 
-    def append(self, token_id: int, logprob: float, rank: int, top_ids: list[int], top_logprobs: list[float],
-               texts: list[str | None]) -> None:
+    def append(
+        self,
+        token_id: int,
+        logprob: float,
+        rank: int,
+        top_ids: list[int],
+        top_logprobs: list[float],
+        texts: list[str | None],
+    ) -> None:
         """One position: the chosen token, then the top tokens; ``texts`` of all of them."""
         self.token_ids.append(token_id)
         self.token_ids += top_ids
@@ -79,7 +90,10 @@ class FlatLogprobs(Sequence):
         start, end = self.ends[i - 1] if i else 0, self.ends[i]
         if start == end:
             return None
-        return {self.token_ids[j]: Logprob(self.logprobs[j], self.ranks[j], self.texts[j]) for j in range(start, end)}
+        return {
+            self.token_ids[j]: Logprob(self.logprobs[j], self.ranks[j], self.texts[j])
+            for j in range(start, end)
+        }
 
     def __eq__(self, other) -> bool:
         return isinstance(other, Sequence) and list(self) == list(other)
