@@ -604,8 +604,8 @@ def bench_main(argv: list[str]) -> int:
             )
             print(
                 f"  mixture of experts: {weights.total / 1e9:.1f} GB of weights; "
-                f"a decode step of 1 token reads {weights.read_by(1) / 1e9:.2f} GB, of {batch} tokens "
-                f"{weights.read_by(batch) / 1e9:.2f} GB (uniform routing)"
+                f"a decode step of 1 token reads {weights.read_by(1) / 1e9:.2f} GB, "
+                f"of {batch} tokens {weights.read_by(batch) / 1e9:.2f} GB (uniform routing)"
             )
         if step_bw:
             print(
