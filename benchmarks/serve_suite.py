@@ -31,25 +31,8 @@ from vllm_lite.config import EngineConfig
 from vllm_lite.entrypoints.bench_serve import run_benchmark
 from vllm_lite.entrypoints.benchmark import Workload, model_folder
 
-LLAMA_SMOLLM2_VOCAB = {
-    "architectures": ["LlamaForCausalLM"],
-    "model_type": "llama",
-    "hidden_size": 2048,
-    "num_hidden_layers": 16,
-    "num_attention_heads": 32,
-    "num_key_value_heads": 8,
-    "head_dim": 64,
-    "intermediate_size": 8192,
-    "vocab_size": 49152,
-    "tie_word_embeddings": True,
-    "max_position_embeddings": 8192,
-    "rms_norm_eps": 1e-5,
-    "rope_theta": 500000.0,
-    "hidden_act": "silu",
-    "torch_dtype": "bfloat16",
-    "bos_token_id": 1,
-    "eos_token_id": 2,
-}
+# the Llama shape with SmolLM2's vocabulary (vllm_lite/model_configs/llama-1b-smollm2-vocab.json)
+LLAMA_SMOLLM2_VOCAB = "llama-1b-smollm2-vocab"
 NEVER = (
     "\u2063never\u2063"  # a stop string random tokens do not produce: per-token text, no early end
 )
@@ -163,7 +146,8 @@ def main() -> None:
 
     tokenizer = args.tokenizer_path or default_model_path()
     temperature, rows, result = 0.6, [], {}
-    llama = LLAMA_SMOLLM2_VOCAB
+    with open(os.path.join(model_folder(LLAMA_SMOLLM2_VOCAB), "config.json")) as fh:
+        llama = json.load(fh)
     if args.smoke:  # the same path on a CPU in a few minutes: a 2-layer model, a few short requests
         llama = {
             **llama,

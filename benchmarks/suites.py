@@ -63,6 +63,15 @@ STEP = r"^decode step|^  (host|GPU):|^all-reduce"  # profile_decode's result lin
 NANO = "--dataset nano-vllm --runs 3 --model-config qwen3-0.6b"
 SHARED = "--dataset shared-prefix --runs 3 --model-config qwen3-0.6b"
 TP = "--model-config qwen2.5-7b --runs 2 --tensor-parallel-size"
+# the Llama shape with SmolLM2's vocabulary and its tokenizer (text on), max_tokens <= 256
+STRUCTURED = (
+    "--dataset nano-vllm --runs 3 --model-config llama-1b-smollm2-vocab --output-len 100 256"
+    + (
+        f" --tokenizer-path {shlex.quote(os.environ['TOKENIZER'])}"
+        if "TOKENIZER" in os.environ
+        else ""
+    )
+)
 SERVE = "--num-prompts 256 --input-len 100 1024 --output-len 100 1024 --runs 1"
 
 # fmt: off
@@ -109,6 +118,19 @@ SUITES: dict[str, list[Row]] = {
         bench("qwen3-0.6b, extras", f"{NANO} --sampling extras"),
         py("sampler kernels", "bench_sampler", keep=r"^  \S", timeout=60),
         py("decode step with extras", "profile_decode --sampling extras", keep=STEP),
+        # structured outputs: one JSON schema on every request, next to none
+        bench("structured output: none", f"{STRUCTURED} --structured-output none"),
+        bench("structured output: json_schema", f"{STRUCTURED} --structured-output json_schema"),
+    ],
+    # mixtures of experts (dummy weights; Mixtral-8x7B's 93 GB fit one H200), the fused MoE
+    # kernel's bandwidth at decode batch sizes, HF transformers on the same requests (16 of them)
+    "moe": [
+        bench("qwen3-30b-a3b", "--dataset nano-vllm --runs 3 --model-config qwen3-30b-a3b", 240),
+        bench("qwen1.5-moe-a2.7b", "--dataset nano-vllm --runs 3 --model-config qwen1.5-moe-a2.7b"),
+        bench("mixtral-8x7b", "--dataset nano-vllm --runs 3 --model-config mixtral-8x7b", 300),
+        py("fused MoE kernel", "bench_fused_moe", keep=r"^\|", timeout=200),
+        bench("qwen3-30b-a3b vs HF generate_batch (16 requests)",
+              "--dataset nano-vllm --runs 1 --num-prompts 16 --model-config qwen3-30b-a3b --peer hf", 400),
     ],
     # tensor-parallel scaling on the Qwen2.5-7B shape, and where a tp-2 decode step goes
     "tp": [

@@ -73,13 +73,15 @@ def traced(tmp_path_factory):
 
 def test_trace_shows_chunked_prefill_prefix_cache_hits_and_a_preemption(traced):
     steps = traced["trace"].steps
+    # sequence ids count across the process's engines: the trace's "add" lines name the prompts'
+    ids = [added[0] for r in steps for added in r.get("add", ())]
     chunks = [(seq, start, n) for r in steps for seq, start, n in r.get("p", ())]
-    assert any(0 < start < 70 and seq == 3 for seq, start, _ in chunks), (
+    assert any(0 < start < 70 and seq == ids[3] for seq, start, _ in chunks), (
         "the 70-token prompt is chunked"
     )
     assert max(n for _, _, n in chunks) <= BUDGET
     # request 1 comes in with the second chunk of request 0: it finds the blocks of the first
-    assert [b for r in steps for s, b in r.get("hit", ()) if s == 1] == [BUDGET // BLOCK_SIZE]
+    assert [b for r in steps for s, b in r.get("hit", ()) if s == ids[1]] == [BUDGET // BLOCK_SIZE]
     assert any(r.get("pre") for r in steps)
     assert any(r["pool"][3] > 0 for r in steps if "pool" in r), (
         "the shared prefix's blocks are shared"
@@ -102,15 +104,12 @@ def test_trace_token_counts_add_up_to_the_outputs(traced):
         for seq in record.get("d", ()):
             computed[seq] += 1
     fins = {seq: out for r in traced["trace"].steps for seq, _, out, _ in r.get("fin", ())}
+    ids = [added[0] for r in traced["trace"].steps for added in r.get("add", ())]
     assert (
-        [fins[seq] for seq in range(4)]
-        == [len(o.outputs[0].token_ids) for o in outputs]
-        == MAX_TOKENS
+        [fins[seq] for seq in ids] == [len(o.outputs[0].token_ids) for o in outputs] == MAX_TOKENS
     )
     # the last output token is sampled, never computed
-    assert [computed[seq] for seq in range(4)] == [
-        len(p) + m - 1 for p, m in zip(prompts, MAX_TOKENS)
-    ]
+    assert [computed[seq] for seq in ids] == [len(p) + m - 1 for p, m in zip(prompts, MAX_TOKENS)]
     analysis = analyze(traced["trace"])
     assert sum(r.output_tokens for r in analysis.requests.values()) == sum(MAX_TOKENS)
 
