@@ -8,9 +8,9 @@
 set -u
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1
-if [ -n "$(find .whl -name '*.whl' 2>/dev/null | head -1)" ]; then
+if [ -n "$(find .whl -type f -name '*.whl' 2>/dev/null | head -1)" ]; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site \
-    $(find .whl -name '*.whl') 2>&1 | grep -v "as the 'root' user" | tail -3
+    $(find .whl -type f -name '*.whl') 2>&1 | grep -v "as the 'root' user" | tail -3
   export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
