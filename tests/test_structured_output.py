@@ -114,6 +114,26 @@ def test_regex_output_matches_the_regex(llm):
         assert re.fullmatch(pattern, text), text
 
 
+def test_a_token_its_grammar_refuses_never_reaches_the_output(llm):
+    """allowed_token_ids that leave the grammar nothing: the sampled token is refused, and the
+    completion ends before it (with a warning), the batch's other request untouched."""
+    tokenizer = llm.engine.tokenizer
+    yes = tokenizer.encode("yes", add_special_tokens=False)
+    outside = next(t for t in range(tokenizer.vocab_size) if t not in yes and t != 0)
+    stuck = SamplingParams(
+        temperature=0,
+        max_tokens=8,
+        allowed_token_ids=[outside],
+        structured_outputs=StructuredOutputsParams(choice=["yes"]),
+    )
+    free = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True)
+    with pytest.warns(UserWarning, match="breaks its structured output"):
+        outs = llm.generate([PROMPTS[0], PROMPTS[1]], [stuck, free], use_tqdm=False)
+    refused = outs[0].outputs[0]
+    assert outside not in refused.token_ids and refused.finish_reason == "abort"
+    assert len(outs[1].outputs[0].token_ids) == 8
+
+
 def test_choice_output_is_one_of_the_choices(llm):
     choices = ["yes", "no way", 'say "hi"\n', "東京"]
     outs = llm.generate(

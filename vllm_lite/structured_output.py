@@ -183,6 +183,10 @@ class StructuredOutputManager:
         """A fresh matcher of ``params``' grammar: one per completion."""
         return _xgr().GrammarMatcher(self.compiled(params))
 
+    def accept(self, matchers: list, token_ids: list[int]) -> list[bool]:
+        """Advance each matcher by its token (one call for the batch); False: refused."""
+        return _xgr().BatchGrammarMatcher.batch_accept_token(matchers, token_ids)
+
     def bitmask(
         self, matchers: list, rows: list[int], num_rows: int, device: torch.device
     ) -> torch.Tensor:

@@ -595,10 +595,11 @@ class LLMEngine:
         token_ids = inflight.host_tokens()
         logprobs = inflight.host_logprobs()
         self.num_generated_tokens += len(token_ids)
+        rejected = self._advance_grammars(inflight.seqs, token_ids) if self._structured else ()
         for i, (seq, pos, token_id) in enumerate(zip(inflight.seqs, inflight.positions, token_ids)):
             if seq.is_finished:  # stopped on an earlier token, or aborted: this one is void
                 continue
-            if seq.grammar is not None and not seq.grammar.accept_token(token_id):
+            if i in rejected:
                 self._reject_token(seq, pos, token_id)
                 self._report_finished(seq, None)
                 continue
@@ -629,6 +630,15 @@ class LLMEngine:
         out.finished.append((row, seq.finish_reason, seq.stop_reason))
         if all(s.is_finished for s in seq.group) and len(seq.group) >= seq.params.n:
             self.sequences.pop(seq.request_id, None)
+
+    def _advance_grammars(self, seqs: list[Sequence], token_ids: list[int]) -> set[int]:
+        """Each live constrained sequence's matcher takes its token, in one batched call; the
+        rows whose token the grammar refuses."""
+        rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.is_finished]
+        if not rows:
+            return set()
+        ok = self._structured.accept([seqs[i].grammar for i in rows], [token_ids[i] for i in rows])
+        return {i for i, good in zip(rows, ok) if not good}
 
     def has_unfinished_requests(self) -> bool:
         pending = self.inflight is not None and not all(s.is_finished for s in self.inflight.seqs)
