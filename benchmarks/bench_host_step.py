@@ -27,6 +27,11 @@ engines give the spread.
     python -m benchmarks.bench_host_step --shape smollm2    # SmolLM2 vocabulary, text on
     python -m benchmarks.bench_host_step --no-prefix-caching
     python -m benchmarks.bench_host_step --whole-run --repeats 1
+    python -m benchmarks.bench_host_step --shape smollm2 --structured-output json_schema
+
+``--structured-output json_schema`` holds every request to the throughput benchmark's JSON
+schema (``bench_schema``): the matchers' token checks are in "process", the next masks' fill in
+"sampling"; the logits are the whole vocabulary then, so that the mask leaves tokens to draw.
 """
 
 from __future__ import annotations
@@ -46,10 +51,11 @@ from vllm_lite.entrypoints.benchmark import (
     CONFIG_DIR,
     EXTRAS,
     Workload,
+    bench_schema,
     prompts_pending,
     text_tokenizer_for_shape,
 )
-from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.sampling_params import SamplingParams, StructuredOutputsParams
 
 SHAPES = {"qwen": "qwen2.5-1.5b", "smollm2": "smollm2-135m"}
 TINY = dict(
@@ -122,7 +128,8 @@ def build(
         t0 = time.perf_counter()
         runner._upload(step)  # the upload's host side stays in the measurement
         times["upload"] = times.get("upload", 0.0) + time.perf_counter() - t0
-        return logits[: len(step.logits_indices)]
+        # a copy: the sampler writes into its logits (grammar masks, penalties)
+        return logits[: len(step.logits_indices)].clone()
 
     times: dict[str, float] = {}
     engine.scheduler.schedule = timed(times, "schedule", engine.scheduler.schedule)
@@ -231,9 +238,22 @@ def main() -> None:
         default="default",
         help="extras: " + ", ".join(f"{k}={v}" for k, v in EXTRAS.items()) + " on every request",
     )
+    parser.add_argument(
+        "--structured-output",
+        choices=["none", "json_schema"],
+        default="none",
+        help="json_schema: every request held to one JSON schema (needs --shape smollm2)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
-    extras = EXTRAS if args.sampling == "extras" else None
+    extras = dict(EXTRAS) if args.sampling == "extras" else None
+    if args.structured_output == "json_schema":
+        if args.shape != "smollm2":
+            parser.error("--structured-output needs a tokenizer: --shape smollm2")
+        extras = (extras or {}) | {
+            "structured_outputs": StructuredOutputsParams(json=bench_schema())
+        }
+        args.logits_width = 0
     if args.logits_width is None:
         args.logits_width = 10240 if extras else 64
 
@@ -257,7 +277,8 @@ def main() -> None:
     print(
         f"\nhost µs per step, 256 requests, shape {args.shape}, prefix caching "
         f"{'on' if args.prefix_caching else 'off'}: {window}, {args.repeats} fresh engines "
-        f"(min..max); logits {args.logits_width or 'vocab'} wide; sampling {args.sampling}"
+        f"(min..max); logits {args.logits_width or 'vocab'} wide; sampling {args.sampling}; "
+        f"structured output {args.structured_output}"
     )
     for part in PARTS:
         values = [r[part] for r in results]
