@@ -25,6 +25,7 @@ import sys
 import threading
 import time
 
+from benchmarks import children
 from benchmarks.suites import SUITES, Row, throughput_rows
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -103,16 +104,11 @@ def run_row(row: Row, log_path: str) -> tuple[int, str, float]:
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         log.write(" ".join(argv) + "\n")
-        proc = subprocess.Popen(
-            argv,
-            cwd=REPO,
-            env=env,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            start_new_session=True,
+        proc = children.popen(
+            argv, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
         )
-        timer = threading.Timer(row.timeout, lambda: os.killpg(proc.pid, signal.SIGKILL))
+        timer = threading.Timer(row.timeout, lambda: children.kill_group(proc))
+        timer.daemon = True  # a runner that is told to stop does not wait for it
         timer.start()
         for line in proc.stdout:
             log.write(line)
@@ -122,6 +118,7 @@ def run_row(row: Row, log_path: str) -> tuple[int, str, float]:
                 print("   ", kept[-1], flush=True)
         rc = proc.wait()
         timer.cancel()
+        children.done(proc)
     seconds = time.perf_counter() - t0
     if rc == 0 and row.throughput_json and os.path.exists(json_path):
         with open(json_path) as fh:
@@ -163,6 +160,7 @@ def run_suite(name: str, rows: list[Row], out_dir: str, only: list[str] | None) 
 
 
 def main(argv: list[str] | None = None) -> int:
+    children.kill_children_on_signals()
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks",
         description=__doc__,

@@ -24,11 +24,12 @@ import datetime
 import importlib.util
 import os
 import re
-import signal
 import subprocess
 import sys
 import threading
 import time
+
+from benchmarks import children
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # tests whose GPU path differs from the CPU one: the kernel tests compile kernels, the
@@ -124,7 +125,7 @@ def run_child(
     """Run one child, passing its output line by line; killed 30 s past the deadline."""
     if time.time() > deadline:
         return tally.line(f"SKIP {label} not run: {BUDGET_SKIP} spent")
-    proc = subprocess.Popen(
+    proc = children.popen(
         cmd,
         cwd=REPO,
         stdout=subprocess.PIPE,
@@ -132,16 +133,17 @@ def run_child(
         text=True,
         bufsize=1,
         env=env,
-        start_new_session=True,
     )
     timer = threading.Timer(
-        max(0.0, deadline + 30 - time.time()), lambda: os.killpg(proc.pid, signal.SIGKILL)
+        max(0.0, deadline + 30 - time.time()), lambda: children.kill_group(proc)
     )
+    timer.daemon = True  # a runner that is told to stop does not wait for it
     timer.start()
     for text in proc.stdout:
         tally.line(text.rstrip("\n"))
     code = proc.wait()
     timer.cancel()
+    children.done(proc)
     if code < 0:
         tally.line(f"FAIL {label} killed (signal {-code}) at the time budget")
     elif code not in (0, 1, 5):  # pytest: 1 = some test failed (reported), 5 = none collected
@@ -209,6 +211,7 @@ def main() -> None:
     )
     ap.add_argument("--sweep-workers", type=int, default=2)
     args = ap.parse_args()
+    children.kill_children_on_signals()
     start = time.time()
     deadline = start + args.budget
     tests, sweep = args.part in ("all", "tests"), args.part in ("all", "sweep")

@@ -1,4 +1,10 @@
 import importlib.util
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
 
 from tiny_models import make_tiny_model
 
@@ -6,7 +12,6 @@ from benchmarks.__main__ import main, run_suite
 from benchmarks.suites import SUITES, Row, bench
 
 
-# written on another branch (issue 21); delete this line once it is merged
 def fake_module(tmp_path, monkeypatch, name: str, body: str) -> None:
     (tmp_path / f"{name}.py").write_text(body)
     monkeypatch.setenv("PYTHONPATH", str(tmp_path))
@@ -35,6 +40,46 @@ def test_a_row_past_its_time_bound_is_killed_and_reported_failed(tmp_path, monke
     rows = [Row("slow", "slow_bench", keep="x", timeout=1, gpus=0)]
     assert run_suite("demo", rows, str(tmp_path), None) == 1
     assert "FAILED (killed after 1 s): started" in (tmp_path / "demo.md").read_text()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = pathlib.Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state != "Z"  # a zombie has exited
+
+
+def test_a_signal_to_the_runner_kills_the_row_it_runs(tmp_path, monkeypatch):
+    """A call's timeout kills the runner: the row's process (its own session) must die too,
+    or its engine keeps the GPU for the next command."""
+    body = (
+        "import os, time\n"
+        "open(os.environ['PID_FILE'], 'w').write(str(os.getpid()))\n"
+        "time.sleep(60)\n"
+    )
+    fake_module(tmp_path, monkeypatch, "stuck_bench", body)
+    runner = (
+        "from benchmarks import children\nfrom benchmarks.__main__ import run_suite\n"
+        "from benchmarks.suites import Row\nchildren.kill_children_on_signals()\n"
+        f"run_suite('demo', [Row('stuck', 'stuck_bench', keep='x', timeout=60, gpus=0)], "
+        f"{str(tmp_path)!r}, None)\n"
+    )
+    repo = str(pathlib.Path(__file__).resolve().parent.parent)
+    pid_file = tmp_path / "pid"
+    env = dict(
+        os.environ, PID_FILE=str(pid_file), PYTHONPATH=os.pathsep.join([str(tmp_path), repo])
+    )
+    proc = subprocess.Popen([sys.executable, "-c", runner], env=env, cwd=repo)
+    deadline = time.time() + 60
+    while not (pid_file.exists() and pid_file.read_text()) and time.time() < deadline:
+        time.sleep(0.1)
+    row_pid = int(pid_file.read_text())
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=30) == 128 + signal.SIGTERM
+    while _alive(row_pid) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not _alive(row_pid)
 
 
 def test_a_row_needing_more_gpus_than_present_is_skipped(tmp_path, monkeypatch):
