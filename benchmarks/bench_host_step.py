@@ -51,6 +51,7 @@ from vllm_lite.entrypoints.benchmark import (
     CONFIG_DIR,
     EXTRAS,
     Workload,
+    add_request_extra_flags,
     bench_schema,
     prompts_pending,
     text_tokenizer_for_shape,
@@ -232,18 +233,7 @@ def main() -> None:
         help="0: the whole vocabulary; default 64, with "
         "--sampling extras 10,240 (penalties index the prompts' token ids, all below 10,000)",
     )
-    parser.add_argument(
-        "--sampling",
-        choices=["default", "extras"],
-        default="default",
-        help="extras: " + ", ".join(f"{k}={v}" for k, v in EXTRAS.items()) + " on every request",
-    )
-    parser.add_argument(
-        "--structured-output",
-        choices=["none", "json_schema"],
-        default="none",
-        help="json_schema: every request held to one JSON schema (needs --shape smollm2)",
-    )
+    add_request_extra_flags(parser)  # --structured-output json_schema needs --shape smollm2
     args = parser.parse_args()
     torch.set_num_threads(1)
     extras = dict(EXTRAS) if args.sampling == "extras" else None

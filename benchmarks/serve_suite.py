@@ -29,7 +29,7 @@ from transformers import AutoConfig
 from benchmarks.serve_overhead import served_run, start_server
 from vllm_lite.config import EngineConfig
 from vllm_lite.entrypoints.bench_serve import run_benchmark
-from vllm_lite.entrypoints.benchmark import Workload, model_folder
+from vllm_lite.entrypoints.benchmark import CONFIG_DIR, Workload, model_folder
 
 # the Llama shape with SmolLM2's vocabulary (vllm_lite/model_configs/llama-1b-smollm2-vocab.json)
 LLAMA_SMOLLM2_VOCAB = "llama-1b-smollm2-vocab"
@@ -146,7 +146,7 @@ def main() -> None:
 
     tokenizer = args.tokenizer_path or default_model_path()
     temperature, rows, result = 0.6, [], {}
-    with open(os.path.join(model_folder(LLAMA_SMOLLM2_VOCAB), "config.json")) as fh:
+    with open(os.path.join(CONFIG_DIR, f"{LLAMA_SMOLLM2_VOCAB}.json")) as fh:
         llama = json.load(fh)
     if args.smoke:  # the same path on a CPU in a few minutes: a 2-layer model, a few short requests
         llama = {

@@ -56,6 +56,23 @@ def bench_schema(min_items: int = 64, field: str = "name") -> dict:
     return {"type": "array", "items": record, "minItems": min_items}
 
 
+def add_request_extra_flags(parser) -> None:
+    """``--sampling`` and ``--structured-output``: what every request of a benchmark carries
+    beyond the default SamplingParams (the throughput benchmark and ``bench_host_step``)."""
+    parser.add_argument(
+        "--sampling",
+        choices=["default", "extras"],
+        default="default",
+        help="extras: " + ", ".join(f"{k}={v}" for k, v in EXTRAS.items()) + " on every request",
+    )
+    parser.add_argument(
+        "--structured-output",
+        choices=["none", "json_schema"],
+        default="none",
+        help="json_schema: every request held to one JSON schema (bench_schema)",
+    )
+
+
 def compile_seconds(engine, count: int = 8) -> list[float]:
     """First-compile time of ``count`` schemas of the benchmark's shape, each different."""
     from vllm_lite import StructuredOutputsParams
@@ -419,18 +436,7 @@ def bench_main(argv: list[str]) -> int:
     parser.add_argument(
         "--prefix-len", type=int, default=1024, help="shared-prefix: the system prompt's length"
     )
-    parser.add_argument(
-        "--sampling",
-        choices=["default", "extras"],
-        default="default",
-        help="extras: " + ", ".join(f"{k}={v}" for k, v in EXTRAS.items()) + " on every request",
-    )
-    parser.add_argument(
-        "--structured-output",
-        choices=["none", "json_schema"],
-        default="none",
-        help="json_schema: every request held to one JSON schema (bench_schema)",
-    )
+    add_request_extra_flags(parser)
     parser.add_argument(
         "--temperature", type=float, help="default: 1.0 (random, shared-prefix), 0.6 (nano-vllm)"
     )
