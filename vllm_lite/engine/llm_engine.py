@@ -49,7 +49,8 @@ TEXT_EVERY = 8
 class _InFlight:
     """A launched step: which sequences sample, where their token goes, the device tokens, and
     the sampled tokens' logprobs for the rows that asked (``logprob_rows[i]``: row of sequence i
-    in those tensors, -1 if none). ``processed``: read back already (``_process``)."""
+    in those tensors, -1 if none); ``grammar_rows``: the sequences with a structured output.
+    ``processed``: read back already (``_process``)."""
 
     processed = False
 
@@ -60,6 +61,7 @@ class _InFlight:
         tokens: torch.Tensor,
         logprobs: tuple | None = None,
         logprob_rows: list[int] | None = None,
+        grammar_rows: list[int] | None = None,
     ) -> None:
         self.seqs, self.positions, self.tokens, self.logprob_rows = (
             seqs,
@@ -67,6 +69,7 @@ class _InFlight:
             tokens,
             logprob_rows,
         )
+        self.grammar_rows = grammar_rows or []
         tensors = [tokens, *(logprobs or ())]
         if tokens.is_cuda:  # start the copies back now; host_tokens() waits only for them
             self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
@@ -508,7 +511,10 @@ class LLMEngine:
             if not seq.is_finished:  # (one the previous step ended, read back by _sampling_batch)
                 seq.token_ids.append(PLACEHOLDER)
             seq.inflight_index = i
-        return _InFlight(sampling_seqs, positions, out.tokens, out.logprobs, logprob_rows)
+        grammar_rows = self._params.grammar_rows  # the parameters _sampling_batch just used
+        return _InFlight(
+            sampling_seqs, positions, out.tokens, out.logprobs, logprob_rows, grammar_rows
+        )
 
     def _fork(self, parent: Sequence) -> Sequence:
         """The parent's next completion, right after the parent's prompt was computed. It shares
@@ -595,7 +601,7 @@ class LLMEngine:
         token_ids = inflight.host_tokens()
         logprobs = inflight.host_logprobs()
         self.num_generated_tokens += len(token_ids)
-        rejected = self._advance_grammars(inflight.seqs, token_ids) if self._structured else ()
+        rejected = self._advance_grammars(inflight, token_ids) if inflight.grammar_rows else ()
         for i, (seq, pos, token_id) in enumerate(zip(inflight.seqs, inflight.positions, token_ids)):
             if seq.is_finished:  # stopped on an earlier token, or aborted: this one is void
                 continue
@@ -631,10 +637,11 @@ class LLMEngine:
         if all(s.is_finished for s in seq.group) and len(seq.group) >= seq.params.n:
             self.sequences.pop(seq.request_id, None)
 
-    def _advance_grammars(self, seqs: list[Sequence], token_ids: list[int]) -> set[int]:
+    def _advance_grammars(self, inflight: _InFlight, token_ids: list[int]) -> set[int]:
         """Each live constrained sequence's matcher takes its token, in one batched call; the
         rows whose token the grammar refuses."""
-        rows = [i for i, s in enumerate(seqs) if s.grammar is not None and not s.is_finished]
+        seqs = inflight.seqs
+        rows = [i for i in inflight.grammar_rows if not seqs[i].is_finished]
         if not rows:
             return set()
         ok = self._structured.accept([seqs[i].grammar for i in rows], [token_ids[i] for i in rows])
