@@ -30,8 +30,10 @@ engines give the spread.
     python -m benchmarks.bench_host_step --shape smollm2 --structured-output json_schema
 
 ``--structured-output json_schema`` holds every request to the throughput benchmark's JSON
-schema (``bench_schema``): the matchers' token checks are in "process", the next masks' fill in
-"sampling"; the logits are the whole vocabulary then, so that the mask leaves tokens to draw.
+schema (``bench_schema``); the logits are the whole vocabulary then, so that the mask leaves
+tokens to draw. The matchers' token checks and the next masks' fill run on the grammar worker
+thread, which on a GPU overlaps the forward pass; here the forward takes no time, so what the
+engine's thread waits for them shows in "process" (checks) and "sampling" (fill).
 """
 
 from __future__ import annotations

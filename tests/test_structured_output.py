@@ -232,6 +232,32 @@ def test_constrained_steps_stay_overlapped_and_no_placeholder_reaches_the_output
         )
 
 
+def test_masks_filled_ahead_on_the_worker_equal_masks_filled_in_step(llm):
+    """Overlapped steps advance the matchers and fill the next masks on a worker thread; steps
+    run one by one fill them in the engine's thread. Requests of different lengths and kinds
+    (some unconstrained) change the batch's rows as they finish: the same tokens either way."""
+    so = [
+        StructuredOutputsParams(json=SCHEMA, **COMPACT),
+        None,
+        StructuredOutputsParams(regex="[a-z]{3,9}-[0-9]{2,30}"),
+        StructuredOutputsParams(choice=["alpha", "beta gamma"]),
+    ]
+    params = [
+        SamplingParams(temperature=0.8, seed=i, max_tokens=10 + 15 * i, structured_outputs=s)
+        for i, s in enumerate(so)
+    ]
+    runs = []
+    for overlap in (True, False):
+        llm.engine.overlap = overlap
+        try:
+            outs = llm.generate(PROMPTS * 2, params * 2, use_tqdm=False)
+        finally:
+            llm.engine.overlap = True
+        runs.append([o.outputs[0].token_ids for o in outs])
+    assert runs[0] == runs[1]
+    assert re.fullmatch("[a-z]{3,9}-[0-9]{2,30}", outs[2].outputs[0].text)
+
+
 def test_structured_outputs_survive_preemption(model_path, llm):
     so = StructuredOutputsParams(json=SCHEMA, **COMPACT)
     params = SamplingParams(temperature=0, max_tokens=120, structured_outputs=so)

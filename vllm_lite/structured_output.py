@@ -4,10 +4,15 @@ object, a regex, one of a list of strings, or an EBNF grammar, through xgrammar.
 Each spec is compiled once for the engine's tokenizer (``StructuredOutputManager``: cached by
 the spec's text) into a token-level automaton; every completion gets a ``GrammarMatcher`` of
 its own, advanced with each token it accepts. Before a step samples, the matchers of its
-constrained rows fill a bitmask of the tokens allowed next (on the host, while the device runs
-the step's forward pass); the sampler sets every other logit to -inf in those rows only. Stop
-tokens are allowed only where the grammar may end, and a matcher that reaches its end finishes
-the request with "stop". A batch without grammars never touches any of it.
+constrained rows fill a bitmask of the tokens allowed next; the sampler sets every other logit
+to -inf in those rows only. Stop tokens are allowed only where the grammar may end, and a
+matcher that reaches its end finishes the request with "stop". A batch without grammars never
+touches any of it.
+
+Off the critical path (``advance_async``): as soon as a step's tokens are back from the device,
+a worker thread advances its matchers and fills the next step's bitmask, while the engine's
+thread schedules and launches the next forward pass (xgrammar's calls release the GIL). Only a
+row the worker could not fill (a sequence new to the batch) is filled when the mask is taken.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import functools
 import json
 import os
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -144,9 +150,27 @@ def json_schema_grammar(schema: str, any_whitespace: bool):
     return xgr.Grammar.from_ebnf(text.replace(_LENGTH_BOUNDED_CHAR, _JSON_STRING_CHAR))
 
 
+# what a matcher made of its token (``StructuredOutputManager.advance``)
+ACCEPTED, ENDED, REFUSED_COMPLETE, REFUSED = range(4)
+
+
+class GrammarAdvance:
+    """One step's matchers advanced on the worker thread: ``status`` (a Future of one code per
+    row of ``rows``: ACCEPTED, ENDED (a stop token ended the grammar), REFUSED_COMPLETE,
+    REFUSED), then ``mask`` (a Future of (host bitmask indexed by the step's rows, the set of
+    rows filled: those whose matcher accepted and goes on))."""
+
+    def __init__(self, rows: list[int]) -> None:
+        self.rows = rows
+        self.status: Future = Future()
+        self.mask: Future = Future()
+
+
 class StructuredOutputManager:
     """The engine's compiler (one per tokenizer, its grammars cached by spec) and the step's
-    bitmask: one row per sampling row of the batch, filled for the constrained rows only."""
+    bitmask: one row per sampling row of the batch, filled for the constrained rows only. The
+    matchers are touched by one thread at a time: the worker's job, else the caller's thread
+    once the worker's last job is done (``_idle``)."""
 
     def __init__(
         self, tokenizer, vocab_size: int, stop_token_ids: set[int], max_threads: int = 8
@@ -161,7 +185,10 @@ class StructuredOutputManager:
         self.batch_matcher = xgr.BatchGrammarMatcher(max_threads)
         self.grammars: dict[tuple, object] = {}  # key -> CompiledGrammar
         self.compile_seconds: dict[tuple, float] = {}  # key -> seconds its first compile took
-        self._host = torch.empty((0, 0), dtype=torch.int32)
+        # host bitmasks: [0] the step's (filled when taken), [1] the worker's (filled ahead)
+        self._host = [torch.empty((0, 0), dtype=torch.int32) for _ in range(2)]
+        self._worker: ThreadPoolExecutor | None = None  # made on the first advance_async
+        self._last: GrammarAdvance | None = None  # the worker's last job
 
     def compiled(self, params: StructuredOutputsParams):
         key = params.key
@@ -183,25 +210,108 @@ class StructuredOutputManager:
         """A fresh matcher of ``params``' grammar: one per completion."""
         return _xgr().GrammarMatcher(self.compiled(params))
 
-    def accept(self, matchers: list, token_ids: list[int]) -> list[bool]:
-        """Advance each matcher by its token (one call for the batch); False: refused."""
-        return _xgr().BatchGrammarMatcher.batch_accept_token(matchers, token_ids)
+    def advance(self, matchers: list, token_ids: list[int]) -> list[int]:
+        """Advance each matcher by its token (one batched call); a status code per matcher."""
+        self._idle()
+        return self._advance(matchers, token_ids)
+
+    def _advance(self, matchers: list, token_ids: list[int]) -> list[int]:
+        ok = _xgr().BatchGrammarMatcher.batch_accept_token(matchers, token_ids)
+        return [
+            (ENDED if m.is_terminated() else ACCEPTED)
+            if good
+            else (REFUSED_COMPLETE if m.is_completed() else REFUSED)
+            for m, good in zip(matchers, ok)
+        ]
+
+    def advance_async(
+        self, matchers: list, rows: list[int], num_rows: int, token_ids
+    ) -> GrammarAdvance:
+        """On the worker thread: wait for ``token_ids()`` (the step's tokens, read back), advance
+        ``matchers[i]`` (the step's row ``rows[i]``) by its token, then fill the next bitmask of
+        every matcher that goes on, at its row, in a buffer of ``num_rows`` rows."""
+        job = GrammarAdvance(rows)
+        if self._worker is None:
+            self._worker = ThreadPoolExecutor(1, thread_name_prefix="vllm-lite-grammar")
+        self._worker.submit(self._advance_job, job, matchers, token_ids, num_rows)
+        self._last = job
+        return job
+
+    def _advance_job(self, job: GrammarAdvance, matchers, token_ids, num_rows: int) -> None:
+        try:
+            tokens = token_ids()
+            status = self._advance(matchers, [tokens[r] for r in job.rows])
+        except BaseException as exc:  # the engine's thread raises it when it waits
+            job.status.set_exception(exc)
+            job.mask.set_exception(exc)
+            return
+        job.status.set_result(status)
+        try:
+            live = [i for i, code in enumerate(status) if code == ACCEPTED]
+            host = self._buffer(1, num_rows)
+            self.batch_matcher.batch_fill_next_token_bitmask(
+                [matchers[i] for i in live], host, [job.rows[i] for i in live]
+            )
+            job.mask.set_result((host, {job.rows[i] for i in live}))
+        except BaseException as exc:
+            job.mask.set_exception(exc)
+
+    def _idle(self) -> None:
+        """Wait until the worker touches no matcher (its last job done, errors raised there)."""
+        if self._last is not None:
+            self._last.mask.exception()
+            self._last = None
+
+    def _buffer(self, which: int, num_rows: int) -> torch.Tensor:
+        if self._host[which].shape[0] < num_rows:
+            host = _xgr().allocate_token_bitmask(
+                max(num_rows, 2 * self._host[which].shape[0]), self.vocab_size
+            )
+            self._host[which] = host.pin_memory() if torch.cuda.is_available() else host
+        return self._host[which][:num_rows]
 
     def bitmask(
-        self, matchers: list, rows: list[int], num_rows: int, device: torch.device
+        self,
+        matchers: list,
+        rows: list[int],
+        num_rows: int,
+        device: torch.device,
+        ahead: tuple[GrammarAdvance, list[int]] | None = None,
     ) -> torch.Tensor:
         """[num_rows, ceil(vocab / 32)] int32 on ``device``: row ``rows[i]`` allows the tokens
         ``matchers[i]`` accepts next (other rows are not filled: the sampler skips them).
-        Filled by xgrammar's threads; the copy to the device does not wait for the step."""
-        if self._host.shape[0] < num_rows:
-            host = _xgr().allocate_token_bitmask(
-                max(num_rows, 2 * self._host.shape[0]), self.vocab_size
-            )
-            self._host = host.pin_memory() if device.type == "cuda" else host
-        host = self._host[:num_rows]
-        self.batch_matcher.batch_fill_next_token_bitmask(matchers, host, rows)
+        ``ahead``: (the previous step's ``advance_async``, each row's row in that step or -1);
+        the rows it filled are taken from it, the others filled here by xgrammar's threads.
+        The copy to the device does not wait for the step in flight."""
+        if ahead is not None:
+            ahead_host, filled = ahead[0].mask.result()
+            self._last = None if self._last is ahead[0] else self._last
+            before = ahead[1]
+            if before == rows and num_rows == len(ahead_host) and filled.issuperset(rows):
+                host = ahead_host  # the same rows as the step before, all filled there
+            else:
+                host = self._buffer(0, num_rows)
+                take = [i for i, j in enumerate(before) if j in filled]
+                if take:
+                    index = torch.tensor([before[i] for i in take])
+                    host[torch.tensor([rows[i] for i in take])] = ahead_host[index]
+                taken = set(take)
+                rest = [i for i in range(len(rows)) if i not in taken]
+                self.batch_matcher.batch_fill_next_token_bitmask(
+                    [matchers[i] for i in rest], host, [rows[i] for i in rest]
+                )
+        else:
+            self._idle()
+            host = self._buffer(0, num_rows)
+            self.batch_matcher.batch_fill_next_token_bitmask(matchers, host, rows)
         # the previous step that used the buffer was read back before this one launched
         return host.to(device, non_blocking=True) if device.type == "cuda" else host
+
+    def close(self) -> None:
+        """Stop the worker thread (after its last job)."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None) -> None:

@@ -32,6 +32,12 @@ from vllm_lite.engine.scheduler import Scheduler
 from vllm_lite.engine.sequence import MAX_CHUNK, PLACEHOLDER, Sequence
 from vllm_lite.engine.tracer import StepTracer
 from vllm_lite.sampling_params import SamplingParams
+from vllm_lite.structured_output import (
+    ACCEPTED,
+    ENDED,
+    REFUSED_COMPLETE,
+    StructuredOutputManager,
+)
 from vllm_lite.worker.batch import ScheduledBatch
 from vllm_lite.worker.logprobs import token_logprobs
 from vllm_lite.worker.sampler import Penalties, Sampler, SamplingBatch, TokenHistory
@@ -53,6 +59,7 @@ class _InFlight:
     ``processed``: read back already (``_process``)."""
 
     processed = False
+    grammar = None  # its matchers' advance on the grammar worker (GrammarAdvance), if handed over
 
     def __init__(
         self,
@@ -369,8 +376,6 @@ class LLMEngine:
     def structured_output_manager(self):
         """The grammar compiler for this tokenizer and vocabulary (made on first use)."""
         if self._structured is None:
-            from vllm_lite.structured_output import StructuredOutputManager
-
             self._structured = StructuredOutputManager(
                 self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids
             )
@@ -512,9 +517,18 @@ class LLMEngine:
                 seq.token_ids.append(PLACEHOLDER)
             seq.inflight_index = i
         grammar_rows = self._params.grammar_rows  # the parameters _sampling_batch just used
-        return _InFlight(
+        inflight = _InFlight(
             sampling_seqs, positions, out.tokens, out.logprobs, logprob_rows, grammar_rows
         )
+        live = [r for r in grammar_rows if not sampling_seqs[r].is_finished]
+        if live and self.overlap:  # its matchers advance and fill the next mask meanwhile
+            inflight.grammar = self._structured.advance_async(
+                [sampling_seqs[r].grammar for r in live],
+                live,
+                len(sampling_seqs),
+                inflight.host_tokens,
+            )
+        return inflight
 
     def _fork(self, parent: Sequence) -> Sequence:
         """The parent's next completion, right after the parent's prompt was computed. It shares
@@ -601,12 +615,13 @@ class LLMEngine:
         token_ids = inflight.host_tokens()
         logprobs = inflight.host_logprobs()
         self.num_generated_tokens += len(token_ids)
-        rejected = self._advance_grammars(inflight, token_ids) if inflight.grammar_rows else ()
+        grammar = self._advance_grammars(inflight, token_ids) if inflight.grammar_rows else {}
         for i, (seq, pos, token_id) in enumerate(zip(inflight.seqs, inflight.positions, token_ids)):
             if seq.is_finished:  # stopped on an earlier token, or aborted: this one is void
                 continue
-            if i in rejected:
-                self._reject_token(seq, pos, token_id)
+            status = grammar.get(i, ACCEPTED)
+            if status >= REFUSED_COMPLETE:
+                self._reject_token(seq, pos, token_id, status == REFUSED_COMPLETE)
                 self._report_finished(seq, None)
                 continue
             seq.token_ids[pos] = token_id
@@ -620,7 +635,10 @@ class LLMEngine:
                     out.prompt_logprobs.append((seq.request_id, seq.prompt_logprobs))
             if seq.params.logprobs is not None:
                 out.logprobs.append((row, tuple(x[inflight.logprob_rows[i]] for x in logprobs)))
-            self._accept_token(seq, pos, token_id)
+            if status == ENDED:  # its grammar ended (with a stop token)
+                self._finish(seq, "stop", token_id, pos)
+            else:
+                self._accept_token(seq, pos, token_id)
             if seq.is_finished:
                 self._report_finished(seq, row if report else None)
 
@@ -637,15 +655,19 @@ class LLMEngine:
         if all(s.is_finished for s in seq.group) and len(seq.group) >= seq.params.n:
             self.sequences.pop(seq.request_id, None)
 
-    def _advance_grammars(self, inflight: _InFlight, token_ids: list[int]) -> set[int]:
-        """Each live constrained sequence's matcher takes its token, in one batched call; the
-        rows whose token the grammar refuses."""
+    def _advance_grammars(self, inflight: _InFlight, token_ids: list[int]) -> dict[int, int]:
+        """Each live constrained row's matcher takes its token (on the worker thread if the
+        step's launch handed it over, else here, in one batched call): row -> status code."""
+        if inflight.grammar is not None:
+            return dict(zip(inflight.grammar.rows, inflight.grammar.status.result()))
         seqs = inflight.seqs
         rows = [i for i in inflight.grammar_rows if not seqs[i].is_finished]
         if not rows:
-            return set()
-        ok = self._structured.accept([seqs[i].grammar for i in rows], [token_ids[i] for i in rows])
-        return {i for i, good in zip(rows, ok) if not good}
+            return {}
+        codes = self._structured.advance(
+            [seqs[i].grammar for i in rows], [token_ids[i] for i in rows]
+        )
+        return dict(zip(rows, codes))
 
     def has_unfinished_requests(self) -> bool:
         pending = self.inflight is not None and not all(s.is_finished for s in self.inflight.seqs)
@@ -679,7 +701,19 @@ class LLMEngine:
             rows = [r for r in params.grammar_rows if not seqs[r].is_finished]  # (others: void)
             if rows:
                 matchers = [seqs[r].grammar for r in rows]
-                bitmask = self._structured.bitmask(matchers, rows, len(seqs), self.device)
+                ahead = None
+                if previous is not None and previous.grammar is not None:  # filled meanwhile
+                    before = previous.seqs
+                    ahead = (
+                        previous.grammar,
+                        [
+                            s.inflight_index
+                            if s.inflight_index < len(before) and before[s.inflight_index] is s
+                            else -1
+                            for s in (seqs[r] for r in rows)
+                        ],
+                    )
+                bitmask = self._structured.bitmask(matchers, rows, len(seqs), self.device, ahead)
                 grammar = (bitmask, None if len(rows) == len(seqs) else rows)
         elif penalties is None and not banned:
             return params.batch
@@ -781,8 +815,6 @@ class LLMEngine:
         """Token-level stop checks for the token at ``pos`` (later positions may hold
         placeholders); stop strings are the output processor's."""
         p = seq.params
-        if seq.grammar is not None and seq.grammar.is_terminated():  # it ended with a stop token
-            return self._finish(seq, "stop", token_id, pos)
         stops = token_id in p.stop_token_ids or (
             not p.ignore_eos and token_id in self.eos_token_ids
         )
@@ -791,7 +823,7 @@ class LLMEngine:
         if seq.at_length_limit(pos + 1, self.config.max_model_len):
             return self._finish(seq, "length", None, pos)
 
-    def _reject_token(self, seq: Sequence, pos: int, token_id: int) -> None:
+    def _reject_token(self, seq: Sequence, pos: int, token_id: int, complete: bool) -> None:
         """A token its grammar refuses (only when other constraints, min_tokens or allowed ids,
         left no allowed token) never reaches the output: the sequence ends before it, with
         "stop" if its output is a complete match, else "abort"."""
@@ -800,7 +832,7 @@ class LLMEngine:
             "it ends there",
             stacklevel=2,
         )
-        self._finish(seq, "stop" if seq.grammar.is_completed() else "abort", None, pos - 1)
+        self._finish(seq, "stop" if complete else "abort", None, pos - 1)
 
     def _finish(self, seq: Sequence, reason: str, stop_reason=None, pos: int | None = None) -> None:
         """End ``seq``: tokens after ``pos`` (placeholders of a step already launched) are
@@ -828,6 +860,8 @@ class LLMEngine:
     def close(self) -> None:
         if self.tracer is not None:
             self.tracer.close()
+        if self._structured is not None:
+            self._structured.close()
         close = getattr(self.runner, "close", None)
         if close is not None:
             close()
