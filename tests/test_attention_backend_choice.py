@@ -35,7 +35,7 @@ def fake_flash_attn(with_block_table: bool = True) -> types.ModuleType:
             return paged_attention_ref(q, k, v, block_table, cu_seqlens_q, lens_k, softmax_scale)
         out, cq, ck = torch.empty_like(q), cu_seqlens_q.tolist(), cu_seqlens_k.tolist()
         for i in range(len(lens_k)):  # k, v packed like q: each sequence's keys as one block
-            one = torch.zeros(1, 1, dtype=torch.int32)
+            one = torch.zeros(1, 1, dtype=torch.int32, device=q.device)
             out[cq[i] : cq[i + 1]] = paged_attention_ref(
                 q[cq[i] : cq[i + 1]],
                 k[None, ck[i] : ck[i + 1]],
@@ -132,17 +132,19 @@ def test_flash_attn_backend_plumbing_with_stand_in(monkeypatch, case):
     monkeypatch.setitem(sys.modules, "flash_attn", fake_flash_attn())
     monkeypatch.setattr(FlashAttnBackend, "_check_inputs", staticmethod(lambda q, k_cache: None))
     bs, hq, hkv, d = 256, 4, 2, 16
+    # the store kernel is Triton: the interpreter runs it on CPU tensors, a GPU on its own
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     cached, new, fresh = PLUMBING_CASES[case]
     seq_lens = [c + n for c, n in zip(cached, new)]
-    block_tables = torch.tensor([[3, 0], [5, 0], [1, 0], [4, 2]], dtype=torch.int32)
+    block_tables = torch.tensor([[3, 0], [5, 0], [1, 0], [4, 2]], dtype=torch.int32, device=dev)
     slots, qsl = [], [0]
     for i, (c, n) in enumerate(zip(cached, new)):
         slots += [int(block_tables[i, p // bs]) * bs + p % bs for p in range(c, c + n)]
         qsl.append(qsl[-1] + n)
     meta = AttentionMetadata(
-        torch.tensor(slots),
-        torch.tensor(qsl, dtype=torch.int32),
-        torch.tensor(seq_lens, dtype=torch.int32),
+        torch.tensor(slots, device=dev),
+        torch.tensor(qsl, dtype=torch.int32, device=dev),
+        torch.tensor(seq_lens, dtype=torch.int32, device=dev),
         block_tables,
         num_decodes=2,
         max_query_len=max(new),
@@ -150,11 +152,11 @@ def test_flash_attn_backend_plumbing_with_stand_in(monkeypatch, case):
         prefill_is_fresh=fresh,
     )
     torch.manual_seed(0)
-    k_cache, v_cache = torch.randn(6, bs, hkv, d), torch.randn(6, bs, hkv, d)
+    k_cache, v_cache = (torch.randn(6, bs, hkv, d, device=dev) for _ in range(2))
     q, k, v = (
-        torch.randn(qsl[-1], hq, d),
-        torch.randn(qsl[-1], hkv, d),
-        torch.randn(qsl[-1], hkv, d),
+        torch.randn(qsl[-1], hq, d, device=dev),
+        torch.randn(qsl[-1], hkv, d, device=dev),
+        torch.randn(qsl[-1], hkv, d, device=dev),
     )
     ref_k, ref_v = k_cache.clone(), v_cache.clone()
     ref = TorchRefBackend().forward(q, k, v, ref_k, ref_v, meta, 0.25)

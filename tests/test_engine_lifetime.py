@@ -71,8 +71,9 @@ def test_with_statement_frees_the_engine_on_exit(tiny):
 
 
 def test_memory_of_live_engines_is_counted_until_they_are_dropped(tiny):
-    first = LLM(tiny, max_model_len=128)
-    second = LLM(tiny, max_model_len=128)
+    # small pools: at the default gpu_memory_utilization the first would leave the second none
+    first = LLM(tiny, max_model_len=128, num_blocks=64)
+    second = LLM(tiny, max_model_len=128, num_blocks=64)
     held = first.engine.runner.device_bytes()
     assert held > first.engine.runner.kv_cache.nbytes > 0
     assert bytes_held_by_other_engines(second.engine.runner) == held

@@ -258,7 +258,11 @@ class LLMEngine:
         self._structured = None  # StructuredOutputManager, made for the first structured request
         self.tracer = None
         if self.device.type == "cuda":
-            self._warm_up_full_batch()
+            try:
+                self._warm_up_full_batch()
+            except BaseException:
+                self.close()  # a failed start must not hold the GPU through its traceback
+                raise
             gc.collect()
             gc.freeze()  # what start-up built is never garbage: later collections skip it (as vLLM)
         if config.trace:  # after the warm-up, whose throw-away requests are not traced
@@ -270,12 +274,17 @@ class LLMEngine:
         the token budget, then decoding with both sampling paths, so that the host arrays that
         grow with the batch (block-table and sampling rows, pinned copies) reach full size and
         the allocator holds the blocks of a full step after the KV pool took its share."""
-        n = self.config.max_num_seqs
-        cfg = self.config
-        prompt_len = max(1, min(cfg.max_num_batched_tokens // n, cfg.max_model_len // 2))
+        n, cfg, steps = self.config.max_num_seqs, self.config, 4
+        slots = self.block_manager.num_blocks * cfg.block_size  # one request must fit the pool
+        prompt_len = min(cfg.max_num_batched_tokens // n, cfg.max_model_len // 2, slots - steps)
+        if prompt_len < 1:  # a pool too small for a warm-up request
+            return
         for i in range(n):
             params = SamplingParams(
-                temperature=0.0 if i % 2 else 1.0, max_tokens=4, ignore_eos=True, detokenize=False
+                temperature=0.0 if i % 2 else 1.0,
+                max_tokens=steps,
+                ignore_eos=True,
+                detokenize=False,
             )
             prompt = [i % self.hf_config.vocab_size] * prompt_len
             self.add_request(prompt, params, request_id=f"warm-up-{i}")

@@ -6,6 +6,7 @@ step and samples."""
 from __future__ import annotations
 
 import dataclasses
+import gc
 import weakref
 from dataclasses import dataclass
 
@@ -570,6 +571,7 @@ class ModelRunner:
         one set of input buffers and share one memory pool."""
         from vllm_lite.attention.triton_ops import prefill_work_capacity
 
+        gc.collect()  # garbage freed now, not by a collection inside a capture (_capture)
         self.graph_sizes = self.cuda_graph_batch_sizes()
         max_bs = self.graph_sizes[-1]
         mixed_sizes = (
@@ -653,8 +655,16 @@ class ModelRunner:
         with forward_context(meta):
             run()
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool):
-                out = run()
+            # no collection during the capture: freeing another engine's garbage there (its
+            # pinned buffers, events) makes CUDA calls a capture forbids, and it fails
+            enabled = gc.isenabled()
+            gc.disable()
+            try:
+                with torch.cuda.graph(graph, pool):
+                    out = run()
+            finally:
+                if enabled:
+                    gc.enable()
         return graph, out
 
     def _replay(self, step: StepInput, dev: dict[str, torch.Tensor]) -> torch.Tensor:
