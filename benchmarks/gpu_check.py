@@ -52,6 +52,7 @@ ENGINE_TESTS = [
     "tests/test_engine_lifetime.py",
     "tests/test_attention_backend_choice.py",
     "tests/test_flash_attn_backend.py",
+    "tests/test_structured_output.py",
 ]
 BUDGET_SKIP = "time budget"
 _LINE = re.compile(r"^(PASS|FAIL|SKIP) (\S+)(.*)$")
