@@ -192,9 +192,12 @@ def describe_machine() -> str:
         )
     except (OSError, subprocess.TimeoutExpired):
         gpu = ""
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
-    ).stdout.strip()
+    commit = (
+        os.environ.get("COMMIT")
+        or subprocess.run(  # COMMIT: as benchmarks/run.sh
+            ["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True
+        ).stdout.strip()
+    )
     now = datetime.datetime.now(datetime.UTC)
     return f"{gpu or 'no GPU'}, commit {commit or '?'}, {now:%Y-%m-%d %H:%M} UTC"
 
