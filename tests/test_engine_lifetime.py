@@ -73,12 +73,14 @@ def test_with_statement_frees_the_engine_on_exit(tiny):
 def test_memory_of_live_engines_is_counted_until_they_are_dropped(tiny):
     # small pools: at the default gpu_memory_utilization the first would leave the second none
     first = LLM(tiny, max_model_len=128, num_blocks=64)
+    # engines other tests left alive in this process (seen on the H200: 7 MB) are not ours
+    before = bytes_held_by_other_engines(first.engine.runner)
     second = LLM(tiny, max_model_len=128, num_blocks=64)
     held = first.engine.runner.device_bytes()
     assert held > first.engine.runner.kv_cache.nbytes > 0
-    assert bytes_held_by_other_engines(second.engine.runner) == held
+    assert bytes_held_by_other_engines(second.engine.runner) == before + held
     del first
-    assert bytes_held_by_other_engines(second.engine.runner) == 0
+    assert bytes_held_by_other_engines(second.engine.runner) == before
     second.close()
 
 
