@@ -121,6 +121,7 @@ SUITES: dict[str, list[Row]] = {
         # structured outputs: one JSON schema on every request, next to none
         bench("structured output: none", f"{STRUCTURED} --structured-output none"),
         bench("structured output: json_schema", f"{STRUCTURED} --structured-output json_schema"),
+        py("grammar host work per step", "bench_grammar", keep=r"^  \S|rows", timeout=120),
     ],
     # mixtures of experts (dummy weights; Mixtral-8x7B's 93 GB fit one H200), the fused MoE
     # kernel's bandwidth at decode batch sizes, HF transformers on the same requests (4 of them:

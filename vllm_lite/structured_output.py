@@ -183,6 +183,7 @@ class StructuredOutputManager:
         )
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=True)
         self.batch_matcher = xgr.BatchGrammarMatcher(max_threads)
+        self.batch_matcher_threads = max_threads
         self.grammars: dict[tuple, object] = {}  # key -> CompiledGrammar
         self.compile_seconds: dict[tuple, float] = {}  # key -> seconds its first compile took
         # host bitmasks: [0] the step's (filled when taken), [1] the worker's (filled ahead)
