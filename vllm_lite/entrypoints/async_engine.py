@@ -14,6 +14,8 @@ request:
 - A request whose consumer goes away (client disconnect: the generator is closed or
   cancelled) is aborted; the engine frees its blocks before its next step.
 - The core exiting on its own (an error, a kill) fails every stream with ``EngineDeadError``.
+- ``AsyncLLM(config)`` starts its own core; ``AsyncLLM.attach`` is one of several front ends of
+  a core started by ``serve --api-server-count N`` (``api_servers.py``).
 
 The offline ``LLM`` runs the same core and output processor in one process (``LLMEngine.step``).
 """
