@@ -90,6 +90,7 @@ def run_api_servers(
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR")
         _close(front_ends)
         started_writer.close()
+        sock.close()  # the front ends accept on their copies; with them gone, connections fail
         return supervisor.watch(started_reader, count, banner)
     finally:
         os.environ.pop("PROMETHEUS_MULTIPROC_DIR", None)
