@@ -26,6 +26,8 @@ import shutil
 import signal
 import sys
 import tempfile
+import threading
+import time
 from multiprocessing.connection import wait
 
 from vllm_lite.config import EngineConfig
@@ -177,6 +179,14 @@ def _stopped_ok(process) -> bool:
     return process.exitcode in (0, -signal.SIGTERM)
 
 
+def _drain_when_orphaned(supervisor: int) -> None:
+    """A supervisor killed outright (SIGKILL) forwards no signal: its front ends drain on their
+    own, and the core stops after them."""
+    while os.getppid() == supervisor:
+        time.sleep(1.0)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _close(pairs: list[tuple]) -> None:
     for pair in pairs:
         for connection in pair:
@@ -198,6 +208,7 @@ def run_front_end(
 ) -> None:
     """A front end's main function: the server of ``vllm-lite serve`` on an attached core."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches it through the supervisor
+    threading.Thread(target=_drain_when_orphaned, args=(os.getppid(),), daemon=True).start()
     logging.basicConfig(
         level=getattr(logging, log_level.upper()), format="%(levelname)s %(name)s: %(message)s"
     )
