@@ -104,9 +104,14 @@ def alive(pid: int) -> bool:
 
 
 def stop(proc: subprocess.Popen) -> None:
+    """SIGTERM (the supervisor then removes its metrics folder), SIGKILL if that fails."""
     if proc.poll() is None:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
 
 
 def metric(text: str, name: str) -> float:
