@@ -14,6 +14,8 @@ request:
 - A request whose consumer goes away (client disconnect: the generator is closed or
   cancelled) is aborted; the engine frees its blocks before its next step.
 - The core exiting on its own (an error, a kill) fails every stream with ``EngineDeadError``.
+- ``AsyncLLM(config)`` starts its own core; ``AsyncLLM.attach`` is one of several front ends of
+  a core started by ``serve --api-server-count N`` (``api_servers.py``).
 
 The offline ``LLM`` runs the same core and output processor in one process (``LLMEngine.step``).
 """
@@ -52,67 +54,89 @@ class EngineStoppedError(RuntimeError):
     """The engine is shutting down (or has stopped) and takes no new requests."""
 
 
+def wait_until_ready(outputs, process) -> EngineInfo:
+    """The core's first message on ``outputs``: its ``EngineInfo``, or its start-up error
+    raised here (a user's mistake as itself, to be printed in one line)."""
+    while process.is_alive() and not outputs.poll(0.5):
+        pass
+    try:
+        message = outputs.recv()
+    except EOFError:  # it died without a word (killed, out of memory)
+        process.join(5)
+        raise RuntimeError(
+            f"the engine process exited while starting (exit code {process.exitcode})"
+        ) from None
+    if message[0] == "ready":
+        return message[1]
+    _, kind, text, trace = message
+    process.join(30)
+    error = {
+        "ValueError": ValueError,
+        "FileNotFoundError": FileNotFoundError,
+        "NotADirectoryError": NotADirectoryError,
+    }.get(kind)
+    if error is not None:  # a user's mistake: the command line prints it in one line
+        raise error(text)
+    raise RuntimeError(f"the engine failed to start:\n{trace}")
+
+
 class AsyncLLM:
     def __init__(self, config: EngineConfig, metrics=None) -> None:
         """Start the engine process and wait until its engine is built (its errors, a bad
         config value say, are raised here as they are)."""
-        self.metrics = metrics
-        self._streams: dict[str, asyncio.Queue] = {}
-        self._replies: dict[int, asyncio.Future] = {}
-        self._reply_ids = itertools.count()
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._stopping = self._stopped = False
-        self.dead_error: BaseException | None = None
-        self.engine_state = EngineState()
-        commands_out, self._commands = pipe()
-        self._outputs, outputs_in = pipe()
-        self._process = multiprocessing.get_context("spawn").Process(
-            target=run_engine_core, args=(config, commands_out, outputs_in), name="vllm-lite-engine"
+        commands_out, commands = pipe()
+        outputs, outputs_in = pipe()
+        process = multiprocessing.get_context("spawn").Process(
+            target=run_engine_core,
+            args=(config, [(commands_out, outputs_in)]),
+            name="vllm-lite-engine",
         )  # not a daemon: with tensor parallelism it starts the other ranks
         try:
-            self._process.start()
+            process.start()
         finally:
             # the core has its own copies: a pipe ends exactly when one side is gone
             commands_out.close()
             outputs_in.close()
-        atexit.register(self._close_pipes)  # runs before multiprocessing joins the process at exit
+        self._connect(commands, outputs, process, metrics)
         try:
-            self.info = self._wait_until_ready()
+            info = wait_until_ready(outputs, process)
         except BaseException:  # a failed start, or Ctrl-C while the model loads
-            self._process.kill()
+            process.kill()
             self._close_pipes()
             atexit.unregister(self._close_pipes)
             raise
-        self.config, self.tokenizer = self.info.config, self.info.tokenizer
-        self.processor = OutputProcessor(self.tokenizer, stream=True, metrics=metrics)
+        self._set_info(info)
 
     @classmethod
     def from_config(cls, config: EngineConfig, metrics=None) -> AsyncLLM:
         return cls(config, metrics)
 
-    def _wait_until_ready(self) -> EngineInfo:
-        while self._process.is_alive() and not self._outputs.poll(0.5):
-            pass
-        try:
-            message = self._outputs.recv()
-        except EOFError:  # it died without a word (killed, out of memory)
-            self._process.join(5)
-            code = self._process.exitcode
-            raise RuntimeError(
-                f"the engine process exited while starting (exit code {code})"
-            ) from None
-        if message[0] == "ready":
-            return message[1]
-        _, kind, text, trace = message
-        self._process.join(30)
-        error = {
-            "ValueError": ValueError,
-            "FileNotFoundError": FileNotFoundError,
-            "NotADirectoryError": NotADirectoryError,
-        }.get(kind)
-        if error is not None:  # a user's mistake: the command line prints it in one line
-            raise error(text)
-        raise RuntimeError(f"the engine failed to start:\n{trace}")
+    @classmethod
+    def attach(cls, commands, outputs, info: EngineInfo, metrics=None) -> AsyncLLM:
+        """A front end of an engine core started elsewhere (``serve --api-server-count N``):
+        ``commands``/``outputs`` are this front end's pipe ends, ``info`` the core's "ready"
+        (already read). Its shutdown stops this front end's requests, not the core."""
+        self = cls.__new__(cls)
+        self._connect(commands, outputs, None, metrics)
+        self._set_info(info)
+        return self
+
+    def _connect(self, commands, outputs, process, metrics) -> None:
+        self.metrics = metrics
+        self._streams: dict[str, asyncio.Queue] = {}
+        self._replies: dict[int, asyncio.Future] = {}
+        self._reply_ids = itertools.count()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping = self._stopped = self._gone = False
+        self.dead_error: BaseException | None = None
+        self.engine_state = EngineState()
+        self._commands, self._outputs, self._process = commands, outputs, process
+        atexit.register(self._close_pipes)  # runs before multiprocessing joins the process at exit
+
+    def _set_info(self, info: EngineInfo) -> None:
+        self.info = info
+        self.config, self.tokenizer = info.config, info.tokenizer
+        self.processor = OutputProcessor(self.tokenizer, stream=True, metrics=self.metrics)
 
     # ---- lifecycle (event loop side) -------------------------------------------------------
     def start(self) -> None:
@@ -126,11 +150,16 @@ class AsyncLLM:
         """Abort what is still running, stop the engine process and release the engine."""
         self._stopping = True
         self._send(("stop",))
-        await asyncio.to_thread(self._process.join, timeout)
-        if self._process.is_alive():
-            logger.warning("the engine process did not stop in %g s: killing it", timeout)
-            self._process.kill()
-            self._process.join(5)
+        if self._process is not None:
+            await asyncio.to_thread(self._process.join, timeout)
+            if self._process.is_alive():
+                logger.warning("the engine process did not stop in %g s: killing it", timeout)
+                self._process.kill()
+                self._process.join(5)
+        else:  # attached: the core goes on for the other front ends; wait for its "stopped"
+            deadline = time.monotonic() + timeout
+            while not (self._stopped or self._gone) and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
         self._read_outputs()  # what it said last
         stopped = EngineStoppedError("the engine is not running")
         for stream in self._streams.values():  # requests it never took
@@ -147,7 +176,10 @@ class AsyncLLM:
 
     @property
     def is_running(self) -> bool:
-        return self._process.is_alive() and self.dead_error is None and not self._stopped
+        return self._core_alive() and self.dead_error is None and not self._stopped
+
+    def _core_alive(self) -> bool:
+        return self._process.is_alive() if self._process is not None else not self._gone
 
     @property
     def num_unfinished_requests(self) -> int:
@@ -157,7 +189,7 @@ class AsyncLLM:
     async def reset_prefix_cache(self) -> bool:
         """Forget every cached prefix (in the engine process, between steps); False while a
         request holds KV blocks, as ``LLM.reset_prefix_cache``."""
-        if self.dead_error is not None or self._stopping or not self._process.is_alive():
+        if self.dead_error is not None or self._stopping or not self._core_alive():
             raise EngineStoppedError("the engine is not running")
         token = next(self._reply_ids)
         future = self._replies[token] = asyncio.get_running_loop().create_future()
@@ -269,15 +301,15 @@ class AsyncLLM:
 
     def _engine_gone(self) -> None:
         """EOF: the engine process has exited (after 'stopped', or on its own)."""
+        self._gone = True
         if self._loop is not None and not self._outputs.closed:
             self._loop.remove_reader(self._outputs.fileno())
         if not self._stopped and self.dead_error is None:
-            self._process.join(1)
-            self._fail_all(
-                EngineDeadError(
-                    f"the engine process exited unexpectedly (exit code {self._process.exitcode})"
-                )
-            )
+            code = ""
+            if self._process is not None:
+                self._process.join(1)
+                code = f" (exit code {self._process.exitcode})"
+            self._fail_all(EngineDeadError(f"the engine process exited unexpectedly{code}"))
 
     def _fail_all(self, error: BaseException) -> None:
         logger.error("%s", error)

@@ -8,18 +8,25 @@ costs up to the 5 ms switch interval, so at saturation the engine lost about a q
 time (numbers: benchmarks/serve_overhead.py, BENCHMARKS.md).
 
 The core deals in token ids only: text, stop strings and logprob dicts are the front end's
-(``output_processor.py``, run by ``AsyncLLM``). Two one-way pipes connect them:
+(``output_processor.py``, run by ``AsyncLLM``). Two one-way pipes connect it to each front end
+(one front end, or ``serve --api-server-count N`` of them: client i is the i-th pair):
 - front end -> core: ``("add", request_id, token_ids, params)``, ``("abort", id)``,
   ``("stop_completions", [(id, index)...])`` (a stop string ended them: the front end found
-  it), ``("reset_prefix_cache", token)``, ``("stop",)``. A thread of the core moves them into a
-  queue as they come, so a send never waits for a step to end; EOF (the front end is gone)
+  it), ``("reset_prefix_cache", token)``, ``("stop",)``. A thread per front end moves them into
+  one queue as they come, so a send never waits for a step to end; EOF (the front end is gone)
   counts as stop.
 - core -> front end: ``("ready", EngineInfo)`` once (or ``("failed", ...)``), then one
   ``("step", CoreOutputs, errors, EngineState)`` per loop turn that did anything: the step's
   accepted token ids of all requests as a few flat lists (one small pickle, not an object per
   request), ``errors`` as ``(request_id, message)`` for requests the engine refused;
-  ``("reply", token, value)``; at the end ``("stopped",)`` or ``("dead", message)``. A thread
-  of the core writes them, so a step never waits for the front end to read.
+  ``("reply", token, value)`` to the front end that asked; ``("stopped",)`` once its stop is
+  applied, or ``("dead", message)``. A thread of the core writes them, so a step never waits
+  for a front end to read.
+
+Several front ends: each message is pickled once and its bytes written to every front end; a
+front end skips the request ids it does not own (ids are uuids). The core remembers which front
+end added each request: a front end's stop (or EOF) aborts its requests alone, and the core
+stops once every front end has stopped.
 
 Each turn takes every queued command (a new request joins the running batch at the next step,
 an abort frees its KV blocks before it), then runs ``LLMEngine.core_step()`` (its overlapped GPU
@@ -27,7 +34,7 @@ pipeline stays inside it). With overlap, a sampled token is a placeholder until 
 it back and runs its stop checks; only accepted tokens are reported.
 
 With tensor parallelism this process is rank 0: ``LLMEngine`` starts the other ranks from here.
-It ignores SIGINT and SIGTERM: the front end drains, then stops it.
+It ignores SIGINT and SIGTERM: the front ends drain, then stop it.
 """
 
 from __future__ import annotations
@@ -40,6 +47,7 @@ import signal
 import threading
 import traceback
 from dataclasses import dataclass
+from multiprocessing.reduction import ForkingPickler
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.llm_engine import LLMEngine, RequestLimits
@@ -71,15 +79,17 @@ class EngineState:
     prefix_cache_hits: int = 0  # of those, found cached
 
 
-def run_engine_core(config: EngineConfig, commands, outputs) -> None:
-    """The engine process' main function."""
+def run_engine_core(config: EngineConfig, clients: list[tuple]) -> None:
+    """The engine process' main function; ``clients``: one (commands, outputs) pipe pair per
+    front end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the front end's to handle
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
+    outputs = [out for _, out in clients]
     try:
         engine = LLMEngine(config, output_processor=False)
     except BaseException as exc:  # noqa: BLE001 - the front end raises it in the server's process
-        outputs.send(("failed", type(exc).__name__, str(exc), traceback.format_exc()))
+        _send_to(outputs, ("failed", type(exc).__name__, str(exc), traceback.format_exc()))
         return
     info = EngineInfo(
         engine.model_path,
@@ -88,11 +98,12 @@ def run_engine_core(config: EngineConfig, commands, outputs) -> None:
         engine.limits,
         engine.tokenizer,
     )
-    outputs.send(("ready", info))
+    _send_to(outputs, ("ready", info))
     core = EngineCore(engine, outputs)
-    threading.Thread(
-        target=core.receive, args=(commands,), name="vllm-lite-commands", daemon=True
-    ).start()
+    for client, (commands, _) in enumerate(clients):
+        threading.Thread(
+            target=core.receive, args=(client, commands), name="vllm-lite-commands", daemon=True
+        ).start()
     sender = threading.Thread(target=core.send_outputs, name="vllm-lite-outputs", daemon=True)
     sender.start()
     try:
@@ -101,38 +112,54 @@ def run_engine_core(config: EngineConfig, commands, outputs) -> None:
         core.outbox.put(None)
         sender.join(30)
         engine.close()
-    with contextlib.suppress(Exception):  # skip torch's slow interpreter teardown
-        outputs.close()
+    for out in outputs:
+        with contextlib.suppress(Exception):  # skip torch's slow interpreter teardown
+            out.close()
     os._exit(0)
 
 
+def _send_to(outputs: list, message) -> list:
+    """Pickle ``message`` once and write it to each connection (``recv()`` reads it back); the
+    connections that broke (their front end is gone) are returned."""
+    data = ForkingPickler.dumps(message)
+    broken = []
+    for out in outputs:
+        try:
+            out.send_bytes(data)
+        except OSError:
+            broken.append(out)
+    return broken
+
+
 class EngineCore:
-    def __init__(self, engine: LLMEngine, outputs) -> None:
+    def __init__(self, engine: LLMEngine, outputs: list) -> None:
         self.engine, self.outputs = engine, outputs
         self.commands: queue.SimpleQueue = queue.SimpleQueue()
         self.outbox: queue.SimpleQueue = queue.SimpleQueue()
         self.wakeup = threading.Event()
+        self.listening = set(range(len(outputs)))  # the front ends that have not stopped
+        self.owners: dict[str, int] = {}  # request id -> the front end that added it
 
-    def receive(self, commands) -> None:
-        """The command thread: the front end's commands into the queue, at once."""
+    def receive(self, client: int, commands) -> None:
+        """A command thread: one front end's commands into the queue, at once."""
         while True:
             try:
                 command = commands.recv()
             except (EOFError, OSError):  # the front end is gone
                 command = ("stop",)
-            self.commands.put(command)
+            self.commands.put((client, command))
             self.wakeup.set()
             if command[0] == "stop":
                 return
 
     def send_outputs(self) -> None:
         """The output thread: pickles and writes the messages (None: no more), so a step never
-        waits for the front end to read the last one."""
-        while (message := self.outbox.get()) is not None:
-            try:
-                self.outputs.send(message)
-            except OSError:  # the front end is gone
-                return
+        waits for a front end to read the last one."""
+        gone: set = set()  # connections of front ends that went away
+        while (item := self.outbox.get()) is not None:
+            clients, message = item
+            targets = [self.outputs[c] for c in clients if id(self.outputs[c]) not in gone]
+            gone.update(id(out) for out in _send_to(targets, message))
 
     def run(self) -> None:
         engine = self.engine
@@ -141,38 +168,42 @@ class EngineCore:
                 if not engine.has_unfinished_requests():
                     self.wakeup.wait()
                 self.wakeup.clear()
-                errors, applied, running = self._take_commands()
+                listening = tuple(self.listening)  # who hears of this turn
+                errors, applied = self._take_commands()
+                running = bool(self.listening)
                 stepped = running and engine.has_unfinished_requests()
                 outputs = engine.core_step() if stepped else engine.take_outputs()
                 if applied or stepped:
-                    self._send(("step", outputs, errors, self._state()))
+                    self._send(("step", outputs, errors, self._state()), listening)
+                for client in listening:
+                    if client not in self.listening:
+                        self._send(("stopped",), (client,))
                 if not running:
-                    self._send(("stopped",))
                     return
         except BaseException as exc:  # noqa: BLE001 - every waiting client must hear of it
             logger.exception("engine failed")
-            with contextlib.suppress(OSError):
-                self._send(("dead", f"engine stopped on an error: {exc!r}"))
+            self._send(("dead", f"engine stopped on an error: {exc!r}"), tuple(self.listening))
 
-    def _send(self, message) -> None:
-        self.outbox.put(message)
+    def _send(self, message, clients: tuple) -> None:
+        self.outbox.put((clients, message))
 
-    def _take_commands(self) -> tuple[list, int, bool]:
-        """Apply every queued command: (errors for the front end, how many commands were
-        applied, False once told to stop)."""
+    def _take_commands(self) -> tuple[list, int]:
+        """Apply every queued command: (errors for the front ends, how many commands were
+        applied)."""
         errors, applied = [], 0
         engine = self.engine
         while True:
             try:
-                command = self.commands.get_nowait()
+                client, command = self.commands.get_nowait()
             except queue.Empty:
-                return errors, applied, True
+                return errors, applied
             applied += 1
             kind = command[0]
             if kind == "add":
                 _, request_id, token_ids, params = command
                 try:
                     engine.add_request(token_ids, params, request_id=request_id)
+                    self._own(request_id, client)
                 except Exception as exc:  # noqa: BLE001 - reported to that request alone
                     errors.append((request_id, str(exc)))
             elif kind == "abort":
@@ -181,11 +212,18 @@ class EngineCore:
                 for request_id, index in command[1]:
                     engine.stop_completion(request_id, index)
             elif kind == "reset_prefix_cache":
-                self._send(("reply", command[1], engine.reset_prefix_cache()))
+                self._send(("reply", command[1], engine.reset_prefix_cache()), (client,))
             elif kind == "stop":
+                self.listening.discard(client)
                 for request_id in list(engine.sequences):
-                    engine.abort_request(request_id)
-                return errors, applied, False
+                    if self.owners.get(request_id) == client or not self.listening:
+                        engine.abort_request(request_id)
+
+    def _own(self, request_id: str, client: int) -> None:
+        owners = self.owners
+        owners[request_id] = client
+        if len(owners) > 2 * len(self.engine.sequences) + 1024:  # forget the finished ones
+            self.owners = {r: c for r, c in owners.items() if r in self.engine.sequences}
 
     def _state(self) -> EngineState:
         scheduler, blocks = self.engine.scheduler, self.engine.block_manager

@@ -1,5 +1,10 @@
 """Prometheus metrics of the server, under vLLM's metric names (``vllm:...``) so that vLLM's
-dashboards read them. One registry per server (tests run several in one process)."""
+dashboards read them. One registry per server (tests run several in one process).
+
+With several front ends (``serve --api-server-count N``), prometheus_client's multiprocess mode:
+each front end writes its values to files in ``$PROMETHEUS_MULTIPROC_DIR`` (set before
+prometheus_client is imported) and ``/metrics`` in any of them sums the counters and histograms
+of all; the engine's gauges, the same in every front end, show the most recent value."""
 
 from __future__ import annotations
 
@@ -10,6 +15,7 @@ from prometheus_client import (
     Gauge,
     Histogram,
     generate_latest,
+    multiprocess,
 )
 
 # fmt: off
@@ -30,12 +36,26 @@ E2E_BUCKETS = [
 
 class ServerMetrics:
     """Lives in the server's process: the output processor (``AsyncLLM``'s, on the event
-    loop) records each request's tokens and latencies here; read by ``/metrics``."""
+    loop) records each request's tokens and latencies here; read by ``/metrics``.
 
-    def __init__(self, model_name: str, registry: CollectorRegistry | None = None) -> None:
+    ``multiprocess_dir``: one of several front ends (see above); ``engine_counters``: this one
+    counts the engine's own events (preemptions, prefix cache), which every front end hears of.
+    """
+
+    def __init__(
+        self,
+        model_name: str,
+        registry: CollectorRegistry | None = None,
+        multiprocess_dir: str | None = None,
+        engine_counters: bool = True,
+    ) -> None:
         self.registry = registry or CollectorRegistry()
+        self.engine_counters = engine_counters
         labels = ["model_name"]
         r = self.registry
+        if multiprocess_dir is not None:  # the values live in files, summed by the collector
+            multiprocess.MultiProcessCollector(self.registry, path=multiprocess_dir)
+            r = None
 
         def labelled(metric):
             return metric.labels(model_name=model_name)
@@ -46,6 +66,7 @@ class ServerMetrics:
                 "Sequences running (scheduled) in the engine.",
                 labels,
                 registry=r,
+                multiprocess_mode="mostrecent",
             )
         )
         self.waiting = labelled(
@@ -54,6 +75,7 @@ class ServerMetrics:
                 "Sequences waiting to be scheduled.",
                 labels,
                 registry=r,
+                multiprocess_mode="mostrecent",
             )
         )
         self.kv_usage = labelled(
@@ -62,6 +84,7 @@ class ServerMetrics:
                 "Share of KV-cache blocks in use (1 = full).",
                 labels,
                 registry=r,
+                multiprocess_mode="mostrecent",
             )
         )
         self.prompt_tokens = labelled(
@@ -159,6 +182,8 @@ class ServerMetrics:
         self.running.set(running)
         self.waiting.set(waiting)
         self.kv_usage.set(kv_usage)
+        if not self.engine_counters:
+            return
         if new_preemptions:
             self.preemptions.inc(new_preemptions)
         if new_prefix_cache_queries:

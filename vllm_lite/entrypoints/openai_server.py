@@ -7,7 +7,8 @@ server-sent events ending in ``data: [DONE]``; structured outputs on both, tool 
 ``{"error": {"message", "type", "param", "code"}}``. With an API key every route but /health
 needs ``Authorization: Bearer KEY``. SIGTERM (or Ctrl-C) drains: new requests get 503, running
 ones finish (for at most ``--drain-timeout`` seconds, then they are aborted), then the process
-exits with status 0; a second signal stops at once.
+exits with status 0; a second signal stops at once. ``--api-server-count N``: N processes
+serve this app on one engine core (``api_servers.py``).
 """
 
 from __future__ import annotations
@@ -867,13 +868,30 @@ def _drain_server_class():
     class DrainingServer(uvicorn.Server):
         """uvicorn, but the first SIGTERM/SIGINT drains: the gate answers 503, running requests
         finish (at most ``drain_timeout`` s, then they are aborted), then a normal shutdown.
-        A second signal stops at once. Exits 0 (uvicorn re-raises a caught signal)."""
+        A second signal stops at once. Exits 0 (uvicorn re-raises a caught signal).
+        ``ignore_sigint``: one of several front ends, whose supervisor forwards Ctrl-C as
+        SIGTERM; ``on_started``: called once it accepts connections."""
 
-        def __init__(self, config, state: ServerState, drain_timeout: float) -> None:
+        def __init__(
+            self,
+            config,
+            state: ServerState,
+            drain_timeout: float,
+            ignore_sigint: bool = False,
+            on_started=None,
+        ) -> None:
             super().__init__(config)
             self.state, self.drain_timeout, self.signals = state, drain_timeout, 0
+            self.ignore_sigint, self.on_started = ignore_sigint, on_started
+
+        async def startup(self, sockets=None) -> None:
+            await super().startup(sockets=sockets)
+            if self.started and self.on_started is not None:
+                self.on_started()
 
         def handle_exit(self, sig, frame) -> None:
+            if sig == signal.SIGINT and self.ignore_sigint:
+                return
             self.signals += 1
             if self.signals == 1:
                 self.state.draining = True
@@ -918,7 +936,13 @@ def _drain_server_class():
     return DrainingServer
 
 
-def make_server(app: FastAPI, drain_timeout: float = 30.0, log_level: str = "info"):
+def make_server(
+    app: FastAPI,
+    drain_timeout: float = 30.0,
+    log_level: str = "info",
+    ignore_sigint: bool = False,
+    on_started=None,
+):
     import uvicorn
 
     config = uvicorn.Config(
@@ -928,8 +952,7 @@ def make_server(app: FastAPI, drain_timeout: float = 30.0, log_level: str = "inf
         lifespan="on",
         access_log=log_level in ("debug", "trace"),
     )
-    server = _drain_server_class()(config, app.state.server, drain_timeout)
-    return server
+    return _drain_server_class()(config, app.state.server, drain_timeout, ignore_sigint, on_started)
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -997,6 +1020,13 @@ def serve_main(argv: list[str]) -> int:
         action="store_true",
         help='accepted as vLLM\'s; --tool-call-parser enables "auto"',
     )
+    parser.add_argument(
+        "--api-server-count",
+        type=int,
+        default=1,
+        help="front-end processes (HTTP, tokenizer, text) sharing one engine core (default 1; "
+        "more when the front end's CPU per token bounds a busy server)",
+    )
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
     model_arg = args.pop("model_arg")
@@ -1008,6 +1038,9 @@ def serve_main(argv: list[str]) -> int:
     )
     tool_call_parser = args.pop("tool_call_parser")
     args.pop("enable_auto_tool_choice")
+    api_server_count = args.pop("api_server_count")
+    if api_server_count < 1:
+        parser.error(f"argument --api-server-count: must be >= 1, got {api_server_count}")
     if not 0 <= port <= 65535:
         parser.error(f"argument --port: must be in 0..65535, got {port}")
     if drain_timeout < 0:
@@ -1029,16 +1062,30 @@ def serve_main(argv: list[str]) -> int:
     except OSError as exc:
         raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     model_names = names or [os.path.basename(os.path.normpath(model_path))]
+    shown = f"[{host}]" if ":" in host else host
+    banner = (
+        f"vllm-lite serve: {model_names[0]} on http://{shown}:{sock.getsockname()[1]}"
+        f"{' (API key required)' if api_key else ''}"
+    )
+    if api_server_count > 1:
+        from vllm_lite.entrypoints.api_servers import run_api_servers
+
+        return run_api_servers(
+            config,
+            api_server_count,
+            sock,
+            banner,
+            drain_timeout,
+            model_names=model_names,
+            api_key=api_key,
+            tool_call_parser=tool_call_parser,
+            log_level=log_level,
+        )
     metrics = ServerMetrics(model_names[0])
     async_llm = AsyncLLM(config, metrics)  # the engine, in a process of its own
     app = build_app(async_llm, model_names, api_key, metrics, tool_call_parser)
     server = make_server(app, drain_timeout, log_level)
-    shown = f"[{host}]" if ":" in host else host
-    print(
-        f"vllm-lite serve: {model_names[0]} on http://{shown}:{sock.getsockname()[1]}"
-        f"{' (API key required)' if api_key else ''}",
-        flush=True,
-    )
+    print(banner, flush=True)
     server.run(sockets=[sock])
     return 0
 
