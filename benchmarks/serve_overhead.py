@@ -40,22 +40,29 @@ from vllm_lite.entrypoints.benchmark import (
     run_ours,
     text_tokenizer_for_shape,
 )
+from vllm_lite.entrypoints.engine_core import CORE_PROCESS_NAME
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def tree_cpu_seconds(pid: int) -> dict[int, float]:
-    """CPU seconds (user + system) of ``pid`` and each of its descendants, by pid."""
-    out, todo = {}, [pid]
+def tree_cpu_seconds(pid: int) -> dict[int, tuple[bool, float]]:
+    """(engine?, CPU seconds (user + system)) of ``pid`` and each of its descendants, by pid;
+    engine: the engine core process (named ``CORE_PROCESS_NAME``) and its children (tensor-
+    parallel ranks); the others are the server's front end(s) (and a supervisor)."""
+    out, todo = {}, [(pid, False)]
     while todo:
-        p = todo.pop()
+        p, engine = todo.pop()
         try:
             with open(f"/proc/{p}/stat") as fh:
-                fields = fh.read().rsplit(")", 1)[1].split()
-            out[p] = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+                name, fields = fh.read().split("(", 1)[1].rsplit(")", 1)
+            engine = engine or name == CORE_PROCESS_NAME
+            out[p] = (
+                engine,
+                (int(fields.split()[11]) + int(fields.split()[12])) / os.sysconf("SC_CLK_TCK"),
+            )
             for task in os.listdir(f"/proc/{p}/task"):
                 with open(f"/proc/{p}/task/{task}/children") as fh:
-                    todo += [int(c) for c in fh.read().split()]
+                    todo += [(int(c), engine) for c in fh.read().split()]
         except OSError:  # exited meanwhile
             continue
     return out
@@ -71,7 +78,10 @@ def serve_flags(overrides: dict) -> list[str]:
     return flags
 
 
-def start_server(tree: str, model_path: str, overrides: dict) -> tuple[subprocess.Popen, str]:
+def start_server(
+    tree: str, model_path: str, overrides: dict, flags: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
+    """``vllm-lite serve`` with the engine settings ``overrides`` and the server's ``flags``."""
     env = {
         **os.environ,
         "PYTHONPATH": tree + os.pathsep + os.environ.get("PYTHONPATH", ""),
@@ -88,6 +98,7 @@ def start_server(tree: str, model_path: str, overrides: dict) -> tuple[subproces
         "--log-level",
         "warning",
         *serve_flags({k: v for k, v in overrides.items() if k != "model_path"}),
+        *flags,
     ]
     proc = subprocess.Popen(cmd, cwd=tree, env=env, stdout=subprocess.PIPE, text=True)
     line = proc.stdout.readline()
@@ -121,10 +132,10 @@ def served_run(url: str, pid: int, work: Workload, temperature: float, rate: flo
     before, client_before = tree_cpu_seconds(pid), time.process_time()
     result = asyncio.run(run_benchmark(url, None, work, temperature, rate, None, None, seed=0))
     after = tree_cpu_seconds(pid)
-    cpu = {p: after[p] - before.get(p, 0.0) for p in after}
+    cpu = {p: (engine, t - before.get(p, (engine, 0.0))[1]) for p, (engine, t) in after.items()}
     result["cpu_client_s"] = time.process_time() - client_before
-    result["cpu_server_s"] = cpu.get(pid, 0.0)
-    result["cpu_engine_process_s"] = sum(v for p, v in cpu.items() if p != pid)
+    result["cpu_server_s"] = sum(t for engine, t in cpu.values() if not engine)  # front end(s)
+    result["cpu_engine_process_s"] = sum(t for engine, t in cpu.values() if engine)
     return result
 
 

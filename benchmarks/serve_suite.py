@@ -11,6 +11,7 @@ token, a stop string that never matches) offline, and served all at once.
 
     python -m benchmarks.serve_suite                  # the whole table
     python -m benchmarks.serve_suite --runs 2 --skip-smollm2
+    python -m benchmarks.serve_suite --api-server-count 4   # served through 4 front ends
 """
 
 from __future__ import annotations
@@ -92,9 +93,13 @@ def served(
     temperature: float,
     rates: list[float],
     runs: int,
+    api_server_count: int = 1,
 ) -> dict:
     proc, url = start_server(
-        os.path.dirname(os.path.dirname(os.path.abspath(__file__))), config.model_path, overrides
+        os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+        config.model_path,
+        overrides,
+        ("--api-server-count", str(api_server_count)),
     )
     try:
         warm = Workload(work.prompts[:32], [16] * 32)
@@ -133,6 +138,9 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--skip-smollm2", action="store_true", help="only the Llama shape")
     parser.add_argument(
+        "--api-server-count", type=int, default=1, help="the server's front-end processes"
+    )
+    parser.add_argument(
         "--smoke", action="store_true", help="a 2-layer Llama, 8 short requests (CPU)"
     )
     parser.add_argument("--json", help="write the results here")
@@ -159,6 +167,8 @@ def main() -> None:
             "intermediate_size": 128,
         }
         args.num_prompts, args.runs, args.served_runs, args.rates = 8, 2, 1, [16.0]
+    n = args.api_server_count
+    fronts = f" ({n} front ends)" if n > 1 else ""
     shapes = [("llama-2048 (SmolLM2 vocab)", shape_folder(llama))]
     if not args.skip_smollm2:
         shapes.append(("smollm2-135m", model_folder("smollm2-135m")))
@@ -188,6 +198,7 @@ def main() -> None:
             temperature,
             args.rates if name.startswith("llama") else [],
             args.served_runs,
+            args.api_server_count,
         )
         result[name] = {"offline": off, "served": {str(k): v for k, v in srv.items()}}
         base = off["text at end"]
@@ -222,13 +233,13 @@ def main() -> None:
         ratio = statistics.median(r["output_throughput"] for r in srv["all"]) / base["warm_tok_s"]
         rows.append(
             (
-                f"{name}: served, all at once (median of {len(srv['all'])})",
+                f"{name}: served{fronts}, all at once (median of {len(srv['all'])})",
                 f"{100 * ratio:.0f}% of offline; best run {describe(best)}; TPOT p50 / offline step "
                 f"{best['p50_tpot_ms'] / base['step_ms']:.2f}",
             )
         )
         for rate in args.rates if name.startswith("llama") else []:
-            rows.append((f"{name}: served, {rate:g} req/s", describe(srv[rate])))
+            rows.append((f"{name}: served{fronts}, {rate:g} req/s", describe(srv[rate])))
     print("\n| what | result |\n|---|---|")
     for what, value in rows:
         print(f"| {what} | {value} |")

@@ -103,6 +103,8 @@ SUITES: dict[str, list[Row]] = {
         # issue 23's table: text on (SmolLM2's tokenizer; $TOKENIZER where the embedded model
         # is not installed), offline first/next run, served all at once, at 64 and 16 req/s
         py("text on: served vs offline (serve_suite)", "serve_suite", keep=r"^\| ", timeout=560),
+        py("text on: 4 front ends (serve_suite --api-server-count 4)",
+           "serve_suite --api-server-count 4 --skip-smollm2", keep=r"^\| ", timeout=400),
     ],
     # prefix caching: a shared 1,024-token system prompt, and a workload that shares nothing
     "prefix": [

@@ -53,6 +53,7 @@ from vllm_lite.config import EngineConfig
 from vllm_lite.engine.llm_engine import LLMEngine, RequestLimits
 
 logger = logging.getLogger("vllm_lite.server")
+CORE_PROCESS_NAME = "vllm-lite-core"  # the engine process' name (at most 15 characters)
 
 
 @dataclass
@@ -84,6 +85,9 @@ def run_engine_core(config: EngineConfig, clients: list[tuple]) -> None:
     front end."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C and SIGTERM are the front end's to handle
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    with contextlib.suppress(OSError):  # ps and top show it by this name (Linux)
+        with open("/proc/self/comm", "w") as fh:
+            fh.write(CORE_PROCESS_NAME)
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s")
     outputs = [out for _, out in clients]
     try:
