@@ -178,6 +178,7 @@ class StructuredOutputManager:
         xgr = _xgr()
         max_threads = max(1, min(max_threads, os.cpu_count() or 1))
         self.vocab_size = vocab_size
+        self.stop_token_ids = frozenset(stop_token_ids)  # only these end a grammar
         self.info = xgr.TokenizerInfo.from_huggingface(
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)
         )
@@ -218,11 +219,12 @@ class StructuredOutputManager:
 
     def _advance(self, matchers: list, token_ids: list[int]) -> list[int]:
         ok = _xgr().BatchGrammarMatcher.batch_accept_token(matchers, token_ids)
+        stops = self.stop_token_ids  # a matcher ends only on a stop token: ask only those
         return [
-            (ENDED if m.is_terminated() else ACCEPTED)
+            (ENDED if t in stops and m.is_terminated() else ACCEPTED)
             if good
             else (REFUSED_COMPLETE if m.is_completed() else REFUSED)
-            for m, good in zip(matchers, ok)
+            for m, t, good in zip(matchers, token_ids, ok)
         ]
 
     def advance_async(
