@@ -5,6 +5,7 @@ script that builds one ``LLM`` after another, the second would find the GPU stil
 from __future__ import annotations
 
 import gc
+import types
 import weakref
 
 import pytest
@@ -82,6 +83,19 @@ def test_memory_of_live_engines_is_counted_until_they_are_dropped(tiny):
     del first
     assert bytes_held_by_other_engines(second.engine.runner) == before
     second.close()
+
+
+def test_an_engine_that_fails_to_start_holds_no_memory_through_its_traceback(tiny):
+    """A start that fails after the weights are loaded (here: a KV pool too large to exist; on
+    a GPU, no room left or a failed graph capture) leaves an exception whose traceback keeps
+    the half-built engine: its weights must be released all the same."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    probe = types.SimpleNamespace(device=device)  # counts every engine on that device
+    before = bytes_held_by_other_engines(probe)
+    with pytest.raises(RuntimeError) as failed:
+        LLM(tiny, max_model_len=128, num_blocks=2**50)
+    assert failed.traceback  # still held here
+    assert bytes_held_by_other_engines(probe) == before
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

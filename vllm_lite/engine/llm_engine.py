@@ -221,7 +221,11 @@ class LLMEngine:
             from vllm_lite.worker.model_runner import ModelRunner
 
             self.runner = ModelRunner(config, self.hf_config, self.model_path)
-            self.runner.allocate_kv_cache(config.num_blocks or self.runner.default_num_blocks())
+            try:
+                self.runner.allocate_kv_cache(config.num_blocks or self.runner.default_num_blocks())
+            except BaseException:  # no room for the pool, a failed capture: the traceback keeps
+                self.runner.close()  # this half-built engine alive, but not its GPU memory
+                raise
         self.device = self.runner.device
         self.block_manager = BlockManager(
             self.runner.num_blocks, config.block_size, config.enable_prefix_caching
