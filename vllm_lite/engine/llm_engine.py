@@ -457,9 +457,11 @@ class LLMEngine:
 
         A step that samples for a request with structured outputs reads the previous step back
         between its forward pass and its sampling (``_sampling_batch``): a grammar's mask needs
-        the token before it. The host advances the matchers and fills the mask while the
-        device runs the forward pass, so every sampled token was allowed by its matcher's
-        state after all its earlier tokens; no placeholder ever reaches a matcher."""
+        the token before it. The grammar worker thread advances the matchers and fills that
+        mask as soon as the previous step's tokens are back (``advance_async``), while this
+        thread schedules and launches the forward pass; so every sampled token was allowed by
+        its matcher's state after all its earlier tokens, and no placeholder ever reaches a
+        matcher."""
         if self.tracer is not None:  # times the step and writes what it did (engine/tracer.py)
             return self.tracer.step(self)
         return self.run_batch(self.scheduler.schedule())
