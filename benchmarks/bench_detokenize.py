@@ -1,7 +1,9 @@
 """Host cost of incremental detokenization per output token, as the engine pays it: every step
 adds one token to each of N sequences. Compares the DecodeStream path (fast tokenizers) with the
 window algorithm through ``tokenizer.decode`` (the previous path, still the one for slow
-tokenizers), and reports the cost of a fresh process's first detokenized step.
+tokenizers), and reports the cost of a fresh process's first detokenized step. Then the engine's
+own path, ``BatchDetokenizer.step`` over all sequences at once, with 1 new token a step (the
+server) and ``TEXT_EVERY`` (8: offline requests with stop strings).
 
     python -m benchmarks.bench_detokenize                       # SmolLM2's tokenizer, 256 x 200
     python -m benchmarks.bench_detokenize --tokenizer PATH --num-seqs 64 --tokens 500
@@ -84,6 +86,37 @@ def main() -> None:
     print(
         f"speed-up {results[False] / results[True]:.1f}x; texts equal tokenizer.decode(output ids)"
     )
+    from vllm_lite.engine.llm_engine import TEXT_EVERY
+
+    for per_step in (1, TEXT_EVERY):
+        times = []
+        for _ in range(args.repeats):
+            seconds, texts = run_batched(tokenizer, prompts, outputs, per_step)
+            times.append(seconds)
+        assert all(
+            t == tokenizer.decode(o, skip_special_tokens=True) for t, o in zip(texts, outputs)
+        )
+        print(
+            f"batched, {per_step} token(s) a step{'':9s} "
+            f"{1e6 * statistics.median(times) / n:7.2f} us/token  (median of {args.repeats}, "
+            f"{min(times):.3f}..{max(times):.3f} s per run)"
+        )
+
+
+def run_batched(tokenizer, prompts, outputs, per_step: int) -> tuple[float, list[str]]:
+    """What the engine's output processor does: every sequence's new tokens in one step call."""
+    from vllm_lite.engine.detokenizer import BatchDetokenizer
+
+    batch = BatchDetokenizer(tokenizer)
+    states = [batch.new_state(p) for p in prompts]
+    t0 = time.perf_counter()
+    for step in range(0, len(outputs[0]), per_step):
+        for s, out in zip(states, outputs):
+            s.ids += out[step : step + per_step]
+        batch.step(states)
+    for s in states:
+        batch.flush(s)
+    return time.perf_counter() - t0, [s.text for s in states]
 
 
 if __name__ == "__main__":

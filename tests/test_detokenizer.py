@@ -280,6 +280,28 @@ def test_one_batched_step_equals_each_sequence_stepped_alone(tokenizer):
         assert s.text == detokenize(tokenizer, prompt, out, skip)
 
 
+@pytest.mark.parametrize("skip_special_tokens", [True, False])
+def test_steps_of_several_tokens_decode_exactly(tokenizer, skip_special_tokens):
+    """Several new tokens a step (offline stop strings hand tokens over every few steps): texts
+    with multi-byte characters and random ids, in steps of 1 to 9 tokens."""
+    from vllm_lite.engine.detokenizer import BatchDetokenizer
+
+    rng = random.Random(2)
+    batch, vocab = BatchDetokenizer(tokenizer), len(tokenizer)
+    outs = [with_special_tokens(tokenizer, t) for t in TEXTS]
+    outs += [[rng.randrange(vocab) for _ in range(40)] for _ in range(6)]
+    prompt = tokenizer.encode("Say something:", add_special_tokens=False)
+    for out in outs:
+        state, done = batch.new_state(prompt, skip_special_tokens), 0
+        while done < len(out):
+            n = rng.randint(1, 9)
+            state.ids += out[done : done + n]
+            done += n
+            batch.step([state])
+        batch.flush(state)
+        assert state.text == tokenizer.decode(out, skip_special_tokens=skip_special_tokens), out
+
+
 @pytest.mark.parametrize("include", [False, True])
 def test_offline_stop_string_checked_every_few_steps_ends_where_a_check_per_token_does(
     llm, monkeypatch, include

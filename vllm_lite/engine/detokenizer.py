@@ -92,11 +92,15 @@ class BatchDetokenizer:
             s.text += delta
             ids = s.ids
             s.prefix, s.read = s.read, len(ids)
-            if s.read - s.prefix == 1:  # the next window starts at this token: its text alone
-                s.prefix_len = len(self.token_text(ids[-1], s.skip))
+            last = self.token_text(ids[-1], s.skip)
+            if s.read - s.prefix == 1 or (last and REPLACEMENT not in last):
+                # the next window starts at the last token: its text alone (a token that
+                # decodes whole alone starts a character, so what follows decodes the same)
+                s.prefix, s.prefix_len = s.read - 1, len(last)
             else:
                 regroup.append(s)
-        if regroup:  # emissions of several tokens (a character completed): decode them
+        if regroup:  # several tokens emitted, the last not whole alone (a character
+            # completed): the next window starts at the first, its text is theirs decoded
             for s, text in zip(regroup, self._decode_windows(regroup, end=True)):
                 s.prefix_len = len(text)
         return deltas
