@@ -8,10 +8,13 @@ A fixed token trajectory (``--steps`` steps: each row's token drawn uniformly am
 grammar allows) is replayed on fresh matchers for each way of doing the work:
 
   accept            BatchGrammarMatcher.batch_accept_token, one call for all rows
+  accept chunks K   the same in K Python threads, each a share of the rows
   fill T            BatchGrammarMatcher(T threads).batch_fill_next_token_bitmask
-  accept + fill T   both, as the worker does now (T: the manager's threads, 8 or the CPUs)
+  accept + fill T   both, as the worker did before 2026-12-03 (T: 8, or the CPUs if fewer)
   chunks K          K Python threads, each accepting and filling its share of the rows
                     (xgrammar releases the GIL), a one-thread BatchGrammarMatcher each
+  worker job        StructuredOutputManager.advance_async, as the engine runs it: parts as
+                    above, one per manager thread (8, or the CPUs if fewer)
 
     python -m benchmarks.bench_grammar [--rows 256] [--steps 64] [--repeats 3]
     TOKENIZER=<SmolLM2 tokenizer folder> python -m benchmarks.bench_grammar
@@ -98,7 +101,17 @@ def main() -> None:
 
         return lambda ms, tokens: list(pool.map(lambda i: part(i, ms, tokens), range(k)))
 
+    def accept_chunked(k: int):
+        pool, parts = ThreadPoolExecutor(k), [rows[i::k] for i in range(k)]
+
+        def part(i, ms, tokens) -> None:
+            accept([ms[r] for r in parts[i]], [tokens[r] for r in parts[i]])
+
+        return lambda ms, tokens: list(pool.map(lambda i: part(i, ms, tokens), range(k)))
+
     ways = {"accept": accept}
+    for k in (2, 4):
+        ways[f"accept chunks {k}"] = accept_chunked(k)
     for t in counts:
         ways[f"fill {t}"] = lambda ms, tokens, t=t: fillers[t].batch_fill_next_token_bitmask(
             ms, bitmask, rows
@@ -110,6 +123,9 @@ def main() -> None:
     )
     for k in (2, 4, 8):
         ways[f"chunks {k}"] = chunked(k)
+    ways["worker job"] = lambda ms, tokens: (  # what the engine runs: advance_async
+        manager.advance_async(ms, rows, len(rows), lambda: tokens).mask.result()
+    )
 
     for name, way in ways.items():
         times = []
@@ -119,7 +135,7 @@ def main() -> None:
                 t0 = time.perf_counter()
                 way(ms, tokens)
                 total += time.perf_counter() - t0
-                if not name.startswith("accept") and not name.startswith("chunks"):
+                if name.startswith("fill"):
                     accept(ms, tokens)  # untimed: the fill ways still walk the trajectory
             times.append(1e3 * total / len(trajectory))
         times.sort()

@@ -5,6 +5,7 @@ follow its constraint. Greedy or seeded, so every run is the same."""
 from __future__ import annotations
 
 import json
+import random
 import re
 import threading
 import time
@@ -12,6 +13,7 @@ from typing import Annotated
 
 import jsonschema
 import pytest
+import torch
 from openai import BadRequestError, OpenAI
 from pydantic import BaseModel, Field
 from tiny_models import make_tiny_model
@@ -256,6 +258,37 @@ def test_masks_filled_ahead_on_the_worker_equal_masks_filled_in_step(llm):
         runs.append([o.outputs[0].token_ids for o in outs])
     assert runs[0] == runs[1]
     assert re.fullmatch("[a-z]{3,9}-[0-9]{2,30}", outs[2].outputs[0].text)
+
+
+def test_the_workers_parts_give_the_verdicts_and_masks_of_one_batched_call(llm):
+    """The grammar worker splits a step's rows in parts, one thread each: the same verdicts
+    (accepted, ended, refused) and next masks as one batched call on the engine's thread."""
+    from vllm_lite.structured_output import ACCEPTED, ENDED, REFUSED
+
+    manager, cpu = llm.engine.structured_output_manager(), torch.device("cpu")
+    so = StructuredOutputsParams(json=SCHEMA, **COMPACT)
+    n, rng = 13, random.Random(0)
+    ahead, inline = [manager.matcher(so) for _ in range(n)], [manager.matcher(so) for _ in range(n)]
+    active, seen = list(range(n)), set()
+    for step in range(24):
+        mask = manager.bitmask([inline[r] for r in active], active, n, cpu).clone()
+        tokens = [0] * n
+        for r in active:
+            allowed = [t for t in range(manager.vocab_size) if mask[r, t // 32] >> (t % 32) & 1]
+            if step == 5 and r == 3:  # a token its grammar refuses
+                allowed = sorted(set(range(manager.vocab_size)) - set(allowed))
+            tokens[r] = rng.choice(allowed)
+        job = manager.advance_async([ahead[r] for r in active], active, n, lambda t=tokens: t)
+        codes = manager.advance([inline[r] for r in active], [tokens[r] for r in active])
+        assert job.status.result() == codes
+        host, filled = job.mask.result()
+        live = [r for r, code in zip(active, codes) if code == ACCEPTED]
+        assert filled == set(live)
+        expected = manager.bitmask([inline[r] for r in live], live, n, cpu)
+        assert torch.equal(host[live], expected[live])
+        seen.update(codes)
+        active = [r for r, code in zip(active, codes) if code != ENDED]
+    assert REFUSED in seen and len(active) > 4  # parts of several rows until the end
 
 
 def test_structured_outputs_survive_preemption(model_path, llm):

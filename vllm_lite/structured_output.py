@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -152,6 +153,7 @@ def json_schema_grammar(schema: str, any_whitespace: bool):
 
 # what a matcher made of its token (``StructuredOutputManager.advance``)
 ACCEPTED, ENDED, REFUSED_COMPLETE, REFUSED = range(4)
+ROWS_PER_PART = 4  # the worker splits a step's rows in parts of at least this many
 
 
 class GrammarAdvance:
@@ -190,6 +192,8 @@ class StructuredOutputManager:
         # host bitmasks: [0] the step's (filled when taken), [1] the worker's (filled ahead)
         self._host = [torch.empty((0, 0), dtype=torch.int32) for _ in range(2)]
         self._worker: ThreadPoolExecutor | None = None  # made on the first advance_async
+        self._parts: ThreadPoolExecutor | None = None  # the worker's job's threads
+        self._fillers = [xgr.BatchGrammarMatcher(1) for _ in range(max_threads)]
         self._last: GrammarAdvance | None = None  # the worker's last job
 
     def compiled(self, params: StructuredOutputsParams):
@@ -241,22 +245,40 @@ class StructuredOutputManager:
         return job
 
     def _advance_job(self, job: GrammarAdvance, matchers, token_ids, num_rows: int) -> None:
+        """The rows split in parts, one per thread of ``_parts``: each part advances its
+        matchers, then fills their rows with a one-thread filler (faster than one batched fill
+        on several threads: ``benchmarks/bench_grammar.py``). ``status`` is set once every part
+        has advanced, so the engine's thread reads the verdicts while the fills run."""
         try:
             tokens = token_ids()
-            status = self._advance(matchers, [tokens[r] for r in job.rows])
-        except BaseException as exc:  # the engine's thread raises it when it waits
-            job.status.set_exception(exc)
-            job.mask.set_exception(exc)
-            return
-        job.status.set_result(status)
-        try:
-            live = [i for i, code in enumerate(status) if code == ACCEPTED]
+            wanted = [tokens[r] for r in job.rows]
             host = self._buffer(1, num_rows)
-            self.batch_matcher.batch_fill_next_token_bitmask(
-                [matchers[i] for i in live], host, [job.rows[i] for i in live]
-            )
-            job.mask.set_result((host, {job.rows[i] for i in live}))
-        except BaseException as exc:
+            k = max(1, min(len(self._fillers), len(wanted) // ROWS_PER_PART))
+            parts = [range(i, len(wanted), k) for i in range(k)]
+            status, left, lock = [ACCEPTED] * len(wanted), [k], threading.Lock()
+
+            def part(i: int) -> list[int]:
+                rows = parts[i]
+                codes = self._advance([matchers[j] for j in rows], [wanted[j] for j in rows])
+                for j, code in zip(rows, codes):
+                    status[j] = code
+                with lock:
+                    left[0] -= 1
+                    if left[0] == 0:
+                        job.status.set_result(status)
+                live = [j for j, code in zip(rows, codes) if code == ACCEPTED]
+                self._fillers[i].batch_fill_next_token_bitmask(
+                    [matchers[j] for j in live], host, [job.rows[j] for j in live]
+                )
+                return live
+
+            if self._parts is None:
+                self._parts = ThreadPoolExecutor(len(self._fillers), "vllm-lite-grammar-part")
+            filled = {job.rows[j] for live in self._parts.map(part, range(k)) for j in live}
+            job.mask.set_result((host, filled))
+        except BaseException as exc:  # the engine's thread raises it when it waits
+            if not job.status.done():
+                job.status.set_exception(exc)
             job.mask.set_exception(exc)
 
     def _idle(self) -> None:
@@ -315,6 +337,9 @@ class StructuredOutputManager:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+        if self._parts is not None:
+            self._parts.shutdown(wait=True)
+            self._parts = None
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None) -> None:
