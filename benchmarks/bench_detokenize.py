@@ -68,15 +68,21 @@ def main() -> None:
         )
 
     n = args.num_seqs * args.tokens
-    results = {}
-    for use_stream in (False, True):
+
+    def timed(runner, *extra) -> list[float]:
+        """Seconds of ``args.repeats`` runs; every text must equal tokenizer.decode."""
         times = []
         for _ in range(args.repeats):
-            seconds, texts = run(tokenizer, prompts, outputs, use_stream)
+            seconds, texts = runner(tokenizer, prompts, outputs, *extra)
             times.append(seconds)
         assert all(
             t == tokenizer.decode(o, skip_special_tokens=True) for t, o in zip(texts, outputs)
         )
+        return times
+
+    results = {}
+    for use_stream in (False, True):
+        times = timed(run, use_stream)
         results[use_stream] = statistics.median(times)
         name = "DecodeStream" if use_stream else "window + tokenizer.decode (old)"
         print(
@@ -89,13 +95,7 @@ def main() -> None:
     from vllm_lite.engine.llm_engine import TEXT_EVERY
 
     for per_step in (1, TEXT_EVERY):
-        times = []
-        for _ in range(args.repeats):
-            seconds, texts = run_batched(tokenizer, prompts, outputs, per_step)
-            times.append(seconds)
-        assert all(
-            t == tokenizer.decode(o, skip_special_tokens=True) for t, o in zip(texts, outputs)
-        )
+        times = timed(run_batched, per_step)
         print(
             f"batched, {per_step} token(s) a step{'':9s} "
             f"{1e6 * statistics.median(times) / n:7.2f} us/token  (median of {args.repeats}, "

@@ -103,6 +103,14 @@ def alive(pid: int) -> bool:
         return False
 
 
+def assert_gone(pids: set[int], timeout: float = 5.0) -> None:
+    """Every process of ``pids`` exits within ``timeout`` seconds."""
+    deadline = time.time() + timeout
+    while any(alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not [pid for pid in pids if alive(pid)]
+
+
 def stop(proc: subprocess.Popen) -> None:
     """SIGTERM (the supervisor then removes its metrics folder), SIGKILL if that fails."""
     if proc.poll() is None:
@@ -235,10 +243,7 @@ def test_a_front_end_that_dies_stops_the_server_with_status_1(model_path, tmp_pa
         os.kill(killed[0], signal.SIGKILL)
         assert proc.wait(timeout=30) == 1
         assert "vllm-lite-api-server-" in proc.stderr.read()
-        deadline = time.time() + 5
-        while any(alive(pid) for pid in children) and time.time() < deadline:
-            time.sleep(0.05)
-        assert not [pid for pid in children if alive(pid)]
+        assert_gone(children)
     finally:
         stop(proc)
 
@@ -260,9 +265,6 @@ def test_sigterm_drains_every_front_end_then_exits_0_leaving_no_process(server):
         assert '"completion_tokens":200' in events[-2]  # the running request finished
         assert proc.wait(timeout=30) == 0
         assert "draining" in proc.stderr.read()
-        deadline = time.time() + 5
-        while any(alive(pid) for pid in children) and time.time() < deadline:
-            time.sleep(0.05)
-        assert not [pid for pid in children if alive(pid)]
+        assert_gone(children)
     finally:
         stop(proc)
