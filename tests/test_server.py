@@ -22,7 +22,7 @@ from vllm_lite import LLM, SamplingParams
 from vllm_lite.config import EngineConfig
 from vllm_lite.entrypoints import protocol
 from vllm_lite.entrypoints.async_engine import AsyncLLM
-from vllm_lite.entrypoints.metrics import ServerMetrics
+from vllm_lite.entrypoints.metrics import ServerMetrics, observe_many
 from vllm_lite.entrypoints.openai_server import bind, build_app, make_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -498,6 +498,30 @@ def test_metrics_count_tokens_and_latencies(client, server):
         "num_preemptions_total",
     ):
         assert f"vllm:{gauge}{label}" in values
+
+
+def test_observe_many_counts_as_that_many_observations():
+    def rendered(record) -> list[str]:
+        metrics = ServerMetrics(NAME)
+        record(metrics.itl)
+        return [
+            line
+            for line in metrics.render().decode().splitlines()
+            if "inter_token" in line and "_created" not in line
+        ]
+
+    amounts = [(0.0005, 3), (0.001, 2), (0.0031, 5), (0.05, 1), (99.0, 4)]  # a bound, past all
+
+    def one_by_one(h):
+        for amount, count in amounts:
+            for _ in range(count):
+                h.observe(amount)
+
+    def many(h):
+        for amount, count in amounts:
+            observe_many(h, amount, count)
+
+    assert rendered(many) == rendered(one_by_one)
 
 
 def test_metrics_count_prefix_cache_queries_and_hits_in_tokens(client, server):

@@ -298,6 +298,7 @@ class OutputProcessor:
         )
         finished, deltas = [], []
         self._now = time.monotonic()  # system-wide on Linux: comparable with the arrival times
+        self._intervals, self._generated = {}, 0  # recorded once per step (_record)
         for req in changed.values():
             for (
                 c
@@ -317,6 +318,11 @@ class OutputProcessor:
                     deltas.append(delta)
             elif done:
                 finished.append(self._output(req))
+        if self.metrics is not None:
+            if self._generated:
+                self.metrics.generated(self._generated)
+            for seconds, count in self._intervals.items():
+                self.metrics.inter_tokens(seconds, count)
         return ProcessedStep(finished, deltas, stops)
 
     def _detokenize(
@@ -424,15 +430,18 @@ class OutputProcessor:
         )
 
     def _record(self, req: _Request, num_new: int, done: bool) -> None:
+        """A request's latencies; its tokens and inter-token intervals are summed over the step
+        (a step's requests mostly share their last step: one interval, one histogram call)."""
         now, metrics = self._now, self.metrics
         if num_new:
             if req.first_token_time is None:
                 req.first_token_time = now
                 metrics.first_token(now - req.arrival)
             else:
-                metrics.inter_token(now - req.last_token_time)
+                gap = now - req.last_token_time
+                self._intervals[gap] = self._intervals.get(gap, 0) + 1
             req.last_token_time = now
-            metrics.generated(num_new)
+            self._generated += num_new
         if done:
             metrics.request_finished(now - req.arrival, req.completions[0].finish_reason or "abort")
 
