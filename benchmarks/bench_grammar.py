@@ -10,11 +10,11 @@ grammar allows) is replayed on fresh matchers for each way of doing the work:
   accept            BatchGrammarMatcher.batch_accept_token, one call for all rows
   accept chunks K   the same in K Python threads, each a share of the rows
   fill T            BatchGrammarMatcher(T threads).batch_fill_next_token_bitmask
-  accept + fill T   both, as the worker did before 2026-12-03 (T: 8, or the CPUs if fewer)
+  accept + fill T   both, one after the other (T = 1: what the worker runs)
   chunks K          K Python threads, each accepting and filling its share of the rows
                     (xgrammar releases the GIL), a one-thread BatchGrammarMatcher each
-  worker job        StructuredOutputManager.advance_async, as the engine runs it: parts as
-                    above, one per manager thread (8, or the CPUs if fewer)
+  worker job        StructuredOutputManager.advance_async, as the engine runs it (on the
+                    worker thread: accept, publish the verdicts, fill with one thread)
 
     python -m benchmarks.bench_grammar [--rows 256] [--steps 64] [--repeats 3]
     TOKENIZER=<SmolLM2 tokenizer folder> python -m benchmarks.bench_grammar
@@ -116,11 +116,11 @@ def main() -> None:
         ways[f"fill {t}"] = lambda ms, tokens, t=t: fillers[t].batch_fill_next_token_bitmask(
             ms, bitmask, rows
         )
-    threads = manager.batch_matcher_threads
-    ways[f"accept + fill {threads}"] = lambda ms, tokens: (
-        accept(ms, tokens),
-        manager.batch_matcher.batch_fill_next_token_bitmask(ms, bitmask, rows),
-    )
+    for t in (1, max(counts)):
+        ways[f"accept + fill {t}"] = lambda ms, tokens, t=t: (
+            accept(ms, tokens),
+            fillers[t].batch_fill_next_token_bitmask(ms, bitmask, rows),
+        )
     for k in (2, 4, 8):
         ways[f"chunks {k}"] = chunked(k)
     ways["worker job"] = lambda ms, tokens: (  # what the engine runs: advance_async

@@ -260,9 +260,9 @@ def test_masks_filled_ahead_on_the_worker_equal_masks_filled_in_step(llm):
     assert re.fullmatch("[a-z]{3,9}-[0-9]{2,30}", outs[2].outputs[0].text)
 
 
-def test_the_workers_parts_give_the_verdicts_and_masks_of_one_batched_call(llm):
-    """The grammar worker splits a step's rows in parts, one thread each: the same verdicts
-    (accepted, ended, refused) and next masks as one batched call on the engine's thread."""
+def test_the_worker_gives_the_verdicts_and_masks_of_calls_on_the_engines_thread(llm):
+    """The grammar worker's job (accept, then fill the rows that go on) gives the same verdicts
+    (accepted, ended, refused) and next masks as the calls on the engine's thread."""
     from vllm_lite.structured_output import ACCEPTED, ENDED, REFUSED
 
     manager, cpu = llm.engine.structured_output_manager(), torch.device("cpu")
@@ -288,7 +288,7 @@ def test_the_workers_parts_give_the_verdicts_and_masks_of_one_batched_call(llm):
         assert torch.equal(host[live], expected[live])
         seen.update(codes)
         active = [r for r, code in zip(active, codes) if code != ENDED]
-    assert REFUSED in seen and len(active) > 4  # parts of several rows until the end
+    assert REFUSED in seen and len(active) > 4  # rows refused, ended and going on
 
 
 def test_structured_outputs_survive_preemption(model_path, llm):

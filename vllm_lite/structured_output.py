@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import json
 import os
-import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -153,7 +152,6 @@ def json_schema_grammar(schema: str, any_whitespace: bool):
 
 # what a matcher made of its token (``StructuredOutputManager.advance``)
 ACCEPTED, ENDED, REFUSED_COMPLETE, REFUSED = range(4)
-ROWS_PER_PART = 4  # the worker splits a step's rows in parts of at least this many
 
 
 class GrammarAdvance:
@@ -185,15 +183,15 @@ class StructuredOutputManager:
             tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(stop_token_ids)
         )
         self.compiler = xgr.GrammarCompiler(self.info, max_threads=max_threads, cache_enabled=True)
-        self.batch_matcher = xgr.BatchGrammarMatcher(max_threads)
-        self.batch_matcher_threads = max_threads
+        # one thread fills a step's bitmask faster than several (256 rows: 0.38 ms vs 1.20 on 8
+        # threads of an H200's 16-core host, 2026-12-03; benchmarks/bench_grammar.py)
+        self.batch_matcher = xgr.BatchGrammarMatcher(1)
         self.grammars: dict[tuple, object] = {}  # key -> CompiledGrammar
         self.compile_seconds: dict[tuple, float] = {}  # key -> seconds its first compile took
         # host bitmasks: [0] the step's (filled when taken), [1] the worker's (filled ahead)
         self._host = [torch.empty((0, 0), dtype=torch.int32) for _ in range(2)]
         self._worker: ThreadPoolExecutor | None = None  # made on the first advance_async
-        self._parts: ThreadPoolExecutor | None = None  # the worker's job's threads
-        self._fillers = [xgr.BatchGrammarMatcher(1) for _ in range(max_threads)]
+        self._filler = xgr.BatchGrammarMatcher(1)  # the worker's
         self._last: GrammarAdvance | None = None  # the worker's last job
 
     def compiled(self, params: StructuredOutputsParams):
@@ -245,37 +243,19 @@ class StructuredOutputManager:
         return job
 
     def _advance_job(self, job: GrammarAdvance, matchers, token_ids, num_rows: int) -> None:
-        """The rows split in parts, one per thread of ``_parts``: each part advances its
-        matchers, then fills their rows with a one-thread filler (faster than one batched fill
-        on several threads: ``benchmarks/bench_grammar.py``). ``status`` is set once every part
-        has advanced, so the engine's thread reads the verdicts while the fills run."""
+        """Advance every matcher (one batched call), publish the verdicts (the engine's thread
+        reads them while the fill runs), then fill the rows that go on. One call each: splitting
+        the rows over several threads was slower (``benchmarks/bench_grammar.py``: on an H200's
+        host 4.3 ms a step in 8 parts, 1.6 in 2, against 1.0 + 0.4 for the two calls)."""
         try:
             tokens = token_ids()
-            wanted = [tokens[r] for r in job.rows]
+            status = self._advance(matchers, [tokens[r] for r in job.rows])
+            job.status.set_result(status)
+            live = [j for j, code in enumerate(status) if code == ACCEPTED]
             host = self._buffer(1, num_rows)
-            k = max(1, min(len(self._fillers), len(wanted) // ROWS_PER_PART))
-            parts = [range(i, len(wanted), k) for i in range(k)]
-            status, left, lock = [ACCEPTED] * len(wanted), [k], threading.Lock()
-
-            def part(i: int) -> list[int]:
-                rows = parts[i]
-                codes = self._advance([matchers[j] for j in rows], [wanted[j] for j in rows])
-                for j, code in zip(rows, codes):
-                    status[j] = code
-                with lock:
-                    left[0] -= 1
-                    if left[0] == 0:
-                        job.status.set_result(status)
-                live = [j for j, code in zip(rows, codes) if code == ACCEPTED]
-                self._fillers[i].batch_fill_next_token_bitmask(
-                    [matchers[j] for j in live], host, [job.rows[j] for j in live]
-                )
-                return live
-
-            if self._parts is None:
-                self._parts = ThreadPoolExecutor(len(self._fillers), "vllm-lite-grammar-part")
-            filled = {job.rows[j] for live in self._parts.map(part, range(k)) for j in live}
-            job.mask.set_result((host, filled))
+            rows = [job.rows[j] for j in live]
+            self._filler.batch_fill_next_token_bitmask([matchers[j] for j in live], host, rows)
+            job.mask.set_result((host, set(rows)))
         except BaseException as exc:  # the engine's thread raises it when it waits
             if not job.status.done():
                 job.status.set_exception(exc)
@@ -306,7 +286,7 @@ class StructuredOutputManager:
         """[num_rows, ceil(vocab / 32)] int32 on ``device``: row ``rows[i]`` allows the tokens
         ``matchers[i]`` accepts next (other rows are not filled: the sampler skips them).
         ``ahead``: (the previous step's ``advance_async``, each row's row in that step or -1);
-        the rows it filled are taken from it, the others filled here by xgrammar's threads.
+        the rows it filled are taken from it, the others filled here.
         The copy to the device does not wait for the step in flight."""
         if ahead is not None:
             ahead_host, filled = ahead[0].mask.result()
@@ -337,9 +317,6 @@ class StructuredOutputManager:
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
-        if self._parts is not None:
-            self._parts.shutdown(wait=True)
-            self._parts = None
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None) -> None:
