@@ -4,6 +4,7 @@ runs in a thread for the whole module; SIGTERM and the command line run in subpr
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -20,10 +21,11 @@ from tiny_models import make_tiny_model, prompts_of_lengths
 
 from vllm_lite import LLM, SamplingParams
 from vllm_lite.config import EngineConfig
+from vllm_lite.engine.output_processor import RequestDelta
 from vllm_lite.entrypoints import protocol
 from vllm_lite.entrypoints.async_engine import AsyncLLM
 from vllm_lite.entrypoints.metrics import ServerMetrics, observe_many
-from vllm_lite.entrypoints.openai_server import bind, build_app, make_server
+from vllm_lite.entrypoints.openai_server import _Job, bind, build_app, make_server
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KEY = "test-key"
@@ -680,6 +682,33 @@ def test_client_disconnect_mid_stream_aborts_and_frees_the_blocks(server):
     # the connection is closed: the request is aborted and its blocks are back
     wait_until_idle(server.llm)
     assert aborted_requests(server) == aborted + 1
+
+
+def test_a_streamed_job_left_at_a_yield_closes_its_request_when_cancelled():
+    """The client went away while the response was writing: the job's generator is never
+    resumed, and cancel() (the response's on_close) must still end the engine request."""
+    closed = []
+
+    class Engine:  # AsyncLLM's generate(): deltas until closed
+        async def generate(self, ids, params, request_id):
+            try:
+                while True:
+                    yield RequestDelta(request_id, [], False, num_new_tokens=1)
+                    await asyncio.sleep(0)
+            finally:
+                closed.append(request_id)
+
+    async def main():
+        job = _Job(Engine(), "cmpl-1", [[1, 2, 3]], SamplingParams())
+        events = job.run()
+        await events.__anext__()  # one delta read, then the reader stops at the yield
+        job.cancel()
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert closed == ["cmpl-1"]
+        assert job.num_output_tokens == 1
+
+    asyncio.run(main())
 
 
 def test_client_disconnect_while_waiting_for_a_full_response_aborts(server):

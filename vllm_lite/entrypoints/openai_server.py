@@ -772,7 +772,11 @@ class _Choice:
 
 class _Job:
     """The engine requests of one HTTP request (one per prompt), merged into one stream of
-    (prompt index, delta). Cancelling it (client gone) aborts every one of them."""
+    (prompt index, delta). Cancelling it (client gone) aborts every one of them.
+
+    A streamed job of one request reads that request's stream itself (no task, no queue between:
+    a task switch less per token); several requests, or a full response that must notice a
+    client going away while it waits, read each stream in a task of its own."""
 
     def __init__(
         self, async_llm: AsyncLLM, request_id: str, prompts: list[list[int]], params
@@ -784,6 +788,7 @@ class _Job:
             params,
         )
         self.tasks: list[asyncio.Task] = []
+        self._stream: AsyncIterator | None = None  # the one request's stream, read directly
         self.num_output_tokens = 0
         self.cached_tokens = [0] * len(prompts)  # per prompt, from the prefix cache
         self.prompt_logprobs: list[list | None] = [None] * len(prompts)
@@ -795,7 +800,23 @@ class _Job:
     def choice(self, i: int, index: int) -> _Choice:
         return self.choices.setdefault((i, index), _Choice())
 
-    async def run(self) -> AsyncIterator[tuple[int, RequestDelta]]:
+    def _account(self, i: int, delta: RequestDelta) -> None:
+        if delta.prompt_logprobs is not None:
+            self.prompt_logprobs[i] = delta.prompt_logprobs
+        self.num_output_tokens += delta.num_new_tokens
+        self.cached_tokens[i] = delta.num_cached_tokens
+
+    async def run(self, direct: bool = True) -> AsyncIterator[tuple[int, RequestDelta]]:
+        if direct and len(self.prompts) == 1:
+            self._stream = stream = self.llm.generate(self.prompts[0], self.params, self.request_id)
+            try:
+                async for delta in stream:
+                    self._account(0, delta)
+                    yield 0, delta
+                self._stream = None  # it ended: nothing to close
+            finally:
+                self.cancel()
+            return
         q: asyncio.Queue = asyncio.Queue()
         done = object()
 
@@ -822,10 +843,7 @@ class _Job:
                 if isinstance(item, BaseException):
                     raise item
                 i, delta = item
-                if delta.prompt_logprobs is not None:
-                    self.prompt_logprobs[i] = delta.prompt_logprobs
-                self.num_output_tokens += sum(len(c.token_ids) for c in delta.outputs)
-                self.cached_tokens[i] = delta.num_cached_tokens
+                self._account(i, delta)
                 yield i, delta
         finally:
             self.cancel()
@@ -846,7 +864,7 @@ class _Job:
 
         watcher = asyncio.ensure_future(watch())
         try:
-            async for item in self.run():
+            async for item in self.run(direct=False):  # tasks: cancel() interrupts their wait
                 yield item
         except asyncio.CancelledError:
             if gone.is_set():
@@ -859,6 +877,14 @@ class _Job:
         for task in self.tasks:
             if not task.done():
                 task.cancel()
+        stream, self._stream = self._stream, None
+        if stream is not None:  # left at a yield (the client went away): closing it aborts it
+            asyncio.ensure_future(_close(stream))
+
+
+async def _close(stream) -> None:
+    with contextlib.suppress(RuntimeError):  # still being read: its reader's error ends it
+        await stream.aclose()
 
 
 # ---- the command ----------------------------------------------------------------------------
