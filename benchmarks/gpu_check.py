@@ -7,6 +7,8 @@ up: ``GPU check: N cases, N passed, N failed, N skipped, T s``.
     python -m benchmarks.gpu_check --part tests    # the tests only
     python -m benchmarks.gpu_check --part sweep    # the sweep only
     python -m benchmarks.gpu_check --part kernel-tests   # or engine-tests: half of the tests
+    python -m benchmarks.gpu_check --part sweep kernel-tests   # then --part engine-tests: the
+                                                               # whole check in two calls
 
 The kernel tests run from start to end next to the sweep and then the engine tests (all of them
 mostly compile Triton kernels, a CPU core per process). The kernel tests and the sweep's
@@ -210,9 +212,10 @@ def main() -> None:
     )
     ap.add_argument(
         "--part",
+        nargs="+",
         choices=["all", "tests", "sweep", "kernel-tests", "engine-tests"],
-        default="all",
-        help="tests: kernel-tests and engine-tests",
+        default=["all"],
+        help="one or more; tests: kernel-tests and engine-tests",
     )
     ap.add_argument(
         "--budget",
@@ -230,11 +233,12 @@ def main() -> None:
     children.kill_children_on_signals()
     start = time.time()
     deadline = start + args.budget
-    sweep = args.part in ("all", "sweep")
-    kernel_tests = args.part in ("all", "tests", "kernel-tests")
-    engine_tests = args.part in ("all", "tests", "engine-tests")
+    parts = set(args.part)
+    sweep = bool(parts & {"all", "sweep"})
+    kernel_tests = bool(parts & {"all", "tests", "kernel-tests"})
+    engine_tests = bool(parts & {"all", "tests", "engine-tests"})
     tests = kernel_tests or engine_tests
-    print(f"GPU check ({args.part}): {describe_machine()}", flush=True)
+    print(f"GPU check ({' '.join(args.part)}): {describe_machine()}", flush=True)
     env = {**os.environ, "GPU_CHECK_DEADLINE": str(deadline), "HF_HUB_OFFLINE": "1"}
     deselect = None
     if tests and not smollm2_available():

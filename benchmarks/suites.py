@@ -167,9 +167,13 @@ SUITES: dict[str, list[Row]] = {
         py("host time of a decode step", "bench_host_step", keep=r"^  \w", timeout=300, gpus=0),
         py("detokenization per token", "bench_detokenize", keep=r"us/token", gpus=0),
     ],
-    # the GPU correctness check: GPU tests + the engine-level shape sweep (one 10-minute call)
+    # the GPU correctness check: GPU tests + the engine-level shape sweep, in two parts of one
+    # 10-minute call each (`--only` one per call); `gpu_check` alone runs both (~11 min)
     "correctness": [
-        py("GPU check", "gpu_check", keep=r"passed|failed|FAIL", timeout=590),
+        py("GPU check: sweep + kernel tests", "gpu_check --part sweep kernel-tests",
+           keep=r"passed|failed|FAIL", timeout=590),
+        py("GPU check: engine tests", "gpu_check --part engine-tests",
+           keep=r"passed|failed|FAIL", timeout=590),
     ],
     # bf16 against fp32 transformers, and greedy parity and clean exits across tp sizes
     "parity": [
