@@ -166,6 +166,8 @@ SUITES: dict[str, list[Row]] = {
     "host": [
         py("host time of a decode step", "bench_host_step", keep=r"^  \w", timeout=300, gpus=0),
         py("detokenization per token", "bench_detokenize", keep=r"us/token", gpus=0),
+        py("front end alone (synthetic core)", "bench_front_end", keep=r"run \d|median",
+           timeout=180, gpus=0),
     ],
     # the GPU correctness check: GPU tests + the engine-level shape sweep, in two parts of one
     # 10-minute call each (`--only` one per call); `gpu_check` alone runs both (~11 min)

@@ -684,6 +684,16 @@ def test_client_disconnect_mid_stream_aborts_and_frees_the_blocks(server):
     assert aborted_requests(server) == aborted + 1
 
 
+def test_settle_heap_freezes_what_start_up_built_and_collects_young_objects_less_often():
+    code = (
+        "import gc; from vllm_lite.entrypoints.openai_server import settle_heap; "
+        "settle_heap(); print(gc.get_freeze_count(), gc.get_threshold()[0])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    frozen, young = map(int, out.stdout.split())
+    assert frozen > 10_000 and young == 10_000  # the imports alone are ~100k objects
+
+
 def test_a_streamed_job_left_at_a_yield_closes_its_request_when_cancelled():
     """The client went away while the response was writing: the job's generator is never
     resumed, and cancel() (the response's on_close) must still end the engine request."""
