@@ -32,6 +32,8 @@ import threading
 import time
 from types import SimpleNamespace
 
+from benchmarks.bench_grammar import tokenizer_folder
+
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -155,12 +157,6 @@ def serve(port: int, tokenizer_dir: str, step_s: float) -> None:
     server.run(sockets=[sock])
 
 
-def cpu_seconds(pid: int) -> float:
-    with open(f"/proc/{pid}/stat") as fh:
-        fields = fh.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -172,15 +168,12 @@ def main() -> None:
     parser.add_argument("--serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--tokenizer", help="default: $TOKENIZER, else the embedded SmolLM2's")
     args = parser.parse_args()
-    tokenizer = args.tokenizer or os.environ.get("TOKENIZER")
-    if tokenizer is None:
-        from vllm_lite.default_model import default_model_path
-
-        tokenizer = default_model_path()
+    tokenizer = args.tokenizer or tokenizer_folder()
     if args.serve is not None:
         serve(args.serve, tokenizer, args.step_ms / 1e3)
         return
 
+    from benchmarks.serve_overhead import tree_cpu_seconds
     from vllm_lite.entrypoints.bench_serve import run_benchmark
     from vllm_lite.entrypoints.benchmark import Workload
 
@@ -213,9 +206,9 @@ def main() -> None:
         for run in range(args.runs):
             time.sleep(1.0)  # the report line of the warm-up / last run
             gc_before = json.loads(gc_lines[-1][3:]) if gc_lines else None
-            before = cpu_seconds(proc.pid)
+            before = tree_cpu_seconds(proc.pid)[proc.pid][1]  # the front end, not its core
             r = asyncio.run(run_benchmark(url, None, work, 1.0, float("inf"), None, None, seed=run))
-            cpu = cpu_seconds(proc.pid) - before
+            cpu = tree_cpu_seconds(proc.pid)[proc.pid][1] - before
             time.sleep(1.0)
             gc_after = json.loads(gc_lines[-1][3:]) if gc_lines else None
             tokens = r["total_output_tokens"]

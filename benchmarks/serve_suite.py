@@ -72,13 +72,17 @@ def offline_runs(
         return outputs
 
     engine.step = counted
+
+    def params_of(extra: dict) -> list:
+        return [
+            SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, **extra)
+            for n in work.output_lens
+        ]
+
     out = {name: {"elapsed": []} for name in variants}
     for _ in range(runs):
         for name, extra in variants.items():
-            params = [
-                SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, **extra)
-                for n in work.output_lens
-            ]
+            params = params_of(extra)
             assert llm.reset_prefix_cache()
             steps[0] = 0
             t0 = time.perf_counter()
@@ -89,14 +93,9 @@ def offline_runs(
     # one more run of "text at end" (what is served), untimed, for each request's TPOT as a
     # client computes it ((last token - first token) / (tokens - 1)): the served TPOT's match
     name = "text at end" if "text at end" in variants else next(iter(variants))
-    extra = variants[name]
-    params = [
-        SamplingParams(temperature=temperature, max_tokens=n, ignore_eos=True, **extra)
-        for n in work.output_lens
-    ]
     assert llm.reset_prefix_cache()
     stamps = {}
-    outputs = llm.generate(work.prompts, params, use_tqdm=False)
+    outputs = llm.generate(work.prompts, params_of(variants[name]), use_tqdm=False)
     tpots = [
         (stamps[o.request_id][1] - stamps[o.request_id][0]) / (len(o.outputs[0].token_ids) - 1)
         for o in outputs
