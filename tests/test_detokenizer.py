@@ -302,6 +302,27 @@ def test_steps_of_several_tokens_decode_exactly(tokenizer, skip_special_tokens):
         assert state.text == tokenizer.decode(out, skip_special_tokens=skip_special_tokens), out
 
 
+def test_stop_string_in_tokens_held_back_by_an_unfinished_character_ends_at_its_token(
+    smollm2_tokenizer,
+):
+    """A step's tokens end in half a character, so none of their text is emitted; the stop
+    string they hold is found with the next step's tokens, and the output still ends at the
+    token that completed it."""
+    from vllm_lite.engine.output_processor import CoreOutputs, OutputProcessor
+
+    say_end = smollm2_tokenizer.encode("Say END", add_special_tokens=False)
+    smile = smollm2_tokenizer.encode("🙂", add_special_tokens=False)  # 2 tokens: 2 byte runs
+    assert smollm2_tokenizer.decode(say_end + smile[:1]).endswith("\ufffd")
+    processor = OutputProcessor(smollm2_tokenizer)
+    processor.add_request("r", None, [1, 2, 3], SamplingParams(stop=["END"], max_tokens=20))
+    first = processor.process(CoreOutputs(token_lists=[("r", 0, say_end + smile[:1])]))
+    assert first.stops == []  # nothing emitted yet
+    second = processor.process(CoreOutputs(token_lists=[("r", 0, smile[1:] + say_end)]))
+    assert second.stops == [("r", 0)]
+    out = second.finished[0].outputs[0]
+    assert (out.text, out.token_ids, out.stop_reason) == ("Say ", say_end, "END")
+
+
 @pytest.mark.parametrize("include", [False, True])
 def test_offline_stop_string_checked_every_few_steps_ends_where_a_check_per_token_does(
     llm, monkeypatch, include

@@ -343,11 +343,14 @@ class OutputProcessor:
             p = req.params
             if not (delta and p.stop_strings and len(c.token_ids) > p.min_tokens):
                 continue
-            if len(c.token_ids) - num_before == 1:
+            # tokens of earlier steps whose text was held back (it ended inside a character)
+            # are checked again with the new ones: a stop string may end in one of them
+            held = ids_before - snap[1]
+            if len(c.token_ids) - num_before + held == 1:
                 if not isinstance(c.stop_reason, int):  # a stop token's text never ends one
                     self._check_stop_strings(req, c, delta, stops)
             elif self._stop_string_in(p.stop_strings, state.text, len(delta)):
-                self._replay(req, c, num_before, ids_before, snap, stops)
+                self._replay(req, c, num_before - held, snap[1], snap, stops)
         return stops
 
     @staticmethod
