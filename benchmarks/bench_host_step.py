@@ -9,14 +9,16 @@ ignore_eos, default SamplingParams otherwise), and times each part of ``LLMEngin
   schedule      Scheduler.schedule
   prepare       ModelRunner.prepare (step arrays) + the upload's host side
   sampling      LLMEngine._sampling_batch (the sampling parameters as tensors)
+  grammar mask  LLMEngine._grammar_mask (structured outputs: the masks, waited for or filled)
+  process       LLMEngine._process: read back, stop checks, detokenization
+  prefix keys   BlockManager.cache_full_blocks alone (inside rest)
+  rest          the rest: launch bookkeeping, _InFlight, the tokens' copy back, the output
+                processor
+  host total    LLMEngine.step minus the fake forward and the sampler
   sampler       Sampler.sample over [256, --logits-width] logits (default 64 columns, so
                 sampled ids are < 64: the host's per-op overhead, a stand-in for kernel
                 launches; CPU math over the whole vocabulary takes ~1 s a step here, says
                 nothing of a GPU and evicts the host's caches); not in host total
-  launch rest   the rest of LLMEngine._launch: bookkeeping, prefix-cache keying, _InFlight
-  prefix keys   BlockManager.cache_full_blocks alone (inside launch rest)
-  process       LLMEngine._process: read back, stop checks, detokenization
-  host total    LLMEngine.step minus the fake forward and the sampler
 
 Each part is the median over ``--steps`` decode steps at full batch (no sequence finishes in
 the window), or with ``--whole-run`` the mean over every step of the workload (prefill, and
@@ -33,7 +35,7 @@ engines give the spread.
 schema (``bench_schema``); the logits are the whole vocabulary then, so that the mask leaves
 tokens to draw. The matchers' token checks and the next masks' fill run on the grammar worker
 thread, which on a GPU overlaps the forward pass; here the forward takes no time, so what the
-engine's thread waits for them shows in "process" (checks) and "sampling" (fill).
+engine's thread waits for them shows in "process" (checks) and "grammar mask" (fill).
 """
 
 from __future__ import annotations
@@ -73,9 +75,10 @@ PARTS = [
     "schedule",
     "prepare",
     "sampling",
-    "launch rest",
-    "prefix keys",
+    "grammar mask",
     "process",
+    "prefix keys",
+    "rest",
     "host total",
     "sampler",
 ]
@@ -140,7 +143,7 @@ def build(
     runner.execute = timed(times, "forward", fake_execute)
     engine._sampling_batch = timed(times, "sampling", engine._sampling_batch)
     engine.sampler.sample = timed(times, "sampler", engine.sampler.sample)
-    engine._launch = timed(times, "launch", engine._launch)
+    engine._grammar_mask = timed(times, "grammar mask", engine._grammar_mask)
     engine._process = timed(times, "process", engine._process)
     engine.block_manager.cache_full_blocks = timed(
         times, "prefix keys", engine.block_manager.cache_full_blocks
@@ -180,24 +183,20 @@ def measure(
         engine.step()
         total = time.perf_counter() - t0
         t = {k: 1e6 * v for k, v in times.items()}
-        launch = (
-            t.get("launch", 0.0)
-            - t.get("prepare", 0.0)
-            - t.get("forward", 0.0)
-            - t.get("sampling", 0.0)
-        )
+        host = 1e6 * total - t.get("forward", 0.0) + t.get("upload", 0.0) - t.get("sampler", 0.0)
+        parts = {
+            "schedule": t["schedule"],
+            "prepare": t.get("prepare", 0.0) + t.get("upload", 0.0),
+            "sampling": t.get("sampling", 0.0),
+            "grammar mask": t.get("grammar mask", 0.0),
+            "process": t.get("process", 0.0),
+        }
         rows.append(
-            {
-                "schedule": t["schedule"],
-                "prepare": t.get("prepare", 0.0) + t.get("upload", 0.0),
-                "sampling": t.get("sampling", 0.0),
-                "launch rest": launch - t.get("sampler", 0.0),
+            parts
+            | {
                 "prefix keys": t.get("prefix keys", 0.0),
-                "process": t.get("process", 0.0),
-                "host total": 1e6 * total
-                - t.get("forward", 0.0)
-                + t.get("upload", 0.0)
-                - t.get("sampler", 0.0),
+                "rest": host - sum(parts.values()),
+                "host total": host,
                 "sampler": t.get("sampler", 0.0),
             }
         )

@@ -234,6 +234,25 @@ def test_constrained_steps_stay_overlapped_and_no_placeholder_reaches_the_output
         )
 
 
+def test_a_constrained_step_is_sampled_after_the_next_step_is_prepared(llm):
+    """The host prepares step N+1 while the grammar worker fills step N's masks: step N is
+    sampled only then (an unconstrained step at once, at its launch)."""
+    engine, events = llm.engine, []
+    prepare, sample = engine.runner.prepare, engine._sample
+    engine.runner.prepare = lambda batch: events.append("prepare") or prepare(batch)
+    engine._sample = lambda inflight: events.append(bool(inflight.grammar_rows)) or sample(inflight)
+    so = StructuredOutputsParams(regex="[a-z]{5}-[0-9]{5}")
+    try:
+        llm.generate(PROMPTS[:2], SamplingParams(temperature=0, max_tokens=8), use_tqdm=False)
+        assert events[:3] == ["prepare", False, "prepare"]  # each step sampled at its launch
+        events.clear()
+        params = SamplingParams(temperature=0, max_tokens=8, structured_outputs=so)
+        llm.generate(PROMPTS[:2], params, use_tqdm=False)
+    finally:
+        del engine.runner.prepare, engine._sample
+    assert events[:5] == ["prepare", "prepare", True, "prepare", True]
+
+
 def test_masks_filled_ahead_on_the_worker_equal_masks_filled_in_step(llm):
     """Overlapped steps advance the matchers and fill the next masks on a worker thread; steps
     run one by one fill them in the engine's thread. Requests of different lengths and kinds

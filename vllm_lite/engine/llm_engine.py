@@ -53,30 +53,35 @@ TEXT_EVERY = 8
 
 
 class _InFlight:
-    """A launched step: which sequences sample, where their token goes, the device tokens, and
-    the sampled tokens' logprobs for the rows that asked (``logprob_rows[i]``: row of sequence i
-    in those tensors, -1 if none); ``grammar_rows``: the sequences with a structured output.
-    ``processed``: read back already (``_process``)."""
+    """A launched step: which sequences sample, where their token goes, its logits and sampling
+    batch until it is sampled (``LLMEngine._sample``), then the device tokens and the sampled
+    tokens' logprobs for the rows that asked (``logprob_rows[i]``: row of sequence i in those
+    tensors, -1 if none); ``grammar_rows``: the sequences with a structured output, and
+    ``ahead``: (the step before's grammar worker job, each of those rows' row in that step or
+    -1). ``processed``: read back already (``_process``)."""
 
     processed = False
     grammar = None  # its matchers' advance on the grammar worker (GrammarAdvance), if handed over
+    tokens: torch.Tensor | None = None  # sampled (None while its sampling waits: see run_batch)
 
     def __init__(
         self,
         seqs: list[Sequence],
         positions: list[int],
-        tokens: torch.Tensor,
-        logprobs: tuple | None = None,
+        logits: torch.Tensor,
+        sampling: SamplingBatch,
         logprob_rows: list[int] | None = None,
         grammar_rows: list[int] | None = None,
+        ahead: tuple | None = None,
     ) -> None:
-        self.seqs, self.positions, self.tokens, self.logprob_rows = (
-            seqs,
-            positions,
-            tokens,
-            logprob_rows,
-        )
+        self.seqs, self.positions, self.logits, self.sampling = seqs, positions, logits, sampling
+        self.logprob_rows = logprob_rows
         self.grammar_rows = grammar_rows or []
+        self.ahead = ahead
+
+    def sampled(self, tokens: torch.Tensor, logprobs: tuple | None) -> None:
+        """The step's sampled tokens (and logprobs): start their copy back to the host."""
+        self.tokens, self.logits, self.sampling, self.ahead = tokens, None, None, None
         tensors = [tokens, *(logprobs or ())]
         if tokens.is_cuda:  # start the copies back now; host_tokens() waits only for them
             self._host = [torch.empty(t.shape, dtype=t.dtype, pin_memory=True) for t in tensors]
@@ -455,13 +460,14 @@ class LLMEngine:
         step straight from the device. A sequence that turns out to have stopped costs one
         wasted token of compute, which is discarded.
 
-        A step that samples for a request with structured outputs reads the previous step back
-        between its forward pass and its sampling (``_sampling_batch``): a grammar's mask needs
-        the token before it. The grammar worker thread advances the matchers and fills that
-        mask as soon as the previous step's tokens are back (``advance_async``), while this
-        thread schedules and launches the forward pass; so every sampled token was allowed by
-        its matcher's state after all its earlier tokens, and no placeholder ever reaches a
-        matcher."""
+        A step with structured outputs samples later: its sampling needs its grammars' masks,
+        which need the tokens of the step before. The grammar worker thread advances the
+        matchers by those tokens and fills the masks as soon as they are read back
+        (``advance_async``), while this thread schedules and prepares the next step; the step
+        is sampled only then, just before the next forward pass is launched (``run_batch``).
+        So every sampled token was allowed by its matcher's state after all its earlier
+        tokens, no placeholder ever reaches a matcher, and the host's work for the next step
+        overlaps the matchers' instead of following it."""
         if self.tracer is not None:  # times the step and writes what it did (engine/tracer.py)
             return self.tracer.step(self)
         return self.run_batch(self.scheduler.schedule())
@@ -469,8 +475,13 @@ class LLMEngine:
     def run_batch(self, batch: ScheduledBatch) -> CoreOutputs:
         """Launch ``batch``, the scheduler's decision, and process the step before it."""
         previous, self.inflight = self.inflight, None
+        if previous is not None and all(s.is_finished for s in previous.seqs):
+            previous = None  # void: its sequences all ended before it (a token before, aborts)
+        step = self.runner.prepare(batch) if batch else None
+        if previous is not None and previous.tokens is None:  # it waited for this prepare
+            self._sample(previous)
         if batch:
-            self.inflight = self._launch(batch, previous)
+            self.inflight = self._launch(batch, step, previous)
         if previous:
             self._process(previous)
         if self.inflight is not None and not self.overlap:
@@ -483,8 +494,10 @@ class LLMEngine:
         outputs, self._outputs = self._outputs, CoreOutputs()
         return outputs
 
-    def _launch(self, batch, previous: _InFlight | None) -> _InFlight | None:
-        step = self.runner.prepare(batch)
+    def _launch(self, batch, step, previous: _InFlight | None) -> _InFlight | None:
+        """The forward pass of ``batch`` (``step``: its prepared arrays) and its bookkeeping;
+        the step is sampled now, or, with structured outputs and overlap, by the next
+        ``run_batch`` (see ``core_step``)."""
         sample_rows, prompt_plan = self._plan_logits(batch, step)
         if previous is not None:
             logits = self.runner.execute(step, previous.tokens)
@@ -518,32 +531,52 @@ class LLMEngine:
         if len(sample_rows) != len(logits):
             logits = logits[torch.tensor(sample_rows, device=logits.device)]
         sampling = self._sampling_batch(sampling_seqs, previous)
-        out = self.sampler.sample(logits, sampling, self.generator)
         logprob_rows = None
-        if out.logprobs is not None:
+        if sampling.logprob_rows is not None:  # the sampler reads their logprobs
             logprob_rows = [-1] * len(sampling_seqs)
             wanting = (i for i, s in enumerate(sampling_seqs) if s.params.logprobs is not None)
             for j, i in enumerate(wanting):
                 logprob_rows[i] = j
+        grammar_rows, ahead = self._params.grammar_rows, None  # (_sampling_batch's parameters)
+        if grammar_rows and previous is not None and previous.grammar is not None:
+            before = previous.seqs  # each constrained row's row in the step before, or -1
+            ahead = (
+                previous.grammar,
+                [
+                    s.inflight_index
+                    if s.inflight_index < len(before) and before[s.inflight_index] is s
+                    else -1
+                    for s in (sampling_seqs[r] for r in grammar_rows)
+                ],
+            )
         positions = []
         for i, seq in enumerate(sampling_seqs):
             positions.append(len(seq.token_ids))
-            if not seq.is_finished:  # (one the previous step ended, read back by _sampling_batch)
+            if not seq.is_finished:  # (one a step before ended)
                 seq.token_ids.append(PLACEHOLDER)
             seq.inflight_index = i
-        grammar_rows = self._params.grammar_rows  # the parameters _sampling_batch just used
         inflight = _InFlight(
-            sampling_seqs, positions, out.tokens, out.logprobs, logprob_rows, grammar_rows
+            sampling_seqs, positions, logits, sampling, logprob_rows, grammar_rows, ahead
         )
-        live = [r for r in grammar_rows if not sampling_seqs[r].is_finished]
-        if live and self.overlap:  # its matchers advance and fill the next mask meanwhile
-            inflight.grammar = self._structured.advance_async(
-                [sampling_seqs[r].grammar for r in live],
-                live,
-                len(sampling_seqs),
-                inflight.host_tokens,
-            )
+        if not (grammar_rows and self.overlap):
+            self._sample(inflight)
         return inflight
+
+    def _sample(self, inflight: _InFlight) -> None:
+        """Sample a launched step (its grammars' masks applied), start its tokens' copy back,
+        and hand its live matchers to the grammar worker, which advances them by those tokens
+        and fills the next step's masks while the host goes on."""
+        sampling = inflight.sampling
+        if inflight.grammar_rows:
+            sampling = dataclasses.replace(sampling, grammar=self._grammar_mask(inflight))
+        out = self.sampler.sample(inflight.logits, sampling, self.generator)
+        inflight.sampled(out.tokens, out.logprobs)
+        seqs = inflight.seqs
+        live = [r for r in inflight.grammar_rows if not seqs[r].is_finished]
+        if live and self.overlap:
+            inflight.grammar = self._structured.advance_async(
+                [seqs[r].grammar for r in live], live, len(seqs), inflight.host_tokens
+            )
 
     def _fork(self, parent: Sequence) -> Sequence:
         """The parent's next completion, right after the parent's prompt was computed. It shares
@@ -691,11 +724,12 @@ class LLMEngine:
     def _sampling_batch(
         self, seqs: list[Sequence], previous: _InFlight | None = None
     ) -> SamplingBatch:
-        """The step's sampling parameters as device tensors. What depends only on the requests'
-        parameters is built once per batch (the same sequences in the same rows, as most decode
-        steps are) and kept on the device; min_tokens bans and penalties follow the output, so
-        they are redone every step. ``previous``: the step in flight, whose sampled tokens are
-        still placeholders (penalties read them on the device; grammars need them read back)."""
+        """The step's sampling parameters as device tensors, but its grammars' masks
+        (``_grammar_mask``). What depends only on the requests' parameters is built once per
+        batch (the same sequences in the same rows, as most decode steps are) and kept on the
+        device; min_tokens bans and penalties follow the output, so they are redone every step.
+        ``previous``: the step in flight, whose sampled tokens are still placeholders (penalties
+        read them on the device)."""
         seq_ids = [s.seq_id for s in seqs]
         if self._params is None or seq_ids != self._params.seq_ids:
             self._params = self._params_batch(seqs, seq_ids)
@@ -705,36 +739,31 @@ class LLMEngine:
             for row, stop_ids in params.min_tokens_rows
             if seqs[row].num_output_tokens < seqs[row].params.min_tokens
         ]
-        penalties, grammar = params.batch.penalties, None
+        penalties = params.batch.penalties
         if penalties is not None:
             prev_tokens = previous.tokens if previous is not None else None
             tokens, lengths = self._history.update([seqs[r] for r in params.penalized], prev_tokens)
             penalties = dataclasses.replace(penalties, tokens=tokens, lengths=lengths)
-        if params.grammar_rows:  # while the device runs the step's forward pass
-            if previous is not None:
-                self._process(previous)  # the matchers take the tokens before this step's
-            rows = [r for r in params.grammar_rows if not seqs[r].is_finished]  # (others: void)
-            if rows:
-                matchers = [seqs[r].grammar for r in rows]
-                ahead = None
-                if previous is not None and previous.grammar is not None:  # filled meanwhile
-                    before = previous.seqs
-                    ahead = (
-                        previous.grammar,
-                        [
-                            s.inflight_index
-                            if s.inflight_index < len(before) and before[s.inflight_index] is s
-                            else -1
-                            for s in (seqs[r] for r in rows)
-                        ],
-                    )
-                bitmask = self._structured.bitmask(matchers, rows, len(seqs), self.device, ahead)
-                grammar = (bitmask, None if len(rows) == len(seqs) else rows)
-        elif penalties is None and not banned:
+        elif not banned:
             return params.batch
-        return dataclasses.replace(
-            params.batch, banned=banned, penalties=penalties, grammar=grammar
-        )
+        return dataclasses.replace(params.batch, banned=banned, penalties=penalties)
+
+    def _grammar_mask(self, inflight: _InFlight) -> tuple[torch.Tensor, list[int] | None] | None:
+        """The launched step's grammar masks, as ``SamplingBatch.grammar``: its constrained
+        rows that go on, each allowing what its matcher accepts after all the tokens before
+        (the step before is processed: its matchers took their tokens). The rows the grammar
+        worker filled ahead are taken from it (``inflight.ahead``), the others filled here."""
+        seqs = inflight.seqs
+        live = [i for i, r in enumerate(inflight.grammar_rows) if not seqs[r].is_finished]
+        if not live:
+            return None
+        rows = [inflight.grammar_rows[i] for i in live]
+        ahead = inflight.ahead
+        if ahead is not None:
+            ahead = (ahead[0], [ahead[1][i] for i in live])
+        matchers = [seqs[r].grammar for r in rows]
+        bitmask = self._structured.bitmask(matchers, rows, len(seqs), self.device, ahead)
+        return bitmask, None if len(rows) == len(seqs) else rows
 
     def _params_batch(self, seqs: list[Sequence], seq_ids: list[int]) -> _ParamsBatch:
         """Upload what the sampling of ``seqs`` takes from their parameters (on CUDA each
