@@ -9,9 +9,10 @@ at 64 and at 16 requests/s (TTFT, TPOT; CPU seconds of the front end per output 
 engine process' busy share); then the SmolLM2-135M shape (text off / decoded at the end / per
 token, a stop string that never matches) offline, and served all at once.
 
-    python -m benchmarks.serve_suite                  # the whole table
+    python -m benchmarks.serve_suite                  # the whole table (the server's default
+                                                      # front ends: --api-server-count auto)
     python -m benchmarks.serve_suite --runs 2 --skip-smollm2
-    python -m benchmarks.serve_suite --api-server-count 4   # served through 4 front ends
+    python -m benchmarks.serve_suite --api-server-count 1   # served through one front end
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ from transformers import AutoConfig
 from benchmarks.serve_overhead import served_run, start_server
 from vllm_lite.config import EngineConfig
 from vllm_lite.entrypoints.bench_serve import run_benchmark
+from vllm_lite.entrypoints.openai_server import auto_api_server_count
 from vllm_lite.entrypoints.benchmark import CONFIG_DIR, Workload, model_folder
 
 # the Llama shape with SmolLM2's vocabulary (vllm_lite/model_configs/llama-1b-smollm2-vocab.json)
@@ -118,7 +120,7 @@ def served(
     temperature: float,
     rates: list[float],
     runs: int,
-    api_server_count: int = 1,
+    api_server_count: int,
 ) -> dict:
     proc, url = start_server(
         os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
@@ -163,7 +165,10 @@ def main() -> None:
     parser.add_argument("--num-prompts", type=int, default=256)
     parser.add_argument("--skip-smollm2", action="store_true", help="only the Llama shape")
     parser.add_argument(
-        "--api-server-count", type=int, default=1, help="the server's front-end processes"
+        "--api-server-count",
+        type=int,
+        default=auto_api_server_count(),
+        help="the server's front-end processes (default: its own, auto: %(default)s here)",
     )
     parser.add_argument(
         "--smoke", action="store_true", help="a 2-layer Llama, 8 short requests (CPU)"
@@ -193,7 +198,7 @@ def main() -> None:
         }
         args.num_prompts, args.runs, args.served_runs, args.rates = 8, 2, 1, [16.0]
     n = args.api_server_count
-    fronts = f" ({n} front ends)" if n > 1 else ""
+    fronts = f" ({n} front end{'s' if n > 1 else ''})"
     shapes = [("llama-2048 (SmolLM2 vocab)", shape_folder(llama))]
     if not args.skip_smollm2:
         shapes.append(("smollm2-135m", model_folder("smollm2-135m")))

@@ -173,11 +173,22 @@ def test_metrics_sum_the_requests_of_every_front_end(server):
     assert "vllm:num_requests_running{" in after
 
 
-def test_api_server_count_0_is_a_command_line_error(capsys):
+@pytest.mark.parametrize("value", ["0", "two"])
+def test_api_server_count_other_than_auto_or_a_positive_number_is_a_command_line_error(
+    capsys, value
+):
     with pytest.raises(SystemExit) as exit_:
-        cli.main(["serve", "--api-server-count", "0"])
+        cli.main(["serve", "--api-server-count", value])
     assert exit_.value.code == 2
-    assert "--api-server-count: must be >= 1, got 0" in capsys.readouterr().err
+    assert f"--api-server-count: must be auto or >= 1, got {value}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("cpus, count", [(1, 1), (2, 1), (7, 1), (8, 2), (16, 4), (128, 4)])
+def test_auto_api_server_count_is_one_front_end_per_4_cpus_from_1_to_4(monkeypatch, cpus, count):
+    from vllm_lite.entrypoints.openai_server import auto_api_server_count
+
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(cpus)), raising=False)
+    assert auto_api_server_count() == count
 
 
 def test_a_front_end_that_stops_aborts_only_its_own_requests(model_path):

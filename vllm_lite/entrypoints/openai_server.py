@@ -993,6 +993,15 @@ def settle_heap() -> None:
     gc.set_threshold(10_000, 10, 10)
 
 
+def auto_api_server_count() -> int:
+    """``--api-server-count auto``: one front end per 4 CPUs this process may use, 1 to 4. With
+    text on, one front end's CPU per output token (~40 us) bounds a server streaming ~30k tokens
+    a second (BENCHMARKS.md, Serving); the engine core and each front end want a core of their
+    own, so a 2-core machine keeps one."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(4, (cpus or 1) // 4))
+
+
 def bind(host: str, port: int) -> socket.socket:
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
@@ -1060,10 +1069,9 @@ def serve_main(argv: list[str]) -> int:
     )
     parser.add_argument(
         "--api-server-count",
-        type=int,
-        default=1,
-        help="front-end processes (HTTP, tokenizer, text) sharing one engine core (default 1; "
-        "more when the front end's CPU per token bounds a busy server)",
+        default="auto",
+        help="front-end processes (HTTP, tokenizer, text) sharing one engine core; auto "
+        "(default): one per 4 CPUs this process may use, 1 to 4",
     )
     add_config_flags(parser)
     args = vars(parser.parse_args(argv))
@@ -1077,8 +1085,11 @@ def serve_main(argv: list[str]) -> int:
     tool_call_parser = args.pop("tool_call_parser")
     args.pop("enable_auto_tool_choice")
     api_server_count = args.pop("api_server_count")
-    if api_server_count < 1:
-        parser.error(f"argument --api-server-count: must be >= 1, got {api_server_count}")
+    if api_server_count == "auto":
+        api_server_count = auto_api_server_count()
+    elif not api_server_count.isdigit() or int(api_server_count) < 1:
+        parser.error(f"argument --api-server-count: must be auto or >= 1, got {api_server_count}")
+    api_server_count = int(api_server_count)
     if not 0 <= port <= 65535:
         parser.error(f"argument --port: must be in 0..65535, got {port}")
     if drain_timeout < 0:
