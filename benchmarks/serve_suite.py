@@ -31,8 +31,8 @@ from transformers import AutoConfig
 from benchmarks.serve_overhead import served_run, start_server
 from vllm_lite.config import EngineConfig
 from vllm_lite.entrypoints.bench_serve import run_benchmark
-from vllm_lite.entrypoints.openai_server import auto_api_server_count
 from vllm_lite.entrypoints.benchmark import CONFIG_DIR, Workload, model_folder
+from vllm_lite.entrypoints.openai_server import auto_api_server_count
 
 # the Llama shape with SmolLM2's vocabulary (vllm_lite/model_configs/llama-1b-smollm2-vocab.json)
 LLAMA_SMOLLM2_VOCAB = "llama-1b-smollm2-vocab"
