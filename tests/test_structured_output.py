@@ -279,6 +279,25 @@ def test_masks_filled_ahead_on_the_worker_equal_masks_filled_in_step(llm):
     assert re.fullmatch("[a-z]{3,9}-[0-9]{2,30}", outs[2].outputs[0].text)
 
 
+def test_the_gil_switch_interval_is_short_while_the_grammar_worker_lives(llm):
+    import sys
+
+    from vllm_lite.structured_output import SWITCH_INTERVAL, StructuredOutputManager
+
+    engine, before = llm.engine, sys.getswitchinterval()
+    sys.setswitchinterval(0.005)  # CPython's default
+    try:
+        manager = StructuredOutputManager(engine.tokenizer, engine.hf_config.vocab_size, {0})
+        matcher = manager.matcher(StructuredOutputsParams(regex="[ab]+"))
+        job = manager.advance_async([matcher], [0], 1, lambda: [engine.tokenizer.encode("a")[0]])
+        job.mask.result()
+        assert sys.getswitchinterval() <= SWITCH_INTERVAL
+        manager.close()
+        assert sys.getswitchinterval() == 0.005
+    finally:
+        sys.setswitchinterval(before)
+
+
 def test_the_worker_gives_the_verdicts_and_masks_of_calls_on_the_engines_thread(llm):
     """The grammar worker's job (accept, then fill the rows that go on) gives the same verdicts
     (accepted, ended, refused) and next masks as the calls on the engine's thread."""

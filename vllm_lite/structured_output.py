@@ -20,6 +20,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -154,6 +155,14 @@ def json_schema_grammar(schema: str, any_whitespace: bool):
 ACCEPTED, ENDED, REFUSED_COMPLETE, REFUSED = range(4)
 
 
+# CPython hands the GIL to a waiting thread only after this long. Its default, 5 ms, is longer
+# than a decode step: the grammar worker, back from a GIL-free xgrammar call or the tokens'
+# read-back, then waits for the engine's thread to block (on the mask) before it can go on, so
+# its work follows the engine's host work instead of overlapping it. While the worker exists,
+# the interval is at most this.
+SWITCH_INTERVAL = 0.0002
+
+
 class GrammarAdvance:
     """One step's matchers advanced on the worker thread: ``status`` (a Future of one code per
     row of ``rows``: ACCEPTED, ENDED (a stop token ended the grammar), REFUSED_COMPLETE,
@@ -238,6 +247,8 @@ class StructuredOutputManager:
         job = GrammarAdvance(rows)
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="vllm-lite-grammar")
+            self._switch = sys.getswitchinterval()
+            sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL))
         self._worker.submit(self._advance_job, job, matchers, token_ids, num_rows)
         self._last = job
         return job
@@ -313,10 +324,11 @@ class StructuredOutputManager:
         return host.to(device, non_blocking=True) if device.type == "cuda" else host
 
     def close(self) -> None:
-        """Stop the worker thread (after its last job)."""
+        """Stop the worker thread (after its last job); the switch interval is as before it."""
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None
+            sys.setswitchinterval(self._switch)
 
 
 def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None) -> None:
