@@ -114,7 +114,7 @@ def run_row(row: Row, log_path: str) -> tuple[int, str, float]:
             log.write(line)
             last = line.strip()[:240] or last
             if row.keep and re.search(row.keep, line):
-                kept.append(" ".join(line.split())[:240])
+                kept.append(" ".join(line.split())[:400])  # (serve_suite's rows run to ~300)
                 print("   ", kept[-1], flush=True)
         rc = proc.wait()
         timer.cancel()
