@@ -566,16 +566,18 @@ class LLMEngine:
         """Sample a launched step (its grammars' masks applied), start its tokens' copy back,
         and hand its live matchers to the grammar worker, which advances them by those tokens
         and fills the next step's masks while the host goes on."""
-        sampling = inflight.sampling
-        if inflight.grammar_rows:
-            sampling = dataclasses.replace(sampling, grammar=self._grammar_mask(inflight))
+        sampling, seqs, rows = inflight.sampling, inflight.seqs, inflight.grammar_rows
+        live = [i for i, r in enumerate(rows) if not seqs[r].is_finished]  # (others: void)
+        rows = [rows[i] for i in live]
+        matchers = [seqs[r].grammar for r in rows]
+        if rows:
+            grammar = self._grammar_mask(inflight, live, rows, matchers)
+            sampling = dataclasses.replace(sampling, grammar=grammar)
         out = self.sampler.sample(inflight.logits, sampling, self.generator)
         inflight.sampled(out.tokens, out.logprobs)
-        seqs = inflight.seqs
-        live = [r for r in inflight.grammar_rows if not seqs[r].is_finished]
-        if live and self.overlap:
+        if rows and self.overlap:
             inflight.grammar = self._structured.advance_async(
-                [seqs[r].grammar for r in live], live, len(seqs), inflight.host_tokens
+                matchers, rows, len(seqs), inflight.host_tokens
             )
 
     def _fork(self, parent: Sequence) -> Sequence:
@@ -748,22 +750,20 @@ class LLMEngine:
             return params.batch
         return dataclasses.replace(params.batch, banned=banned, penalties=penalties)
 
-    def _grammar_mask(self, inflight: _InFlight) -> tuple[torch.Tensor, list[int] | None] | None:
+    def _grammar_mask(
+        self, inflight: _InFlight, live: list[int], rows: list[int], matchers: list
+    ) -> tuple[torch.Tensor, list[int] | None]:
         """The launched step's grammar masks, as ``SamplingBatch.grammar``: its constrained
-        rows that go on, each allowing what its matcher accepts after all the tokens before
-        (the step before is processed: its matchers took their tokens). The rows the grammar
-        worker filled ahead are taken from it (``inflight.ahead``), the others filled here."""
-        seqs = inflight.seqs
-        live = [i for i, r in enumerate(inflight.grammar_rows) if not seqs[r].is_finished]
-        if not live:
-            return None
-        rows = [inflight.grammar_rows[i] for i in live]
+        ``rows`` that go on (``live``: their indexes in ``inflight.grammar_rows``), each allowing
+        what its matcher accepts after all the tokens before (the step before is processed: its
+        matchers took their tokens). The rows the grammar worker filled ahead are taken from it
+        (``inflight.ahead``), the others filled here."""
         ahead = inflight.ahead
         if ahead is not None:
             ahead = (ahead[0], [ahead[1][i] for i in live])
-        matchers = [seqs[r].grammar for r in rows]
-        bitmask = self._structured.bitmask(matchers, rows, len(seqs), self.device, ahead)
-        return bitmask, None if len(rows) == len(seqs) else rows
+        num_rows = len(inflight.seqs)
+        bitmask = self._structured.bitmask(matchers, rows, num_rows, self.device, ahead)
+        return bitmask, None if len(rows) == num_rows else rows
 
     def _params_batch(self, seqs: list[Sequence], seq_ids: list[int]) -> _ParamsBatch:
         """Upload what the sampling of ``seqs`` takes from their parameters (on CUDA each
