@@ -310,9 +310,10 @@ class StructuredOutputManager:
             else:
                 host = self._buffer(0, num_rows)
                 take = [i for i, j in enumerate(before) if j in filled]
-                if take:
-                    index = torch.tensor([before[i] for i in take])
-                    host[torch.tensor([rows[i] for i in take])] = ahead_host[index]
+                if take:  # numpy: torch's CPU index_put took 4.3 ms for 256 rows, this 0.14
+                    host.numpy()[[rows[i] for i in take]] = ahead_host.numpy()[
+                        [before[i] for i in take]
+                    ]
                 taken = set(take)
                 rest = [i for i in range(len(rows)) if i not in taken]
                 self.batch_matcher.batch_fill_next_token_bitmask(
