@@ -65,14 +65,13 @@ def main() -> None:
     manager = StructuredOutputManager(tokenizer, vocab, {tokenizer.eos_token_id})
     params = StructuredOutputsParams(json=bench_schema())
     rows = list(range(args.rows))
-    cpu = torch.device("cpu")
 
     def fresh() -> list:
         return [manager.matcher(params) for _ in rows]
 
     matchers, generator, trajectory = fresh(), torch.Generator().manual_seed(0), []
     for _ in range(args.steps):  # each row's next token: uniform among the allowed ones
-        mask = manager.bitmask(matchers, rows, len(rows), cpu)
+        mask = manager.bitmask(matchers, rows, len(rows))
         logits = torch.rand(len(rows), vocab, generator=generator)
         apply_bitmask(logits, mask, None)
         tokens = logits.argmax(-1).tolist()
@@ -124,7 +123,7 @@ def main() -> None:
     for k in (2, 4, 8):
         ways[f"chunks {k}"] = chunked(k)
     ways["worker job"] = lambda ms, tokens: (  # what the engine runs: advance_async
-        manager.advance_async(ms, rows, len(rows), lambda: tokens).mask.result()
+        manager.advance_async(ms, rows, len(rows), lambda: tokens, bitmask).mask.result()
     )
 
     for name, way in ways.items():

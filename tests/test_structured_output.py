@@ -289,7 +289,8 @@ def test_the_gil_switch_interval_is_short_while_the_grammar_worker_lives(llm):
     try:
         manager = StructuredOutputManager(engine.tokenizer, engine.hf_config.vocab_size, {0})
         matcher = manager.matcher(StructuredOutputsParams(regex="[ab]+"))
-        job = manager.advance_async([matcher], [0], 1, lambda: [engine.tokenizer.encode("a")[0]])
+        mask = manager.bitmask([matcher], [0], 1)
+        job = manager.advance_async([matcher], [0], 1, lambda: engine.tokenizer.encode("a"), mask)
         job.mask.result()
         assert sys.getswitchinterval() <= SWITCH_INTERVAL
         manager.close()
@@ -303,30 +304,50 @@ def test_the_worker_gives_the_verdicts_and_masks_of_calls_on_the_engines_thread(
     (accepted, ended, refused) and next masks as the calls on the engine's thread."""
     from vllm_lite.structured_output import ACCEPTED, ENDED, REFUSED
 
-    manager, cpu = llm.engine.structured_output_manager(), torch.device("cpu")
+    manager = llm.engine.structured_output_manager()
     so = StructuredOutputsParams(json=SCHEMA, **COMPACT)
     n, rng = 13, random.Random(0)
     ahead, inline = [manager.matcher(so) for _ in range(n)], [manager.matcher(so) for _ in range(n)]
     active, seen = list(range(n)), set()
     for step in range(24):
-        mask = manager.bitmask([inline[r] for r in active], active, n, cpu).clone()
+        mask = manager.bitmask([inline[r] for r in active], active, n).clone()
         tokens = [0] * n
         for r in active:
             allowed = [t for t in range(manager.vocab_size) if mask[r, t // 32] >> (t % 32) & 1]
             if step == 5 and r == 3:  # a token its grammar refuses
                 allowed = sorted(set(range(manager.vocab_size)) - set(allowed))
             tokens[r] = rng.choice(allowed)
-        job = manager.advance_async([ahead[r] for r in active], active, n, lambda t=tokens: t)
+        job = manager.advance_async([ahead[r] for r in active], active, n, lambda t=tokens: t, mask)
         codes = manager.advance([inline[r] for r in active], [tokens[r] for r in active])
         assert job.status.result() == codes
+        unusual = {r: code for r, code in zip(active, codes) if code != ACCEPTED}
+        assert job.verdicts(tokens, manager.stop_token_ids) == unusual
         host, filled = job.mask.result()
         live = [r for r, code in zip(active, codes) if code == ACCEPTED]
         assert filled == set(live)
-        expected = manager.bitmask([inline[r] for r in live], live, n, cpu)
+        expected = manager.bitmask([inline[r] for r in live], live, n)
         assert torch.equal(host[live], expected[live])
         seen.update(codes)
         active = [r for r, code in zip(active, codes) if code != ENDED]
     assert REFUSED in seen and len(active) > 4  # rows refused, ended and going on
+
+
+def test_tokens_their_masks_allowed_are_accepted_without_waiting_for_the_worker(llm):
+    """The engine's thread reads a step's verdicts while the worker still accepts its tokens:
+    a token inside its row's mask that is no stop token needs no wait (the status here never
+    comes); a stop token or one outside the mask does (here: the worker's error)."""
+    from vllm_lite.structured_output import GrammarAdvance
+
+    manager = llm.engine.structured_output_manager()
+    matchers = [manager.matcher(StructuredOutputsParams(regex="[ab]+")) for _ in range(2)]
+    mask = manager.bitmask(matchers, [0, 2], 3)
+    a, c = (llm.engine.tokenizer.convert_tokens_to_ids(t) for t in ("a", "c"))
+    job = GrammarAdvance([0, 2], mask)
+    job.status.set_exception(RuntimeError("the worker's verdict was waited for"))
+    assert job.verdicts([a, c, a], manager.stop_token_ids) == {}  # row 1 is not constrained
+    for tokens in ([c, a, a], [a, a, next(iter(manager.stop_token_ids))]):
+        with pytest.raises(RuntimeError, match="waited for"):
+            job.verdicts(tokens, manager.stop_token_ids)
 
 
 def test_structured_outputs_survive_preemption(model_path, llm):

@@ -25,6 +25,7 @@ import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 
@@ -169,10 +170,26 @@ class GrammarAdvance:
     REFUSED), then ``mask`` (a Future of (host bitmask indexed by the step's rows, the set of
     rows filled: those whose matcher accepted and goes on))."""
 
-    def __init__(self, rows: list[int]) -> None:
+    def __init__(self, rows: list[int], sampled_with: torch.Tensor) -> None:
         self.rows = rows
+        self.sampled_with = sampled_with  # the host bitmask the step's tokens were drawn under
         self.status: Future = Future()
         self.mask: Future = Future()
+
+    def verdicts(self, token_ids: list[int], stop_token_ids: frozenset) -> dict[int, int]:
+        """Row -> status code, for the rows whose verdict is not ACCEPTED. A token its mask
+        allowed is one its matcher accepts, so only a stop token (did the grammar end?) or a
+        token outside the mask (refused: rare) waits for the worker; the engine's thread goes
+        on while the worker still accepts the others."""
+        rows = self.rows
+        tokens = np.array([token_ids[r] for r in rows], dtype=np.int64)
+        mask = self.sampled_with.numpy()
+        words = np.minimum(tokens >> 5, mask.shape[1] - 1)
+        allowed = (mask[rows, words] >> (tokens & 31)) & 1 == 1
+        allowed &= tokens < 32 * mask.shape[1]
+        if allowed.all() and not stop_token_ids.intersection(tokens.tolist()):
+            return {}
+        return {r: code for r, code in zip(rows, self.status.result()) if code != ACCEPTED}
 
 
 class StructuredOutputManager:
@@ -197,8 +214,10 @@ class StructuredOutputManager:
         self.batch_matcher = xgr.BatchGrammarMatcher(1)
         self.grammars: dict[tuple, object] = {}  # key -> CompiledGrammar
         self.compile_seconds: dict[tuple, float] = {}  # key -> seconds its first compile took
-        # host bitmasks: [0] the step's (filled when taken), [1] the worker's (filled ahead)
-        self._host = [torch.empty((0, 0), dtype=torch.int32) for _ in range(2)]
+        # host bitmasks: [0] the step's (filled when taken), [1] and [2] the worker's (filled
+        # ahead, in turns: the engine's thread still reads the last one while the worker fills)
+        self._host = [torch.empty((0, 0), dtype=torch.int32) for _ in range(3)]
+        self._turn = 1
         self._worker: ThreadPoolExecutor | None = None  # made on the first advance_async
         self._filler = xgr.BatchGrammarMatcher(1)  # the worker's
         self._last: GrammarAdvance | None = None  # the worker's last job
@@ -240,21 +259,23 @@ class StructuredOutputManager:
         return codes
 
     def advance_async(
-        self, matchers: list, rows: list[int], num_rows: int, token_ids
+        self, matchers: list, rows: list[int], num_rows: int, token_ids, sampled_with
     ) -> GrammarAdvance:
-        """On the worker thread: wait for ``token_ids()`` (the step's tokens, read back), advance
-        ``matchers[i]`` (the step's row ``rows[i]``) by its token, then fill the next bitmask of
-        every matcher that goes on, at its row, in a buffer of ``num_rows`` rows."""
-        job = GrammarAdvance(rows)
+        """On the worker thread: wait for ``token_ids()`` (the step's tokens, read back, drawn
+        under the host bitmask ``sampled_with``), advance ``matchers[i]`` (the step's row
+        ``rows[i]``) by its token, then fill the next bitmask of every matcher that goes on, at
+        its row, in a buffer of ``num_rows`` rows."""
+        job = GrammarAdvance(rows, sampled_with)
         if self._worker is None:
             self._worker = ThreadPoolExecutor(1, thread_name_prefix="vllm-lite-grammar")
             self._switch = sys.getswitchinterval()
             sys.setswitchinterval(min(self._switch, SWITCH_INTERVAL))
-        self._worker.submit(self._advance_job, job, matchers, token_ids, num_rows)
+        self._turn = 3 - self._turn
+        self._worker.submit(self._advance_job, job, matchers, token_ids, num_rows, self._turn)
         self._last = job
         return job
 
-    def _advance_job(self, job: GrammarAdvance, matchers, token_ids, num_rows: int) -> None:
+    def _advance_job(self, job: GrammarAdvance, matchers, token_ids, num_rows, buffer) -> None:
         """Advance every matcher (one batched call), publish the verdicts (the engine's thread
         reads them while the fill runs), then fill the rows that go on. One call each: splitting
         the rows over several threads was slower (``benchmarks/bench_grammar.py``: on an H200's
@@ -263,7 +284,7 @@ class StructuredOutputManager:
             tokens = token_ids()
             status = self._advance(matchers, [tokens[r] for r in job.rows])
             job.status.set_result(status)
-            host, rows = self._buffer(1, num_rows), job.rows
+            host, rows = self._buffer(buffer, num_rows), job.rows
             if max(status, default=ACCEPTED) != ACCEPTED:  # (rare) some ended or were refused
                 live = [j for j, code in enumerate(status) if code == ACCEPTED]
                 matchers, rows = [matchers[j] for j in live], [rows[j] for j in live]
@@ -293,14 +314,13 @@ class StructuredOutputManager:
         matchers: list,
         rows: list[int],
         num_rows: int,
-        device: torch.device,
         ahead: tuple[GrammarAdvance, list[int]] | None = None,
     ) -> torch.Tensor:
-        """[num_rows, ceil(vocab / 32)] int32 on ``device``: row ``rows[i]`` allows the tokens
+        """[num_rows, ceil(vocab / 32)] int32 on the host: row ``rows[i]`` allows the tokens
         ``matchers[i]`` accepts next (other rows are not filled: the sampler skips them).
         ``ahead``: (the previous step's ``advance_async``, each row's row in that step or -1);
-        the rows it filled are taken from it, the others filled here.
-        The copy to the device does not wait for the step in flight."""
+        the rows it filled are taken from it, the others filled here. Pinned on CUDA: the copy
+        to the device need not wait for the step in flight."""
         if ahead is not None:
             ahead_host, filled = ahead[0].mask.result()
             self._last = None if self._last is ahead[0] else self._last
@@ -323,8 +343,7 @@ class StructuredOutputManager:
             self._idle()
             host = self._buffer(0, num_rows)
             self.batch_matcher.batch_fill_next_token_bitmask(matchers, host, rows)
-        # the previous step that used the buffer was read back before this one launched
-        return host.to(device, non_blocking=True) if device.type == "cuda" else host
+        return host
 
     def close(self) -> None:
         """Stop the worker thread (after its last job); the switch interval is as before it."""

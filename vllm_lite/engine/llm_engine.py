@@ -571,13 +571,13 @@ class LLMEngine:
         rows = [rows[i] for i in live]
         matchers = [seqs[r].grammar for r in rows]
         if rows:
-            grammar = self._grammar_mask(inflight, live, rows, matchers)
+            host_mask, grammar = self._grammar_mask(inflight, live, rows, matchers)
             sampling = dataclasses.replace(sampling, grammar=grammar)
         out = self.sampler.sample(inflight.logits, sampling, self.generator)
         inflight.sampled(out.tokens, out.logprobs)
         if rows and self.overlap:
             inflight.grammar = self._structured.advance_async(
-                matchers, rows, len(seqs), inflight.host_tokens
+                matchers, rows, len(seqs), inflight.host_tokens, host_mask
             )
 
     def _fork(self, parent: Sequence) -> Sequence:
@@ -709,7 +709,7 @@ class LLMEngine:
         """Each live constrained row's matcher takes its token (on the worker thread if the
         step's launch handed it over, else here, in one batched call): row -> status code."""
         if inflight.grammar is not None:
-            return dict(zip(inflight.grammar.rows, inflight.grammar.status.result()))
+            return inflight.grammar.verdicts(token_ids, self._structured.stop_token_ids)
         seqs = inflight.seqs
         rows = [i for i in inflight.grammar_rows if not seqs[i].is_finished]
         if not rows:
@@ -752,18 +752,21 @@ class LLMEngine:
 
     def _grammar_mask(
         self, inflight: _InFlight, live: list[int], rows: list[int], matchers: list
-    ) -> tuple[torch.Tensor, list[int] | None]:
-        """The launched step's grammar masks, as ``SamplingBatch.grammar``: its constrained
-        ``rows`` that go on (``live``: their indexes in ``inflight.grammar_rows``), each allowing
-        what its matcher accepts after all the tokens before (the step before is processed: its
-        matchers took their tokens). The rows the grammar worker filled ahead are taken from it
-        (``inflight.ahead``), the others filled here."""
+    ) -> tuple[torch.Tensor, tuple[torch.Tensor, list[int] | None]]:
+        """The launched step's grammar masks: (on the host, as ``SamplingBatch.grammar``). Its
+        constrained ``rows`` that go on (``live``: their indexes in ``inflight.grammar_rows``)
+        each allow what its matcher accepts after all the tokens before (the step before is
+        processed: its matchers took their tokens). The rows the grammar worker filled ahead are
+        taken from it (``inflight.ahead``), the others filled here."""
         ahead = inflight.ahead
         if ahead is not None:
             ahead = (ahead[0], [ahead[1][i] for i in live])
         num_rows = len(inflight.seqs)
-        bitmask = self._structured.bitmask(matchers, rows, num_rows, self.device, ahead)
-        return bitmask, None if len(rows) == num_rows else rows
+        host = self._structured.bitmask(matchers, rows, num_rows, ahead)
+        # pinned: the copy does not wait for the step in flight, and the previous step that
+        # used this buffer was read back before this one launched
+        bitmask = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
+        return host, (bitmask, None if len(rows) == num_rows else rows)
 
     def _params_batch(self, seqs: list[Sequence], seq_ids: list[int]) -> _ParamsBatch:
         """Upload what the sampling of ``seqs`` takes from their parameters (on CUDA each
