@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import os
 import statistics
+import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -55,11 +56,14 @@ def main() -> None:
 
     from vllm_lite.entrypoints.benchmark import bench_schema
     from vllm_lite.structured_output import (
+        SWITCH_INTERVAL,
         StructuredOutputManager,
         StructuredOutputsParams,
         apply_bitmask,
     )
 
+    # every way runs under the engine's GIL switch interval (set while its grammar worker lives)
+    sys.setswitchinterval(SWITCH_INTERVAL)
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_folder())
     vocab = len(tokenizer)
     manager = StructuredOutputManager(tokenizer, vocab, {tokenizer.eos_token_id})
