@@ -368,6 +368,7 @@ def _accept_tokens(matchers: list, token_ids: list[int]) -> list | None:
     return None if 0 not in ok else [bool(good) for good in ok[:]]
 
 
-def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows: list[int] | None) -> None:
-    """-inf in place at every token a grammar forbids, in ``rows`` (None: all rows)."""
+def apply_bitmask(logits: torch.Tensor, bitmask: torch.Tensor, rows) -> None:
+    """-inf in place at every token a grammar forbids, in ``rows`` (a list, a tensor on the
+    logits' device, or None: all rows)."""
     _xgr().apply_token_bitmask_inplace(logits, bitmask, indices=rows)

@@ -765,8 +765,12 @@ class LLMEngine:
         host = self._structured.bitmask(matchers, rows, num_rows, ahead)
         # pinned: the copy does not wait for the step in flight, and the previous step that
         # used this buffer was read back before this one launched
-        bitmask = host.to(self.device, non_blocking=True) if self.device.type == "cuda" else host
-        return host, (bitmask, None if len(rows) == num_rows else rows)
+        if self.device.type != "cuda":
+            return host, (host, None if len(rows) == num_rows else rows)
+        # the rows as a device tensor: xgrammar copies a list from pageable memory, which waits
+        # for the step in flight
+        some = None if len(rows) == num_rows else self._to_device(rows, torch.int32)
+        return host, (host.to(self.device, non_blocking=True), some)
 
     def _params_batch(self, seqs: list[Sequence], seq_ids: list[int]) -> _ParamsBatch:
         """Upload what the sampling of ``seqs`` takes from their parameters (on CUDA each

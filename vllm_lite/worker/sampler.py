@@ -119,8 +119,9 @@ class SamplingBatch:
         True  # False: no row is greedy, so no argmax of the processed logits is needed
     )
     # structured outputs: (bitmask [B, vocab / 32] of the tokens the grammars allow, the rows
-    # that have a grammar, None: all); set every step (``StructuredOutputManager.bitmask``)
-    grammar: tuple[torch.Tensor, list[int] | None] | None = None
+    # that have a grammar: a list, on CUDA a device tensor, None: all); set every step
+    # (``StructuredOutputManager.bitmask``)
+    grammar: tuple[torch.Tensor, list[int] | torch.Tensor | None] | None = None
 
     @property
     def changes_logits(self) -> bool:
