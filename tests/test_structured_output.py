@@ -350,6 +350,31 @@ def test_tokens_their_masks_allowed_are_accepted_without_waiting_for_the_worker(
             job.verdicts(tokens, manager.stop_token_ids)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="xgrammar's mask kernel is CUDA's")
+def test_the_managers_warm_up_compiles_every_mask_kernel_variant_a_step_picks(llm):
+    """Row counts of every class, all rows or some: no compile after the warm-up."""
+    from xgrammar.kernels.apply_token_bitmask_inplace_triton import (
+        apply_token_bitmask_inplace_kernel as kernel,
+    )
+
+    from vllm_lite.structured_output import apply_bitmask
+
+    engine = llm.engine
+    manager = engine.structured_output_manager()  # warmed up when made
+
+    def compiled() -> int:
+        return sum(len(caches[0]) for caches in kernel.device_caches.values())
+
+    before, vocab = compiled(), engine.hf_config.vocab_size
+    for n in (1, 2, 5, 16, 32, 48, 200, 256):
+        logits = torch.randn(n, vocab, dtype=engine.runner.dtype, device=engine.device)
+        mask = manager.bitmask([], [], n).to(engine.device)
+        apply_bitmask(logits, mask, None)
+        some = torch.arange(0, n, 2, dtype=torch.int32, device=engine.device)
+        apply_bitmask(logits, mask, some)
+    assert compiled() == before
+
+
 def test_structured_outputs_survive_preemption(model_path, llm):
     so = StructuredOutputsParams(json=SCHEMA, **COMPACT)
     params = SamplingParams(temperature=0, max_tokens=120, structured_outputs=so)

@@ -397,6 +397,7 @@ class LLMEngine:
             self._structured = StructuredOutputManager(
                 self.tokenizer, self.hf_config.vocab_size, self.eos_token_ids
             )
+            self._structured.warm_up(self.device, self.runner.dtype, self.config.max_num_seqs)
         return self._structured
 
     def abort_request(self, request_id: str) -> None:
