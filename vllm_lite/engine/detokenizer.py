@@ -84,20 +84,23 @@ class BatchDetokenizer:
         """The text each state's tokens appended since its last step complete ("" if none)."""
         texts = self._decode_windows(states)
         deltas = [""] * len(states)
-        regroup = []
+        one, regroup = self._one, []
         for i, (s, full) in enumerate(zip(states, texts)):
-            if len(full) <= s.prefix_len or full[-1] == REPLACEMENT:
+            prefix_len = s.prefix_len
+            if len(full) <= prefix_len or full[-1] == REPLACEMENT:
                 continue
-            delta = deltas[i] = full[s.prefix_len :]
+            delta = deltas[i] = full[prefix_len:]
             s.text += delta
             ids = s.ids
-            s.prefix, s.read = s.read, len(ids)
-            last = self.token_text(ids[-1], s.skip)
-            if s.read - s.prefix == 1 or (last and REPLACEMENT not in last):
+            last = one[s.skip].get(ids[-1])
+            if last is None:
+                last = self.token_text(ids[-1], s.skip)
+            if len(ids) - s.read == 1 or (last and REPLACEMENT not in last):
                 # the next window starts at the last token: its text alone (a token that
                 # decodes whole alone starts a character, so what follows decodes the same)
-                s.prefix, s.prefix_len = s.read - 1, len(last)
+                s.prefix, s.read, s.prefix_len = len(ids) - 1, len(ids), len(last)
             else:
+                s.prefix, s.read = s.read, len(ids)
                 regroup.append(s)
         if regroup:  # several tokens emitted, the last not whole alone (a character
             # completed): the next window starts at the first, its text is theirs decoded

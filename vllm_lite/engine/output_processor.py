@@ -180,6 +180,7 @@ class _Request:
         "completions",
         "prompt_logprobs",
         "num_cached_tokens",
+        "stop_strings",
         "holdback",
         "per_token",
         "arrival",
@@ -193,10 +194,19 @@ class _Request:
         self.completions: list[_Completion] = []
         self.prompt_logprobs: FlatLogprobs | None = None
         self.num_cached_tokens = 0
-        stops = params.stop_strings if not params.include_stop_str_in_output else []
+        self.stop_strings = params.stop_strings  # a property: read once, not per token
+        stops = self.stop_strings if not params.include_stop_str_in_output else []
         self.holdback = max((len(s) for s in stops), default=1) - 1
         self.per_token = False
         self.first_token_time = self.last_token_time = None
+
+
+def _snapshot(s: DetokenizerState | None) -> tuple:
+    """What ``OutputProcessor._replay`` needs to decode a completion's new tokens again: its
+    number of ids and its detokenizer's window and text length before them."""
+    if s is None:
+        return (0, 0, 0, 0, 0)
+    return (len(s.ids), s.prefix, s.read, s.prefix_len, len(s.text))
 
 
 @dataclass
@@ -240,7 +250,7 @@ class OutputProcessor:
         self.requests.pop(request_id, None)
 
     def process(self, core: CoreOutputs) -> ProcessedStep:
-        requests, changed, touched = self.requests, {}, {}
+        requests, changed = self.requests, {}
         for request_id, flat in core.prompt_logprobs:
             req = requests.get(request_id)
             if req is not None:
@@ -251,17 +261,22 @@ class OutputProcessor:
             req = requests.get(request_id)
             if req is not None:
                 req.num_cached_tokens = num
+        # the completions whose text is read per token (stop strings, streaming) and this step
+        # extends: id -> (request, completion, its token count before, its text's state before)
+        watched: dict[int, tuple] = {}
         for request_id, index, tokens in core.token_lists:  # several tokens of one completion
             req = requests.get(request_id)
-            if req is not None and req.completions[index].finish_reason is None:
-                c = req.completions[index]
-                touched.setdefault(
-                    id(c), (req, c, len(c.token_ids), len(c.detok.ids) if c.detok else 0)
-                )
-                changed[request_id] = req
-                c.token_ids += tokens
-                if c.detok is not None:
-                    c.detok.ids += tokens
+            if req is None:
+                continue
+            c = req.completions[index]
+            if c.finish_reason is not None:
+                continue
+            if req.per_token and id(c) not in watched:
+                watched[id(c)] = (req, c, len(c.token_ids), _snapshot(c.detok))
+            changed[request_id] = req
+            c.token_ids += tokens
+            if c.detok is not None:
+                c.detok.ids += tokens
         logprobs = dict(core.logprobs) if core.logprobs else None
         for row, (request_id, index, token_id) in enumerate(
             zip(core.req_ids, core.indexes, core.token_ids)
@@ -274,8 +289,8 @@ class OutputProcessor:
                 continue
             changed[request_id] = req
             if token_id >= 0:
-                if id(c) not in touched:
-                    touched[id(c)] = (req, c, len(c.token_ids), len(c.detok.ids) if c.detok else 0)
+                if req.per_token and id(c) not in watched:
+                    watched[id(c)] = (req, c, len(c.token_ids), _snapshot(c.detok))
                 c.token_ids.append(token_id)
                 if logprobs is not None and row in logprobs:
                     self._add_logprobs(c, token_id, req.params.logprobs, *logprobs[row])
@@ -293,16 +308,13 @@ class OutputProcessor:
                 and not req.params.include_stop_str_in_output
             ):
                 c.detok.ids.pop()  # a stop token's text only with include_stop_str_in_output
-        stops = self._detokenize(
-            [t for t in touched.values() if t[0].per_token and t[1].detok is not None]
-        )
+        stops = self._detokenize(list(watched.values()))
         finished, deltas = [], []
         self._now = time.monotonic()  # system-wide on Linux: comparable with the arrival times
         self._intervals, self._generated = {}, 0  # recorded once per step (_record)
-        for req in changed.values():
-            for (
-                c
-            ) in req.completions:  # ended: what was held back (a stop string cut the text already)
+        for req in changed.values() if self.stream else self._ended(changed, core, stops):
+            for c in req.completions:
+                # ended: what was held back (a stop string cut the text already)
                 if (
                     c.finish_reason is not None
                     and c.detok is not None
@@ -325,40 +337,48 @@ class OutputProcessor:
                 self.metrics.inter_tokens(seconds, count)
         return ProcessedStep(finished, deltas, stops)
 
-    def _detokenize(
-        self, touched: list[tuple[_Request, _Completion, int, int]]
-    ) -> list[tuple[str, int]]:
-        """The new text of every touched completion in one batched decode, then the stop
+    @staticmethod
+    def _ended(changed: dict[str, _Request], core: CoreOutputs, stops: list) -> list[_Request]:
+        """The changed requests that a completion of ended this step (in ``changed``'s order):
+        without a stream nobody reads the others until they end."""
+        if not core.finished and not stops:
+            return []
+        ended = {core.req_ids[row] for row, _, _ in core.finished}
+        ended.update(request_id for request_id, _ in stops)
+        return [req for request_id, req in changed.items() if request_id in ended]
+
+    def _detokenize(self, watched: list[tuple]) -> list[tuple[str, int]]:
+        """The new text of every watched completion in one batched decode, then the stop
         strings. Several new tokens of a completion with stop strings are checked together; a
         possible match there is replayed token by token, so the text ends where a check after
         every token would have ended it. Returns the completions a stop string ended."""
-        if not touched:
+        if not watched:
             return []
-        states = [c.detok for _, c, _, _ in touched]
-        before = [(s.prefix, s.read, s.prefix_len, len(s.text)) for s in states]
         stops = []
-        for (req, c, num_before, ids_before), state, delta, snap in zip(
-            touched, states, self.detokenizer.step(states), before
-        ):
-            p = req.params
-            if not (delta and p.stop_strings and len(c.token_ids) > p.min_tokens):
+        deltas = self.detokenizer.step([c.detok for _, c, _, _ in watched])
+        for (req, c, num_before, snap), delta in zip(watched, deltas):
+            if not (delta and req.stop_strings and len(c.token_ids) > req.params.min_tokens):
                 continue
             # tokens of earlier steps whose text was held back (it ended inside a character)
             # are checked again with the new ones: a stop string may end in one of them
-            held = ids_before - snap[1]
+            ids_before, read_before = snap[0], snap[2]
+            held = ids_before - read_before
             if len(c.token_ids) - num_before + held == 1:
                 if not isinstance(c.stop_reason, int):  # a stop token's text never ends one
                     self._check_stop_strings(req, c, delta, stops)
-            elif self._stop_string_in(p.stop_strings, state.text, len(delta)):
-                self._replay(req, c, num_before - held, snap[1], snap, stops)
+            elif self._stop_string_in(req.stop_strings, c.detok.text, len(delta)):
+                self._replay(req, c, num_before - held, read_before, snap[1:], stops)
         return stops
 
     @staticmethod
     def _stop_string_in(stop_strings: list[str], text: str, num_new: int) -> bool:
-        return any(
-            text.find(stop, max(0, len(text) - num_new - len(stop) + 1)) >= 0
-            for stop in stop_strings
-        )
+        """Whether a stop string ends in the last ``num_new`` characters (only those and the
+        ones just before are searched: the text grows to thousands of characters)."""
+        end = len(text) - num_new + 1
+        for stop in stop_strings:
+            if text.find(stop, max(0, end - len(stop))) >= 0:
+                return True
+        return False
 
     def _replay(
         self,
@@ -392,7 +412,7 @@ class OutputProcessor:
 
     def _check_stop_strings(self, req: _Request, c: _Completion, delta: str, stops: list) -> bool:
         p, text = req.params, c.detok.text
-        for stop in p.stop_strings:
+        for stop in req.stop_strings:
             at = text.find(stop, max(0, len(text) - len(delta) - len(stop) + 1))
             if at >= 0:
                 c.detok.text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
