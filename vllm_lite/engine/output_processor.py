@@ -181,6 +181,7 @@ class _Request:
         "prompt_logprobs",
         "num_cached_tokens",
         "stop_strings",
+        "longest_stop",
         "holdback",
         "per_token",
         "arrival",
@@ -195,6 +196,7 @@ class _Request:
         self.prompt_logprobs: FlatLogprobs | None = None
         self.num_cached_tokens = 0
         self.stop_strings = params.stop_strings  # a property: read once, not per token
+        self.longest_stop = max((len(s) for s in self.stop_strings), default=0)
         stops = self.stop_strings if not params.include_stop_str_in_output else []
         self.holdback = max((len(s) for s in stops), default=1) - 1
         self.per_token = False
@@ -203,10 +205,10 @@ class _Request:
 
 def _snapshot(s: DetokenizerState | None) -> tuple:
     """What ``OutputProcessor._replay`` needs to decode a completion's new tokens again: its
-    number of ids and its detokenizer's window and text length before them."""
+    number of ids and its detokenizer's window (prefix, read, prefix_len) before them."""
     if s is None:
-        return (0, 0, 0, 0, 0)
-    return (len(s.ids), s.prefix, s.read, s.prefix_len, len(s.text))
+        return (0, 0, 0, 0)
+    return (len(s.ids), s.prefix, s.read, s.prefix_len)
 
 
 @dataclass
@@ -366,35 +368,44 @@ class OutputProcessor:
             if len(c.token_ids) - num_before + held == 1:
                 if not isinstance(c.stop_reason, int):  # a stop token's text never ends one
                     self._check_stop_strings(req, c, delta, stops)
-            elif self._stop_string_in(req.stop_strings, c.detok.text, len(delta)):
-                self._replay(req, c, num_before - held, read_before, snap[1:], stops)
+            elif self._find_stop(req, c.detok, delta) is not None:
+                text_len = len(c.detok.text) - len(delta)  # before this step's
+                self._replay(req, c, num_before - held, snap[1:], text_len, stops)
         return stops
 
     @staticmethod
-    def _stop_string_in(stop_strings: list[str], text: str, num_new: int) -> bool:
-        """Whether a stop string ends in the last ``num_new`` characters (only those and the
-        ones just before are searched: the text grows to thousands of characters)."""
-        end = len(text) - num_new + 1
-        for stop in stop_strings:
-            if text.find(stop, max(0, end - len(stop))) >= 0:
-                return True
-        return False
+    def _find_stop(req: _Request, s: DetokenizerState, delta: str) -> tuple[str, int] | None:
+        """The first stop string (in the given order) that ends in ``delta``, the text's newest
+        characters, and where it begins (counted from the text's end, negative). Only one whose
+        last character is in ``delta`` can; only the text from ``len(stop) - 1`` characters
+        before ``delta`` on is read (the text grows to thousands of characters)."""
+        window = None
+        for stop in req.stop_strings:
+            if stop[-1] not in delta:
+                continue
+            if window is None:
+                window = s.tail(len(delta) + req.longest_stop - 1)
+            at = window.find(stop, max(0, len(window) - len(delta) - len(stop) + 1))
+            if at >= 0:
+                return stop, at - len(window)
+        return None
 
     def _replay(
         self,
         req: _Request,
         c: _Completion,
         num_before: int,
-        ids_before: int,
-        snap: tuple,
+        window: tuple[int, int, int],
+        text_len: int,
         stops: list,
     ) -> None:
-        """Decode ``c``'s tokens after its first ``num_before`` again (its text's after the
-        first ``ids_before`` ids), one at a time, checking the stop strings after each."""
+        """Decode ``c``'s tokens after its first ``num_before`` again, one at a time, checking
+        the stop strings after each: from its detokenizer's ``window`` (prefix, read,
+        prefix_len) and the first ``text_len`` characters of its text before them."""
         s = c.detok
-        new_ids = s.ids[ids_before:]
-        del s.ids[ids_before:]
-        s.prefix, s.read, s.prefix_len, text_len = snap
+        s.prefix, s.read, s.prefix_len = window
+        new_ids = s.ids[s.read :]
+        del s.ids[s.read :]
         s.text = s.text[:text_len]
         stop_token_kept = isinstance(c.stop_reason, int) and req.params.include_stop_str_in_output
         last = len(new_ids) - 1 if stop_token_kept else -1  # its text ends no stop string
@@ -411,16 +422,19 @@ class OutputProcessor:
                 return
 
     def _check_stop_strings(self, req: _Request, c: _Completion, delta: str, stops: list) -> bool:
-        p, text = req.params, c.detok.text
-        for stop in req.stop_strings:
-            at = text.find(stop, max(0, len(text) - len(delta) - len(stop) + 1))
-            if at >= 0:
-                c.detok.text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
-                if c.finish_reason is None:  # the core has not ended it on its own (length)
-                    stops.append((req.request_id, c.index))
-                c.finish_reason, c.stop_reason = "stop", stop
-                return True
-        return False
+        """A stop string that ends in ``delta`` (the text the last token completed) ends ``c``:
+        its text is cut there."""
+        found = self._find_stop(req, c.detok, delta)
+        if found is None:
+            return False
+        stop, at = found
+        text = c.detok.text
+        end = len(text) + at + (len(stop) if req.params.include_stop_str_in_output else 0)
+        c.detok.text = text[:end]
+        if c.finish_reason is None:  # the core has not ended it on its own (length)
+            stops.append((req.request_id, c.index))
+        c.finish_reason, c.stop_reason = "stop", stop
+        return True
 
     # ---- building outputs -------------------------------------------------------------------
     def _delta(self, req: _Request, done: bool) -> RequestDelta | None:
