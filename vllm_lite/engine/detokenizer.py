@@ -114,7 +114,7 @@ class BatchDetokenizer:
             delta = deltas[i] = full[prefix_len:]
             s.pieces.append(delta)
             ids = s.ids
-            last = one[s.skip].get(ids[-1])
+            last = one[s.skip].get(ids[-1])  # token_text's cache, read inline (hundreds a step)
             if last is None:
                 last = self.token_text(ids[-1], s.skip)
             if len(ids) - s.read == 1 or (last and REPLACEMENT not in last):

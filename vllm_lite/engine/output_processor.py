@@ -341,8 +341,8 @@ class OutputProcessor:
 
     @staticmethod
     def _ended(changed: dict[str, _Request], core: CoreOutputs, stops: list) -> list[_Request]:
-        """The changed requests that a completion of ended this step (in ``changed``'s order):
-        without a stream nobody reads the others until they end."""
+        """The changed requests with a completion that ended this step, in ``changed``'s order:
+        without a stream, nobody reads a request before it ends."""
         if not core.finished and not stops:
             return []
         ended = {core.req_ids[row] for row, _, _ in core.finished}
@@ -363,14 +363,15 @@ class OutputProcessor:
                 continue
             # tokens of earlier steps whose text was held back (it ended inside a character)
             # are checked again with the new ones: a stop string may end in one of them
-            ids_before, read_before = snap[0], snap[2]
-            held = ids_before - read_before
+            ids_before, prefix, read, prefix_len = snap
+            held = ids_before - read
             if len(c.token_ids) - num_before + held == 1:
                 if not isinstance(c.stop_reason, int):  # a stop token's text never ends one
                     self._check_stop_strings(req, c, delta, stops)
             elif self._find_stop(req, c.detok, delta) is not None:
                 text_len = len(c.detok.text) - len(delta)  # before this step's
-                self._replay(req, c, num_before - held, snap[1:], text_len, stops)
+                window = (prefix, read, prefix_len)
+                self._replay(req, c, num_before - held, window, text_len, stops)
         return stops
 
     @staticmethod
