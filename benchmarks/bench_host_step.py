@@ -30,12 +30,18 @@ engines give the spread.
     python -m benchmarks.bench_host_step --no-prefix-caching
     python -m benchmarks.bench_host_step --whole-run --repeats 1
     python -m benchmarks.bench_host_step --shape smollm2 --structured-output json_schema
+    python -m benchmarks.bench_host_step --shape smollm2 --stop --repeats 5
 
 ``--structured-output json_schema`` holds every request to the throughput benchmark's JSON
 schema (``bench_schema``); the logits are the whole vocabulary then, so that the mask leaves
 tokens to draw. The matchers' token checks and the next masks' fill run on the grammar worker
 thread, which on a GPU overlaps the forward pass; here the forward takes no time, so what the
 engine's thread waits for them shows in "process" (checks) and "grammar mask" (fill).
+
+``--stop`` gives every request a stop string that never matches: offline, every
+``TEXT_EVERY``-th step then hands all requests' new tokens to the output processor (their
+text, the stop check), a spike the medians above do not show; it is reported on its own
+("text step": its host total and the output processor's share, the median over those steps).
 """
 
 from __future__ import annotations
@@ -50,7 +56,7 @@ import time
 import torch
 
 from vllm_lite.config import EngineConfig
-from vllm_lite.engine.llm_engine import LLMEngine
+from vllm_lite.engine.llm_engine import TEXT_EVERY, LLMEngine
 from vllm_lite.entrypoints.benchmark import (
     CONFIG_DIR,
     EXTRAS,
@@ -63,6 +69,7 @@ from vllm_lite.entrypoints.benchmark import (
 from vllm_lite.sampling_params import SamplingParams, StructuredOutputsParams
 
 SHAPES = {"qwen": "qwen2.5-1.5b", "smollm2": "smollm2-135m"}
+NEVER = "\u2063never\u2063"  # a stop string random tokens do not produce (as serve_suite's)
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -145,6 +152,8 @@ def build(
     engine.sampler.sample = timed(times, "sampler", engine.sampler.sample)
     engine._grammar_mask = timed(times, "grammar mask", engine._grammar_mask)
     engine._process = timed(times, "process", engine._process)
+    processor = engine.output_processor
+    processor.process = timed(times, "output processor", processor.process)
     engine.block_manager.cache_full_blocks = timed(
         times, "prefix keys", engine.block_manager.cache_full_blocks
     )
@@ -198,6 +207,8 @@ def measure(
                 "rest": host - sum(parts.values()),
                 "host total": host,
                 "sampler": t.get("sampler", 0.0),
+                "output processor": t.get("output processor", 0.0),
+                "text step": engine._num_steps % TEXT_EVERY == 0,
             }
         )
     if not whole_run:
@@ -207,7 +218,14 @@ def measure(
         rows = rows[warmup:]
     engine.close()
     average = statistics.mean if whole_run else statistics.median
-    return {p: average(r[p] for r in rows) for p in PARTS} | {"steps": len(rows)}
+    text_steps = [r for r in rows if r["text step"]] or [
+        {"host total": 0.0, "output processor": 0.0}
+    ]
+    return {p: average(r[p] for r in rows) for p in PARTS} | {
+        "steps": len(rows),
+        "text step host total": statistics.median(r["host total"] for r in text_steps),
+        "text step output processor": statistics.median(r["output processor"] for r in text_steps),
+    }
 
 
 def main() -> None:
@@ -235,9 +253,19 @@ def main() -> None:
         "--sampling extras 10,240 (penalties index the prompts' token ids, all below 10,000)",
     )
     add_request_extra_flags(parser)  # --structured-output json_schema needs --shape smollm2
+    parser.add_argument(
+        "--stop",
+        action="store_true",
+        help="a stop string that never matches on every request (needs --shape smollm2): text "
+        f"decoded and checked every {TEXT_EVERY}th step, reported as 'text step'",
+    )
     args = parser.parse_args()
     torch.set_num_threads(1)
     extras = dict(EXTRAS) if args.sampling == "extras" else None
+    if args.stop:
+        if args.shape != "smollm2":
+            parser.error("--stop needs a tokenizer: --shape smollm2")
+        extras = (extras or {}) | {"stop": [NEVER]}
     if args.structured_output == "json_schema":
         if args.shape != "smollm2":
             parser.error("--structured-output needs a tokenizer: --shape smollm2")
@@ -246,7 +274,7 @@ def main() -> None:
         }
         args.logits_width = 0
     if args.logits_width is None:
-        args.logits_width = 10240 if extras else 64
+        args.logits_width = 10240 if args.sampling == "extras" else 64
 
     results = [
         measure(
@@ -269,7 +297,7 @@ def main() -> None:
         f"\nhost µs per step, 256 requests, shape {args.shape}, prefix caching "
         f"{'on' if args.prefix_caching else 'off'}: {window}, {args.repeats} fresh engines "
         f"(min..max); logits {args.logits_width or 'vocab'} wide; sampling {args.sampling}; "
-        f"structured output {args.structured_output}"
+        f"structured output {args.structured_output}; stop string {args.stop}"
     )
     for part in PARTS:
         values = [r[part] for r in results]
@@ -277,6 +305,14 @@ def main() -> None:
         print(
             f"  {part:12s} {statistics.median(values):9.1f}   ({min(values):.1f}..{max(values):.1f}){note}"
         )
+    if args.stop:
+        print(f"  every {TEXT_EVERY}th step (text handed over), median over those steps:")
+        for part in ("text step host total", "text step output processor"):
+            values = [r[part] for r in results]
+            print(
+                f"  {part:27s} {statistics.median(values):9.1f}   "
+                f"({min(values):.1f}..{max(values):.1f})"
+            )
 
 
 if __name__ == "__main__":

@@ -324,6 +324,27 @@ def test_stop_string_in_tokens_held_back_by_an_unfinished_character_ends_at_its_
 
 
 @pytest.mark.parametrize("include", [False, True])
+def test_stop_string_begun_in_an_earlier_step_ends_at_the_token_that_completes_it(
+    smollm2_tokenizer, include
+):
+    """Only the new text and the characters just before it are searched: a stop string that
+    begins in the text of an earlier step and ends in this one's is still found."""
+    from vllm_lite.engine.output_processor import CoreOutputs, OutputProcessor
+
+    say_en = smollm2_tokenizer.encode("Say EN", add_special_tokens=False)
+    d_more = smollm2_tokenizer.encode("D more", add_special_tokens=False)
+    processor = OutputProcessor(smollm2_tokenizer)
+    params = SamplingParams(stop=["zz", "END"], include_stop_str_in_output=include)
+    processor.add_request("r", None, [1, 2, 3], params)
+    assert processor.process(CoreOutputs(token_lists=[("r", 0, say_en)])).stops == []
+    step = processor.process(CoreOutputs(token_lists=[("r", 0, d_more)]))
+    assert step.stops == [("r", 0)]
+    out = step.finished[0].outputs[0]
+    assert out.text == ("Say END" if include else "Say ") and out.stop_reason == "END"
+    assert out.token_ids == say_en + d_more[:1]  # "D" completed it: " more" is void
+
+
+@pytest.mark.parametrize("include", [False, True])
 def test_offline_stop_string_checked_every_few_steps_ends_where_a_check_per_token_does(
     llm, monkeypatch, include
 ):

@@ -180,6 +180,8 @@ class _Request:
         "completions",
         "prompt_logprobs",
         "num_cached_tokens",
+        "stop_strings",
+        "longest_stop",
         "holdback",
         "per_token",
         "arrival",
@@ -193,10 +195,20 @@ class _Request:
         self.completions: list[_Completion] = []
         self.prompt_logprobs: FlatLogprobs | None = None
         self.num_cached_tokens = 0
-        stops = params.stop_strings if not params.include_stop_str_in_output else []
+        self.stop_strings = params.stop_strings  # a property: read once, not per token
+        self.longest_stop = max((len(s) for s in self.stop_strings), default=0)
+        stops = self.stop_strings if not params.include_stop_str_in_output else []
         self.holdback = max((len(s) for s in stops), default=1) - 1
         self.per_token = False
         self.first_token_time = self.last_token_time = None
+
+
+def _snapshot(s: DetokenizerState | None) -> tuple:
+    """What ``OutputProcessor._replay`` needs to decode a completion's new tokens again: its
+    number of ids and its detokenizer's window (prefix, read, prefix_len) before them."""
+    if s is None:
+        return (0, 0, 0, 0)
+    return (len(s.ids), s.prefix, s.read, s.prefix_len)
 
 
 @dataclass
@@ -240,7 +252,7 @@ class OutputProcessor:
         self.requests.pop(request_id, None)
 
     def process(self, core: CoreOutputs) -> ProcessedStep:
-        requests, changed, touched = self.requests, {}, {}
+        requests, changed = self.requests, {}
         for request_id, flat in core.prompt_logprobs:
             req = requests.get(request_id)
             if req is not None:
@@ -251,17 +263,22 @@ class OutputProcessor:
             req = requests.get(request_id)
             if req is not None:
                 req.num_cached_tokens = num
+        # the completions whose text is read per token (stop strings, streaming) and this step
+        # extends: id -> (request, completion, its token count before, its text's state before)
+        watched: dict[int, tuple] = {}
         for request_id, index, tokens in core.token_lists:  # several tokens of one completion
             req = requests.get(request_id)
-            if req is not None and req.completions[index].finish_reason is None:
-                c = req.completions[index]
-                touched.setdefault(
-                    id(c), (req, c, len(c.token_ids), len(c.detok.ids) if c.detok else 0)
-                )
-                changed[request_id] = req
-                c.token_ids += tokens
-                if c.detok is not None:
-                    c.detok.ids += tokens
+            if req is None:
+                continue
+            c = req.completions[index]
+            if c.finish_reason is not None:
+                continue
+            if req.per_token and id(c) not in watched:
+                watched[id(c)] = (req, c, len(c.token_ids), _snapshot(c.detok))
+            changed[request_id] = req
+            c.token_ids += tokens
+            if c.detok is not None:
+                c.detok.ids += tokens
         logprobs = dict(core.logprobs) if core.logprobs else None
         for row, (request_id, index, token_id) in enumerate(
             zip(core.req_ids, core.indexes, core.token_ids)
@@ -274,8 +291,8 @@ class OutputProcessor:
                 continue
             changed[request_id] = req
             if token_id >= 0:
-                if id(c) not in touched:
-                    touched[id(c)] = (req, c, len(c.token_ids), len(c.detok.ids) if c.detok else 0)
+                if req.per_token and id(c) not in watched:
+                    watched[id(c)] = (req, c, len(c.token_ids), _snapshot(c.detok))
                 c.token_ids.append(token_id)
                 if logprobs is not None and row in logprobs:
                     self._add_logprobs(c, token_id, req.params.logprobs, *logprobs[row])
@@ -293,16 +310,13 @@ class OutputProcessor:
                 and not req.params.include_stop_str_in_output
             ):
                 c.detok.ids.pop()  # a stop token's text only with include_stop_str_in_output
-        stops = self._detokenize(
-            [t for t in touched.values() if t[0].per_token and t[1].detok is not None]
-        )
+        stops = self._detokenize(list(watched.values()))
         finished, deltas = [], []
         self._now = time.monotonic()  # system-wide on Linux: comparable with the arrival times
         self._intervals, self._generated = {}, 0  # recorded once per step (_record)
-        for req in changed.values():
-            for (
-                c
-            ) in req.completions:  # ended: what was held back (a stop string cut the text already)
+        for req in changed.values() if self.stream else self._ended(changed, core, stops):
+            for c in req.completions:
+                # ended: what was held back (a stop string cut the text already)
                 if (
                     c.finish_reason is not None
                     and c.detok is not None
@@ -325,56 +339,74 @@ class OutputProcessor:
                 self.metrics.inter_tokens(seconds, count)
         return ProcessedStep(finished, deltas, stops)
 
-    def _detokenize(
-        self, touched: list[tuple[_Request, _Completion, int, int]]
-    ) -> list[tuple[str, int]]:
-        """The new text of every touched completion in one batched decode, then the stop
+    @staticmethod
+    def _ended(changed: dict[str, _Request], core: CoreOutputs, stops: list) -> list[_Request]:
+        """The changed requests with a completion that ended this step, in ``changed``'s order:
+        without a stream, nobody reads a request before it ends."""
+        if not core.finished and not stops:
+            return []
+        ended = {core.req_ids[row] for row, _, _ in core.finished}
+        ended.update(request_id for request_id, _ in stops)
+        return [req for request_id, req in changed.items() if request_id in ended]
+
+    def _detokenize(self, watched: list[tuple]) -> list[tuple[str, int]]:
+        """The new text of every watched completion in one batched decode, then the stop
         strings. Several new tokens of a completion with stop strings are checked together; a
         possible match there is replayed token by token, so the text ends where a check after
         every token would have ended it. Returns the completions a stop string ended."""
-        if not touched:
+        if not watched:
             return []
-        states = [c.detok for _, c, _, _ in touched]
-        before = [(s.prefix, s.read, s.prefix_len, len(s.text)) for s in states]
         stops = []
-        for (req, c, num_before, ids_before), state, delta, snap in zip(
-            touched, states, self.detokenizer.step(states), before
-        ):
-            p = req.params
-            if not (delta and p.stop_strings and len(c.token_ids) > p.min_tokens):
+        deltas = self.detokenizer.step([c.detok for _, c, _, _ in watched])
+        for (req, c, num_before, snap), delta in zip(watched, deltas):
+            if not (delta and req.stop_strings and len(c.token_ids) > req.params.min_tokens):
                 continue
             # tokens of earlier steps whose text was held back (it ended inside a character)
             # are checked again with the new ones: a stop string may end in one of them
-            held = ids_before - snap[1]
+            ids_before, prefix, read, prefix_len = snap
+            held = ids_before - read
             if len(c.token_ids) - num_before + held == 1:
                 if not isinstance(c.stop_reason, int):  # a stop token's text never ends one
                     self._check_stop_strings(req, c, delta, stops)
-            elif self._stop_string_in(p.stop_strings, state.text, len(delta)):
-                self._replay(req, c, num_before - held, snap[1], snap, stops)
+            elif self._find_stop(req, c.detok, delta) is not None:
+                text_len = len(c.detok.text) - len(delta)  # before this step's
+                window = (prefix, read, prefix_len)
+                self._replay(req, c, num_before - held, window, text_len, stops)
         return stops
 
     @staticmethod
-    def _stop_string_in(stop_strings: list[str], text: str, num_new: int) -> bool:
-        return any(
-            text.find(stop, max(0, len(text) - num_new - len(stop) + 1)) >= 0
-            for stop in stop_strings
-        )
+    def _find_stop(req: _Request, s: DetokenizerState, delta: str) -> tuple[str, int] | None:
+        """The first stop string (in the given order) that ends in ``delta``, the text's newest
+        characters, and where it begins (counted from the text's end, negative). Only one whose
+        last character is in ``delta`` can; only the text from ``len(stop) - 1`` characters
+        before ``delta`` on is read (the text grows to thousands of characters)."""
+        window = None
+        for stop in req.stop_strings:
+            if stop[-1] not in delta:
+                continue
+            if window is None:
+                window = s.tail(len(delta) + req.longest_stop - 1)
+            at = window.find(stop, max(0, len(window) - len(delta) - len(stop) + 1))
+            if at >= 0:
+                return stop, at - len(window)
+        return None
 
     def _replay(
         self,
         req: _Request,
         c: _Completion,
         num_before: int,
-        ids_before: int,
-        snap: tuple,
+        window: tuple[int, int, int],
+        text_len: int,
         stops: list,
     ) -> None:
-        """Decode ``c``'s tokens after its first ``num_before`` again (its text's after the
-        first ``ids_before`` ids), one at a time, checking the stop strings after each."""
+        """Decode ``c``'s tokens after its first ``num_before`` again, one at a time, checking
+        the stop strings after each: from its detokenizer's ``window`` (prefix, read,
+        prefix_len) and the first ``text_len`` characters of its text before them."""
         s = c.detok
-        new_ids = s.ids[ids_before:]
-        del s.ids[ids_before:]
-        s.prefix, s.read, s.prefix_len, text_len = snap
+        s.prefix, s.read, s.prefix_len = window
+        new_ids = s.ids[s.read :]
+        del s.ids[s.read :]
         s.text = s.text[:text_len]
         stop_token_kept = isinstance(c.stop_reason, int) and req.params.include_stop_str_in_output
         last = len(new_ids) - 1 if stop_token_kept else -1  # its text ends no stop string
@@ -391,16 +423,19 @@ class OutputProcessor:
                 return
 
     def _check_stop_strings(self, req: _Request, c: _Completion, delta: str, stops: list) -> bool:
-        p, text = req.params, c.detok.text
-        for stop in p.stop_strings:
-            at = text.find(stop, max(0, len(text) - len(delta) - len(stop) + 1))
-            if at >= 0:
-                c.detok.text = text[: at + len(stop)] if p.include_stop_str_in_output else text[:at]
-                if c.finish_reason is None:  # the core has not ended it on its own (length)
-                    stops.append((req.request_id, c.index))
-                c.finish_reason, c.stop_reason = "stop", stop
-                return True
-        return False
+        """A stop string that ends in ``delta`` (the text the last token completed) ends ``c``:
+        its text is cut there."""
+        found = self._find_stop(req, c.detok, delta)
+        if found is None:
+            return False
+        stop, at = found
+        text = c.detok.text
+        end = len(text) + at + (len(stop) if req.params.include_stop_str_in_output else 0)
+        c.detok.text = text[:end]
+        if c.finish_reason is None:  # the core has not ended it on its own (length)
+            stops.append((req.request_id, c.index))
+        c.finish_reason, c.stop_reason = "stop", stop
+        return True
 
     # ---- building outputs -------------------------------------------------------------------
     def _delta(self, req: _Request, done: bool) -> RequestDelta | None:
