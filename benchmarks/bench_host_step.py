@@ -60,6 +60,7 @@ from vllm_lite.engine.llm_engine import TEXT_EVERY, LLMEngine
 from vllm_lite.entrypoints.benchmark import (
     CONFIG_DIR,
     EXTRAS,
+    NEVER_STOP,
     Workload,
     add_request_extra_flags,
     bench_schema,
@@ -69,7 +70,6 @@ from vllm_lite.entrypoints.benchmark import (
 from vllm_lite.sampling_params import SamplingParams, StructuredOutputsParams
 
 SHAPES = {"qwen": "qwen2.5-1.5b", "smollm2": "smollm2-135m"}
-NEVER = "\u2063never\u2063"  # a stop string random tokens do not produce (as serve_suite's)
 TINY = dict(
     hidden_size=64,
     intermediate_size=128,
@@ -265,7 +265,7 @@ def main() -> None:
     if args.stop:
         if args.shape != "smollm2":
             parser.error("--stop needs a tokenizer: --shape smollm2")
-        extras = (extras or {}) | {"stop": [NEVER]}
+        extras = (extras or {}) | {"stop": [NEVER_STOP]}
     if args.structured_output == "json_schema":
         if args.shape != "smollm2":
             parser.error("--structured-output needs a tokenizer: --shape smollm2")

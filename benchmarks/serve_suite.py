@@ -31,14 +31,11 @@ from transformers import AutoConfig
 from benchmarks.serve_overhead import served_run, start_server
 from vllm_lite.config import EngineConfig
 from vllm_lite.entrypoints.bench_serve import run_benchmark
-from vllm_lite.entrypoints.benchmark import CONFIG_DIR, Workload, model_folder
+from vllm_lite.entrypoints.benchmark import CONFIG_DIR, NEVER_STOP, Workload, model_folder
 from vllm_lite.entrypoints.openai_server import auto_api_server_count
 
 # the Llama shape with SmolLM2's vocabulary (vllm_lite/model_configs/llama-1b-smollm2-vocab.json)
 LLAMA_SMOLLM2_VOCAB = "llama-1b-smollm2-vocab"
-NEVER = (
-    "\u2063never\u2063"  # a stop string random tokens do not produce: per-token text, no early end
-)
 
 
 def shape_folder(config: dict) -> str:
@@ -218,7 +215,7 @@ def main() -> None:
             variants = {
                 "text off": {"detokenize": False},
                 "text at end": {},
-                "stop string": {"stop": [NEVER]},
+                "stop string": {"stop": [NEVER_STOP]},
             }
         off = offline_runs(config, work, temperature, variants, args.runs)
         srv = served(

@@ -226,8 +226,9 @@ class StructuredOutputManager:
         """What a first constrained ``generate`` would pay, paid when the manager is made: host
         bitmasks for a full batch (pinned), and on CUDA every variant of xgrammar's mask
         kernel a step can pick. Triton compiles one per row-count class (1, a multiple of 16,
-        other) and for all rows or some; compiled inside a timed run, they made its first run
-        15% slower than the next (H200, json_schema, 1.54 s against 1.30)."""
+        other) and for all rows or some. Before this warm-up the first timed json_schema run
+        took 1.54 s against 1.30 and 1.42 for the next two, after it 1.33 against 1.23 and 1.28
+        (H200): part of that first-run cost, not all of it."""
         rows = max(max_rows, 17)
         for which in range(len(self._host)):
             self._buffer(which, rows)

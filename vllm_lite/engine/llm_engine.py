@@ -708,7 +708,8 @@ class LLMEngine:
 
     def _advance_grammars(self, inflight: _InFlight, token_ids: list[int]) -> dict[int, int]:
         """Each live constrained row's matcher takes its token (on the worker thread if the
-        step's launch handed it over, else here, in one batched call): row -> status code."""
+        step's sampling handed it over, else here, in one batched call): row -> status code,
+        from the worker only for the rows that are not ACCEPTED (``GrammarAdvance.verdicts``)."""
         if inflight.grammar is not None:
             return inflight.grammar.verdicts(token_ids, self._structured.stop_token_ids)
         seqs = inflight.seqs
@@ -754,23 +755,25 @@ class LLMEngine:
     def _grammar_mask(
         self, inflight: _InFlight, live: list[int], rows: list[int], matchers: list
     ) -> tuple[torch.Tensor, tuple[torch.Tensor, list[int] | None]]:
-        """The launched step's grammar masks: (on the host, as ``SamplingBatch.grammar``). Its
-        constrained ``rows`` that go on (``live``: their indexes in ``inflight.grammar_rows``)
-        each allow what its matcher accepts after all the tokens before (the step before is
-        processed: its matchers took their tokens). The rows the grammar worker filled ahead are
-        taken from it (``inflight.ahead``), the others filled here."""
+        """The launched step's grammar masks: (the mask on the host, ``SamplingBatch.grammar``).
+        Its constrained ``rows`` that go on (``live``: their indexes in
+        ``inflight.grammar_rows``) each allow what its matcher accepts after all the tokens
+        before (the step before is processed: its matchers took their tokens). The rows the
+        grammar worker filled ahead are taken from it (``inflight.ahead``), the others filled
+        here."""
         ahead = inflight.ahead
         if ahead is not None:
             ahead = (ahead[0], [ahead[1][i] for i in live])
         num_rows = len(inflight.seqs)
         host = self._structured.bitmask(matchers, rows, num_rows, ahead)
-        # pinned: the copy does not wait for the step in flight, and the previous step that
-        # used this buffer was read back before this one launched
+        some = None if len(rows) == num_rows else rows
         if self.device.type != "cuda":
-            return host, (host, None if len(rows) == num_rows else rows)
-        # the rows as a device tensor: xgrammar copies a list from pageable memory, which waits
-        # for the step in flight
-        some = None if len(rows) == num_rows else self._to_device(rows, torch.int32)
+            return host, (host, some)
+        # pinned: the copy does not wait for the step in flight, and the previous step that
+        # used this buffer was read back before this one launched. The rows as a device tensor:
+        # xgrammar copies a list from pageable memory, which waits for the step in flight
+        if some is not None:
+            some = self._to_device(some, torch.int32)
         return host, (host.to(self.device, non_blocking=True), some)
 
     def _params_batch(self, seqs: list[Sequence], seq_ids: list[int]) -> _ParamsBatch:

@@ -203,11 +203,11 @@ class _Request:
         self.first_token_time = self.last_token_time = None
 
 
-def _snapshot(s: DetokenizerState | None) -> tuple:
+def _snapshot(s: DetokenizerState) -> tuple:
     """What ``OutputProcessor._replay`` needs to decode a completion's new tokens again: its
-    number of ids and its detokenizer's window (prefix, read, prefix_len) before them."""
-    if s is None:
-        return (0, 0, 0, 0)
+    number of ids and its detokenizer's window (prefix, read, prefix_len) before them. (A
+    completion read per token always has a detokenizer: ``add_request`` sets ``per_token``
+    only then.)"""
     return (len(s.ids), s.prefix, s.read, s.prefix_len)
 
 

@@ -39,6 +39,10 @@ DEFAULT_LENS = {
 EXTRAS = dict(repetition_penalty=1.1, presence_penalty=0.5, frequency_penalty=0.5, logprobs=5)
 
 
+# a stop string random tokens do not produce: per-token text and its stop check, no early end
+NEVER_STOP = "\u2063never\u2063"
+
+
 def bench_schema(min_items: int = 64, field: str = "name") -> dict:
     """An array of records (integers, bounded strings, enums, nested arrays, booleans) at least
     ``min_items`` long: at ~20 tokens a record it never ends before 256 output tokens."""
