@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import statistics
@@ -127,10 +128,34 @@ def wait_until_healthy(proc: subprocess.Popen, url: str, what: str, log: str | N
     raise SystemExit(f"{what} did not become healthy")
 
 
+class GcPauses:
+    """The garbage collector's pauses in this process while entered: a client that stops to
+    collect reads its streams late, which the run would count against the server."""
+
+    def __init__(self) -> None:
+        self.seconds, self.full, self._start = 0.0, 0, 0.0
+
+    def __call__(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._start = time.perf_counter()
+        else:
+            self.seconds += time.perf_counter() - self._start
+            self.full += info["generation"] == 2
+
+    def __enter__(self) -> GcPauses:
+        gc.callbacks.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        gc.callbacks.remove(self)
+
+
 def served_run(url: str, pid: int, work: Workload, temperature: float, rate: float) -> dict:
     httpx.post(url + "/reset_prefix_cache")  # every run computes its prompts, as offline
     before, client_before = tree_cpu_seconds(pid), time.process_time()
-    result = asyncio.run(run_benchmark(url, None, work, temperature, rate, None, None, seed=0))
+    with GcPauses() as pauses:
+        result = asyncio.run(run_benchmark(url, None, work, temperature, rate, None, None, seed=0))
+    result["client_gc_s"], result["client_full_gcs"] = pauses.seconds, pauses.full
     after = tree_cpu_seconds(pid)
     cpu = {p: (engine, t - before.get(p, (engine, 0.0))[1]) for p, (engine, t) in after.items()}
     result["cpu_client_s"] = time.process_time() - client_before

@@ -279,3 +279,14 @@ def test_sigterm_drains_every_front_end_then_exits_0_leaving_no_process(server):
         assert_gone(children)
     finally:
         stop(proc)
+
+
+def test_sequential_tokenizers_turns_the_pool_off_unless_the_user_chose(monkeypatch):
+    from vllm_lite.entrypoints.openai_server import sequential_tokenizers
+
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM", raising=False)
+    sequential_tokenizers()
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
+    sequential_tokenizers()
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
