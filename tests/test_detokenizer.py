@@ -359,3 +359,82 @@ def test_offline_stop_string_checked_every_few_steps_ends_where_a_check_per_toke
         every_step.append((out.text, out.token_ids, out.finish_reason, out.stop_reason))
     assert every_step[0] == every_step[1]
     assert every_step[0][3] == stops[1]
+
+
+def test_stop_candidates_are_the_tokens_holding_a_stop_strings_last_byte(smollm2_tokenizer):
+    from vllm_lite.engine.detokenizer import BatchDetokenizer
+
+    ends = BatchDetokenizer(smollm2_tokenizer).stop_candidates(["a.", "\u2063"])
+    period = smollm2_tokenizer.encode(".", add_special_tokens=False)
+    e_mark = smollm2_tokenizer.encode("\u2063", add_special_tokens=False)  # 3 bytes, E2 81 A3
+    assert set(period) <= ends and e_mark[-1] in ends
+    assert smollm2_tokenizer.encode(" the", add_special_tokens=False)[0] not in ends
+
+
+def test_stop_candidates_are_none_unless_tokens_decode_to_their_byte_level_bytes(
+    tiny_tokenizer,
+):
+    from vllm_lite.engine.detokenizer import BatchDetokenizer
+
+    assert BatchDetokenizer(tiny_tokenizer).stop_candidates(["."])  # byte-level BPE
+    tok = Tokenizer(models.WordLevel({"▁hello": 0, "▁world": 1, "[UNK]": 2}, unk_token="[UNK]"))
+    tok.decoder = decoders.Metaspace()  # "▁" decodes to a space: not its bytes
+    metaspace = PreTrainedTokenizerFast(tokenizer_object=tok)
+    assert BatchDetokenizer(metaspace).stop_candidates(["o"]) is None
+    assert BatchDetokenizer(tiny_tokenizer).stop_candidates(["a\ufffd"]) is None
+
+
+def test_offline_stop_strings_skipping_tokens_that_cannot_end_one_change_nothing(
+    smollm2_tokenizer,
+):
+    """Randomized: steps of 1-9 tokens of text with multi-byte characters, stop strings taken
+    from that text (some ending in a multi-byte character, some with min_tokens); the output
+    processor that decodes only steps with a token able to end a stop string gives the same
+    outputs as one that decodes every step."""
+    from vllm_lite.engine.output_processor import CoreOutputs, OutputProcessor
+
+    rng = random.Random(0)
+    ids = smollm2_tokenizer.encode(" ".join(TEXTS * 3), add_special_tokens=False)
+    text = smollm2_tokenizer.decode(ids)
+    results, skipped = [], []
+    for lazy in (True, False):
+        rng.seed(0)
+        processor, steps = OutputProcessor(smollm2_tokenizer), [0]
+
+        def counted(req, c, tokens, must_decode=processor._must_decode):
+            decode = must_decode(req, c, tokens)
+            steps[0] += not decode
+            return decode
+
+        processor._must_decode = counted
+        runs = []
+        for r in range(60):
+            start = rng.randrange(len(text) - 4)
+            stops = [text[start : start + rng.randint(1, 3)] for _ in range(rng.randint(1, 2))]
+            stops = [s for s in stops if "\ufffd" not in s] or ["zz"]
+            params = SamplingParams(
+                stop=stops,
+                max_tokens=len(ids),
+                min_tokens=rng.choice([0, 0, 5]),
+                include_stop_str_in_output=rng.random() < 0.3,
+            )
+            processor.add_request(str(r), None, [1, 2, 3], params)
+            if not lazy:
+                processor.requests[str(r)].stop_ends = None
+            pos, finished = 0, []
+            while not finished and pos < len(ids):
+                n = rng.randint(1, 9)
+                core = CoreOutputs(token_lists=[(str(r), 0, ids[pos : pos + n])])
+                pos += n
+                if pos >= len(ids):  # the end: the core finished it by length
+                    core.add(str(r), 0, -1)
+                    core.finished.append((0, "length", None))
+                step = processor.process(core)
+                finished = step.finished
+            out = finished[0].outputs[0]
+            runs.append((out.text, out.token_ids, out.finish_reason, out.stop_reason))
+        results.append(runs)
+        skipped.append(steps[0])
+    assert results[0] == results[1]
+    assert sum(run[2] == "stop" for run in results[0]) > 40
+    assert skipped[0] > 100 and skipped[1] == 0

@@ -161,10 +161,12 @@ class _Completion:
         "stop_reason",
         "sent_tokens",
         "sent_text",
+        "unchecked",
     )
 
     def __init__(self, index: int, detok: DetokenizerState | None, wants_logprobs: bool) -> None:
         self.index, self.token_ids, self.detok = index, [], detok
+        self.unchecked = 0  # the last tokens, not decoded: none of them can end a stop string
         self.logprobs = FlatLogprobs() if wants_logprobs else None
         self.cumulative_logprob = 0.0
         self.finish_reason = self.stop_reason = None
@@ -184,6 +186,7 @@ class _Request:
         "longest_stop",
         "holdback",
         "per_token",
+        "stop_ends",
         "arrival",
         "first_token_time",
         "last_token_time",
@@ -200,6 +203,7 @@ class _Request:
         stops = self.stop_strings if not params.include_stop_str_in_output else []
         self.holdback = max((len(s) for s in stops), default=1) - 1
         self.per_token = False
+        self.stop_ends = None  # BatchDetokenizer.stop_candidates: tokens that can end a stop
         self.first_token_time = self.last_token_time = None
 
 
@@ -239,6 +243,8 @@ class OutputProcessor:
         req = _Request(request_id, prompt, prompt_token_ids, params, arrival)
         detok = params.detokenize and self.detokenizer is not None
         req.per_token = detok and (self.stream or bool(params.stop_strings))
+        if req.per_token and not self.stream:  # text only for the stop strings: decoded lazily
+            req.stop_ends = self.detokenizer.stop_candidates(req.stop_strings)
         for i in range(params.n):
             state = (
                 self.detokenizer.new_state(prompt_token_ids, params.skip_special_tokens)
@@ -273,7 +279,7 @@ class OutputProcessor:
             c = req.completions[index]
             if c.finish_reason is not None:
                 continue
-            if req.per_token and id(c) not in watched:
+            if req.per_token and id(c) not in watched and self._must_decode(req, c, tokens):
                 watched[id(c)] = (req, c, len(c.token_ids), _snapshot(c.detok))
             changed[request_id] = req
             c.token_ids += tokens
@@ -291,7 +297,11 @@ class OutputProcessor:
                 continue
             changed[request_id] = req
             if token_id >= 0:
-                if req.per_token and id(c) not in watched:
+                if (
+                    req.per_token
+                    and id(c) not in watched
+                    and self._must_decode(req, c, (token_id,))
+                ):
                     watched[id(c)] = (req, c, len(c.token_ids), _snapshot(c.detok))
                 c.token_ids.append(token_id)
                 if logprobs is not None and row in logprobs:
@@ -338,6 +348,22 @@ class OutputProcessor:
             for seconds, count in self._intervals.items():
                 self.metrics.inter_tokens(seconds, count)
         return ProcessedStep(finished, deltas, stops)
+
+    @staticmethod
+    def _must_decode(req: _Request, c: _Completion, tokens) -> bool:
+        """Whether ``c``'s text must be decoded with ``tokens``: it is read per token, unless
+        only stop strings read it (offline) and neither these tokens nor the text held back
+        from earlier ones (a character left unfinished) can end one. Tokens left undecoded are
+        decoded with the next that must be, or at the end."""
+        ends = req.stop_ends
+        if ends is None:
+            return True
+        s = c.detok
+        if len(s.ids) - s.read > c.unchecked or not ends.isdisjoint(tokens):
+            c.unchecked = 0
+            return True
+        c.unchecked += len(tokens)
+        return False
 
     @staticmethod
     def _ended(changed: dict[str, _Request], core: CoreOutputs, stops: list) -> list[_Request]:
