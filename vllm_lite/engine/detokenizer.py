@@ -122,7 +122,7 @@ class BatchDetokenizer:
         For a byte-level BPE tokenizer the text is the UTF-8 decoding of its tokens' bytes, one
         after the other, so a stop string ends in a token's text only if that token holds the
         last byte of the stop string. Whether the vocabulary decodes that way is checked once,
-        every token alone against its bytes (~50 ms for 49k tokens)."""
+        every token alone against its bytes (~0.1 s for 49k tokens on the CPU VM)."""
         last = frozenset(stop.encode()[-1] for stop in stops)
         if last not in self._stop_ends:
             if any(REPLACEMENT in stop for stop in stops) or not self._byte_level():
@@ -141,12 +141,17 @@ class BatchDetokenizer:
             if self._rust is not None:
                 alphabet, rust = _byte_level_alphabet(), self._rust
                 ids = range(rust.get_vocab_size())
-                pieces = [_token_bytes(rust.id_to_token(i) or "", alphabet) for i in ids]
+                tokens = [""] * len(ids)
+                for token, i in rust.get_vocab(with_added_tokens=True).items():
+                    if i < len(tokens):
+                        tokens[i] = token
+                pieces = [_token_bytes(token, alphabet) for token in tokens]
                 texts = rust.decode_batch([[i] for i in ids], skip_special_tokens=False)
                 if all(t == b.decode(errors="replace") for t, b in zip(texts, pieces)):
                     lengths = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
                     data = np.frombuffer(b"".join(pieces), dtype=np.uint8)
-                    self._token_bytes = (data, np.repeat(np.arange(len(pieces)), lengths))
+                    owner = np.repeat(np.arange(len(pieces), dtype=np.int32), lengths)
+                    self._token_bytes = (data, owner)
         return bool(self._token_bytes)
 
     def new_state(

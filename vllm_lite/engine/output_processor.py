@@ -7,6 +7,8 @@ two: the request is reported in ``ProcessedStep.stops`` for the caller to stop i
 and tokens the core reports after it are dropped, so the text and token ids end exactly where
 a stop check inside the core would have ended them (vLLM's rule: the first stop string, in the
 given order, that ends inside a token's text; not within the first ``min_tokens`` tokens).
+Offline, where only stop strings read the text before the end, a completion's new tokens are
+decoded only when one of them can end a stop string (``_must_decode``).
 
 The offline ``LLMEngine.step`` runs it in-process and returns finished ``RequestOutput``s; the
 server's ``AsyncLLM`` runs it on its event loop (``stream=True``) and gets one ``RequestDelta``
