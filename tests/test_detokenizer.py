@@ -401,7 +401,7 @@ def test_offline_stop_strings_skipping_tokens_that_cannot_end_one_change_nothing
         rng.seed(0)
         processor, steps = OutputProcessor(smollm2_tokenizer), [0]
 
-        def counted(req, c, tokens, must_decode=processor._must_decode):
+        def counted(req, c, tokens, must_decode=processor._must_decode, steps=steps):
             decode = must_decode(req, c, tokens)
             steps[0] += not decode
             return decode
