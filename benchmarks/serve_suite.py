@@ -146,7 +146,8 @@ def describe(r: dict) -> str:
     return (
         f"{r['output_throughput']:,.0f} tok/s, TTFT p50 {r['p50_ttft_ms']:.1f} ms p99 {r['p99_ttft_ms']:.1f} ms, "
         f"TPOT p50 {r['p50_tpot_ms']:.2f} ms | front end {1e6 * r['cpu_server_s'] / tokens:.1f} us CPU/token, "
-        f"engine process busy {100 * busy:.0f}%, client GC {1e3 * r['client_gc_s']:.0f} ms "
+        f"engine process busy {100 * busy:.0f}%, client CPU "
+        f"{100 * r['cpu_client_s'] / r['duration_s']:.0f}%, GC {1e3 * r['client_gc_s']:.0f} ms "
         f"({r['client_full_gcs']} full), {r['failed']} failed"
     )
 
