@@ -117,8 +117,9 @@ def synthetic_core(clients: list, tokenizer_dir: str, step_s: float) -> None:
 def serve(port: int, tokenizer_dir: str, step_s: float) -> None:
     """The front-end process: ``vllm-lite serve``'s path, on the synthetic core."""
     from vllm_lite.entrypoints.async_engine import AsyncLLM, wait_until_ready
+    from vllm_lite.entrypoints.cli_util import settle_heap
     from vllm_lite.entrypoints.metrics import ServerMetrics
-    from vllm_lite.entrypoints.openai_server import bind, build_app, make_server, settle_heap
+    from vllm_lite.entrypoints.openai_server import bind, build_app, make_server
     from vllm_lite.worker.tp_executor import pipe
 
     commands_out, commands = pipe()

@@ -41,6 +41,7 @@ from vllm_lite.entrypoints.benchmark import (
     run_ours,
     text_tokenizer_for_shape,
 )
+from vllm_lite.entrypoints.cli_util import settled_heap
 from vllm_lite.entrypoints.engine_core import CORE_PROCESS_NAME
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -153,7 +154,7 @@ class GcPauses:
 def served_run(url: str, pid: int, work: Workload, temperature: float, rate: float) -> dict:
     httpx.post(url + "/reset_prefix_cache")  # every run computes its prompts, as offline
     before, client_before = tree_cpu_seconds(pid), time.process_time()
-    with GcPauses() as pauses:
+    with settled_heap(), GcPauses() as pauses:  # the client: no full collection while it reads
         result = asyncio.run(run_benchmark(url, None, work, temperature, rate, None, None, seed=0))
     result["client_gc_s"], result["client_full_gcs"] = pauses.seconds, pauses.full
     after = tree_cpu_seconds(pid)

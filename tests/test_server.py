@@ -686,12 +686,23 @@ def test_client_disconnect_mid_stream_aborts_and_frees_the_blocks(server):
 
 def test_settle_heap_freezes_what_start_up_built_and_collects_young_objects_less_often():
     code = (
-        "import gc; from vllm_lite.entrypoints.openai_server import settle_heap; "
+        "import gc; from vllm_lite.entrypoints.cli_util import settle_heap; "
         "settle_heap(); print(gc.get_freeze_count(), gc.get_threshold()[0])"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     frozen, young = map(int, out.stdout.split())
     assert frozen > 10_000 and young == 10_000  # the imports alone are ~100k objects
+
+
+def test_settled_heap_gives_back_the_heap_and_thresholds_it_found():
+    import gc
+
+    from vllm_lite.entrypoints.cli_util import settled_heap
+
+    threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
+    with settled_heap():
+        assert gc.get_freeze_count() > frozen and gc.get_threshold()[0] == 10_000
+    assert gc.get_threshold() == threshold and gc.get_freeze_count() == frozen
 
 
 def test_a_streamed_job_left_at_a_yield_closes_its_request_when_cancelled():

@@ -32,9 +32,10 @@ from multiprocessing.connection import wait
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.entrypoints.async_engine import AsyncLLM, wait_until_ready
+from vllm_lite.entrypoints.cli_util import settle_heap
 from vllm_lite.entrypoints.engine_core import EngineInfo, run_engine_core
 from vllm_lite.entrypoints.metrics import ServerMetrics
-from vllm_lite.entrypoints.openai_server import build_app, make_server, settle_heap
+from vllm_lite.entrypoints.openai_server import build_app, make_server
 from vllm_lite.worker.tp_executor import pipe
 
 STOP_WAIT_S = 30.0  # for the core to stop once the front ends are gone

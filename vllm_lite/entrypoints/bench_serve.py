@@ -31,6 +31,7 @@ from dataclasses import dataclass, field
 import aiohttp
 
 from vllm_lite.entrypoints.benchmark import DEFAULT_TEMPERATURE, Workload
+from vllm_lite.entrypoints.cli_util import settled_heap
 
 
 @dataclass
@@ -375,20 +376,21 @@ def bench_serve_main(argv: list[str]) -> int:
         from transformers import AutoTokenizer
 
         tokenizer = AutoTokenizer.from_pretrained(args.tokenizer)
-    result = asyncio.run(
-        run_benchmark(
-            base_url,
-            args.model or card["id"],
-            work,
-            temperature,
-            args.request_rate,
-            args.max_concurrency,
-            args.api_key,
-            args.seed,
-            tokenizer,
-            args.ignore_eos,
+    with settled_heap():  # no full collection of the client's start-up heap while it reads
+        result = asyncio.run(
+            run_benchmark(
+                base_url,
+                args.model or card["id"],
+                work,
+                temperature,
+                args.request_rate,
+                args.max_concurrency,
+                args.api_key,
+                args.seed,
+                tokenizer,
+                args.ignore_eos,
+            )
         )
-    )
     result.update(dataset=args.dataset, temperature=temperature)
     print_report(result)
     if args.json:

@@ -7,10 +7,40 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import os
 import sys
 
 from vllm_lite.config import EngineConfig
+
+
+def settle_heap() -> None:
+    """Call once a long-running process has started, before its timed work: a server process
+    before it serves, the serving benchmark's client before it sends. What start-up built
+    (torch, transformers, the tokenizer, the app: ~400k objects) is frozen out of the garbage
+    collector, and young collections wait for 10,000 new objects instead of 700. On the front
+    end's event loop a full collection of that heap stalled every stream for ~250 ms, and
+    collections took ~15% of its CPU (benchmarks/bench_front_end.py, VM, 2026-12-03); in the
+    benchmark client, one stalled a run's reading for 67 ms (H200, serve_suite). vLLM freezes
+    its heap too."""
+    gc.collect()
+    gc.freeze()
+    gc.set_threshold(10_000, 10, 10)
+
+
+@contextlib.contextmanager
+def settled_heap():
+    """``settle_heap`` for a while (the benchmark client's run), then the thresholds as they
+    were and, unless something was frozen before, nothing frozen: the caller may be a
+    long-lived process (a test session)."""
+    threshold, frozen = gc.get_threshold(), gc.get_freeze_count()
+    settle_heap()
+    try:
+        yield
+    finally:
+        if not frozen:
+            gc.unfreeze()
+        gc.set_threshold(*threshold)
 
 
 def load_config(config_path: str, overrides: dict) -> EngineConfig:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import gc
 import hmac
 import json
 import logging
@@ -44,6 +43,7 @@ from vllm_lite.entrypoints.async_engine import (
     EngineStoppedError,
     RequestDelta,
 )
+from vllm_lite.entrypoints.cli_util import load_config, settle_heap
 from vllm_lite.entrypoints.metrics import CONTENT_TYPE_LATEST, ServerMetrics
 from vllm_lite.entrypoints.protocol import (
     ChatCompletionRequest,
@@ -982,17 +982,6 @@ def make_server(
     return _drain_server_class()(config, app.state.server, drain_timeout, ignore_sigint, on_started)
 
 
-def settle_heap() -> None:
-    """Call once a server process has started, before it serves. What start-up built (torch,
-    transformers, the tokenizer, the app: ~400k objects) is frozen out of the garbage collector,
-    and young collections wait for 10,000 new objects instead of 700. On the front end's event
-    loop a full collection of that heap stalled every stream for ~250 ms, and collections took
-    ~15% of its CPU (benchmarks/bench_front_end.py, VM, 2026-12-03). vLLM freezes its heap too."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(10_000, 10, 10)
-
-
 def sequential_tokenizers() -> None:
     """Unless the user set it, ``TOKENIZERS_PARALLELISM=false`` for the server's processes
     (read at every call of the Rust tokenizer; the core and front ends inherit it). A front end
@@ -1027,7 +1016,6 @@ def bind(host: str, port: int) -> socket.socket:
 
 def serve_main(argv: list[str]) -> int:
     from vllm_lite.config import add_config_flags
-    from vllm_lite.entrypoints.cli_util import load_config
 
     parser = argparse.ArgumentParser(
         prog="vllm-lite serve", description="An OpenAI-compatible server (see README, 'Server')."
