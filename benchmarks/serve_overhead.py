@@ -153,8 +153,8 @@ class GcPauses:
 
 def served_run(url: str, pid: int, work: Workload, temperature: float, rate: float) -> dict:
     httpx.post(url + "/reset_prefix_cache")  # every run computes its prompts, as offline
-    before, client_before = tree_cpu_seconds(pid), time.process_time()
     with settled_heap(), GcPauses() as pauses:  # the client: no full collection while it reads
+        before, client_before = tree_cpu_seconds(pid), time.process_time()
         result = asyncio.run(run_benchmark(url, None, work, temperature, rate, None, None, seed=0))
     result["client_gc_s"], result["client_full_gcs"] = pauses.seconds, pauses.full
     after = tree_cpu_seconds(pid)
