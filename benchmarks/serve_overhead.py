@@ -151,15 +151,22 @@ class GcPauses:
         gc.callbacks.remove(self)
 
 
-def served_run(url: str, pid: int, work: Workload, temperature: float, rate: float) -> dict:
+def served_run(
+    url: str, pid: int, work: Workload, temperature: float, rate: float, clients: int = 1
+) -> dict:
+    """One ``bench serve`` run from ``clients`` client processes. The GC pauses are this
+    process' (with several clients it does not read the streams)."""
     httpx.post(url + "/reset_prefix_cache")  # every run computes its prompts, as offline
     with settled_heap(), GcPauses() as pauses:  # the client: no full collection while it reads
-        before, client_before = tree_cpu_seconds(pid), time.process_time()
-        result = asyncio.run(run_benchmark(url, None, work, temperature, rate, None, None, seed=0))
+        before = tree_cpu_seconds(pid)
+        result = asyncio.run(
+            run_benchmark(
+                url, None, work, temperature, rate, None, None, seed=0, client_processes=clients
+            )
+        )
     result["client_gc_s"], result["client_full_gcs"] = pauses.seconds, pauses.full
     after = tree_cpu_seconds(pid)
     cpu = {p: (engine, t - before.get(p, (engine, 0.0))[1]) for p, (engine, t) in after.items()}
-    result["cpu_client_s"] = time.process_time() - client_before
     result["cpu_server_s"] = sum(t for engine, t in cpu.values() if not engine)  # front end(s)
     result["cpu_engine_process_s"] = sum(t for engine, t in cpu.values() if engine)
     return result
@@ -283,7 +290,7 @@ def main() -> None:
         for r in runs:
             print(
                 f"  run: {r['output_throughput']:.0f} tok/s in {r['duration_s']:.2f} s; CPU s: client "
-                f"{r['cpu_client_s']:.2f}, server process {r['cpu_server_s']:.2f}, engine process "
+                f"{r['client_cpu_s']:.2f}, server process {r['cpu_server_s']:.2f}, engine process "
                 f"{r['cpu_engine_process_s']:.2f}; {r['failed']} failed"
             )
         result["rate_runs"] = []

@@ -803,6 +803,21 @@ def test_bench_serve_reports_throughput_and_latency_percentiles(server, tmp_path
     assert "Output token throughput" in capsys.readouterr().out
 
 
+def test_bench_serve_reads_the_streams_from_several_client_processes(server, tmp_path):
+    from vllm_lite.entrypoints.bench_serve import bench_serve_main
+    from vllm_lite.entrypoints.benchmark import Workload
+
+    out = tmp_path / "serve.json"
+    argv = ["--base-url", server.url, "--api-key", KEY, "--num-prompts", "5"]
+    argv += ["--input-len", "4", "4", "--output-len", "3", "6", "--client-processes", "2"]
+    assert bench_serve_main([*argv, "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["completed"] == 5 and result["failed"] == 0
+    lens = Workload.random(5, (4, 4), (3, 6), vocab=1, seed=0).output_lens
+    assert result["total_output_tokens"] == sum(lens)
+    assert 0 < result["duration_s"] < 30 and result["p50_tpot_ms"] > 0
+
+
 def test_bench_serve_sends_text_prompts_without_vllm_fields(server, model_path, tmp_path):
     """--tokenizer: prompts go as their ids' text (servers that take only strings);
     --no-ignore-eos: the body has OpenAI's fields only."""
@@ -927,6 +942,14 @@ BAD_COMMANDS = {
     "generate --block-size 0": (["generate", "--block-size", "0"], "block_size"),
     "generate missing folder": (["generate", "--model", "/no/such/model"], "model_path"),
     "bench serve --num-prompts 0": (["bench", "serve", "--num-prompts", "0"], "--num-prompts"),
+    "bench serve --client-processes 0": (
+        ["bench", "serve", "--client-processes", "0"],
+        "--client-processes",
+    ),
+    "bench serve --client-processes 2 --max-concurrency 4": (
+        ["bench", "serve", "--client-processes", "2", "--max-concurrency", "4"],
+        "--max-concurrency",
+    ),
     "bench throughput --block-size 0": (["bench", "throughput", "--block-size", "0"], "block_size"),
 }
 

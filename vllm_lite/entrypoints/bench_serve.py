@@ -141,8 +141,12 @@ async def run_benchmark(
     seed: int,
     tokenizer=None,
     ignore_eos: bool = True,
+    client_processes: int = 1,
 ) -> dict:
-    """``tokenizer``: send each prompt as its ids' text (for servers that take only strings)."""
+    """``tokenizer``: send each prompt as its ids' text (for servers that take only strings);
+    ``client_processes``: read the streams from that many processes (no ``max_concurrency``)."""
+    if client_processes > 1 and max_concurrency:
+        raise ValueError("--max-concurrency works with one client process")
     import httpx
 
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -160,23 +164,97 @@ async def run_benchmark(
         raise SystemExit(f"the server at {base_url} did not serve a test request: {probe.error}")
 
     rng = random.Random(seed)
+    offsets, t = [], 0.0  # when each request starts, seconds after the first (Poisson gaps)
+    for _ in work.prompts:
+        offsets.append(t)
+        if request_rate != float("inf"):
+            t += rng.expovariate(request_rate)
+    requests = [
+        (payload(prompt, n), len(prompt), offset)
+        for prompt, n, offset in zip(work.prompts, work.output_lens, offsets)
+    ]
+    if client_processes > 1:
+        results, duration, cpu = await asyncio.to_thread(
+            _in_processes, url, headers, requests, client_processes
+        )
+    else:
+        start, cpu = time.monotonic(), time.process_time()
+        results = await send_all(url, headers, requests, start, max_concurrency)
+        duration, cpu = time.monotonic() - start, time.process_time() - cpu
+    out = summarize(results, duration, model, base_url, request_rate, max_concurrency)
+    return {**out, "client_processes": client_processes, "client_cpu_s": cpu}
+
+
+async def send_all(
+    url: str, headers: dict, requests: list, start: float, max_concurrency: int | None = None
+) -> list[RequestResult]:
+    """Send each ``(payload, prompt length, offset)`` at ``start`` (``time.monotonic()``) +
+    its offset; the results in the same order."""
     semaphore = asyncio.Semaphore(max_concurrency) if max_concurrency else None
 
-    async def limited(prompt, n):
+    async def limited(body, prompt_len):
         if semaphore is None:
-            return await send_one(url, headers, payload(prompt, n), len(prompt))
+            return await send_one(url, headers, body, prompt_len)
         async with semaphore:
-            return await send_one(url, headers, payload(prompt, n), len(prompt))
+            return await send_one(url, headers, body, prompt_len)
 
     tasks = []
-    start = time.perf_counter()
-    for prompt, n in zip(work.prompts, work.output_lens):
-        tasks.append(asyncio.ensure_future(limited(prompt, n)))
-        if request_rate != float("inf"):
-            await asyncio.sleep(rng.expovariate(request_rate))
-    results = await asyncio.gather(*tasks)
-    duration = time.perf_counter() - start
-    return summarize(results, duration, model, base_url, request_rate, max_concurrency)
+    for body, prompt_len, offset in requests:
+        delay = start + offset - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        tasks.append(asyncio.ensure_future(limited(body, prompt_len)))
+    return await asyncio.gather(*tasks)
+
+
+def _in_processes(url: str, headers: dict, requests: list, count: int) -> tuple[list, float, float]:
+    """The requests dealt round-robin to ``count`` client processes that start together (one
+    Python client reads ~50k SSE chunks a second on one core: past that, its own lag would
+    count as the server's). Returns the results in order, the duration and the processes' CPU
+    seconds from their start to their end."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    children, done = [], False
+    for i in range(count):
+        parent, child = ctx.Pipe()
+        process = ctx.Process(
+            target=_client_process, args=(child, url, headers, requests[i::count])
+        )
+        process.start()
+        children.append((process, parent))
+    try:
+        for process, conn in children:
+            try:
+                conn.recv()  # "ready": imported, heap settled
+            except EOFError:
+                raise SystemExit(f"a client process failed (exit {process.exitcode})") from None
+        start = time.monotonic() + 0.2  # CLOCK_MONOTONIC: the same clock in every process
+        for _, conn in children:
+            conn.send(start)
+        results: list = [None] * len(requests)
+        end, cpu = start, 0.0
+        for i, (_, conn) in enumerate(children):
+            share, share_end, share_cpu = conn.recv()
+            results[i::count] = share
+            end, cpu = max(end, share_end), cpu + share_cpu
+        done = True
+    finally:
+        for process, _ in children:
+            process.join(30 if done else 0)
+            if process.is_alive():
+                process.kill()
+    return results, end - start, cpu
+
+
+def _client_process(conn, url: str, headers: dict, requests: list) -> None:
+    with settled_heap():
+        conn.send("ready")
+        start = conn.recv()
+        cpu = time.process_time()
+        results = asyncio.run(send_all(url, headers, requests, start))
+        end, cpu = time.monotonic(), time.process_time() - cpu
+    conn.send((results, end, cpu))
 
 
 async def served_model(client, base_url: str, headers: dict) -> str:
@@ -326,6 +404,12 @@ def bench_serve_main(argv: list[str]) -> int:
         default=True,
         help="send vLLM's ignore_eos (default on; off for servers that refuse unknown fields)",
     )
+    parser.add_argument(
+        "--client-processes",
+        type=int,
+        default=1,
+        help="read the streams from N processes (a Python client reads ~50k chunks/s per core)",
+    )
     parser.add_argument("--json", help="write the results here")
     args = parser.parse_args(argv)
     for name in ("num_prompts",):
@@ -335,6 +419,10 @@ def bench_serve_main(argv: list[str]) -> int:
         parser.error("argument --request-rate: must be > 0 (inf: all at once)")
     if args.max_concurrency is not None and args.max_concurrency < 1:
         parser.error("argument --max-concurrency: must be >= 1")
+    if args.client_processes < 1:
+        parser.error("argument --client-processes: must be >= 1")
+    if args.client_processes > 1 and args.max_concurrency is not None:
+        parser.error("argument --max-concurrency: works with one client process")
     for name in ("input_len", "output_len"):
         lo, hi = getattr(args, name)
         if not 1 <= lo <= hi:
@@ -389,6 +477,7 @@ def bench_serve_main(argv: list[str]) -> int:
                 args.seed,
                 tokenizer,
                 args.ignore_eos,
+                args.client_processes,
             )
         )
     result.update(dataset=args.dataset, temperature=temperature)
