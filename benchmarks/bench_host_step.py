@@ -11,6 +11,7 @@ ignore_eos, default SamplingParams otherwise), and times each part of ``LLMEngin
   sampling      LLMEngine._sampling_batch (the sampling parameters as tensors)
   grammar mask  LLMEngine._grammar_mask (structured outputs: the masks, waited for or filled)
   process       LLMEngine._process: read back, stop checks, detokenization
+  message       --core: pickling the step's message for the front ends (EngineCore's)
   prefix keys   BlockManager.cache_full_blocks alone (inside rest)
   rest          the rest: launch bookkeeping, _InFlight, the tokens' copy back, the output
                 processor
@@ -31,12 +32,16 @@ engines give the spread.
     python -m benchmarks.bench_host_step --whole-run --repeats 1
     python -m benchmarks.bench_host_step --shape smollm2 --structured-output json_schema
     python -m benchmarks.bench_host_step --shape smollm2 --stop --repeats 5
+    python -m benchmarks.bench_host_step --shape smollm2 --core   # a server's engine core
 
 ``--structured-output json_schema`` holds every request to the throughput benchmark's JSON
 schema (``bench_schema``); the logits are the whole vocabulary then, so that the mask leaves
 tokens to draw. The matchers' token checks and the next masks' fill run on the grammar worker
 thread, which on a GPU overlaps the forward pass; here the forward takes no time, so what the
 engine's thread waits for them shows in "process" (checks) and "grammar mask" (fill).
+
+The heap is frozen after start-up, as the engine freezes it on CUDA (on a CPU it does not, and
+collections of torch's heap would be most of what differs between runs).
 
 ``--stop`` gives every request a stop string that never matches: offline, every
 ``TEXT_EVERY``-th step then hands all requests' new tokens to the output processor (their
@@ -47,11 +52,13 @@ text, the stop check), a spike the medians above do not show; it is reported on 
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
 import tempfile
 import time
+from multiprocessing.reduction import ForkingPickler
 
 import torch
 
@@ -84,6 +91,7 @@ PARTS = [
     "sampling",
     "grammar mask",
     "process",
+    "message",
     "prefix keys",
     "rest",
     "host total",
@@ -168,12 +176,26 @@ def measure(
     width: int | None,
     whole_run: bool = False,
     extras: dict | None = None,
+    core: bool = False,
 ) -> dict[str, float]:
     """µs per part of one fresh engine: the median over ``steps`` full-batch decode steps, or
     with ``whole_run`` the mean over every step of the workload (prefill, and the tail where
-    requests finish and the batch changes)."""
+    requests finish and the batch changes). ``core``: a server's engine core's step instead
+    (every token reported, the step's message pickled: "message")."""
     work = Workload.nano_vllm(256, (100, 1024), (100, 1024))
     engine, times = build(shape, caching, work, width)
+    engine.report_every_token = core
+    gc.collect()
+    gc.freeze()  # as the engine does after start-up on CUDA (a CPU engine does not)
+
+    def step():
+        if not core:
+            return engine.step()
+        outputs = engine.core_step()
+        t0 = time.perf_counter()
+        ForkingPickler.dumps(("step", outputs, [], None))  # EngineCore's message
+        times["message"] = time.perf_counter() - t0
+
     for prompt, n in zip(work.prompts, work.output_lens):
         engine.add_request(
             prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, **(extras or {}))
@@ -181,7 +203,7 @@ def measure(
     running = engine.scheduler.running
     if not whole_run:
         while prompts_pending(engine):
-            engine.step()
+            step()
         assert min(work.output_lens) > warmup + steps + 2, (
             "a sequence would finish inside the window"
         )
@@ -189,7 +211,7 @@ def measure(
     while engine.has_unfinished_requests() if whole_run else len(rows) < warmup + steps:
         times.clear()
         t0 = time.perf_counter()
-        engine.step()
+        step()
         total = time.perf_counter() - t0
         t = {k: 1e6 * v for k, v in times.items()}
         host = 1e6 * total - t.get("forward", 0.0) + t.get("upload", 0.0) - t.get("sampler", 0.0)
@@ -199,6 +221,7 @@ def measure(
             "sampling": t.get("sampling", 0.0),
             "grammar mask": t.get("grammar mask", 0.0),
             "process": t.get("process", 0.0),
+            "message": t.get("message", 0.0),
         }
         rows.append(
             parts
@@ -217,6 +240,7 @@ def measure(
         )
         rows = rows[warmup:]
     engine.close()
+    gc.unfreeze()
     average = statistics.mean if whole_run else statistics.median
     text_steps = [r for r in rows if r["text step"]] or [
         {"host total": 0.0, "output processor": 0.0}
@@ -259,7 +283,15 @@ def main() -> None:
         help="a stop string that never matches on every request (needs --shape smollm2): text "
         f"decoded and checked every {TEXT_EVERY}th step, reported as 'text step'",
     )
+    parser.add_argument(
+        "--core",
+        action="store_true",
+        help="a server's engine core's step: every token reported and the step's message "
+        "pickled ('message'), no output processor",
+    )
     args = parser.parse_args()
+    if args.core and args.stop:
+        parser.error("--stop is the offline text step: not with --core")
     torch.set_num_threads(1)
     extras = dict(EXTRAS) if args.sampling == "extras" else None
     if args.stop:
@@ -285,6 +317,7 @@ def main() -> None:
             args.logits_width,
             args.whole_run,
             extras,
+            args.core,
         )
         for _ in range(args.repeats)
     ]
@@ -298,6 +331,7 @@ def main() -> None:
         f"{'on' if args.prefix_caching else 'off'}: {window}, {args.repeats} fresh engines "
         f"(min..max); logits {args.logits_width or 'vocab'} wide; sampling {args.sampling}; "
         f"structured output {args.structured_output}; stop string {args.stop}"
+        f"{'; a server engine core' if args.core else ''}"
     )
     for part in PARTS:
         values = [r[part] for r in results]
