@@ -166,6 +166,8 @@ SUITES: dict[str, list[Row]] = {
     # host (Python) time per step and detokenization, on a CPU
     "host": [
         py("host time of a decode step", "bench_host_step", keep=r"^  \w", timeout=300, gpus=0),
+        py("host time of a server engine core's step", "bench_host_step --shape smollm2 --core",
+           keep=r"^  \w", timeout=300, gpus=0),
         py("detokenization per token", "bench_detokenize", keep=r"us/token", gpus=0),
         py("front end alone (synthetic core)", "bench_front_end", keep=r"run \d|median",
            timeout=180, gpus=0),
