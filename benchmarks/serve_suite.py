@@ -7,8 +7,9 @@ Rows: offline ``LLM.generate`` (its first run after ``LLM(...)``, and the median
 ones, steps and step time); ``vllm-lite serve`` loaded by ``bench serve``'s client all at once,
 at 64 and at 16 requests/s (TTFT, TPOT; CPU seconds of the front end per output token and the
 engine process' busy share; the client reads from ``--client-processes`` processes, 2 by
-default: one is near a core's worth at the SmolLM2 shape's rate); then the SmolLM2-135M shape (text off / decoded at the end / per
-token, a stop string that never matches) offline, and served all at once.
+default: one is near a core's worth at the SmolLM2 shape's rate); then the SmolLM2-135M shape
+(text off / decoded at the end / per token, a stop string that never matches) offline, and
+served all at once.
 
     python -m benchmarks.serve_suite                  # the whole table (the server's default
                                                       # front ends: --api-server-count auto)

@@ -281,8 +281,8 @@ class OutputProcessor:
             c = req.completions[index]
             if c.finish_reason is not None:
                 continue
-            if req.per_token and id(c) not in watched and self._must_decode(req, c, tokens):
-                watched[id(c)] = (req, c, len(c.token_ids), _snapshot(c.detok))
+            if req.per_token and id(c) not in watched:
+                self._watch(watched, req, c, tokens)
             changed[request_id] = req
             c.token_ids += tokens
             if c.detok is not None:
@@ -299,12 +299,8 @@ class OutputProcessor:
                 continue
             changed[request_id] = req
             if token_id >= 0:
-                if (
-                    req.per_token
-                    and id(c) not in watched
-                    and self._must_decode(req, c, (token_id,))
-                ):
-                    watched[id(c)] = (req, c, len(c.token_ids), _snapshot(c.detok))
+                if req.per_token and id(c) not in watched:
+                    self._watch(watched, req, c, (token_id,))
                 c.token_ids.append(token_id)
                 if logprobs is not None and row in logprobs:
                     self._add_logprobs(c, token_id, req.params.logprobs, *logprobs[row])
@@ -350,6 +346,12 @@ class OutputProcessor:
             for seconds, count in self._intervals.items():
                 self.metrics.inter_tokens(seconds, count)
         return ProcessedStep(finished, deltas, stops)
+
+    def _watch(self, watched: dict, req: _Request, c: _Completion, tokens) -> None:
+        """``c`` into this step's ``watched`` (before its new ``tokens`` are added), unless
+        they need no decode yet."""
+        if self._must_decode(req, c, tokens):
+            watched[id(c)] = (req, c, len(c.token_ids), _snapshot(c.detok))
 
     @staticmethod
     def _must_decode(req: _Request, c: _Completion, tokens) -> bool:
