@@ -198,7 +198,15 @@ def main() -> None:
     from vllm_lite.default_model import default_model_path
 
     tokenizer = args.tokenizer_path or default_model_path()
-    temperature, rows, result = 0.6, [], {}
+    temperature, result, t0 = 0.6, {}, time.perf_counter()
+
+    def row(what: str, value: str) -> None:  # printed as soon as known: a timeout keeps them
+        print(f"| {what} | {value} |", flush=True)
+
+    def stage(what: str) -> None:
+        print(f"[serve_suite {time.perf_counter() - t0:.0f} s] {what}", flush=True)
+
+    print("\n| what | result |\n|---|---|", flush=True)
     with open(os.path.join(CONFIG_DIR, f"{LLAMA_SMOLLM2_VOCAB}.json")) as fh:
         llama = json.load(fh)
     if args.smoke:  # the same path on a CPU in a few minutes: a 2-layer model, a few short requests
@@ -235,64 +243,57 @@ def main() -> None:
                 "text at end": {},
                 "stop string": {"stop": [NEVER_STOP]},
             }
+        stage(f"{name}: offline")
         off = offline_runs(config, work, temperature, variants, args.runs)
+        base = off["text at end"]
+        row(
+            f"{name}: offline, first generate after LLM(...) / the next (median)",
+            f"{base['first_tok_s']:,.0f} / {base['warm_tok_s']:,.0f} tok/s "
+            f"(first {100 * (1 - base['first_tok_s'] / base['warm_tok_s']):.1f}% below the next); "
+            f"{base['steps']} steps, {base['step_ms']:.2f} ms a step, "
+            f"TPOT p50 {base['tpot_p50_ms']:.2f} ms",
+        )
+        for variant, r in off.items():
+            if variant != "text at end":
+                row(
+                    f"{name}: offline, {variant}",
+                    f"{r['warm_tok_s']:,.0f} tok/s (first run {r['first_tok_s']:,.0f}), "
+                    f"{100 * (r['warm_tok_s'] / off['text off']['warm_tok_s'] - 1):+.1f}% vs text off"
+                    if "text off" in off
+                    else f"{r['warm_tok_s']:,.0f} tok/s",
+                )
+        if "text off" in off:
+            row(
+                f"{name}: offline, text at end",
+                f"{base['warm_tok_s']:,.0f} tok/s, "
+                f"{100 * (base['warm_tok_s'] / off['text off']['warm_tok_s'] - 1):+.1f}% vs text off",
+            )
+        stage(f"{name}: served")
+        rates = args.rates if name.startswith("llama") else []
         srv = served(
             config,
             overrides,
             work,
             temperature,
-            args.rates if name.startswith("llama") else [],
+            rates,
             args.served_runs,
             args.api_server_count,
             args.client_processes,
         )
         result[name] = {"offline": off, "served": {str(k): v for k, v in srv.items()}}
-        base = off["text at end"]
-        rows.append(
-            (
-                f"{name}: offline, first generate after LLM(...) / the next (median)",
-                f"{base['first_tok_s']:,.0f} / {base['warm_tok_s']:,.0f} tok/s "
-                f"(first {100 * (1 - base['first_tok_s'] / base['warm_tok_s']):.1f}% below the next); "
-                f"{base['steps']} steps, {base['step_ms']:.2f} ms a step, "
-                f"TPOT p50 {base['tpot_p50_ms']:.2f} ms",
-            )
-        )
-        for variant, r in off.items():
-            if variant != "text at end":
-                rows.append(
-                    (
-                        f"{name}: offline, {variant}",
-                        f"{r['warm_tok_s']:,.0f} tok/s (first run {r['first_tok_s']:,.0f}), "
-                        f"{100 * (r['warm_tok_s'] / off['text off']['warm_tok_s'] - 1):+.1f}% vs text off"
-                        if "text off" in off
-                        else f"{r['warm_tok_s']:,.0f} tok/s",
-                    )
-                )
-        if "text off" in off:
-            rows.append(
-                (
-                    f"{name}: offline, text at end",
-                    f"{base['warm_tok_s']:,.0f} tok/s, "
-                    f"{100 * (base['warm_tok_s'] / off['text off']['warm_tok_s'] - 1):+.1f}% vs text off",
-                )
-            )
         best = max(srv["all"], key=lambda r: r["output_throughput"])
         ratio = statistics.median(r["output_throughput"] for r in srv["all"]) / base["warm_tok_s"]
         runs = ", ".join(f"{r['output_throughput']:,.0f}" for r in srv["all"])
-        rows.append(
-            (
-                f"{name}: served{fronts}, all at once (median of {len(srv['all'])})",
-                f"{100 * ratio:.0f}% of offline (runs {runs} tok/s); "
-                f"best run {describe(best)}; TPOT p50 / offline step "
-                f"{best['p50_tpot_ms'] / base['step_ms']:.2f}, / offline TPOT p50 "
-                f"{best['p50_tpot_ms'] / base['tpot_p50_ms']:.2f}",
-            )
+        row(
+            f"{name}: served{fronts}, all at once (median of {len(srv['all'])})",
+            f"{100 * ratio:.0f}% of offline (runs {runs} tok/s); "
+            f"best run {describe(best)}; TPOT p50 / offline step "
+            f"{best['p50_tpot_ms'] / base['step_ms']:.2f}, / offline TPOT p50 "
+            f"{best['p50_tpot_ms'] / base['tpot_p50_ms']:.2f}",
         )
-        for rate in args.rates if name.startswith("llama") else []:
-            rows.append((f"{name}: served{fronts}, {rate:g} req/s", describe(srv[rate])))
-    print("\n| what | result |\n|---|---|")
-    for what, value in rows:
-        print(f"| {what} | {value} |")
+        for rate in rates:
+            row(f"{name}: served{fronts}, {rate:g} req/s", describe(srv[rate]))
+    stage("done")
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(result, fh, indent=2, default=str)

@@ -214,7 +214,9 @@ def _in_processes(url: str, headers: dict, requests: list, count: int) -> tuple[
     seconds from their start to their end."""
     import multiprocessing
 
-    ctx = multiprocessing.get_context("spawn")
+    # a fork server imports this module (torch, transformers) once; each client forks from it
+    ctx = multiprocessing.get_context("forkserver")
+    ctx.set_forkserver_preload([__name__])
     children, done = [], False
     for i in range(count):
         parent, child = ctx.Pipe()
