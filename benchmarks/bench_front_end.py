@@ -224,7 +224,7 @@ def main() -> None:
                 )
             print(
                 f"  run {run + 1}: front end {per_token[-1]:.1f} us CPU/token{collected}; "
-                f"{r['output_throughput']:,.0f} tok/s, TPOT p50 {r['p50_tpot_ms']:.2f} ms, "
+                f"{r['output_throughput']:,.0f} tok/s, TPOT p50 {r['p50_tpot_ms']:.2f} ms, TTFT p50 {r['p50_ttft_ms']:.0f} p99 {r['p99_ttft_ms']:.0f} ms, "
                 f"{r['failed']} failed"
             )
         print(f"front end CPU per output token: {statistics.median(per_token):.1f} us (median)")
