@@ -5,10 +5,12 @@ per-front-end bookkeeping is checked with two ``AsyncLLM``s attached to one core
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing
 import os
 import re
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -290,3 +292,43 @@ def test_sequential_tokenizers_turns_the_pool_off_unless_the_user_chose(monkeypa
     monkeypatch.setenv("TOKENIZERS_PARALLELISM", "true")
     sequential_tokenizers()
     assert os.environ["TOKENIZERS_PARALLELISM"] == "true"
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="SO_REUSEPORT: Linux")
+def test_each_front_end_socket_accepts_some_connections_to_the_one_address():
+    """A socket per front end on one address: the kernel spreads connections over all of them
+    (a front end no longer takes a whole burst). 60 connections over 3 sockets: every socket
+    gets some (a socket left out has odds of 3 x (2/3)^60 ~ 1e-10)."""
+    from vllm_lite.entrypoints.api_servers import reuse_port_sockets
+    from vllm_lite.entrypoints.openai_server import bind
+
+    socks = reuse_port_sockets(bind("127.0.0.1", 0, reuse_port=True), 3)
+    clients = []
+    try:
+        assert len({s.fileno() for s in socks}) == 3
+        assert len({s.getsockname() for s in socks}) == 1
+        clients = [socket.create_connection(socks[0].getsockname()) for _ in range(60)]
+        accepted = []
+        for s in socks:
+            s.setblocking(False)
+            count = 0
+            with contextlib.suppress(BlockingIOError):
+                while True:
+                    s.accept()[0].close()
+                    count += 1
+            accepted.append(count)
+        assert sum(accepted) == 60 and min(accepted) > 0, accepted
+    finally:
+        for c in clients + socks:
+            c.close()
+
+
+def test_a_socket_without_reuse_port_is_shared_by_every_front_end():
+    from vllm_lite.entrypoints.api_servers import reuse_port_sockets
+    from vllm_lite.entrypoints.openai_server import bind
+
+    sock = bind("127.0.0.1", 0)
+    try:
+        assert reuse_port_sockets(sock, 3) == [sock, sock, sock]
+    finally:
+        sock.close()

@@ -1004,10 +1004,14 @@ def auto_api_server_count() -> int:
     return max(1, min(4, (cpus or 1) // 4))
 
 
-def bind(host: str, port: int) -> socket.socket:
+def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
+    """A listening socket. ``reuse_port`` (Linux' SO_REUSEPORT): more sockets may listen on the
+    same address (``reuse_port_sockets``), and the kernel spreads new connections over them."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     sock.bind((host, port))
     sock.listen(2048)
     sock.set_inheritable(True)
@@ -1108,8 +1112,8 @@ def serve_main(argv: list[str]) -> int:
 
     model_path = resolve_model_path(config)  # a missing folder fails here, before anything heavy
     sequential_tokenizers()
-    try:
-        sock = bind(host, port)
+    try:  # several front ends: a socket each (api_servers.py)
+        sock = bind(host, port, reuse_port=api_server_count > 1 and hasattr(socket, "SO_REUSEPORT"))
     except OSError as exc:
         raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     model_names = names or [os.path.basename(os.path.normpath(model_path))]
