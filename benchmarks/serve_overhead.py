@@ -168,6 +168,11 @@ def served_run(
     after = tree_cpu_seconds(pid)
     cpu = {p: (engine, t - before.get(p, (engine, 0.0))[1]) for p, (engine, t) in after.items()}
     result["cpu_server_s"] = sum(t for engine, t in cpu.values() if not engine)  # front end(s)
+    # each front-end process' share (and the supervisor's, ~0), busiest first: how evenly the
+    # connections were spread
+    result["cpu_front_ends_s"] = sorted(
+        (t for engine, t in cpu.values() if not engine), reverse=True
+    )
     result["cpu_engine_process_s"] = sum(t for engine, t in cpu.values() if engine)
     return result
 

@@ -149,9 +149,11 @@ def served(
 def describe(r: dict) -> str:
     tokens = r["total_output_tokens"]
     busy = r["cpu_engine_process_s"] / r["duration_s"]
+    shares = "/".join(f"{100 * t / r['duration_s']:.0f}" for t in r["cpu_front_ends_s"] if t > 0.01)
     return (
         f"{r['output_throughput']:,.0f} tok/s, TTFT p50 {r['p50_ttft_ms']:.1f} ms p99 {r['p99_ttft_ms']:.1f} ms, "
-        f"TPOT p50 {r['p50_tpot_ms']:.2f} ms | front end {1e6 * r['cpu_server_s'] / tokens:.1f} us CPU/token, "
+        f"TPOT p50 {r['p50_tpot_ms']:.2f} ms | front end {1e6 * r['cpu_server_s'] / tokens:.1f} us CPU/token "
+        f"({shares}% of a core by process), "
         f"engine process busy {100 * busy:.0f}%, client CPU "
         f"{100 * r['client_cpu_s'] / r['duration_s'] / r['client_processes']:.0f}% a process "
         f"(of {r['client_processes']}), GC {1e3 * r['client_gc_s']:.0f} ms "
