@@ -332,3 +332,15 @@ def test_a_socket_without_reuse_port_is_shared_by_every_front_end():
         assert reuse_port_sockets(sock, 3) == [sock, sock, sock]
     finally:
         sock.close()
+
+
+@pytest.mark.skipif(not hasattr(socket, "SO_REUSEPORT"), reason="SO_REUSEPORT: Linux")
+def test_a_second_server_on_a_port_in_use_fails_instead_of_sharing_its_connections():
+    from vllm_lite.entrypoints.openai_server import bind_server
+
+    first = bind_server("127.0.0.1", 0, reuse_port=True)
+    try:
+        with pytest.raises(OSError):
+            bind_server("127.0.0.1", first.getsockname()[1], reuse_port=True).close()
+    finally:
+        first.close()

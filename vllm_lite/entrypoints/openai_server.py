@@ -1018,6 +1018,18 @@ def bind(host: str, port: int, reuse_port: bool = False) -> socket.socket:
     return sock
 
 
+def bind_server(host: str, port: int, reuse_port: bool) -> socket.socket:
+    """The server's listening socket; with ``reuse_port``, the front ends' sockets can join it.
+    The address is first bound without SO_REUSEPORT, so that a second server on a port in use
+    fails as it would without it, instead of quietly sharing the first one's connections."""
+    sock = bind(host, port)
+    if not reuse_port:
+        return sock
+    port = sock.getsockname()[1]
+    sock.close()
+    return bind(host, port, reuse_port=True)
+
+
 def serve_main(argv: list[str]) -> int:
     from vllm_lite.config import add_config_flags
 
@@ -1113,7 +1125,7 @@ def serve_main(argv: list[str]) -> int:
     model_path = resolve_model_path(config)  # a missing folder fails here, before anything heavy
     sequential_tokenizers()
     try:  # several front ends: a socket each (api_servers.py)
-        sock = bind(host, port, reuse_port=api_server_count > 1 and hasattr(socket, "SO_REUSEPORT"))
+        sock = bind_server(host, port, api_server_count > 1 and hasattr(socket, "SO_REUSEPORT"))
     except OSError as exc:
         raise SystemExit(f"cannot listen on {host}:{port}: {exc.strerror or exc}") from None
     model_names = names or [os.path.basename(os.path.normpath(model_path))]
