@@ -224,20 +224,26 @@ def _in_processes(url: str, headers: dict, requests: list, count: int) -> tuple[
             target=_client_process, args=(child, url, headers, requests[i::count])
         )
         process.start()
+        child.close()  # the client process has its own copy
         children.append((process, parent))
+
+    def receive(process, conn):
+        try:
+            return conn.recv()
+        except EOFError:
+            process.join(5)
+            raise SystemExit(f"a client process failed (exit {process.exitcode})") from None
+
     try:
         for process, conn in children:
-            try:
-                conn.recv()  # "ready": imported, heap settled
-            except EOFError:
-                raise SystemExit(f"a client process failed (exit {process.exitcode})") from None
+            receive(process, conn)  # "ready": imported, heap settled
         start = time.monotonic() + 0.2  # CLOCK_MONOTONIC: the same clock in every process
         for _, conn in children:
             conn.send(start)
         results: list = [None] * len(requests)
         end, cpu = start, 0.0
-        for i, (_, conn) in enumerate(children):
-            share, share_end, share_cpu = conn.recv()
+        for i, (process, conn) in enumerate(children):
+            share, share_end, share_cpu = receive(process, conn)
             results[i::count] = share
             end, cpu = max(end, share_end), cpu + share_cpu
         done = True
