@@ -23,7 +23,7 @@ from tiny_models import make_tiny_model
 
 from vllm_lite import LLM, SamplingParams
 from vllm_lite.config import EngineConfig
-from vllm_lite.entrypoints import cli
+from vllm_lite.entrypoints import cli, engine_core
 from vllm_lite.entrypoints.async_engine import AsyncLLM, wait_until_ready
 from vllm_lite.entrypoints.engine_core import run_engine_core
 from vllm_lite.worker.tp_executor import pipe
@@ -246,6 +246,35 @@ def test_a_front_end_that_stops_aborts_only_its_own_requests(model_path):
         if core.is_alive():
             core.kill()
             core.join()
+
+
+def _core_then_report_switch_interval(config, clients, report) -> None:
+    run_engine_core(config, clients)  # the engine fails to start: it reports that and returns
+    report.send(sys.getswitchinterval())
+
+
+def test_the_core_process_lets_its_threads_take_the_gil_within_half_a_millisecond(
+    tmp_path, monkeypatch
+):
+    """The command and output threads wait at most 0.5 ms for the GIL the loop holds (at the
+    default 5 ms a burst of requests reached a host-bound loop several times slower)."""
+
+    def engine_that_fails(*args, **kwargs):
+        raise RuntimeError("no engine in this test")
+
+    monkeypatch.setattr(engine_core, "LLMEngine", engine_that_fails)
+    commands, outputs, report = pipe(), pipe(), pipe()
+    core = multiprocessing.get_context("fork").Process(
+        target=_core_then_report_switch_interval,
+        args=(EngineConfig(model_path=str(tmp_path)), [(commands[0], outputs[1])], report[1]),
+    )
+    core.start()
+    try:
+        assert outputs[0].recv()[:2] == ("failed", "RuntimeError")
+        assert report[0].recv() == engine_core.SWITCH_INTERVAL_S == 0.0005
+    finally:
+        core.join(30)
+    assert sys.getswitchinterval() == 0.005  # this process (the front end's side) keeps its own
 
 
 def test_a_front_end_that_dies_stops_the_server_with_status_1(model_path, tmp_path):
