@@ -113,8 +113,8 @@ def reuse_port_sockets(sock: socket.socket, count: int) -> list[socket.socket]:
     each connection's addresses. With one socket shared, the front end that woke first took
     every connection waiting (asyncio accepts up to the backlog at once): in bursts of 256
     requests on an H200, the busiest of four front ends used 69-83% of a core and the others
-    14-46%, and the runs with the most uneven spread served 43.6k output tok/s against 50.6k
-    (TTFT p50 ~400 vs ~270 ms). Without SO_REUSEPORT (not Linux): ``sock``, shared."""
+    14-46%; with a socket each, 43-63% (the served throughput did not change with it: the engine
+    core bounds it, BENCHMARKS.md). Without SO_REUSEPORT (not Linux): ``sock``, shared."""
     reuse = hasattr(socket, "SO_REUSEPORT")
     if not (reuse and sock.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT)):
         return [sock] * count
