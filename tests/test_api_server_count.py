@@ -13,6 +13,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -256,8 +257,8 @@ def _core_then_report_switch_interval(config, clients, report) -> None:
 def test_the_core_process_lets_its_threads_take_the_gil_within_half_a_millisecond(
     tmp_path, monkeypatch
 ):
-    """The command and output threads wait at most 0.5 ms for the GIL the loop holds (at the
-    default 5 ms a burst of requests reached a host-bound loop several times slower)."""
+    """The command threads wait at most 0.5 ms for the GIL the loop holds (at the default 5 ms
+    a burst of requests reached a host-bound loop several times slower)."""
 
     def engine_that_fails(*args, **kwargs):
         raise RuntimeError("no engine in this test")
@@ -275,6 +276,32 @@ def test_the_core_process_lets_its_threads_take_the_gil_within_half_a_millisecon
     finally:
         core.join(30)
     assert sys.getswitchinterval() == 0.005  # this process (the front end's side) keeps its own
+
+
+def test_the_loop_writes_a_step_message_itself_when_the_front_ends_pipe_has_room():
+    (reader, writer), (reader_b, writer_b) = pipe(), pipe()
+    core = engine_core.EngineCore(None, [writer, writer_b])
+    core._send(("step", [1, 2, 3]), (0, 1))
+    assert core.outbox.empty() and core.handed == [0, 0]
+    assert reader.recv() == reader_b.recv() == ("step", [1, 2, 3])
+
+
+def test_a_message_the_pipe_cannot_take_goes_to_the_output_thread_and_later_ones_follow_it():
+    """The loop never waits for a front end to read: what does not fit its pipe (and everything
+    after it, to keep the order) is written by the output thread."""
+    (reader, writer), (reader_b, writer_b) = pipe(), pipe()
+    core = engine_core.EngineCore(None, [writer, writer_b])
+    big = ("step", b"x" * (core.pipe_sizes[0] + 1))
+    core._send(big, (0,))
+    core._send(("step", "small"), (0, 1))  # fits, but must not overtake the big one
+    assert core.handed == [2, 0]  # the other front end got it at once
+    assert reader_b.recv() == ("step", "small")
+    sender = threading.Thread(target=core.send_outputs)
+    sender.start()
+    assert reader.recv() == big and reader.recv() == ("step", "small")
+    core.outbox.put(None)
+    sender.join(10)
+    assert core.written == core.handed == [2, 0]
 
 
 def test_a_front_end_that_dies_stops_the_server_with_status_1(model_path, tmp_path):

@@ -20,15 +20,19 @@ The core deals in token ids only: text, stop strings and logprob dicts are the f
   accepted token ids of all requests as a few flat lists (one small pickle, not an object per
   request), ``errors`` as ``(request_id, message)`` for requests the engine refused;
   ``("reply", token, value)`` to the front end that asked; ``("stopped",)`` once its stop is
-  applied, or ``("dead", message)``. A thread of the core writes them, so a step never waits
-  for a front end to read.
+  applied, or ``("dead", message)``. The loop writes a message itself when the front end's pipe
+  has room for it (the usual case: a front end reads each step's message within the next); else
+  an output thread writes it, and that front end's later messages, so a step never waits for a
+  front end to read.
 
 The threads and the GIL: the loop holds the GIL for most of a step when the model is small (the
 step is host-bound), and CPython lets a thread that waits for it sleep up to the switch interval
-(5 ms by default) before it insists. Each command a command thread reads and each message the
-output thread writes waits for the GIL like that, so a burst of requests reached the loop slowly
-(256 requests over 4 front ends: ~320 ms at 5 ms, 60-90 ms at 0.5 ms in a CPU model of the loop)
-and step messages queued behind the loop. The core process sets a 0.5 ms interval.
+(5 ms by default) before it insists. Each command a command thread reads waits for the GIL like
+that, so a burst of requests reached the loop slowly (256 requests over 4 front ends: ~320 ms at
+5 ms, 60-90 ms at 0.5 ms in a CPU model of the loop): the core process sets a 0.5 ms interval.
+Handing each step's message to a thread cost the loop more than writing it: in a CPU model of a
+SmolLM2 decode step (the engine with its forward faked, 4 reading processes) a step took
+70-190 us longer (4-8%) when a thread pickled and wrote its message than when the loop did.
 
 Several front ends: each message is pickled once and its bytes written to every front end; a
 front end skips the request ids it does not own (ids are uuids). The core remembers which front
@@ -47,11 +51,13 @@ It ignores SIGINT and SIGTERM: the front ends drain, then stop it.
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import logging
 import os
 import queue
 import signal
 import sys
+import termios
 import threading
 import traceback
 from dataclasses import dataclass
@@ -136,13 +142,36 @@ def _send_to(outputs: list, message) -> list:
     """Pickle ``message`` once and write it to each connection (``recv()`` reads it back); the
     connections that broke (their front end is gone) are returned."""
     data = ForkingPickler.dumps(message)
-    broken = []
-    for out in outputs:
-        try:
-            out.send_bytes(data)
-        except OSError:
-            broken.append(out)
-    return broken
+    return [out for out in outputs if not _write(out, data)]
+
+
+def _write(out, data: bytes) -> bool:
+    """One pickled message to a front end; False if its pipe broke (the front end is gone)."""
+    try:
+        out.send_bytes(data)
+    except OSError:
+        return False
+    return True
+
+
+def _pipe_size(out) -> int:
+    """How many bytes ``out``'s pipe holds (0 where that cannot be known: not Linux, not a
+    pipe): a message no larger than its room is written without waiting for the reader."""
+    try:
+        return fcntl.fcntl(out.fileno(), getattr(fcntl, "F_GETPIPE_SZ", 1032))
+    except OSError:
+        return 0
+
+
+def _pipe_room(out, size: int) -> int:
+    """Free bytes in ``out``'s pipe now (``size``: its capacity)."""
+    if not size:
+        return 0
+    try:
+        queued = fcntl.ioctl(out.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except OSError:
+        return 0
+    return size - int.from_bytes(queued, sys.byteorder, signed=True)
 
 
 class EngineCore:
@@ -153,6 +182,12 @@ class EngineCore:
         self.wakeup = threading.Event()
         self.listening = set(range(len(outputs)))  # the front ends that have not stopped
         self.owners: dict[str, int] = {}  # request id -> the front end that added it
+        self.pipe_sizes = [_pipe_size(out) for out in outputs]
+        self.gone: set[int] = set()  # front ends whose pipe broke
+        # messages handed to the output thread, and written by it, per front end (each list
+        # written by one thread alone); while they differ, that front end's messages queue there
+        self.handed = [0] * len(outputs)
+        self.written = [0] * len(outputs)
 
     def receive(self, client: int, commands) -> None:
         """A command thread: one front end's commands into the queue, at once."""
@@ -167,13 +202,14 @@ class EngineCore:
                 return
 
     def send_outputs(self) -> None:
-        """The output thread: pickles and writes the messages (None: no more), so a step never
-        waits for a front end to read the last one."""
-        gone: set = set()  # connections of front ends that went away
+        """The output thread: writes the messages the loop could not write at once (None: no
+        more), so a step never waits for a front end to read."""
         while (item := self.outbox.get()) is not None:
-            clients, message = item
-            targets = [self.outputs[c] for c in clients if id(self.outputs[c]) not in gone]
-            gone.update(id(out) for out in _send_to(targets, message))
+            clients, data = item
+            for c in clients:
+                if c not in self.gone and not _write(self.outputs[c], data):
+                    self.gone.add(c)
+                self.written[c] += 1
 
     def run(self) -> None:
         engine = self.engine
@@ -199,7 +235,25 @@ class EngineCore:
             self._send(("dead", f"engine stopped on an error: {exc!r}"), tuple(self.listening))
 
     def _send(self, message, clients: tuple) -> None:
-        self.outbox.put((clients, message))
+        """Pickle ``message`` once; write it now to each front end whose pipe has room (and
+        nothing queued before it), hand it to the output thread for the others."""
+        data = ForkingPickler.dumps(message)
+        late = []
+        for c in clients:
+            if c in self.gone:
+                continue
+            out = self.outputs[c]
+            if (
+                self.handed[c] == self.written[c]
+                and _pipe_room(out, self.pipe_sizes[c]) > len(data) + 8
+            ):  # (+ its length header)
+                if not _write(out, data):
+                    self.gone.add(c)
+            else:
+                late.append(c)
+                self.handed[c] += 1
+        if late:
+            self.outbox.put((late, data))
 
     def _take_commands(self) -> tuple[list, int]:
         """Apply every queued command: (errors for the front ends, how many commands were
