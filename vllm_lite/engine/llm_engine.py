@@ -61,6 +61,7 @@ class _InFlight:
     -1). ``processed``: read back already (``_process``)."""
 
     processed = False
+    params: _ParamsBatch | None = None  # its rows' sampling parameters
     grammar = None  # its matchers' advance on the grammar worker (GrammarAdvance), if handed over
     tokens: torch.Tensor | None = None  # sampled (None while its sampling waits: see run_batch)
 
@@ -112,6 +113,8 @@ class _ParamsBatch:
     min_tokens_rows: list[tuple[int, list[int]]]  # rows with min_tokens > 0, and their stop ids
     penalized: list[int]  # rows with penalties
     grammar_rows: list[int] = field(default_factory=list)  # rows with structured outputs
+    # (request ids, completion indexes) of the rows, made when first needed (``_process``)
+    row_ids: tuple[list[str], list[int]] | None = None
 
 
 @dataclass(frozen=True)
@@ -559,6 +562,7 @@ class LLMEngine:
         inflight = _InFlight(
             sampling_seqs, positions, logits, sampling, logprob_rows, grammar_rows, ahead
         )
+        inflight.params = self._params  # (its rows' ids for _process)
         if not (grammar_rows and self.overlap):
             self._sample(inflight)
         return inflight
@@ -658,7 +662,11 @@ class LLMEngine:
     def _process(self, inflight: _InFlight) -> None:
         """Read back one launched step's tokens, fill its placeholders, run the stop checks;
         the accepted tokens go into this step's ``CoreOutputs``. Once per step: a constrained
-        step's sampling may have read it back already."""
+        step's sampling may have read it back already.
+
+        A server's core reports every token (``report_every_token``): the step's rows go into
+        the outputs at once after the loop (the batch's ids are made once per batch), not one
+        call per row; a row's number is known before (the rows before it, less those skipped)."""
         if inflight.processed:
             return
         inflight.processed = True
@@ -667,17 +675,25 @@ class LLMEngine:
         logprobs = inflight.host_logprobs()
         self.num_generated_tokens += len(token_ids)
         grammar = self._advance_grammars(inflight, token_ids) if inflight.grammar_rows else {}
+        report_all = self.report_every_token
+        first_row = len(out.token_ids)
+        skipped, refused = [], []  # rows not reported (report_all); completions a grammar ended
         for i, (seq, pos, token_id) in enumerate(zip(inflight.seqs, inflight.positions, token_ids)):
             if seq.is_finished:  # stopped on an earlier token, or aborted: this one is void
+                skipped.append(i)
                 continue
             status = grammar.get(i, ACCEPTED)
             if status >= REFUSED_COMPLETE:
                 self._reject_token(seq, pos, token_id, status == REFUSED_COMPLETE)
-                self._report_finished(seq, None)
+                skipped.append(i)
+                refused.append(seq)  # reported after the step's rows
                 continue
             seq.token_ids[pos] = token_id
-            report = self.report_every_token or seq.params.logprobs is not None
-            if report:
+            report = report_all or seq.params.logprobs is not None
+            if report_all:
+                row = first_row + i - len(skipped)
+                seq.num_reported += 1
+            elif report:
                 row = out.add(seq.request_id, seq.index, token_id)
                 seq.num_reported += 1
             if pos == seq.num_prompt_tokens and seq.index == 0:  # its first token
@@ -692,6 +708,23 @@ class LLMEngine:
                 self._accept_token(seq, pos, token_id)
             if seq.is_finished:
                 self._report_finished(seq, row if report else None)
+        if report_all:
+            params = inflight.params
+            if params.row_ids is None:  # once per batch
+                seqs = inflight.seqs
+                params.row_ids = ([s.request_id for s in seqs], [s.index for s in seqs])
+            request_ids, indexes = params.row_ids
+            if skipped:
+                skip = set(skipped)
+                kept = [i for i in range(len(token_ids)) if i not in skip]
+                request_ids = [request_ids[i] for i in kept]
+                indexes = [indexes[i] for i in kept]
+                token_ids = [token_ids[i] for i in kept]
+            out.req_ids += request_ids
+            out.indexes += indexes
+            out.token_ids += token_ids
+        for seq in refused:
+            self._report_finished(seq, None)
 
     def _report_finished(self, seq: Sequence, row: int | None) -> None:
         """A completion's end into this step's outputs; ``row``: its last token's row, None

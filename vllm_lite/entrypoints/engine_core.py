@@ -54,6 +54,7 @@ import contextlib
 import fcntl
 import logging
 import os
+import pickle
 import queue
 import signal
 import sys
@@ -237,7 +238,7 @@ class EngineCore:
     def _send(self, message, clients: tuple) -> None:
         """Pickle ``message`` once; write it now to each front end whose pipe has room (and
         nothing queued before it), hand it to the output thread for the others."""
-        data = ForkingPickler.dumps(message)
+        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)  # (no fds or tensors in it)
         late = []
         for c in clients:
             if c in self.gone:
