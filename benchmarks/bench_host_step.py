@@ -55,10 +55,10 @@ import argparse
 import gc
 import json
 import os
+import pickle
 import statistics
 import tempfile
 import time
-from multiprocessing.reduction import ForkingPickler
 
 import torch
 
@@ -193,7 +193,7 @@ def measure(
             return engine.step()
         outputs = engine.core_step()
         t0 = time.perf_counter()
-        ForkingPickler.dumps(("step", outputs, [], None))  # EngineCore's message
+        pickle.dumps(("step", outputs, [], None), pickle.HIGHEST_PROTOCOL)  # EngineCore's message
         times["message"] = time.perf_counter() - t0
 
     for prompt, n in zip(work.prompts, work.output_lens):
