@@ -187,60 +187,67 @@ def measure(
     engine.report_every_token = core
     gc.collect()
     gc.freeze()  # as the engine does after start-up on CUDA (a CPU engine does not)
+    try:
 
-    def step():
-        if not core:
-            return engine.step()
-        outputs = engine.core_step()
-        t0 = time.perf_counter()
-        pickle.dumps(("step", outputs, [], None), pickle.HIGHEST_PROTOCOL)  # EngineCore's message
-        times["message"] = time.perf_counter() - t0
+        def step():
+            if not core:
+                return engine.step()
+            outputs = engine.core_step()
+            t0 = time.perf_counter()
+            pickle.dumps(
+                ("step", outputs, [], None), pickle.HIGHEST_PROTOCOL
+            )  # EngineCore's message
+            times["message"] = time.perf_counter() - t0
 
-    for prompt, n in zip(work.prompts, work.output_lens):
-        engine.add_request(
-            prompt, SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, **(extras or {}))
-        )
-    running = engine.scheduler.running
-    if not whole_run:
-        while prompts_pending(engine):
+        for prompt, n in zip(work.prompts, work.output_lens):
+            engine.add_request(
+                prompt,
+                SamplingParams(temperature=0.6, max_tokens=n, ignore_eos=True, **(extras or {})),
+            )
+        running = engine.scheduler.running
+        if not whole_run:
+            while prompts_pending(engine):
+                step()
+            assert min(work.output_lens) > warmup + steps + 2, (
+                "a sequence would finish inside the window"
+            )
+        rows = []
+        while engine.has_unfinished_requests() if whole_run else len(rows) < warmup + steps:
+            times.clear()
+            t0 = time.perf_counter()
             step()
-        assert min(work.output_lens) > warmup + steps + 2, (
-            "a sequence would finish inside the window"
-        )
-    rows = []
-    while engine.has_unfinished_requests() if whole_run else len(rows) < warmup + steps:
-        times.clear()
-        t0 = time.perf_counter()
-        step()
-        total = time.perf_counter() - t0
-        t = {k: 1e6 * v for k, v in times.items()}
-        host = 1e6 * total - t.get("forward", 0.0) + t.get("upload", 0.0) - t.get("sampler", 0.0)
-        parts = {
-            "schedule": t["schedule"],
-            "prepare": t.get("prepare", 0.0) + t.get("upload", 0.0),
-            "sampling": t.get("sampling", 0.0),
-            "grammar mask": t.get("grammar mask", 0.0),
-            "process": t.get("process", 0.0),
-            "message": t.get("message", 0.0),
-        }
-        rows.append(
-            parts
-            | {
-                "prefix keys": t.get("prefix keys", 0.0),
-                "rest": host - sum(parts.values()),
-                "host total": host,
-                "sampler": t.get("sampler", 0.0),
-                "output processor": t.get("output processor", 0.0),
-                "text step": engine._num_steps % TEXT_EVERY == 0,
+            total = time.perf_counter() - t0
+            t = {k: 1e6 * v for k, v in times.items()}
+            host = (
+                1e6 * total - t.get("forward", 0.0) + t.get("upload", 0.0) - t.get("sampler", 0.0)
+            )
+            parts = {
+                "schedule": t["schedule"],
+                "prepare": t.get("prepare", 0.0) + t.get("upload", 0.0),
+                "sampling": t.get("sampling", 0.0),
+                "grammar mask": t.get("grammar mask", 0.0),
+                "process": t.get("process", 0.0),
+                "message": t.get("message", 0.0),
             }
-        )
-    if not whole_run:
-        assert len(running) == 256 and all(
-            s.num_computed_tokens >= s.num_prompt_tokens for s in running
-        )
-        rows = rows[warmup:]
-    engine.close()
-    gc.unfreeze()
+            rows.append(
+                parts
+                | {
+                    "prefix keys": t.get("prefix keys", 0.0),
+                    "rest": host - sum(parts.values()),
+                    "host total": host,
+                    "sampler": t.get("sampler", 0.0),
+                    "output processor": t.get("output processor", 0.0),
+                    "text step": engine._num_steps % TEXT_EVERY == 0,
+                }
+            )
+        if not whole_run:
+            assert len(running) == 256 and all(
+                s.num_computed_tokens >= s.num_prompt_tokens for s in running
+            )
+            rows = rows[warmup:]
+    finally:
+        engine.close()
+        gc.unfreeze()
     average = statistics.mean if whole_run else statistics.median
     text_steps = [r for r in rows if r["text step"]] or [
         {"host total": 0.0, "output processor": 0.0}
