@@ -187,11 +187,11 @@ def test_gumbel_sample_greedy_rows_take_the_first_argmax():
 
 
 def test_gumbel_sample_draws_from_the_tempered_softmax(monkeypatch):
-    """600 rows of the same logits, one seed each: the frequencies match softmax(x / T) within
+    """300 rows of the same logits, one seed each: the frequencies match softmax(x / T) within
     4.5 standard errors (at T = 1 they would not); a -inf logit is never drawn. (One chunk of 256
     logits: the interpreter runs each program in Python; chunks meet in the other tests.)"""
     monkeypatch.setattr(fused_ops, "_SAMPLE_CHUNK", 256)
-    n, vocab, temperature = 600, 200, 0.5
+    n, vocab, temperature = 300, 200, 0.5
     ids = torch.tensor([3, 100, 199], device=DEVICE)
     row = torch.full((vocab,), float("-inf"), device=DEVICE)
     row[ids] = torch.tensor([2.0, 1.0, 0.0], device=DEVICE)
