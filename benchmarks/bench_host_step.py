@@ -55,7 +55,6 @@ import argparse
 import gc
 import json
 import os
-import pickle
 import statistics
 import tempfile
 import time
@@ -74,6 +73,7 @@ from vllm_lite.entrypoints.benchmark import (
     prompts_pending,
     text_tokenizer_for_shape,
 )
+from vllm_lite.entrypoints.engine_core import encode_message
 from vllm_lite.sampling_params import SamplingParams, StructuredOutputsParams
 
 SHAPES = {"qwen": "qwen2.5-1.5b", "smollm2": "smollm2-135m"}
@@ -194,9 +194,7 @@ def measure(
                 return engine.step()
             outputs = engine.core_step()
             t0 = time.perf_counter()
-            pickle.dumps(
-                ("step", outputs, [], None), pickle.HIGHEST_PROTOCOL
-            )  # EngineCore's message
+            encode_message(("step", outputs, [], None))  # EngineCore's message
             times["message"] = time.perf_counter() - t0
 
         for prompt, n in zip(work.prompts, work.output_lens):

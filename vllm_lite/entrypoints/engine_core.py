@@ -62,7 +62,6 @@ import termios
 import threading
 import traceback
 from dataclasses import dataclass
-from multiprocessing.reduction import ForkingPickler
 
 from vllm_lite.config import EngineConfig
 from vllm_lite.engine.llm_engine import LLMEngine, RequestLimits
@@ -139,11 +138,17 @@ def run_engine_core(config: EngineConfig, clients: list[tuple]) -> None:
     os._exit(0)
 
 
-def _send_to(outputs: list, message) -> list:
-    """Pickle ``message`` once and write it to each connection (``recv()`` reads it back); the
-    connections that broke (their front end is gone) are returned."""
-    data = ForkingPickler.dumps(message)
-    return [out for out in outputs if not _write(out, data)]
+def encode_message(message) -> bytes:
+    """A message to the front ends as bytes, pickled once for all of them (``recv()`` reads it
+    back); plain pickle: no file descriptors or tensors cross."""
+    return pickle.dumps(message, pickle.HIGHEST_PROTOCOL)
+
+
+def _send_to(outputs: list, message) -> None:
+    """``message`` to each connection (start-up, before the loop and its output thread)."""
+    data = encode_message(message)
+    for out in outputs:
+        _write(out, data)
 
 
 def _write(out, data: bytes) -> bool:
@@ -238,7 +243,7 @@ class EngineCore:
     def _send(self, message, clients: tuple) -> None:
         """Pickle ``message`` once; write it now to each front end whose pipe has room (and
         nothing queued before it), hand it to the output thread for the others."""
-        data = pickle.dumps(message, pickle.HIGHEST_PROTOCOL)  # (no fds or tensors in it)
+        data = encode_message(message)
         late = []
         for c in clients:
             if c in self.gone:
